@@ -1,0 +1,120 @@
+"""Process-group plumbing: the ring's point-to-point exchange and the few
+collectives fmsring needs (input check, RNG sync, padded gathers)."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def maybe_init_dist(timeout_s: float = 600.0) -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes, if any; return (rank, world).
+
+    NCCL when CUDA is there, gloo otherwise. The timeout turns a dead or stuck
+    peer into an error instead of a hang.
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def group_device(group: dist.ProcessGroup | None) -> torch.device:
+    """Where tensors for collectives on ``group`` must live (NCCL: the GPU)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class RingComm:
+    """Send to the next rank and receive from the previous one, one batched P2P per step."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        self.send_rank = dist.get_global_rank(self.group, (self.rank + 1) % self.world_size)
+        self.recv_rank = dist.get_global_rank(self.group, (self.rank - 1) % self.world_size)
+        self._reqs: list[dist.Work] = []
+
+    def send_recv(self, to_send: torch.Tensor, recv_into: torch.Tensor) -> None:
+        """Start the exchange; ``wait()`` before reading ``recv_into``."""
+        ops = [
+            dist.P2POp(dist.isend, to_send, self.send_rank, self.group),
+            dist.P2POp(dist.irecv, recv_into, self.recv_rank, self.group),
+        ]
+        self._reqs = dist.batch_isend_irecv(ops)
+
+    def wait(self) -> None:
+        for req in self._reqs:
+            req.wait()
+        self._reqs = []
+
+
+def check_same_on_all_ranks(tensors: list[torch.Tensor | None], group: dist.ProcessGroup | None) -> None:
+    """Raise if any rank was given different tensors (one tiny all-reduce).
+
+    Ring attention silently computes garbage when ranks disagree on the prompt,
+    so every rank checksums what it got and compares the min and max.
+    """
+    sums = []
+    for t in tensors:
+        if t is None:
+            sums.append(torch.zeros((), dtype=torch.float64, device=tensors[0].device))
+            continue
+        flat = t.detach().reshape(-1).to(torch.float64)
+        flat = torch.nan_to_num(flat, nan=7.0, posinf=3.0e6, neginf=-3.0e6)
+        weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64).remainder(9973)
+        sums.append((flat * weights).sum() + t.numel())
+    local = torch.stack(sums)
+    both = torch.cat([local, -local]).to(group_device(group))
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    hi, neg_lo = both.chunk(2)
+    if not torch.equal(hi, -neg_lo):
+        raise ValueError(
+            "ranks were given different inputs (input_ids, position_ids or mask differ); "
+            "every rank must pass the same full tensors. If sampled tokens diverged, "
+            "seed every rank identically. Disable this check with ring_check_inputs=False."
+        )
+
+
+def sync_rng(group: dist.ProcessGroup | None, device: torch.device) -> None:
+    """Give every rank group-rank 0's RNG state, so sampling picks the same tokens."""
+    gdev = group_device(group)
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    src = dist.get_global_rank(group if group is not None else dist.group.WORLD, 0)
+    synced = []
+    for state in states:
+        buf = state.to(gdev)
+        dist.broadcast(buf, src=src, group=group)
+        synced.append(buf.cpu())
+    torch.set_rng_state(synced[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(synced[1], device)
+
+
+def all_gather_padded(t: torch.Tensor, dim: int, group: dist.ProcessGroup | None, max_len: int) -> list[torch.Tensor]:
+    """All-gather tensors whose size along ``dim`` differs per rank (at most ``max_len``).
+
+    Returns every rank's tensor still padded to ``max_len``; callers trim.
+    """
+    world = dist.get_world_size(group)
+    if t.size(dim) < max_len:
+        pad_shape = list(t.shape)
+        pad_shape[dim] = max_len - t.size(dim)
+        t = torch.cat([t, t.new_zeros(pad_shape)], dim=dim)
+    t = t.contiguous()
+    gdev = group_device(group)
+    outs = [torch.empty_like(t, device=gdev) for _ in range(world)]
+    dist.all_gather(outs, t.to(gdev), group=group)
+    return [o.to(t.device) for o in outs]

@@ -1,0 +1,66 @@
+"""Blockwise attention that also returns the log-sum-exp, and the exact merge.
+
+Ring attention sees one K/V block at a time, so each block's softmax is
+partial; carrying the log-sum-exp (lse) of every query row lets partial
+results be combined exactly, in any order, in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    causal: bool = False,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of one block, returning (out, lse), both fp32.
+
+    q: [b, h, Lq, d]; k, v: [b, kvh, Lk, d] with h a multiple of kvh. GQA is
+    done by grouping the h/kvh query heads of each kv head into the row
+    dimension, so K/V are never expanded. ``causal`` masks key j > query i
+    (top-left aligned: used for a block against itself). ``bias`` is an
+    additive mask broadcastable to [b, Lq, Lk]. Rows with no visible key get
+    out = 0 and lse = -inf, which the merge treats as "no contribution".
+    """
+    b, h, lq, d = q.shape
+    kvh, lk = k.shape[1], k.shape[2]
+    g = h // kvh
+    qg = q.float().reshape(b, kvh, g * lq, d)
+    scores = torch.matmul(qg, k.float().transpose(-1, -2)).mul_(scale).view(b, kvh, g, lq, lk)
+    if causal:
+        hidden = torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu_(1)
+        scores.masked_fill_(hidden, float("-inf"))
+    if bias is not None:
+        scores = scores + bias.float().view(bias.shape[0], 1, 1, lq, lk)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1))
+    out = torch.matmul(probs.view(b, kvh, g * lq, lk), v.float()).view(b, h, lq, d)
+    return out, lse.view(b, h, lq)
+
+
+def merge_into(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, blk_lse: torch.Tensor) -> None:
+    """Fold one block's (out, lse) into the running (out, lse), in place, in fp32.
+
+    out: [..., Lq, d], lse: [..., Lq]. Exact: the result equals attention over
+    the union of both key sets, whatever the order blocks arrive in.
+    """
+    new_lse = torch.logaddexp(lse, blk_lse)
+    ref = new_lse.masked_fill(new_lse == float("-inf"), 0.0)
+    out.mul_(torch.exp(lse - ref).unsqueeze(-1)).add_(blk_out * torch.exp(blk_lse - ref).unsqueeze(-1))
+    lse.copy_(new_lse)
+
+
+def merge_stacked(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
+    """Merge partial results stacked on dim 0 (one per rank) into one output.
+
+    outs: [W, ..., Lq, d], lses: [W, ..., Lq]. Every rank merges the same
+    stack in the same order, so all ranks get bit-identical results.
+    """
+    total = torch.logsumexp(lses, dim=0)
+    ref = total.masked_fill(total == float("-inf"), 0.0)
+    return (outs * torch.exp(lses - ref).unsqueeze(-1)).sum(dim=0)

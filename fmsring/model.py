@@ -1,0 +1,261 @@
+"""LlamaRing and ``fmsring.get_model``: an FMS causal LM run with ring attention.
+
+Every rank passes the same full ``input_ids``; LlamaRing feeds the model only
+this rank's tokens (with their global positions), so embeddings, MLPs and
+norms run on 1/W of the sequence, attention goes through the ``"ring"`` op,
+and only the logits the caller asked for are computed and gathered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import fms.models
+import torch
+import torch.distributed as dist
+from fms.modules.attention import MultiHeadAttention, TPMultiHeadAttention
+from fms.modules.positions import RotaryEmbedding
+from torch import nn
+
+from fmsring import ring_attention
+from fmsring.cache import RingCache, RingCacheState
+from fmsring.comm import all_gather_padded, check_same_on_all_ranks, sync_rng
+from fmsring.layout import LAYOUTS, ShardPlan
+from fmsring.ring_attention import RingContext
+from fmsring.strategy import RingAttentionStrategy
+
+STRATEGIES = ("ring", None, "", "tp", "mp", "fsdp", "hsdp", "ddp")
+# RoPE variants whose angle at a position does not depend on the table's size,
+# so the table can be regrown exactly for longer prompts.
+_GROWABLE_ROPE = ("regular", "llama3", "yarn")
+
+
+class LlamaRing(nn.Module):
+    """Ring-attention (context-parallel) inference for an FMS decoder.
+
+    Works for any FMS decoder whose attention is ``MultiHeadAttention`` with
+    rotary positions (LLaMA, Granite, Mistral, Qwen3 were tested). Call it like
+    the FMS model: ``model(ids, position_ids=..., mask=..., last_n_tokens=n,
+    use_cache=..., past_key_value_states=...)``; every rank gets the logits the
+    unsharded model would return. ``fms.utils.generation.generate`` works on it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        strategy: RingAttentionStrategy,
+        check_inputs: bool = True,
+        cache_headroom: int = 256,
+    ):
+        super().__init__()
+        attns = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+        if not attns or any(isinstance(m, TPMultiHeadAttention) for m in attns):
+            raise ValueError(f"{type(model).__name__} has no (unsharded) MultiHeadAttention: ring attention cannot drive it")
+        if any(not isinstance(m.position_encoder, RotaryEmbedding) for m in attns):
+            raise ValueError(f"{type(model).__name__}: ring attention supports rotary-position decoders only")
+        self.model = model
+        self.strategy = strategy
+        self.check_inputs = check_inputs
+        self.cache_headroom = cache_headroom
+        self._rotaries = list({id(m.position_encoder): m.position_encoder for m in attns}.values())
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        past_key_value_states: list | None = None,
+        use_cache: bool = False,
+        last_n_tokens: int = 0,
+        mask: torch.Tensor | None = None,
+        **attn_kwargs: Any,
+    ):
+        self._validate(x, position_ids, mask, attn_kwargs)
+        attn_kwargs.pop("attn_name", None)
+        if self.check_inputs:
+            check_same_on_all_ranks([x, position_ids, mask], self.strategy.group)
+        if use_cache and past_key_value_states:
+            return self._decode(x, position_ids, past_key_value_states, last_n_tokens, mask, attn_kwargs)
+        return self._prefill(x, position_ids, use_cache, last_n_tokens, mask, attn_kwargs)
+
+    def _validate(self, x, position_ids, mask, attn_kwargs) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"input_ids must be an integer tensor [batch, seq]; got {getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+        device = next(self.model.parameters()).device
+        for name, t in (("input_ids", x), ("position_ids", position_ids), ("mask", mask)):
+            if t is not None and t.device != device:
+                raise ValueError(f"{name} is on {t.device} but the model is on {device}")
+        if position_ids is not None and position_ids.shape != x.shape:
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected {tuple(x.shape)}")
+        if mask is not None and (mask.dim() not in (3, 4) or mask.shape[0] != x.shape[0] or mask.shape[-2] != x.shape[1]):
+            raise ValueError(f"mask must be [batch, q_len, kv_len] (FMS's format); got {tuple(mask.shape)} for input {tuple(x.shape)}")
+        if attn_kwargs.get("attn_name", ring_attention.ATTN_NAME) != ring_attention.ATTN_NAME:
+            raise ValueError(f"LlamaRing always uses ring attention; drop attn_name={attn_kwargs['attn_name']!r}")
+        if attn_kwargs.get("only_last_token"):
+            raise ValueError("only_last_token is deprecated in FMS; pass last_n_tokens=1")
+
+    def _fit_rope(self, max_position: int, device: torch.device) -> None:
+        """Grow the RoPE tables to cover ``max_position`` (FMS never regrows them)."""
+        for rot in self._rotaries:
+            cached = rot.max_seq_len_cached.get(device.index, 0)
+            if max_position < cached:
+                continue
+            if rot.rope_type not in _GROWABLE_ROPE:
+                raise ValueError(
+                    f"position {max_position} is beyond the RoPE table ({cached}) and {rot.rope_type!r} "
+                    "RoPE scaling depends on the table length; raise max_expected_seq_len when loading"
+                )
+            alpha = rot.rope_scaling.get_alpha(max_position + 1)
+            rot.cached_freqs.get(device.index, {}).pop(alpha, None)
+            rot.compute_freqs_cis(device, max_position + 1)
+
+    def _prefill(self, x, position_ids, use_cache, last_n_tokens, mask, attn_kwargs):
+        st = self.strategy
+        batch, seq_len = x.shape
+        plan = st.plan(seq_len)
+        local = plan.index_tensor(st.rank, x.device)
+        positions = position_ids if position_ids is not None else torch.arange(seq_len, device=x.device).expand(batch, -1)
+        max_pos = seq_len - 1 if position_ids is None else int(position_ids.max())
+        self._fit_rope(max_pos, x.device)
+        if use_cache:
+            sync_rng(st.group, x.device)
+        n_out = seq_len if last_n_tokens <= 0 else min(last_n_tokens, seq_len)
+        counts = [plan.tail_count(r, n_out) for r in range(st.world_size)]
+        ctx = RingContext(
+            strategy=st,
+            plan=plan,
+            bias_blocks=self._bias_blocks(mask, plan, local) if mask is not None else None,
+            capacity=plan.local_len(st.rank) + self.cache_headroom,
+        )
+        out = self.model(
+            x.index_select(1, local),
+            position_ids=positions.index_select(1, local),
+            use_cache=use_cache,
+            last_n_tokens=max(counts[st.rank], 1) if last_n_tokens > 0 else 0,
+            attn_name=ring_attention.ATTN_NAME,
+            ring=ctx,
+            **attn_kwargs,
+        )
+        logits, layers = out if use_cache else (out, None)
+        logits = self._gather_logits(logits[:, logits.shape[1] - counts[st.rank] :], plan, counts)
+        if not use_cache:
+            return logits
+        state = RingCacheState(seq_len=seq_len, fills=tuple(plan.local_lens), slot_index=local, capacity=ctx.capacity)
+        return logits, RingCache(layers, state)
+
+    def _bias_blocks(self, mask: torch.Tensor, plan: ShardPlan, local: torch.Tensor) -> list[torch.Tensor | None]:
+        """This rank's rows of the user's mask, cut into one additive block per source rank.
+
+        Blocks that hide every key are None, so the ring skips their compute.
+        """
+        rows = _additive(mask).index_select(1, local)
+        blocks: list[torch.Tensor | None] = []
+        for src in range(plan.world_size):
+            blk = rows.index_select(2, plan.index_tensor(src, mask.device))
+            blocks.append(blk if bool((blk > float("-inf")).any()) else None)
+        return blocks
+
+    def _decode(self, x, position_ids, cache, last_n_tokens, mask, attn_kwargs):
+        st = self.strategy
+        if not isinstance(cache, RingCache):
+            raise TypeError(
+                "past_key_value_states must be the RingCache this model returned "
+                "(generate(..., contiguous_cache=True) rebuilds it as a plain list: leave it off)"
+            )
+        state = cache.state
+        n = x.shape[1]
+        owners = state.place(n)
+        new_state = state.advanced(st.rank, owners, self.cache_headroom)
+        query_index = torch.arange(state.seq_len, state.seq_len + n, device=x.device)
+        positions = position_ids if position_ids is not None else query_index.expand(x.shape[0], -1)
+        max_pos = state.seq_len + n - 1 if position_ids is None else int(position_ids.max())
+        self._fit_rope(max_pos, x.device)
+        if mask is not None:
+            if mask.shape[-1] != new_state.seq_len:
+                raise ValueError(f"decode mask covers {mask.shape[-1]} keys; the cache plus new tokens hold {new_state.seq_len}")
+            bias = _additive(mask).index_select(2, new_state.slot_index)
+        elif n > 1:
+            visible = new_state.slot_index.unsqueeze(0) <= query_index.unsqueeze(1)
+            bias = _additive(visible.unsqueeze(0))
+        else:
+            bias = None
+        ctx = RingContext(
+            strategy=st,
+            decoding=True,
+            fill=state.fills[st.rank],
+            capacity=new_state.capacity,
+            new_slots=[i for i, r in enumerate(owners) if r == st.rank],
+            decode_bias=bias,
+        )
+        logits, layers = self.model(
+            x,
+            position_ids=positions,
+            past_key_value_states=list(cache),
+            use_cache=True,
+            last_n_tokens=last_n_tokens,
+            attn_name=ring_attention.ATTN_NAME,
+            ring=ctx,
+            **attn_kwargs,
+        )
+        return logits, RingCache(layers, new_state)
+
+    def _gather_logits(self, mine: torch.Tensor, plan: ShardPlan, counts: list[int]) -> torch.Tensor:
+        """Every rank's selected logits, in global token order, on every rank."""
+        st = self.strategy
+        if st.world_size == 1:
+            return mine
+        parts = all_gather_padded(mine, 1, st.group, max(counts))
+        index = [i for r in range(st.world_size) for i in plan.indices(r)[plan.local_len(r) - counts[r] :]]
+        rows = torch.cat([p[:, : counts[r]] for r, p in enumerate(parts)], dim=1)
+        order = torch.tensor(sorted(range(len(index)), key=index.__getitem__), device=rows.device)
+        return rows.index_select(1, order)
+
+
+def _additive(mask: torch.Tensor) -> torch.Tensor:
+    """FMS masks are bool (True = attend) or additive float; make them additive fp32 [b, q, k]."""
+    if mask.dim() == 4:
+        if mask.shape[1] != 1:
+            raise ValueError("per-head masks are not supported by ring attention")
+        mask = mask.squeeze(1)
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return mask.float()
+
+
+def get_model(
+    architecture: str,
+    variant: str | None = None,
+    model_path: str | None = None,
+    source: str | None = None,
+    device_type: str = "cpu",
+    data_type: str | torch.dtype | None = None,
+    distributed_strategy: str | None = None,
+    checkpoint_sharding: str | None = None,
+    group: dist.ProcessGroup | None = None,
+    ring_layout: str = "zigzag",
+    ring_check_inputs: bool = True,
+    ring_cache_headroom: int = 256,
+    **kwargs: Any,
+) -> nn.Module:
+    """``fms.models.get_model`` that also accepts ``distributed_strategy="ring"``.
+
+    Any other strategy is passed to FMS unchanged. With ``"ring"`` the weights
+    are loaded whole on every rank and wrapped in :class:`LlamaRing`.
+    """
+    if distributed_strategy not in STRATEGIES:
+        raise ValueError(f"unknown distributed_strategy {distributed_strategy!r}; choose one of {STRATEGIES}")
+    if distributed_strategy != "ring":
+        return fms.models.get_model(
+            architecture, variant, model_path, source, device_type, data_type, distributed_strategy, checkpoint_sharding, group, **kwargs
+        )
+    if ring_layout not in LAYOUTS:
+        raise ValueError(f"unknown ring_layout {ring_layout!r}; choose one of {LAYOUTS}")
+    strategy = RingAttentionStrategy(group=group, layout=ring_layout)
+    # FMS treats a strategy name it does not know as "replicated": every rank loads every weight.
+    model = fms.models.get_model(
+        architecture, variant, model_path, source, device_type, data_type, "ring", checkpoint_sharding, group, **kwargs
+    )
+    return LlamaRing(model, strategy, check_inputs=ring_check_inputs, cache_headroom=ring_cache_headroom)

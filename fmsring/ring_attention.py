@@ -1,0 +1,161 @@
+"""The ``"ring"`` attention op, registered with FMS's attention-op registry.
+
+Prefill: each rank holds its queries and its own K/V; K/V (kv-heads only)
+travel around the ring while the block in hand is computed, and the partial
+results are merged with their log-sum-exp. Decode: the new token's query is
+replicated, every rank attends over its shard of the cache, and one
+all-gather of (out, lse) per layer merges the shards exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from fms.modules.attention import register_attention_op
+
+from fmsring.kernels import attention_with_lse, merge_into, merge_stacked
+from fmsring.layout import ShardPlan
+from fmsring.strategy import RingAttentionStrategy
+
+ATTN_NAME = "ring"
+
+
+@dataclass
+class RingContext:
+    """What one forward pass tells every layer's ring attention op.
+
+    ``bias_blocks[src]`` (prefill with a user mask) is the additive mask of this
+    rank's queries against src's keys, or None where that block is fully masked.
+    With a cache, ``fill`` slots per layer are valid before this pass and the
+    buffers must hold ``capacity``; a decode step stores the new tokens listed
+    in ``new_slots`` here and masks the local shard with ``decode_bias``.
+    """
+
+    strategy: RingAttentionStrategy
+    plan: ShardPlan | None = None
+    decoding: bool = False
+    bias_blocks: list[torch.Tensor | None] | None = None
+    fill: int = 0
+    capacity: int = 0
+    new_slots: list[int] = field(default_factory=list)
+    decode_bias: torch.Tensor | None = None
+    _buffers: list[torch.Tensor] = field(default_factory=list)
+
+    def recv_buffer(self, step: int, like: torch.Tensor, src: int) -> torch.Tensor:
+        """One of two receive buffers, allocated on the first layer and reused by all,
+        viewed at the shape of src's K/V."""
+        assert self.plan is not None
+        if not self._buffers:
+            numel = like[..., :1, :].numel() * max(self.plan.local_lens)
+            self._buffers = [like.new_empty(numel) for _ in range(2)]
+        shape = (*like.shape[:3], self.plan.local_len(src), like.shape[-1])
+        return self._buffers[step % 2][: torch.Size(shape).numel()].view(shape)
+
+
+def _scale(query: torch.Tensor, scale_factor: float | None) -> float:
+    return scale_factor if scale_factor is not None else query.shape[-1] ** -0.5
+
+
+def _with_capacity(cache: torch.Tensor | None, fill: int, capacity: int, like: torch.Tensor) -> torch.Tensor:
+    """A [b, kvh, capacity, d] buffer holding cache's first ``fill`` slots."""
+    b, _, kvh, d = like.shape
+    buf = like.new_empty(b, kvh, capacity, d)
+    if cache is not None and fill:
+        buf[:, :, :fill].copy_(cache[:, :, :fill])
+    return buf
+
+
+def ring_store_op(keys, values, key_cache, value_cache, ring: RingContext, **_):
+    """Keep this rank's K/V in preallocated [b, kvh, capacity, d] buffers.
+
+    Prefill stores all local tokens and computes on the fresh keys; decode
+    writes only the new tokens this rank owns, in place, and computes on the
+    filled slots. Buffers are reallocated only when a shard outgrows them.
+    """
+    if key_cache is None or key_cache.numel() == 0 or key_cache.shape[2] < ring.capacity:
+        key_cache = _with_capacity(key_cache, ring.fill, ring.capacity, keys)
+        value_cache = _with_capacity(value_cache, ring.fill, ring.capacity, values)
+    k_new, v_new = keys, values
+    if ring.decoding:
+        owned = torch.tensor(ring.new_slots, dtype=torch.long, device=keys.device)
+        k_new, v_new = keys.index_select(1, owned), values.index_select(1, owned)
+    end = ring.fill + k_new.shape[1]
+    key_cache[:, :, ring.fill : end].copy_(k_new.transpose(1, 2))
+    value_cache[:, :, ring.fill : end].copy_(v_new.transpose(1, 2))
+    if not ring.decoding:
+        return keys, values, key_cache, value_cache
+    return key_cache[:, :, :end], value_cache[:, :, :end], key_cache, value_cache
+
+
+def ring_prefill_op(query, keys, values, nheads, kvheads, p_dropout, scale_factor, ring: RingContext, **_):
+    """Ring attention over the whole sequence; query [b, Lq, h, d], K/V [b, Lk, kvh, d]."""
+    plan, strategy = ring.plan, ring.strategy
+    assert plan is not None
+    scale = _scale(query, scale_factor)
+    q = query.transpose(1, 2)
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+    kv = torch.stack((keys, values)).transpose(2, 3).contiguous()  # [2, b, kvh, L, d]: kv-heads only
+    world, rank = strategy.world_size, strategy.rank
+    for step in range(world):
+        src = (rank - step) % world
+        if step + 1 < world:
+            incoming = ring.recv_buffer(step, kv, (src - 1) % world)
+            strategy.comm.send_recv(kv, incoming)
+        if ring.bias_blocks is not None:
+            bias = ring.bias_blocks[src]
+            if bias is not None:
+                merge_into(out, lse, *attention_with_lse(q, kv[0], kv[1], scale, bias=bias))
+        else:
+            for c in plan.block_calls(rank, src):
+                blk = attention_with_lse(
+                    q[:, :, c.q_lo : c.q_hi], kv[0, :, :, c.k_lo : c.k_hi], kv[1, :, :, c.k_lo : c.k_hi], scale, causal=c.causal
+                )
+                merge_into(out[:, :, c.q_lo : c.q_hi], lse[:, :, c.q_lo : c.q_hi], *blk)
+        if step + 1 < world:
+            strategy.comm.wait()
+            kv = incoming
+    return out.to(query.dtype).transpose(1, 2).contiguous()
+
+
+def ring_decode_op(query, keys, values, nheads, kvheads, p_dropout, scale_factor, ring: RingContext, **_):
+    """Attend over this rank's cache shard and merge all shards; query [b, n, h, d],
+    K/V [b, kvh, fill, d]. One all-gather per layer, no host sync."""
+    strategy = ring.strategy
+    q = query.transpose(1, 2)
+    if keys.shape[2]:
+        out, lse = attention_with_lse(q, keys, values, _scale(query, scale_factor), bias=ring.decode_bias)
+    else:
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+    if strategy.world_size > 1:
+        packed = torch.cat([out, lse.unsqueeze(-1)], dim=-1)
+        stacked = packed.new_empty((strategy.world_size * packed.shape[0], *packed.shape[1:]))
+        dist.all_gather_into_tensor(stacked, packed, group=strategy.group)
+        stacked = stacked.view(strategy.world_size, *packed.shape)
+        out = merge_stacked(stacked[..., :-1], stacked[..., -1])
+    return out.to(query.dtype).transpose(1, 2).contiguous()
+
+
+def _is_prefill(ring: RingContext | None = None, **_) -> bool:
+    return ring is None or not ring.decoding
+
+
+def _validate(input_ids, position_ids, past_key_value_states, ring: RingContext | None = None, **_) -> None:
+    if not isinstance(ring, RingContext):
+        raise ValueError(
+            f"attn_name={ATTN_NAME!r} is driven by fmsring.LlamaRing; build the model with "
+            "fmsring.get_model(..., distributed_strategy='ring') instead of passing attn_name yourself"
+        )
+
+
+register_attention_op(
+    ATTN_NAME,
+    ring_store_op,
+    ring_prefill_op,
+    is_prefill_op=_is_prefill,
+    compute_decode_op=ring_decode_op,
+    validate_attn_kwargs_op=_validate,
+)
