@@ -24,7 +24,7 @@ from fmsring.layout import LAYOUTS, ShardPlan
 from fmsring.ring_attention import RingContext
 from fmsring.strategy import RingAttentionStrategy
 
-STRATEGIES = ("ring", None, "", "tp", "mp", "fsdp", "hsdp", "ddp")
+STRATEGIES = ("ring", "replicated", None, "", "tp", "mp", "fsdp", "hsdp", "ddp")
 # RoPE variants whose angle at a position does not depend on the table's size,
 # so the table can be regrown exactly for longer prompts.
 _GROWABLE_ROPE = ("regular", "llama3", "yarn")
@@ -90,7 +90,7 @@ class LlamaRing(nn.Module):
                 raise ValueError(f"{name} is on {t.device} but the model is on {device}")
         if position_ids is not None and position_ids.shape != x.shape:
             raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected {tuple(x.shape)}")
-        if mask is not None and (mask.dim() not in (3, 4) or mask.shape[0] != x.shape[0] or mask.shape[-2] != x.shape[1]):
+        if mask is not None and (mask.dim() not in (3, 4) or mask.shape[0] != x.shape[0] or mask.shape[-2] not in (1, x.shape[1])):
             raise ValueError(f"mask must be [batch, q_len, kv_len] (FMS's format); got {tuple(mask.shape)} for input {tuple(x.shape)}")
         if attn_kwargs.get("attn_name", ring_attention.ATTN_NAME) != ring_attention.ATTN_NAME:
             raise ValueError(f"LlamaRing always uses ring attention; drop attn_name={attn_kwargs['attn_name']!r}")
@@ -150,8 +150,16 @@ class LlamaRing(nn.Module):
         """This rank's rows of the user's mask, cut into one additive block per source rank.
 
         Blocks that hide every key are None, so the ring skips their compute.
+        A single mask row for a longer prompt is what FMS's ``generate(...,
+        use_cache=False)`` passes after the first step: it is read as a key
+        padding mask, kept causal (FMS's SDPA would broadcast it to every query
+        and let early tokens see later ones).
         """
-        rows = _additive(mask).index_select(1, local)
+        rows = _additive(mask)
+        if rows.shape[1] == 1 and plan.seq_len > 1:
+            future = torch.ones(plan.seq_len, plan.seq_len, dtype=torch.bool, device=mask.device).triu_(1)
+            rows = rows.expand(-1, plan.seq_len, -1).masked_fill(future, float("-inf"))
+        rows = rows.index_select(1, local)
         blocks: list[torch.Tensor | None] = []
         for src in range(plan.world_size):
             blk = rows.index_select(2, plan.index_tensor(src, mask.device))
@@ -242,20 +250,24 @@ def get_model(
 ) -> nn.Module:
     """``fms.models.get_model`` that also accepts ``distributed_strategy="ring"``.
 
-    Any other strategy is passed to FMS unchanged. With ``"ring"`` the weights
-    are loaded whole on every rank and wrapped in :class:`LlamaRing`.
+    With ``"ring"`` the weights are loaded whole on every rank and wrapped in
+    :class:`LlamaRing`. ``"replicated"`` loads the plain, unsharded FMS model
+    on every rank (FMS itself turns ``None`` into tensor parallel under
+    torchrun). Any other strategy is passed to FMS unchanged.
     """
     if distributed_strategy not in STRATEGIES:
         raise ValueError(f"unknown distributed_strategy {distributed_strategy!r}; choose one of {STRATEGIES}")
-    if distributed_strategy != "ring":
+    if distributed_strategy not in ("ring", "replicated"):
         return fms.models.get_model(
             architecture, variant, model_path, source, device_type, data_type, distributed_strategy, checkpoint_sharding, group, **kwargs
         )
     if ring_layout not in LAYOUTS:
         raise ValueError(f"unknown ring_layout {ring_layout!r}; choose one of {LAYOUTS}")
-    strategy = RingAttentionStrategy(group=group, layout=ring_layout)
-    # FMS treats a strategy name it does not know as "replicated": every rank loads every weight.
+    strategy = RingAttentionStrategy(group=group, layout=ring_layout) if distributed_strategy == "ring" else None
+    # FMS treats a strategy name it does not know as replicated: every rank loads every weight.
     model = fms.models.get_model(
-        architecture, variant, model_path, source, device_type, data_type, "ring", checkpoint_sharding, group, **kwargs
+        architecture, variant, model_path, source, device_type, data_type, "replicated", checkpoint_sharding, group, **kwargs
     )
+    if strategy is None:
+        return model
     return LlamaRing(model, strategy, check_inputs=ring_check_inputs, cache_headroom=ring_cache_headroom)

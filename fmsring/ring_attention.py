@@ -20,6 +20,8 @@ from fmsring.layout import ShardPlan
 from fmsring.strategy import RingAttentionStrategy
 
 ATTN_NAME = "ring"
+# torch >= 2.13 renamed all_gather_into_tensor; the GPU image still has 2.11.
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
 
 @dataclass
@@ -133,7 +135,7 @@ def ring_decode_op(query, keys, values, nheads, kvheads, p_dropout, scale_factor
     if strategy.world_size > 1:
         packed = torch.cat([out, lse.unsqueeze(-1)], dim=-1)
         stacked = packed.new_empty((strategy.world_size * packed.shape[0], *packed.shape[1:]))
-        dist.all_gather_into_tensor(stacked, packed, group=strategy.group)
+        _all_gather_single(stacked, packed, group=strategy.group)
         stacked = stacked.view(strategy.world_size, *packed.shape)
         out = merge_stacked(stacked[..., :-1], stacked[..., -1])
     return out.to(query.dtype).transpose(1, 2).contiguous()

@@ -1,0 +1,71 @@
+"""Bad input gets a clear error on every rank -- never a hang or a wrong answer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fmsring
+from tests.distributed import run_ranks
+
+
+def test_ring_without_process_group_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="initialised torch.distributed process group"):
+        fmsring.get_model("llama", "micro", distributed_strategy="ring")
+    with pytest.raises(RuntimeError, match="process group"):
+        fmsring.RingAttentionStrategy()
+
+
+def test_unknown_names_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown distributed_strategy 'rng'"):
+        fmsring.get_model("llama", "micro", distributed_strategy="rng")
+    with pytest.raises(ValueError, match="unknown ring_layout 'spiral'"):
+        fmsring.get_model("llama", "micro", distributed_strategy="ring", ring_layout="spiral")
+
+
+def _expect_errors(rank, world):
+    from fms.utils.generation import generate
+
+    torch.manual_seed(0)
+    model = fmsring.get_model("llama", "micro", distributed_strategy="ring", nlayers=1)
+    ids = torch.randint(0, 256, (1, 9))
+    cases = {
+        "different_ids": lambda: model(torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(rank))),
+        "too_short": lambda: model(ids[:, :1]),
+        "float_ids": lambda: model(ids.float()),
+        "wrong_device": lambda: model(ids.to("meta")),
+        "bad_mask": lambda: model(ids, mask=torch.zeros(1, 4, 9)),
+        "bad_positions": lambda: model(ids, position_ids=torch.arange(8).unsqueeze(0)),
+        "foreign_attn": lambda: model(ids, attn_name="sdpa_causal"),
+        "plain_list_cache": lambda: model(ids[:, :1], past_key_value_states=list(model(ids, use_cache=True)[1]), use_cache=True),
+        "contiguous_cache": lambda: generate(model, ids, max_new_tokens=2, use_cache=True, do_sample=False, contiguous_cache=True),
+    }
+    got = {}
+    for name, call in cases.items():
+        try:
+            call()
+            got[name] = None
+        except Exception as e:  # noqa: BLE001 -- the test records what each case raised
+            got[name] = (type(e).__name__, str(e))
+    # after all that, the group still works: a good call gives the right shape
+    got["recovered"] = tuple(model(ids, last_n_tokens=1).shape)
+    return got
+
+
+def test_bad_inputs_raise_on_every_rank():
+    expected = {
+        "different_ids": ("ValueError", "different inputs"),
+        "too_short": ("ValueError", "at least one token per rank"),
+        "float_ids": ("TypeError", "integer tensor"),
+        "wrong_device": ("ValueError", "is on meta"),
+        "bad_mask": ("ValueError", "mask must be"),
+        "bad_positions": ("ValueError", "position_ids has shape"),
+        "foreign_attn": ("ValueError", "always uses ring attention"),
+        "plain_list_cache": ("TypeError", "RingCache"),
+        "contiguous_cache": ("TypeError", "contiguous_cache"),
+    }
+    for got in run_ranks(2, _expect_errors, timeout=300):
+        assert got.pop("recovered") == (1, 1, 256)
+        for name, (kind, text) in expected.items():
+            assert got[name] is not None, f"{name} did not raise"
+            assert got[name][0] == kind and text in got[name][1], (name, got[name])
