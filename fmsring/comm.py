@@ -118,3 +118,22 @@ def all_gather_padded(t: torch.Tensor, dim: int, group: dist.ProcessGroup | None
     outs = [torch.empty_like(t, device=gdev) for _ in range(world)]
     dist.all_gather(outs, t.to(gdev), group=group)
     return [o.to(t.device) for o in outs]
+
+
+def broadcast_weights(model: torch.nn.Module, group: dist.ProcessGroup | None) -> None:
+    """Give every rank group-rank 0's parameters and buffers.
+
+    Replicated random-init models must be identical on all ranks, or ring
+    attention mixes K/V from different models; loading a checkpoint does not
+    need this.
+    """
+    src = dist.get_global_rank(group if group is not None else dist.group.WORLD, 0)
+    gdev = group_device(group)
+    seen: set[int] = set()
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        buf = t.data.to(gdev)
+        dist.broadcast(buf, src=src, group=group)
+        t.data.copy_(buf)

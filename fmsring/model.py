@@ -19,7 +19,7 @@ from torch import nn
 
 from fmsring import ring_attention
 from fmsring.cache import RingCache, RingCacheState
-from fmsring.comm import all_gather_padded, check_same_on_all_ranks, sync_rng
+from fmsring.comm import all_gather_padded, broadcast_weights, check_same_on_all_ranks, sync_rng
 from fmsring.layout import LAYOUTS, ShardPlan
 from fmsring.ring_attention import RingContext
 from fmsring.strategy import RingAttentionStrategy
@@ -195,7 +195,7 @@ class LlamaRing(nn.Module):
             decoding=True,
             fill=state.fills[st.rank],
             capacity=new_state.capacity,
-            new_slots=[i for i, r in enumerate(owners) if r == st.rank],
+            new_slots=torch.tensor([i for i, r in enumerate(owners) if r == st.rank], dtype=torch.long, device=x.device),
             decode_bias=bias,
         )
         logits, layers = self.model(
@@ -253,7 +253,8 @@ def get_model(
     With ``"ring"`` the weights are loaded whole on every rank and wrapped in
     :class:`LlamaRing`. ``"replicated"`` loads the plain, unsharded FMS model
     on every rank (FMS itself turns ``None`` into tensor parallel under
-    torchrun). Any other strategy is passed to FMS unchanged.
+    torchrun). Any other strategy is passed to FMS unchanged. Random-init
+    models (no ``model_path``) get rank 0's weights on every rank.
     """
     if distributed_strategy not in STRATEGIES:
         raise ValueError(f"unknown distributed_strategy {distributed_strategy!r}; choose one of {STRATEGIES}")
@@ -268,6 +269,8 @@ def get_model(
     model = fms.models.get_model(
         architecture, variant, model_path, source, device_type, data_type, "replicated", checkpoint_sharding, group, **kwargs
     )
+    if dist.is_initialized() and model_path is None and architecture != "hf_pretrained":
+        broadcast_weights(model, group)
     if strategy is None:
         return model
     return LlamaRing(model, strategy, check_inputs=ring_check_inputs, cache_headroom=ring_cache_headroom)

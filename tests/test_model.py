@@ -198,3 +198,26 @@ def test_sampled_tokens_agree_on_every_rank(checkpoints):
     outs = run_ranks(3, _generate, checkpoints["mha"], ids, None, 12, True)
     for key in outs[0]:
         assert all(torch.equal(o[key], outs[0][key]) for o in outs), key
+
+
+# ---------------------------------------------------------------- random-init variants
+
+
+def _random_init(rank, world):
+    import copy
+
+    import fmsring
+
+    torch.manual_seed(rank)  # a careless launcher: every rank seeded differently
+    ring = fmsring.get_model("llama", "micro", distributed_strategy="ring", nlayers=2, kvheads=2)
+    plain = copy.deepcopy(ring.model)
+    ids = torch.randint(0, 256, (1, 29), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        err = (ring(ids) - plain(ids, use_cache=True)[0]).abs().max().item()
+    return err, sum(p.double().sum().item() for p in ring.parameters())
+
+
+def test_random_init_variants_are_identical_on_every_rank():
+    res = run_ranks(3, _random_init)
+    assert all(err <= 1e-4 for err, _ in res)
+    assert len({checksum for _, checksum in res}) == 1

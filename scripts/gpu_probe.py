@@ -1,0 +1,166 @@
+"""Measure the floors and the per-block attention kernels on this machine.
+
+Run: torchrun --nproc_per_node=2 scripts/gpu_probe.py OUT_DIR
+Rank 0 probes kernels (which SDPA backends return the log-sum-exp, accept
+GQA without expansion, and how fast each is per block shape); both ranks
+time the NCCL ring shift. Writes probe.json; prints a short table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from fmsring.kernels import math_attention_with_lse
+
+aten = torch.ops.aten
+
+
+def bench_ms(fn, reps: int = 10) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return sorted(times)[len(times) // 2]
+
+
+def backends(q, k, v, causal, scale):
+    """Each candidate returns (out [b,h,Lq,d], lse [b,h,Lq])."""
+    return {
+        "cudnn": lambda: aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)[:2],
+        "flash": lambda: aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2],
+        "efficient": lambda: aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2],
+    }
+
+
+def check_backends(results: dict) -> None:
+    """Correctness of each backend's (out, lse) vs the fp32 math path, MHA and GQA."""
+    torch.manual_seed(0)
+    for kvh in (32, 8):
+        for causal in (False, True):
+            q = torch.randn(1, 32, 1000, 128, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(1, kvh, 1000, 128, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            ref_o, ref_l = math_attention_with_lse(q, k, v, 128**-0.5, causal)
+            for name, fn in backends(q, k, v, causal, 128**-0.5).items():
+                key = f"{name}_kvh{kvh}_causal{int(causal)}"
+                try:
+                    o, l = fn()
+                    l = l.reshape(1, 32, -1)[..., :1000].float()
+                    results[key] = {
+                        "out_rel": ((o.float() - ref_o).norm() / ref_o.norm()).item(),
+                        "lse_max": (l - ref_l).abs().max().item(),
+                        "lse_shape": list(l.shape),
+                    }
+                except Exception as e:  # noqa: BLE001 -- recording which backends fail is the point
+                    results[key] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+
+
+def time_backends(results: dict) -> None:
+    """TFLOP/s per backend for ring block shapes of LLaMA-3-8B (32 q heads, d=128)."""
+    for lq, lk, causal in ((8192, 8192, True), (32768, 32768, True), (65536, 65536, True), (32768, 32768, False), (65536, 32768, False), (32768, 65536, False), (8192, 16384, False)):
+        q = torch.randn(1, 32, lq, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, 32, lk, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        flops = 4 * 32 * 128 * lq * lk * (0.5 if causal else 1.0)
+        for name, fn in backends(q, k, v, causal, 128**-0.5).items():
+            key = f"time_{name}_{lq}x{lk}_c{int(causal)}"
+            try:
+                ms = bench_ms(fn)
+                results[key] = {"ms": ms, "tflops": flops / ms / 1e9}
+            except Exception as e:  # noqa: BLE001
+                results[key] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
+def time_decode(results: dict) -> None:
+    """One decode query against a cache shard in a [b, kvh, capacity, d] buffer
+    (strided along the sequence), as the ring's decode op sees it."""
+    from fmsring.kernels import attention_with_lse
+
+    for fill in (16384, 65536):
+        kbuf = torch.randn(1, 8, fill + 256, 128, device="cuda", dtype=torch.bfloat16)
+        vbuf = torch.randn_like(kbuf)
+        k, v = kbuf[:, :, :fill], vbuf[:, :, :fill]
+        q = torch.randn(1, 1, 32, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        ref_o, _ = math_attention_with_lse(q, k, v, 128**-0.5)
+        cands = {
+            "dispatch": lambda: attention_with_lse(q, k, v, 128**-0.5),
+            "cudnn": lambda: aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=128**-0.5)[:2],
+            "flash": lambda: aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=128**-0.5)[:2],
+        }
+        bytes_moved = 2 * k.numel() * 2
+        for name, fn in cands.items():
+            key = f"decode_{name}_fill{fill}"
+            try:
+                o = fn()[0]
+                ms = bench_ms(fn, reps=50)
+                rel = ((o.float() - ref_o).norm() / ref_o.norm()).item()
+                results[key] = {"ms": ms, "GBps": bytes_moved / ms / 1e6, "out_rel": rel}
+            except Exception as e:  # noqa: BLE001
+                results[key] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+
+
+def time_matmul(results: dict) -> None:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    ms = bench_ms(lambda: a @ b)
+    results["matmul_8192_tflops"] = 2 * 8192**3 / ms / 1e9
+
+
+def time_ring_shift(results: dict, rank: int, world: int) -> None:
+    """One ring step (send to next, receive from previous) of K/V sized buffers."""
+    for mib in (4, 64, 256, 1024):
+        n = mib * 2**20 // 2
+        send = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        recv = torch.empty_like(send)
+
+        def step():
+            ops = [dist.P2POp(dist.isend, send, (rank + 1) % world), dist.P2POp(dist.irecv, recv, (rank - 1) % world)]
+            for r in dist.batch_isend_irecv(ops):
+                r.wait()
+
+        ms = bench_ms(step, reps=20)
+        results[f"ring_shift_{mib}MiB"] = {"ms": ms, "GBps_per_direction": mib * 2**20 / ms / 1e6}
+
+
+def main() -> None:
+    out_dir = sys.argv[1]
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl")
+    results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cudnn": torch.backends.cudnn.version()}
+    try:
+        if world > 1:
+            time_ring_shift(results, rank, world)
+        if rank == 0:
+            check_backends(results)
+            time_matmul(results)
+            time_decode(results)
+            time_backends(results)
+    except Exception:  # noqa: BLE001
+        results["fatal"] = traceback.format_exc()
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(out_dir, "probe.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        for k, v in results.items():
+            print(k, v)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
