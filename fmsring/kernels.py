@@ -18,7 +18,8 @@ def attention_with_lse(
     causal: bool = False,
     bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of one block, returning (out, lse), both fp32.
+    """Softmax attention of one block, returning (out, lse); lse is fp32, out
+    fp32 or the input dtype (the merge promotes it).
 
     On CUDA with half-precision inputs and no bias this is a fused kernel:
     cuDNN for prefill blocks, flash for a few query rows against a long cache
@@ -36,16 +37,16 @@ DECODE_ROWS = 16
 
 
 def flash_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flash attention (GQA-native, any K/V strides along the sequence) returning (out, lse) in fp32."""
+    """Flash attention (GQA-native, any K/V strides along the sequence) returning (out, lse)."""
     b, h, lq, d = q.shape
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
-    return out.float(), lse.view(b, h, lq)
+    return out, lse.view(b, h, lq)
 
 
 def cudnn_attention_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cuDNN fused attention returning (out, lse) in fp32.
+    """cuDNN fused attention returning (out in q's dtype, lse in fp32).
 
     cuDNN takes GQA K/V with kv-heads only, causal blocks included. Measured
     on H100 (runs/2026-11-25_h100x2_probe): 565-677 TFLOP/s for ring block
@@ -53,7 +54,7 @@ def cudnn_attention_with_lse(
     """
     b, h, lq, d = q.shape
     out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
-    return out.float(), lse.view(b, h, lq)
+    return out, lse.view(b, h, lq)
 
 
 def math_attention_with_lse(
@@ -97,7 +98,7 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, blk_
     """
     new_lse = torch.logaddexp(lse, blk_lse)
     ref = new_lse.masked_fill(new_lse == float("-inf"), 0.0)
-    out.mul_(torch.exp(lse - ref).unsqueeze(-1)).add_(blk_out * torch.exp(blk_lse - ref).unsqueeze(-1))
+    out.mul_(torch.exp(lse - ref).unsqueeze(-1)).addcmul_(blk_out, torch.exp(blk_lse - ref).unsqueeze(-1))
     lse.copy_(new_lse)
 
 

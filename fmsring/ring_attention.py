@@ -100,8 +100,12 @@ def ring_prefill_op(query, keys, values, nheads, kvheads, p_dropout, scale_facto
     q = query.transpose(1, 2)
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
-    kv = torch.stack((keys, values)).transpose(2, 3).contiguous()  # [2, b, kvh, L, d]: kv-heads only
+    b, lk, kvh, d = keys.shape
+    kv = keys.new_empty(2, b, kvh, lk, d)  # what travels: kv-heads only
+    kv[0].copy_(keys.transpose(1, 2))
+    kv[1].copy_(values.transpose(1, 2))
     world, rank = strategy.world_size, strategy.rank
+    written: list[tuple[int, int]] = []  # query row ranges that already hold a partial result
     for step in range(world):
         src = (rank - step) % world
         if step + 1 < world:
@@ -113,14 +117,25 @@ def ring_prefill_op(query, keys, values, nheads, kvheads, p_dropout, scale_facto
                 merge_into(out, lse, *attention_with_lse(q, kv[0], kv[1], scale, bias=bias))
         else:
             for c in plan.block_calls(rank, src):
-                blk = attention_with_lse(
+                blk_out, blk_lse = attention_with_lse(
                     q[:, :, c.q_lo : c.q_hi], kv[0, :, :, c.k_lo : c.k_hi], kv[1, :, :, c.k_lo : c.k_hi], scale, causal=c.causal
                 )
-                merge_into(out[:, :, c.q_lo : c.q_hi], lse[:, :, c.q_lo : c.q_hi], *blk)
+                rows = slice(c.q_lo, c.q_hi)
+                if all(c.q_hi <= lo or c.q_lo >= hi for lo, hi in written):  # first block for these rows: copy
+                    out[:, :, rows].copy_(blk_out)
+                    lse[:, :, rows].copy_(blk_lse)
+                else:
+                    merge_into(out[:, :, rows], lse[:, :, rows], blk_out, blk_lse)
+                written.append((c.q_lo, c.q_hi))
         if step + 1 < world:
             strategy.comm.wait()
             kv = incoming
-    return out.to(query.dtype).transpose(1, 2).contiguous()
+    return _to_query_layout(out, query)
+
+
+def _to_query_layout(out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """[b, h, L, d] fp32 -> [b, L, h, d] in the query's dtype, in one copy."""
+    return torch.empty_like(query).copy_(out.transpose(1, 2))
 
 
 def ring_decode_op(query, keys, values, nheads, kvheads, p_dropout, scale_factor, ring: RingContext, **_):
@@ -139,7 +154,7 @@ def ring_decode_op(query, keys, values, nheads, kvheads, p_dropout, scale_factor
         _all_gather_single(stacked, packed, group=strategy.group)
         stacked = stacked.view(strategy.world_size, *packed.shape)
         out = merge_stacked(stacked[..., :-1], stacked[..., -1])
-    return out.to(query.dtype).transpose(1, 2).contiguous()
+    return _to_query_layout(out, query)
 
 
 def _is_prefill(ring: RingContext | None = None, **_) -> bool:
