@@ -17,7 +17,8 @@ class RingCacheState:
     """Global view of the sharded cache, identical on every rank.
 
     seq_len: tokens cached in total; fills[r]: tokens rank r holds;
-    slot_index: this rank's slots' global sequence indices (for masks);
+    slot_index: this rank's slots' global sequence indices (for masks), on
+    the host so that a decode step copies nothing to the device;
     capacity: this rank's preallocated slots per layer (grows as needed).
     """
 
@@ -25,6 +26,19 @@ class RingCacheState:
     fills: tuple[int, ...]
     slot_index: torch.Tensor
     capacity: int
+
+    @staticmethod
+    def owned(owners: list[int], rank: int) -> slice | list[int]:
+        """The step's new tokens that ``rank`` stores: a slice when evenly spaced
+        (always for one token, and once shards are balanced), so indexing is a
+        view and nothing is copied to the device."""
+        mine = [i for i, r in enumerate(owners) if r == rank]
+        if not mine:
+            return slice(0, 0)
+        step = mine[1] - mine[0] if len(mine) > 1 else 1
+        if mine == list(range(mine[0], mine[-1] + 1, step)):
+            return slice(mine[0], mine[-1] + 1, step)
+        return mine
 
     def place(self, n_new: int) -> list[int]:
         """Owner rank of each of ``n_new`` appended tokens: the least-filled rank,
@@ -45,7 +59,7 @@ class RingCacheState:
         new_idx = [self.seq_len + i for i, r in enumerate(owners) if r == rank]
         slot_index = self.slot_index
         if new_idx:
-            slot_index = torch.cat([slot_index, torch.tensor(new_idx, device=slot_index.device)])
+            slot_index = torch.cat([slot_index, torch.tensor(new_idx, dtype=slot_index.dtype)])
         capacity = self.capacity if fills[rank] <= self.capacity else fills[rank] + headroom
         return replace(self, seq_len=self.seq_len + len(owners), fills=tuple(fills), slot_index=slot_index, capacity=capacity)
 

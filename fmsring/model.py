@@ -143,7 +143,7 @@ class LlamaRing(nn.Module):
         logits = self._gather_logits(logits[:, logits.shape[1] - counts[st.rank] :], plan, counts)
         if not use_cache:
             return logits
-        state = RingCacheState(seq_len=seq_len, fills=tuple(plan.local_lens), slot_index=local, capacity=ctx.capacity)
+        state = RingCacheState(seq_len=seq_len, fills=tuple(plan.local_lens), slot_index=plan.index_tensor(st.rank), capacity=ctx.capacity)
         return logits, RingCache(layers, state)
 
     def _bias_blocks(self, mask: torch.Tensor, plan: ShardPlan, local: torch.Tensor) -> list[torch.Tensor | None]:
@@ -184,9 +184,9 @@ class LlamaRing(nn.Module):
         if mask is not None:
             if mask.shape[-1] != new_state.seq_len:
                 raise ValueError(f"decode mask covers {mask.shape[-1]} keys; the cache plus new tokens hold {new_state.seq_len}")
-            bias = _additive(mask).index_select(2, new_state.slot_index)
+            bias = _additive(mask).index_select(2, new_state.slot_index.to(mask.device))
         elif n > 1:
-            visible = new_state.slot_index.unsqueeze(0) <= query_index.unsqueeze(1)
+            visible = new_state.slot_index.to(x.device).unsqueeze(0) <= query_index.unsqueeze(1)
             bias = _additive(visible.unsqueeze(0))
         else:
             bias = None
@@ -195,7 +195,7 @@ class LlamaRing(nn.Module):
             decoding=True,
             fill=state.fills[st.rank],
             capacity=new_state.capacity,
-            new_slots=torch.tensor([i for i, r in enumerate(owners) if r == st.rank], dtype=torch.long, device=x.device),
+            new_slots=RingCacheState.owned(owners, st.rank),
             decode_bias=bias,
         )
         logits, layers = self.model(

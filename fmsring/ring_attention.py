@@ -32,8 +32,8 @@ class RingContext:
     rank's queries against src's keys, or None where that block is fully masked.
     With a cache, ``fill`` slots per layer are valid before this pass and the
     buffers must hold ``capacity``; a decode step stores the new tokens listed
-    at ``new_slots`` (indices into the step's tokens, built once per pass so no
-    layer copies host data) here, and masks the local shard with ``decode_bias``.
+    at ``new_slots`` (the step's tokens it owns) here, and masks the local
+    shard with ``decode_bias``.
     """
 
     strategy: RingAttentionStrategy
@@ -42,7 +42,7 @@ class RingContext:
     bias_blocks: list[torch.Tensor | None] | None = None
     fill: int = 0
     capacity: int = 0
-    new_slots: torch.Tensor | None = None
+    new_slots: slice | list[int] = field(default_factory=lambda: slice(0, 0))
     decode_bias: torch.Tensor | None = None
     _buffers: list[torch.Tensor] = field(default_factory=list)
 
@@ -82,8 +82,7 @@ def ring_store_op(keys, values, key_cache, value_cache, ring: RingContext, **_):
         value_cache = _with_capacity(value_cache, ring.fill, ring.capacity, values)
     k_new, v_new = keys, values
     if ring.decoding:
-        assert ring.new_slots is not None
-        k_new, v_new = keys.index_select(1, ring.new_slots), values.index_select(1, ring.new_slots)
+        k_new, v_new = keys[:, ring.new_slots], values[:, ring.new_slots]
     end = ring.fill + k_new.shape[1]
     key_cache[:, :, ring.fill : end].copy_(k_new.transpose(1, 2))
     value_cache[:, :, ring.fill : end].copy_(v_new.transpose(1, 2))
