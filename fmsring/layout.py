@@ -111,25 +111,29 @@ class ShardPlan:
     def block_calls(self, rank: int, src: int) -> tuple["BlockCall", ...]:
         """The causal attention kernel calls of rank's queries against src's keys.
 
-        Segments are disjoint, so a key segment is either wholly before a query
-        segment (no mask), wholly after it (skipped), or the segment itself
-        (causal). The keys wholly before a query segment are always a prefix of
-        src's local tokens, so each query segment needs one unmasked call, and
-        neighbouring query segments that see the same prefix share it.
+        A rank's own tokens are stored in global order, so its own block is
+        exactly causal over the local order: one call. Against another rank,
+        segments are disjoint, so a key segment is wholly before a query
+        segment (no mask) or wholly after it (skipped); the keys wholly before a
+        query segment are a prefix of src's local tokens, so each query segment
+        needs one unmasked call, and neighbouring query segments that see the
+        same prefix share it.
         """
         key = (rank, src)
         if key not in self._calls:
             calls: list[BlockCall] = []
-            for qs, qe, qoff in self._offsets(rank):
-                prefix = sum(e - s for s, e in self.segments[src] if e <= qs)
-                if prefix:
-                    last = calls[-1] if calls else None
-                    if last and not last.causal and last.k_hi == prefix and last.q_hi == qoff:
-                        calls[-1] = BlockCall(last.q_lo, qoff + qe - qs, 0, prefix, False)
+            if src == rank:
+                n = self.local_len(rank)
+                calls.append(BlockCall(0, n, 0, n, True))
+            else:
+                for qs, qe, qoff in self._offsets(rank):
+                    prefix = sum(e - s for s, e in self.segments[src] if e <= qs)
+                    if not prefix:
+                        continue
+                    if calls and calls[-1].k_hi == prefix and calls[-1].q_hi == qoff:
+                        calls[-1] = BlockCall(calls[-1].q_lo, qoff + qe - qs, 0, prefix, False)
                     else:
                         calls.append(BlockCall(qoff, qoff + qe - qs, 0, prefix, False))
-                if src == rank:
-                    calls.append(BlockCall(qoff, qoff + qe - qs, qoff, qoff + qe - qs, True))
             self._calls[key] = tuple(calls)
         return self._calls[key]
 

@@ -97,8 +97,12 @@ def ring_prefill_op(query, keys, values, nheads, kvheads, p_dropout, scale_facto
     assert plan is not None
     scale = _scale(query, scale_factor)
     q = query.transpose(1, 2)
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+    if ring.bias_blocks is None:  # the own (first) block writes every row: nothing to initialise
+        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    else:
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
     b, lk, kvh, d = keys.shape
     kv = keys.new_empty(2, b, kvh, lk, d)  # what travels: kv-heads only
     kv[0].copy_(keys.transpose(1, 2))
