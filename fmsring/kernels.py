@@ -102,6 +102,33 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, blk_
     lse.copy_(new_lse)
 
 
+def merge_pair(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two partial results merged in fp32, returned in out_a's dtype with their lse.
+
+    When a query row only ever gets two partials, this is the whole merge:
+    one fp32 computation and one rounding, as with an fp32 accumulator, but
+    without one. On CUDA it runs as one fused kernel (torch.compile).
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    ref = lse.masked_fill(lse == float("-inf"), 0.0)
+    out = out_a.float() * torch.exp(lse_a - ref).unsqueeze(-1) + out_b.float() * torch.exp(lse_b - ref).unsqueeze(-1)
+    return out.to(out_a.dtype), lse
+
+
+_fused_merge_pair = torch.compile(merge_pair, dynamic=True)
+
+
+def merge_pair_auto(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`merge_pair`, fused into one kernel on CUDA (eager elsewhere: no compiler needed)."""
+    if out_a.is_cuda:
+        return _fused_merge_pair(out_a, lse_a, out_b, lse_b)
+    return merge_pair(out_a, lse_a, out_b, lse_b)
+
+
 def merge_stacked(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
     """Merge partial results stacked on dim 0 (one per rank) into one output.
 

@@ -14,6 +14,7 @@ import fms.models
 import torch
 import torch.distributed as dist
 from fms.modules.attention import MultiHeadAttention, TPMultiHeadAttention
+from fms.modules.feedforward import FeedForwardBlock, GatedLinearUnit
 from fms.modules.positions import RotaryEmbedding
 from torch import nn
 
@@ -28,6 +29,42 @@ STRATEGIES = ("ring", "replicated", None, "", "tp", "mp", "fsdp", "hsdp", "ddp")
 # RoPE variants whose angle at a position does not depend on the table's size,
 # so the table can be regrown exactly for longer prompts.
 _GROWABLE_ROPE = ("regular", "llama3", "yarn")
+
+
+class ChunkedFeedForward(nn.Module):
+    """Mixin for FMS feed-forward modules: run the sequence in chunks of
+    ``ffn_chunk`` tokens, so the MLP's wide intermediate activations do not
+    grow with the prompt. Exact: the MLP is per token.
+
+    Applied by swapping the module's class (as FSDP2's ``fully_shard`` does),
+    so parameters and state-dict keys stay FMS's own.
+    """
+
+    ffn_chunk: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] <= self.ffn_chunk:
+            return super().forward(x)
+        out = torch.empty_like(x)
+        for start in range(0, x.shape[1], self.ffn_chunk):
+            stop = start + self.ffn_chunk
+            out[:, start:stop] = super().forward(x[:, start:stop])
+        return out
+
+
+_CHUNKED: dict[type, type] = {}
+
+
+def chunk_feedforward(model: nn.Module, chunk: int) -> None:
+    """Make every FMS feed-forward module of ``model`` a :class:`ChunkedFeedForward`."""
+    for m in model.modules():
+        cls = type(m)
+        if cls in (GatedLinearUnit, FeedForwardBlock):
+            if cls not in _CHUNKED:
+                _CHUNKED[cls] = type(f"Chunked{cls.__name__}", (ChunkedFeedForward, cls), {})
+            m.__class__ = _CHUNKED[cls]
+        if isinstance(m, ChunkedFeedForward):
+            m.ffn_chunk = chunk
 
 
 class LlamaRing(nn.Module):
@@ -46,6 +83,7 @@ class LlamaRing(nn.Module):
         strategy: RingAttentionStrategy,
         check_inputs: bool = True,
         cache_headroom: int = 256,
+        ffn_chunk: int = 8192,
     ):
         super().__init__()
         attns = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
@@ -58,6 +96,8 @@ class LlamaRing(nn.Module):
         self.check_inputs = check_inputs
         self.cache_headroom = cache_headroom
         self._rotaries = list({id(m.position_encoder): m.position_encoder for m in attns}.values())
+        if ffn_chunk > 0:
+            chunk_feedforward(model, ffn_chunk)
 
     @property
     def config(self):
@@ -246,6 +286,7 @@ def get_model(
     ring_layout: str = "zigzag",
     ring_check_inputs: bool = True,
     ring_cache_headroom: int = 256,
+    ring_ffn_chunk: int = 8192,
     **kwargs: Any,
 ) -> nn.Module:
     """``fms.models.get_model`` that also accepts ``distributed_strategy="ring"``.
@@ -273,4 +314,6 @@ def get_model(
         broadcast_weights(model, group)
     if strategy is None:
         return model
-    return LlamaRing(model, strategy, check_inputs=ring_check_inputs, cache_headroom=ring_cache_headroom)
+    return LlamaRing(
+        model, strategy, check_inputs=ring_check_inputs, cache_headroom=ring_cache_headroom, ffn_chunk=ring_ffn_chunk
+    )

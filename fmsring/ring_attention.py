@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from fms.modules.attention import register_attention_op
 
-from fmsring.kernels import attention_with_lse, merge_into, merge_stacked
+from fmsring.kernels import attention_with_lse, merge_into, merge_pair_auto, merge_stacked
 from fmsring.layout import ShardPlan
 from fmsring.strategy import RingAttentionStrategy
 
@@ -91,24 +91,63 @@ def ring_store_op(keys, values, key_cache, value_cache, ring: RingContext, **_):
     return key_cache[:, :, :end], value_cache[:, :, :end], key_cache, value_cache
 
 
+class _Partials:
+    """The running (out, lse) of every local query row during one ring prefill.
+
+    A row's first partial is stored as is. When no row gets more than two
+    partials (W <= 2), the second is merged straight into the query dtype by
+    :func:`merge_pair` -- one fp32 computation, one rounding -- so no fp32
+    accumulator is held or streamed through; otherwise an fp32 accumulator
+    takes any number of merges.
+    """
+
+    def __init__(self, q: torch.Tensor, pairwise: bool):
+        self.shape, self.pairwise = q.shape, pairwise
+        self.out: torch.Tensor | None = None
+        self.lse: torch.Tensor | None = None
+        self.written: list[tuple[int, int]] = []
+        if not pairwise:  # rows nothing reaches (masked) must read as "no contribution"
+            self.out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            self.lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+
+    def add(self, lo: int, hi: int, blk_out: torch.Tensor, blk_lse: torch.Tensor) -> None:
+        fresh = all(hi <= a or lo >= b for a, b in self.written)
+        self.written.append((lo, hi))
+        whole = lo == 0 and hi == self.shape[2]
+        if self.out is None:
+            if whole:
+                self.out, self.lse = blk_out, blk_lse
+                return
+            self.out = blk_out.new_empty(self.shape)
+            self.lse = blk_lse.new_empty(self.shape[:-1])
+        assert self.lse is not None
+        rows = slice(lo, hi)
+        if fresh:
+            self.out[:, :, rows].copy_(blk_out)
+            self.lse[:, :, rows].copy_(blk_lse)
+        elif self.pairwise:
+            out, lse = merge_pair_auto(self.out[:, :, rows], self.lse[:, :, rows], blk_out, blk_lse)
+            if whole:
+                self.out, self.lse = out, lse
+            else:
+                self.out[:, :, rows].copy_(out)
+                self.lse[:, :, rows].copy_(lse)
+        else:
+            merge_into(self.out[:, :, rows], self.lse[:, :, rows], blk_out, blk_lse)
+
+
 def ring_prefill_op(query, keys, values, nheads, kvheads, p_dropout, scale_factor, ring: RingContext, **_):
     """Ring attention over the whole sequence; query [b, Lq, h, d], K/V [b, Lk, kvh, d]."""
     plan, strategy = ring.plan, ring.strategy
     assert plan is not None
     scale = _scale(query, scale_factor)
     q = query.transpose(1, 2)
-    if ring.bias_blocks is None:  # the own (first) block writes every row: nothing to initialise
-        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    else:
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
     b, lk, kvh, d = keys.shape
     kv = keys.new_empty(2, b, kvh, lk, d)  # what travels: kv-heads only
     kv[0].copy_(keys.transpose(1, 2))
     kv[1].copy_(values.transpose(1, 2))
     world, rank = strategy.world_size, strategy.rank
-    written: list[tuple[int, int]] = []  # query row ranges that already hold a partial result
+    acc = _Partials(q, pairwise=world <= 2 and ring.bias_blocks is None)
     for step in range(world):
         src = (rank - step) % world
         if step + 1 < world:
@@ -117,27 +156,22 @@ def ring_prefill_op(query, keys, values, nheads, kvheads, p_dropout, scale_facto
         if ring.bias_blocks is not None:
             bias = ring.bias_blocks[src]
             if bias is not None:
-                merge_into(out, lse, *attention_with_lse(q, kv[0], kv[1], scale, bias=bias))
+                acc.add(0, q.shape[2], *attention_with_lse(q, kv[0], kv[1], scale, bias=bias))
         else:
             for c in plan.block_calls(rank, src):
-                blk_out, blk_lse = attention_with_lse(
+                blk = attention_with_lse(
                     q[:, :, c.q_lo : c.q_hi], kv[0, :, :, c.k_lo : c.k_hi], kv[1, :, :, c.k_lo : c.k_hi], scale, causal=c.causal
                 )
-                rows = slice(c.q_lo, c.q_hi)
-                if all(c.q_hi <= lo or c.q_lo >= hi for lo, hi in written):  # first block for these rows: copy
-                    out[:, :, rows].copy_(blk_out)
-                    lse[:, :, rows].copy_(blk_lse)
-                else:
-                    merge_into(out[:, :, rows], lse[:, :, rows], blk_out, blk_lse)
-                written.append((c.q_lo, c.q_hi))
+                acc.add(c.q_lo, c.q_hi, *blk)
         if step + 1 < world:
             strategy.comm.wait()
             kv = incoming
-    return _to_query_layout(out, query)
+    assert acc.out is not None
+    return _to_query_layout(acc.out, query)
 
 
 def _to_query_layout(out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """[b, h, L, d] fp32 -> [b, L, h, d] in the query's dtype, in one copy."""
+    """[b, h, L, d] (any float dtype) -> [b, L, h, d] in the query's dtype, in one copy."""
     return torch.empty_like(query).copy_(out.transpose(1, 2))
 
 

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from fmsring.kernels import attention_with_lse, merge_into, merge_stacked
+from fmsring.kernels import attention_with_lse, merge_into, merge_pair, merge_stacked
 
 
 def reference(q, k, v, scale, bias):
@@ -70,3 +70,18 @@ def test_merge_stacked_matches_sequential_merge():
     merged = merge_stacked(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
     ref = reference(q, k[:, :, 8:], v[:, :, 8:], 0.2, torch.zeros(2, 1, 8 * W - 8))
     assert (merged.double() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_pair_rounds_once(dtype):
+    """Two partials merged in the query dtype: float32 to 1e-5; bfloat16 partials
+    carry one rounding each (2^-9 relative) and the result one more, so 2^-7."""
+    q, k, v = random_case(8, 2, random.randint(1, 30), 40)
+    a = attention_with_lse(q, k[:, :, :17], v[:, :, :17], 0.3)
+    b = attention_with_lse(q, k[:, :, 17:], v[:, :, 17:], 0.3)
+    out, lse = merge_pair(a[0].to(dtype), a[1], b[0].to(dtype), b[1])
+    ref = reference(q, k, v, 0.3, torch.zeros(2, q.shape[2], 40))
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    assert ((out.double() - ref).abs() <= tol * ref.abs().clamp_min(1.0)).all()
+    assert (lse - torch.logaddexp(a[1], b[1])).abs().max() == 0

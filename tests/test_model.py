@@ -245,3 +245,18 @@ def test_cached_continuation_of_several_tokens_matches_hf(checkpoints):
     for got, fills in run_ranks(3, _continue, path, ids, ids.shape[1] - 8):
         assert (got - want).abs().max() <= 1e-4
         assert sum(fills) == ids.shape[1] and max(fills) - min(fills) <= 2
+
+
+def test_chunked_feedforward_is_exact_and_keeps_state_dict_keys(checkpoints):
+    from fmsring.model import ChunkedFeedForward, chunk_feedforward
+
+    model = fms_model(checkpoints["gqa"])
+    keys = list(model.state_dict())
+    ids = torch.randint(0, VOCAB, (2, random.randrange(20, 60)))
+    with torch.no_grad():
+        want = model(ids, use_cache=True)[0]
+        chunk_feedforward(model, 7)
+        got = model(ids, use_cache=True)[0]
+    assert sum(isinstance(m, ChunkedFeedForward) for m in model.modules()) == 2
+    assert list(model.state_dict()) == keys
+    assert (got - want).abs().max() <= 1e-5
