@@ -1,0 +1,120 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Run a benchmark sweep
+#
+# One `torchrun -m fmsring.bench` per (world size, strategy); `single` runs once, on one process.
+# Everything lands in one run folder, `<out_dir>/<name>/`: `results.csv`, `params.json` (config and
+# environment) and `logs/` (each launch's stdout/stderr; nothing is printed here but the progress bar).
+#
+# * **Resume**: run the notebook again with the same parameters; points already `ok` are skipped.
+# * **Faults**: a launch that fails, runs out of memory or hangs past `timeout_s` becomes
+#   `error`/`oom`/`timeout` rows and the sweep goes on.
+# * Headless: `make sweep` (CPU smoke test), `make sweep DEVICE=cuda MODEL=3-8b NPROC=2,4 SEQ_LENS=8K,32K DTYPE=bfloat16`,
+#   or `papermill notebooks/run.ipynb out.ipynb -p device cuda -y "world_sizes: [2, 4]"`.
+#
+# The defaults below are a CPU smoke test (a 2-layer `llama/micro`, gloo) that finishes in a few minutes on 2 cores.
+
+# %% tags=["parameters"]
+name: str = ""  # run folder name under out_dir; empty derives one from device, model and dtype (CPU runs start with _cpu)
+out_dir: str = "runs"  # folder of run folders (relative paths start at the repository root)
+architecture: str = "llama"  # FMS architecture
+variant: str = "micro"  # FMS variant, e.g. micro or 3-8b (seeded random weights unless model_path is set)
+model_path: str = ""  # checkpoint to load instead of random weights; empty for none
+source: str = ""  # checkpoint format for model_path, e.g. hf
+model_kwargs: dict = {"nlayers": 2}  # extra fms get_model arguments, e.g. {"nlayers": 2}
+device: str = "cpu"  # cpu (gloo) or cuda (nccl)
+dtype: str = "float32"  # float32, bfloat16 or float16
+world_sizes: list = [1, 2, 4]  # processes (GPUs) per launch
+strategies: list = ["single", "ring"]  # among single, ring, tp, torch_cp; single runs once, on one process
+seq_lens: list = [64, 128, 256]  # prompt lengths in tokens; strings like 8K work too
+phases: list = ["prefill", "decode"]  # prefill and/or decode
+decode_tokens: int = 8  # greedy steps timed per decode run
+repeats: int = 2  # timed runs per point
+warmup: int = 1  # untimed runs per point
+batch: int = 1  # prompts per batch
+layout: str = "zigzag"  # ring token layout (zigzag or contiguous)
+launcher: str = "torchrun"  # torchrun (one node) or srun (inside a Slurm allocation, c10d rendezvous)
+timeout_s: float = 900.0  # wall-clock limit of one (world size, strategy) launch in seconds; then it is killed
+check: bool = True  # compare each strategy's logits with single (max_abs_err, rel_err, same_next_token)
+extra: dict = {}  # any other SweepConfig field, e.g. {"bench_timeout_s": 600, "env": {"NCCL_DEBUG": "INFO"}}
+
+# %%
+from pathlib import Path
+
+import pandas as pd
+from IPython.display import display
+
+from fmsring import analysis
+from fmsring.sweep import SweepConfig, run_sweep
+
+
+def repo_root() -> Path:
+    """The checkout holding this notebook (Jupyter runs it from notebooks/, make from the root)."""
+    for p in (Path.cwd(), *Path.cwd().parents):
+        if (p / "pyproject.toml").exists() and (p / "fmsring").is_dir():
+            return p
+    return Path.cwd()
+
+
+ROOT = repo_root()
+cfg = SweepConfig(
+    name=name,
+    out_dir=str(Path(out_dir) if Path(out_dir).is_absolute() else ROOT / out_dir),
+    architecture=architecture,
+    variant=variant,
+    model_path=model_path or None,
+    source=source or None,
+    model_kwargs=model_kwargs,
+    device=device,
+    dtype=dtype,
+    world_sizes=world_sizes,
+    strategies=strategies,
+    seq_lens=seq_lens,
+    phases=phases,
+    decode_tokens=decode_tokens,
+    repeats=repeats,
+    warmup=warmup,
+    batch=batch,
+    layout=layout,
+    launcher=launcher,
+    timeout_s=timeout_s,
+    check=check,
+    **extra,
+)
+print("run folder:", cfg.run_dir)
+print("launches:", ", ".join(f"{s} x{w}" for w, s in cfg.groups()))
+
+# %%
+run_dir = run_sweep(cfg)
+print(run_dir)
+
+# %% [markdown]
+# ## What came back
+# Status of every point, then latency (ms) per prompt length; failed points show their status.
+
+# %%
+df = analysis.load_runs(run_dir)
+display(df.pivot_table(index=["strategy", "world_size"], columns="status", values="seq_len", aggfunc="count", fill_value=0))
+for phase in cfg.phases:
+    print(phase)
+    display(analysis.summary(df, phase))
+failed = df[df["status"] != "ok"]
+if len(failed):
+    display(failed[["strategy", "world_size", "seq_len", "phase", "status", "error"]])
+
+# %% [markdown]
+# Next: plot it with `notebooks/analysis.ipynb` (`run_dirs` = this run folder).

@@ -1,0 +1,352 @@
+"""fmsring.sweep end to end: real torchrun, gloo and fmsring.bench on a 2-layer llama/micro.
+
+Faults are injected from outside the library: the tests put a ``sitecustomize``
+on the launched processes' PYTHONPATH (through ``SweepConfig.env``) that, in
+the rank and launch named by ``FMSRING_TEST_FAULT``, SIGKILLs or SIGSTOPs the
+process at a chosen point of the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from fmsring import sweep
+from fmsring.bench import COLUMNS
+from fmsring.sweep import SweepConfig, run_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(
+    model_kwargs={"nlayers": 2},
+    repeats=1,
+    warmup=0,
+    decode_tokens=2,
+    timeout_s=240,
+)
+
+# Imported by every Python process started with this folder on PYTHONPATH; acts
+# only in torchrun workers (RANK set) of the launch FMSRING_TEST_FAULT names.
+HOOK = r"""
+import json, os, signal, sys
+
+_spec = json.loads(os.environ.get("FMSRING_TEST_FAULT") or "null")
+
+
+def _mine():
+    if not _spec or "RANK" not in os.environ:
+        return False
+    if int(os.environ["RANK"]) != _spec["rank"] or int(os.environ["WORLD_SIZE"]) != _spec["world_size"]:
+        return False
+    argv = sys.argv
+    return "--strategies" in argv and argv[argv.index("--strategies") + 1] == _spec["strategy"]
+
+
+def _act():
+    sys.stderr.write(f"[fault hook] {_spec['action']} rank {os.environ['RANK']}\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL if _spec["action"] == "kill" else signal.SIGSTOP)
+
+
+if _spec:
+    import csv
+
+    _writerow, _calls = csv.DictWriter.writerow, {"rows": 0, "gathers": 0}
+
+    def writerow(self, row):
+        # rank 0 writes each point's row: act before the (after_rows + 1)-th one
+        if row.get("phase") in ("prefill", "decode") and _spec.get("after_rows") is not None and _mine():
+            if _calls["rows"] == _spec["after_rows"]:
+                _act()
+            _calls["rows"] += 1
+        return _writerow(self, row)
+
+    csv.DictWriter.writerow = writerow
+
+    if _spec.get("after_gathers") is not None:
+        import torch.distributed as dist
+
+        _gather = dist.all_gather_object
+
+        def all_gather_object(*args, **kwargs):
+            # every rank gathers once per point to agree on its status
+            if _mine():
+                if _calls["gathers"] == _spec["after_gathers"]:
+                    _act()
+                _calls["gathers"] += 1
+            return _gather(*args, **kwargs)
+
+        dist.all_gather_object = all_gather_object
+"""
+
+
+def fault_env(tmp_path: Path, **spec) -> dict[str, str]:
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(HOOK)
+    return {"PYTHONPATH": str(hook), "FMSRING_TEST_FAULT": json.dumps(spec)}
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def keys(rows: list[dict[str, str]]) -> Counter:
+    return Counter((r["strategy"], int(r["world_size"]), int(r["seq_len"]), r["phase"]) for r in rows)
+
+
+def grid(cfg: SweepConfig) -> set:
+    return {(s, w, n, p) for w, s in cfg.groups() for n, p in cfg.points()}
+
+
+def stray_processes(marker: str) -> list[str]:
+    """Command lines of live processes that mention ``marker`` (a run folder)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmd and state != "Z":
+            found.append(cmd)
+    return found
+
+
+# ---------------------------------------------------------------------------- no processes
+
+
+def test_config_parsing_and_groups(tmp_path: Path):
+    cfg = SweepConfig(world_sizes="1, 2,4", strategies="single,ring,tp", seq_lens="128,8K", phases="prefill",
+                      model_kwargs='{"nlayers": 2}', out_dir=str(tmp_path))  # fmt: skip
+    assert cfg.world_sizes == [1, 2, 4] and cfg.seq_lens == [128, 8192]
+    assert cfg.model_kwargs == {"nlayers": 2}
+    assert cfg.groups() == [(1, "single"), (1, "ring"), (2, "ring"), (2, "tp"), (4, "ring"), (4, "tp")]  # no tp x1
+    assert cfg.run_name == "_cpu-llama-micro-float32"
+    assert SweepConfig(device="cuda", variant="3-8b", dtype="bfloat16").run_name == "cuda-llama-3-8b-bfloat16"
+    with pytest.raises(ValueError, match="unknown sweep parameter"):
+        SweepConfig.from_dict({"world_size": [2]})
+    with pytest.raises(ValueError, match="phases"):
+        SweepConfig(phases=["train"])
+    params = tmp_path / "p.yaml"
+    params.write_text("world_sizes: [2]\nstrategies: ring\nseq_lens: [64]\nname: x\n")
+    cfg, _ = sweep.config_from_args(["--params", str(params), "--seq-lens", "32,64", "--out-dir", str(tmp_path)])
+    assert cfg.world_sizes == [2] and cfg.strategies == ["ring"] and cfg.seq_lens == [32, 64] and cfg.name == "x"
+    assert sweep.main(["--params", str(params), "--print-run-dir", "--out-dir", str(tmp_path)]) == 0
+    args = sweep.bench_args(cfg, "ring", [32], ["prefill"], tmp_path / "r.csv")
+    assert args[:2] == ["-m", "fmsring.bench"] and args[args.index("--seq-lens") + 1] == "32"
+    from fmsring.bench import parse_args
+
+    bench_cfg = parse_args(args[2:])  # the bench accepts every flag the sweep passes
+    assert (
+        bench_cfg.strategies == ("ring",) and bench_cfg.seq_lens == (32,) and bench_cfg.out == str(tmp_path / "r.csv")
+    )
+
+
+def test_srun_command_matches_sbatch(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    monkeypatch.setenv("FMSRING_RDZV_HOST", "node001")
+    cfg = SweepConfig(launcher="srun", gpus_per_node=4, world_sizes=[8], strategies=["ring"])
+    cmd = sweep.launch_command(cfg, 8, sweep.bench_args(cfg, "ring", [128], ["prefill"], "/r.csv"), tag="g0")
+    assert cmd[:2] == ["srun", "--nodes=2"] and "--ntasks-per-node=1" in cmd
+    tr = cmd[cmd.index("torch.distributed.run") - 2 :]
+    for flag in (
+        "--nnodes=2",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=node001:29500",
+        "--rdzv_id=777-g0",
+        "--nproc_per_node=4",
+    ):
+        assert flag in tr
+    assert tr[tr.index("-m", 2) : tr.index("-m", 2) + 2] == ["-m", "fmsring.bench"]
+    # a world that fits one node stays on one node
+    one = sweep.launch_command(cfg, 2, [], tag="g1")
+    assert "--nodes=1" in one and "--nproc_per_node=2" in one
+    # the Slurm template launches the same way
+    sbatch = (ROOT / "scripts" / "slurm_ring.sbatch").read_text()
+    for piece in ("srun", "torch.distributed.run", "--nnodes=\"$SLURM_NNODES\"", "--rdzv_backend=c10d",
+                  "--rdzv_endpoint=\"$head:", "-m fmsring.bench", "--ntasks-per-node=1"):  # fmt: skip
+        assert piece in sbatch, piece
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "slurm_ring.sbatch")]).returncode == 0
+
+
+def test_append_rows_is_one_locked_write(tmp_path: Path):
+    path = tmp_path / "r.csv"
+    sweep.append_rows(path, [], COLUMNS)
+    path.write_bytes(path.read_bytes() + b"ring,2,12")  # a torn last line
+    sweep.append_rows(
+        path, [{"strategy": "ring", "world_size": 2, "seq_len": 64, "phase": "prefill", "status": "error"}], COLUMNS
+    )
+    header, rows = read_csv(path)
+    assert tuple(header) == COLUMNS
+    assert [r["status"] for r in sweep._read_rows(path)] == ["error"]
+    assert sweep.done_points(path) == set()
+
+
+# ---------------------------------------------------------------------------- real launches
+
+
+def test_tiny_sweep_end_to_end(tmp_path: Path):
+    cfg = SweepConfig(out_dir=str(tmp_path), name="tiny", world_sizes=[2], strategies=["single", "ring"],
+                      seq_lens=[32, 64], phases=["prefill", "decode"], **TINY)  # fmt: skip
+    run_dir = run_sweep(cfg, progress=False)
+    assert run_dir == (tmp_path / "tiny").resolve()
+
+    header, rows = read_csv(run_dir / "results.csv")
+    assert tuple(header) == COLUMNS
+    assert keys(rows) == Counter(grid(cfg))  # every point exactly once
+    assert {r["status"] for r in rows} == {"ok"}, [r["error"] for r in rows]
+    for r in rows:
+        assert float(r["latency_ms"]) > 0
+        assert r["device"] == "cpu" and r["model"].startswith("llama/micro")
+    ring = [r for r in rows if r["strategy"] == "ring"]
+    assert all(float(r["max_abs_err"]) < 1e-3 and r["same_next_token"] == "True" for r in ring)
+
+    params = json.loads((run_dir / "params.json").read_text())
+    assert params["config"]["world_sizes"] == [2] and params["config"]["model_kwargs"] == {"nlayers": 2}
+    env = params["environment"]
+    assert env["torch"] and env["host"] and "ibm_fms" in env and "git_sha" in env and "gpus" in env
+    (session,) = params["sessions"]
+    assert [(g["world_size"], g["strategy"], g["status"]) for g in session["groups"]] == [
+        (1, "single", "ok"),
+        (2, "ring", "ok"),
+    ]
+
+    logs = sorted(p.name for p in (run_dir / "logs").iterdir())
+    assert any(n.endswith("w1-single.stdout.log") for n in logs) and any(n.endswith("w2-ring.stderr.log") for n in logs)
+    ring_out = next((run_dir / "logs").glob("*w2-ring.stdout.log")).read_text()
+    assert "torch.distributed.run" in ring_out and "--nproc_per_node=2" in ring_out and "[bench]" in ring_out
+
+    # the same sweep again: nothing left to do, nothing launched, nothing added
+    before = (run_dir / "results.csv").read_bytes()
+    run_sweep(cfg, progress=False)
+    assert (run_dir / "results.csv").read_bytes() == before
+    params = json.loads((run_dir / "params.json").read_text())
+    assert [g["status"] for g in params["sessions"][-1]["groups"]] == ["done before", "done before"]
+
+    # another setup in the same folder is refused
+    with pytest.raises(ValueError, match="another setup"):
+        run_sweep(SweepConfig(**{**cfg.to_dict(), "dtype": "bfloat16"}), progress=False)
+
+
+def test_killed_rank_is_recorded_and_sweep_goes_on(tmp_path: Path):
+    # rank 1 of ring x2 is SIGKILLed mid-way (after two points); ring x1 runs next
+    env = fault_env(tmp_path, world_size=2, rank=1, strategy="ring", after_gathers=3, action="kill")
+    cfg = SweepConfig(out_dir=str(tmp_path), name="kill", world_sizes=[2, 1], strategies=["ring"],
+                      seq_lens=[16, 32, 48], phases=["prefill"], env=env, **TINY)  # fmt: skip
+    run_dir = run_sweep(cfg, progress=False)
+    _, rows = read_csv(run_dir / "results.csv")
+    assert keys(rows) == Counter(grid(cfg))  # every point exactly once, failed ones included
+    killed = {int(r["seq_len"]): r for r in rows if r["world_size"] == "2"}
+    assert killed[16]["status"] == "ok" and killed[32]["status"] == "ok"
+    assert killed[48]["status"] == "error"
+    assert killed[48]["error"], killed[48]
+    assert all(r["status"] == "ok" for r in rows if r["world_size"] == "1")
+    group = json.loads((run_dir / "params.json").read_text())["sessions"][0]["groups"][0]
+    assert group["status"] == "failed" and group["launches"][0]["returncode"] != 0
+    assert "[fault hook] kill rank 1" in (run_dir / group["launches"][0]["stderr"]).read_text()
+    assert not stray_processes(str(run_dir))
+
+
+def test_hung_group_times_out_and_sweep_goes_on(tmp_path: Path):
+    # single stops itself (SIGSTOP) before writing its second row: the launch hangs
+    env = fault_env(tmp_path, world_size=1, rank=0, strategy="single", after_rows=1, action="stop")
+    cfg = SweepConfig(out_dir=str(tmp_path), name="hang", world_sizes=[1], strategies=["single", "ring"],
+                      seq_lens=[32, 64], phases=["prefill"], env=env, **{**TINY, "timeout_s": 30})  # fmt: skip
+    t0 = time.monotonic()
+    run_dir = run_sweep(cfg, progress=False)
+    _, rows = read_csv(run_dir / "results.csv")
+    assert keys(rows) == Counter(grid(cfg))
+    single = {int(r["seq_len"]): r for r in rows if r["strategy"] == "single"}
+    assert single[32]["status"] == "ok"
+    assert single[64]["status"] == "timeout" and "timeout" in single[64]["error"]
+    assert all(r["status"] == "ok" for r in rows if r["strategy"] == "ring")
+    launch = json.loads((run_dir / "params.json").read_text())["sessions"][0]["groups"][0]["launches"][0]
+    assert launch["timed_out"] and 30 <= launch["seconds"] < 60
+    assert time.monotonic() - t0 < 120
+    assert not stray_processes(str(run_dir))  # the stopped worker was killed too
+
+
+def test_interrupt_and_resume(tmp_path: Path):
+    run_dir = tmp_path / "resume"
+    cmd = [sys.executable, "-m", "fmsring.sweep", "--out-dir", str(tmp_path), "--name", "resume",
+           "--world-sizes", "2", "--strategies", "single,ring", "--seq-lens", "16,32,48", "--phases", "prefill,decode",
+           "--model-kwargs", '{"nlayers": 2}', "--repeats", "1", "--warmup", "0", "--decode-tokens", "2",
+           "--no-progress"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    results = run_dir / "results.csv"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if results.exists() and len(sweep._read_rows(results)) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)  # Ctrl-C (or a notebook's interrupt) mid-way
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "resume" in err
+    assert not stray_processes(str(run_dir))
+    _, first = read_csv(results)
+    assert 3 <= len(first) < 12 and all(r["status"] == "ok" for r in first)
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    _, rows = read_csv(results)
+    cfg = SweepConfig(world_sizes=[2], strategies=["single", "ring"], seq_lens=[16, 32, 48])
+    assert keys(rows) == Counter(grid(cfg))  # nothing lost, nothing twice
+    assert rows[: len(first)] == first  # the first run's rows are kept as they were
+    assert all(r["status"] == "ok" for r in rows)
+    params = json.loads((run_dir / "params.json").read_text())
+    assert [s["interrupted"] for s in params["sessions"]] == [True, False]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_c10d_rendezvous(tmp_path: Path):
+    """Two torchrun "nodes" on this machine meet through c10d and run a ring bench."""
+    out = tmp_path / "results.csv"
+    cfg = SweepConfig(world_sizes=[2], strategies=["ring"], seq_lens=[32, 48], phases=["prefill", "decode"], **TINY)
+    args = sweep.bench_args(cfg, "ring", cfg.seq_lens, cfg.phases, out)
+    endpoint = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    procs = []
+    for node in (0, 1):
+        cmd = sweep.torchrun_command(1, nnodes=2, rdzv_endpoint=endpoint, rdzv_id="two-nodes", node_rank=node) + args
+        assert "--rdzv_backend=c10d" in cmd and "--nnodes=2" in cmd
+        log = open(tmp_path / f"node{node}.log", "w")
+        procs.append(
+            (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log)
+        )
+    try:
+        for p, _ in procs:
+            p.wait(timeout=180)
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                sweep.kill_tree(p)
+            log.close()
+    logs = "\n".join((tmp_path / f"node{n}.log").read_text() for n in (0, 1))
+    assert [p.returncode for p, _ in procs] == [0, 0], logs
+    _, rows = read_csv(out)
+    assert keys(rows) == Counter({("ring", 2, n, p): 1 for n in (32, 48) for p in ("prefill", "decode")})
+    assert all(r["status"] == "ok" and float(r["max_abs_err"]) < 1e-3 for r in rows), rows
