@@ -686,19 +686,19 @@ def environment(cfg: BenchConfig, env: DistEnv) -> dict[str, Any]:
 
 
 def git_sha() -> str:
-    """HEAD of this checkout; FMSRING_GIT_SHA where the code travelled without .git."""
+    """HEAD of this checkout, "-dirty" if tracked files changed; FMSRING_GIT_SHA where
+    the code travelled without .git; "unknown" otherwise."""
     if os.environ.get("FMSRING_GIT_SHA"):
         return os.environ["FMSRING_GIT_SHA"]
+    root = str(Path(__file__).resolve().parent.parent)
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            check=False,
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode or not head.stdout.strip():
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
         )
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -56,6 +56,20 @@ IDENTITY_FIELDS = (
 _SOURCE_ROOT = Path(os.path.abspath(__file__)).parent.parent
 
 
+def repo_root() -> Path:
+    """The checkout the caller runs in (Jupyter starts notebooks in notebooks/, make at the root)."""
+    for p in (Path.cwd(), *Path.cwd().parents):
+        if (p / "pyproject.toml").exists() and (p / "fmsring").is_dir():
+            return p
+    return Path.cwd()
+
+
+def _git_sha() -> str:
+    from fmsring.bench import git_sha  # bench imports torch and fms: only when needed
+
+    return git_sha()
+
+
 def bench_columns() -> tuple[str, ...]:
     """The CSV columns, as ``fmsring.bench`` writes them."""
     from fmsring.bench import COLUMNS
@@ -420,23 +434,6 @@ def _ends_with_newline(path: Path, size: int) -> bool:
 # environment and params.json
 
 
-def git_sha(path: Path = _SOURCE_ROOT) -> str:
-    """HEAD of the fmsring checkout, with "-dirty" when it has uncommitted changes; "" outside git."""
-    try:
-        sha = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if sha.returncode:
-            return ""
-        dirty = subprocess.run(
-            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def environment() -> dict[str, Any]:
     """Versions, host and GPUs of the machine that launches the sweep."""
     from importlib import metadata
@@ -468,7 +465,7 @@ def environment() -> dict[str, Any]:
         "ibm_fms": version("ibm-fms"),
         "transformers": version("transformers"),
         "fmsring": version("fmsring"),
-        "git_sha": git_sha(),
+        "git_sha": _git_sha(),
         "gpu_count": len(gpus),
         "gpus": gpus,
         "cpu_count": os.cpu_count(),
@@ -814,7 +811,7 @@ def _failure_row(
         "device": cfg.device,
         "repeats": cfg.repeats,
         "gpu_name": "cpu" if cfg.device == "cpu" else "",
-        "git_sha": git_sha().removesuffix("-dirty") or "unknown",
+        "git_sha": _git_sha(),
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda or "",
         "timestamp": _now(),

@@ -33,14 +33,7 @@ from pathlib import Path
 from IPython.display import display
 
 from fmsring import analysis
-
-
-def repo_root() -> Path:
-    """The checkout holding this notebook (Jupyter runs it from notebooks/, make from the root)."""
-    for p in (Path.cwd(), *Path.cwd().parents):
-        if (p / "pyproject.toml").exists() and (p / "fmsring").is_dir():
-            return p
-    return Path.cwd()
+from fmsring.sweep import repo_root
 
 
 ROOT = repo_root()

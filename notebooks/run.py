@@ -59,15 +59,7 @@ import pandas as pd
 from IPython.display import display
 
 from fmsring import analysis
-from fmsring.sweep import SweepConfig, run_sweep
-
-
-def repo_root() -> Path:
-    """The checkout holding this notebook (Jupyter runs it from notebooks/, make from the root)."""
-    for p in (Path.cwd(), *Path.cwd().parents):
-        if (p / "pyproject.toml").exists() and (p / "fmsring").is_dir():
-            return p
-    return Path.cwd()
+from fmsring.sweep import SweepConfig, repo_root, run_sweep
 
 
 ROOT = repo_root()
