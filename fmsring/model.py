@@ -160,8 +160,7 @@ class LlamaRing(nn.Module):
         positions = position_ids if position_ids is not None else torch.arange(seq_len, device=x.device).expand(batch, -1)
         max_pos = seq_len - 1 if position_ids is None else int(position_ids.max())
         self._fit_rope(max_pos, x.device)
-        if use_cache:
-            sync_rng(st.group, x.device)
+        sync_rng(st.group, x.device)  # every generate() step after a prefill samples alike on all ranks
         n_out = seq_len if last_n_tokens <= 0 else min(last_n_tokens, seq_len)
         counts = [plan.tail_count(r, n_out) for r in range(st.world_size)]
         ctx = RingContext(
@@ -190,16 +189,8 @@ class LlamaRing(nn.Module):
         """This rank's rows of the user's mask, cut into one additive block per source rank.
 
         Blocks that hide every key are None, so the ring skips their compute.
-        A single mask row for a longer prompt is what FMS's ``generate(...,
-        use_cache=False)`` passes after the first step: it is read as a key
-        padding mask, kept causal (FMS's SDPA would broadcast it to every query
-        and let early tokens see later ones).
         """
-        rows = _additive(mask)
-        if rows.shape[1] == 1 and plan.seq_len > 1:
-            future = torch.ones(plan.seq_len, plan.seq_len, dtype=torch.bool, device=mask.device).triu_(1)
-            rows = rows.expand(-1, plan.seq_len, -1).masked_fill(future, float("-inf"))
-        rows = rows.index_select(1, local)
+        rows = _query_rows(mask, plan.seq_len).index_select(1, local)
         blocks: list[torch.Tensor | None] = []
         for src in range(plan.world_size):
             blk = rows.index_select(2, plan.index_tensor(src, mask.device))
@@ -224,7 +215,7 @@ class LlamaRing(nn.Module):
         if mask is not None:
             if mask.shape[-1] != new_state.seq_len:
                 raise ValueError(f"decode mask covers {mask.shape[-1]} keys; the cache plus new tokens hold {new_state.seq_len}")
-            bias = _additive(mask).index_select(2, new_state.slot_index.to(mask.device))
+            bias = _query_rows(mask, n).index_select(2, new_state.slot_index.to(mask.device))
         elif n > 1:
             visible = new_state.slot_index.to(x.device).unsqueeze(0) <= query_index.unsqueeze(1)
             bias = _additive(visible.unsqueeze(0))
@@ -260,6 +251,23 @@ class LlamaRing(nn.Module):
         rows = torch.cat([p[:, : counts[r]] for r, p in enumerate(parts)], dim=1)
         order = torch.tensor(sorted(range(len(index)), key=index.__getitem__), device=rows.device)
         return rows.index_select(1, order)
+
+
+def _query_rows(mask: torch.Tensor, n_queries: int) -> torch.Tensor:
+    """The user's mask as additive fp32 [b, n_queries, keys]; the queries are the last keys.
+
+    A single row for several queries is what FMS's ``generate(...,
+    use_cache=False)`` passes after its first step: it is read as a key
+    padding mask and kept causal (FMS's SDPA would broadcast it to every query
+    and let early tokens see later ones).
+    """
+    rows = _additive(mask)
+    if rows.shape[1] == 1 and n_queries > 1:
+        keys = rows.shape[2]
+        query_index = torch.arange(keys - n_queries, keys, device=mask.device)
+        future = torch.arange(keys, device=mask.device).unsqueeze(0) > query_index.unsqueeze(1)
+        rows = rows.expand(-1, n_queries, -1).masked_fill(future, float("-inf"))
+    return rows
 
 
 def _additive(mask: torch.Tensor) -> torch.Tensor:

@@ -152,7 +152,7 @@ def _generate(rank, world, path, ids, pad_kw, n_new, do_sample):
     out = {}
     for layout in LAYOUTS:
         ring = fms_model(path, torch.float32, "ring", ring_layout=layout, ring_cache_headroom=3)
-        for use_cache in (True, False):
+        for use_cache in (False, True):  # no-cache first: its prefills alone must align the RNG
             with torch.no_grad():
                 res = generate(
                     ring, ids, max_new_tokens=n_new, use_cache=use_cache, do_sample=do_sample,
