@@ -78,16 +78,23 @@ _PLAIN_SDPA = F.scaled_dot_product_attention  # taken before any CP context can 
 
 
 @dataclass
-class BenchConfig:
-    """Everything one benchmark run needs; the CLI flags map onto these fields one to one."""
+class ModelSpec:
+    """Which model to build and where: an FMS architecture/variant with seeded random
+    weights, or a checkpoint (model_path + source). Shared by the bench and the sweep."""
 
     architecture: str = "llama"
     variant: str | None = "micro"
     model_path: str | None = None
-    source: str | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    device: str = "cpu"
+    source: str | None = None  # checkpoint format for model_path, e.g. "hf"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra get_model kwargs, e.g. {"nlayers": 2}
+    device: str = "cpu"  # cpu (gloo) or cuda (nccl)
     dtype: str = "float32"
+
+
+@dataclass
+class BenchConfig(ModelSpec):
+    """Everything one benchmark run needs; the CLI flags map onto these fields one to one."""
+
     strategies: tuple[str, ...] = ("single", "ring")
     phases: tuple[str, ...] = ("prefill",)
     seq_lens: tuple[int, ...] = (128, 256)
@@ -696,7 +703,10 @@ def git_sha() -> str:
         if head.returncode or not head.stdout.strip():
             return "unknown"
         dirty = subprocess.run(
-            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):

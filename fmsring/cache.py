@@ -61,7 +61,9 @@ class RingCacheState:
         if new_idx:
             slot_index = torch.cat([slot_index, torch.tensor(new_idx, dtype=slot_index.dtype)])
         capacity = self.capacity if fills[rank] <= self.capacity else fills[rank] + headroom
-        return replace(self, seq_len=self.seq_len + len(owners), fills=tuple(fills), slot_index=slot_index, capacity=capacity)
+        return replace(
+            self, seq_len=self.seq_len + len(owners), fills=tuple(fills), slot_index=slot_index, capacity=capacity
+        )
 
 
 class RingCache(list):

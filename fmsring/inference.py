@@ -33,7 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default="char_tokenizer", help="tokenizer name or path")
     p.add_argument("--device_type", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--default_dtype", choices=sorted(DTYPES), default=None)
-    p.add_argument("--distributed_strategy", default="ring", help="ring, replicated (one copy per rank), or any FMS strategy")
+    p.add_argument(
+        "--distributed_strategy", default="ring", help="ring, replicated (one copy per rank), or any FMS strategy"
+    )
     p.add_argument("--ring_layout", default="zigzag", choices=["zigzag", "contiguous"])
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--no_use_cache", action="store_true", help="re-run the whole prompt for every new token")
@@ -62,14 +64,26 @@ def main(argv: list[str] | None = None) -> list[str]:
         **({"ring_layout": args.ring_layout} if args.distributed_strategy == "ring" else {}),
     ).eval()
     tokenizer = get_tokenizer(args.tokenizer)
-    prompts = args.prompt_file.read_text().splitlines() if args.prompt_file else (args.prompt or ["Hello, ring attention!"])
+    prompts = (
+        args.prompt_file.read_text().splitlines() if args.prompt_file else (args.prompt or ["Hello, ring attention!"])
+    )
     device = next(model.parameters()).device
-    encoded = [torch.tensor(tokenizer.convert_tokens_to_ids(tokenizer.tokenize(p)), dtype=torch.long, device=device) for p in prompts]
+    encoded = [
+        torch.tensor(tokenizer.convert_tokens_to_ids(tokenizer.tokenize(p)), dtype=torch.long, device=device)
+        for p in prompts
+    ]
     ids, padding = pad_input_ids(encoded) if len(encoded) > 1 else (encoded[0].unsqueeze(0), None)
     with torch.no_grad():
         out, times = generate(
-            model, ids, max_seq_len=1 << 30, max_new_tokens=args.max_new_tokens, use_cache=not args.no_use_cache,
-            do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, timing="per-token",
+            model,
+            ids,
+            max_seq_len=1 << 30,
+            max_new_tokens=args.max_new_tokens,
+            use_cache=not args.no_use_cache,
+            do_sample=args.do_sample,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            timing="per-token",
             extra_kwargs=padding,
         )
     texts = [tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(row[ids.shape[1] :])) for row in out]

@@ -36,7 +36,9 @@ def attention_with_lse(
 DECODE_ROWS = 16
 
 
-def flash_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def flash_attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash attention (GQA-native, any K/V strides along the sequence) returning (out, lse)."""
     b, h, lq, d = q.shape
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
@@ -53,7 +55,9 @@ def cudnn_attention_with_lse(
     shapes, against ~350 for the flash backend and ~180 for mem-efficient.
     """
     b, h, lq, d = q.shape
-    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)[
+        :2
+    ]
     return out, lse.view(b, h, lq)
 
 

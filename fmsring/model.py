@@ -88,7 +88,9 @@ class LlamaRing(nn.Module):
         super().__init__()
         attns = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
         if not attns or any(isinstance(m, TPMultiHeadAttention) for m in attns):
-            raise ValueError(f"{type(model).__name__} has no (unsharded) MultiHeadAttention: ring attention cannot drive it")
+            raise ValueError(
+                f"{type(model).__name__} has no (unsharded) MultiHeadAttention: ring attention cannot drive it"
+            )
         if any(not isinstance(m.position_encoder, RotaryEmbedding) for m in attns):
             raise ValueError(f"{type(model).__name__}: ring attention supports rotary-position decoders only")
         self.model = model
@@ -123,15 +125,23 @@ class LlamaRing(nn.Module):
 
     def _validate(self, x, position_ids, mask, attn_kwargs) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"input_ids must be an integer tensor [batch, seq]; got {getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+            raise TypeError(
+                "input_ids must be an integer tensor [batch, seq]; "
+                f"got {getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}"
+            )
         device = next(self.model.parameters()).device
         for name, t in (("input_ids", x), ("position_ids", position_ids), ("mask", mask)):
             if t is not None and t.device != device:
                 raise ValueError(f"{name} is on {t.device} but the model is on {device}")
         if position_ids is not None and position_ids.shape != x.shape:
             raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected {tuple(x.shape)}")
-        if mask is not None and (mask.dim() not in (3, 4) or mask.shape[0] != x.shape[0] or mask.shape[-2] not in (1, x.shape[1])):
-            raise ValueError(f"mask must be [batch, q_len, kv_len] (FMS's format); got {tuple(mask.shape)} for input {tuple(x.shape)}")
+        if mask is not None and (
+            mask.dim() not in (3, 4) or mask.shape[0] != x.shape[0] or mask.shape[-2] not in (1, x.shape[1])
+        ):
+            raise ValueError(
+                "mask must be [batch, q_len, kv_len] (FMS's format); "
+                f"got {tuple(mask.shape)} for input {tuple(x.shape)}"
+            )
         if attn_kwargs.get("attn_name", ring_attention.ATTN_NAME) != ring_attention.ATTN_NAME:
             raise ValueError(f"LlamaRing always uses ring attention; drop attn_name={attn_kwargs['attn_name']!r}")
         if attn_kwargs.get("only_last_token"):
@@ -157,7 +167,9 @@ class LlamaRing(nn.Module):
         batch, seq_len = x.shape
         plan = st.plan(seq_len)
         local = plan.index_tensor(st.rank, x.device)
-        positions = position_ids if position_ids is not None else torch.arange(seq_len, device=x.device).expand(batch, -1)
+        positions = (
+            position_ids if position_ids is not None else torch.arange(seq_len, device=x.device).expand(batch, -1)
+        )
         max_pos = seq_len - 1 if position_ids is None else int(position_ids.max())
         self._fit_rope(max_pos, x.device)
         sync_rng(st.group, x.device)  # every generate() step after a prefill samples alike on all ranks
@@ -182,7 +194,9 @@ class LlamaRing(nn.Module):
         logits = self._gather_logits(logits[:, logits.shape[1] - counts[st.rank] :], plan, counts)
         if not use_cache:
             return logits
-        state = RingCacheState(seq_len=seq_len, fills=tuple(plan.local_lens), slot_index=plan.index_tensor(st.rank), capacity=ctx.capacity)
+        state = RingCacheState(
+            seq_len=seq_len, fills=tuple(plan.local_lens), slot_index=plan.index_tensor(st.rank), capacity=ctx.capacity
+        )
         return logits, RingCache(layers, state)
 
     def _bias_blocks(self, mask: torch.Tensor, plan: ShardPlan, local: torch.Tensor) -> list[torch.Tensor | None]:
@@ -214,7 +228,9 @@ class LlamaRing(nn.Module):
         self._fit_rope(max_pos, x.device)
         if mask is not None:
             if mask.shape[-1] != new_state.seq_len:
-                raise ValueError(f"decode mask covers {mask.shape[-1]} keys; the cache plus new tokens hold {new_state.seq_len}")
+                raise ValueError(
+                    f"decode mask covers {mask.shape[-1]} keys; the cache plus new tokens hold {new_state.seq_len}"
+                )
             bias = _query_rows(mask, n).index_select(2, new_state.slot_index.to(mask.device))
         elif n > 1:
             visible = new_state.slot_index.to(x.device).unsqueeze(0) <= query_index.unsqueeze(1)
@@ -309,14 +325,32 @@ def get_model(
         raise ValueError(f"unknown distributed_strategy {distributed_strategy!r}; choose one of {STRATEGIES}")
     if distributed_strategy not in ("ring", "replicated"):
         return fms.models.get_model(
-            architecture, variant, model_path, source, device_type, data_type, distributed_strategy, checkpoint_sharding, group, **kwargs
+            architecture,
+            variant,
+            model_path,
+            source,
+            device_type,
+            data_type,
+            distributed_strategy,
+            checkpoint_sharding,
+            group,
+            **kwargs,
         )
     if ring_layout not in LAYOUTS:
         raise ValueError(f"unknown ring_layout {ring_layout!r}; choose one of {LAYOUTS}")
     strategy = RingAttentionStrategy(group=group, layout=ring_layout) if distributed_strategy == "ring" else None
     # FMS treats a strategy name it does not know as replicated: every rank loads every weight.
     model = fms.models.get_model(
-        architecture, variant, model_path, source, device_type, data_type, "replicated", checkpoint_sharding, group, **kwargs
+        architecture,
+        variant,
+        model_path,
+        source,
+        device_type,
+        data_type,
+        "replicated",
+        checkpoint_sharding,
+        group,
+        **kwargs,
     )
     if dist.is_initialized() and model_path is None and architecture != "hf_pretrained":
         broadcast_weights(model, group)

@@ -160,7 +160,11 @@ def ring_prefill_op(query, keys, values, nheads, kvheads, p_dropout, scale_facto
         else:
             for c in plan.block_calls(rank, src):
                 blk = attention_with_lse(
-                    q[:, :, c.q_lo : c.q_hi], kv[0, :, :, c.k_lo : c.k_hi], kv[1, :, :, c.k_lo : c.k_hi], scale, causal=c.causal
+                    q[:, :, c.q_lo : c.q_hi],
+                    kv[0, :, :, c.k_lo : c.k_hi],
+                    kv[1, :, :, c.k_lo : c.k_hi],
+                    scale,
+                    causal=c.causal,
                 )
                 acc.add(c.q_lo, c.q_hi, *blk)
         if step + 1 < world:

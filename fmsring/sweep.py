@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fmsring.bench import COLUMNS, ModelSpec, git_sha
+
 BENCH_MODULE = "fmsring.bench"
 STATUSES = ("ok", "oom", "error", "timeout", "skipped")
 PHASES = ("prefill", "decode")
@@ -62,19 +64,6 @@ def repo_root() -> Path:
         if (p / "pyproject.toml").exists() and (p / "fmsring").is_dir():
             return p
     return Path.cwd()
-
-
-def _git_sha() -> str:
-    from fmsring.bench import git_sha  # bench imports torch and fms: only when needed
-
-    return git_sha()
-
-
-def bench_columns() -> tuple[str, ...]:
-    """The CSV columns, as ``fmsring.bench`` writes them."""
-    from fmsring.bench import COLUMNS
-
-    return tuple(COLUMNS)
 
 
 def parse_seq_len(value: Any) -> int:
@@ -102,17 +91,10 @@ def _split_list(value: Any, kind: Any) -> list:
 
 
 @dataclass
-class SweepConfig:
-    """What to measure and how to launch it. Lists also accept "a,b,c" strings."""
+class SweepConfig(ModelSpec):
+    """What to measure (the model fields come from ModelSpec) and how to launch it.
+    Lists also accept "a,b,c" strings."""
 
-    # model: FMS architecture/variant, or a checkpoint (model_path + source, e.g. "hf")
-    architecture: str = "llama"
-    variant: str | None = "micro"
-    model_path: str | None = None
-    source: str | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra get_model kwargs, e.g. {"nlayers": 2}
-    device: str = "cpu"  # cpu (gloo) or cuda (nccl)
-    dtype: str = "float32"
     # grid
     world_sizes: list[int] = field(default_factory=lambda: [1, 2])
     strategies: list[str] = field(default_factory=lambda: ["single", "ring"])  # single runs once, at world size 1
@@ -465,7 +447,7 @@ def environment() -> dict[str, Any]:
         "ibm_fms": version("ibm-fms"),
         "transformers": version("transformers"),
         "fmsring": version("fmsring"),
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
         "gpu_count": len(gpus),
         "gpus": gpus,
         "cpu_count": os.cpu_count(),
@@ -645,7 +627,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> Path:
     except ImportError:
         from tqdm import tqdm
 
-    columns = bench_columns()
+    columns = COLUMNS
     run_dir = cfg.run_dir.resolve()
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -811,7 +793,7 @@ def _failure_row(
         "device": cfg.device,
         "repeats": cfg.repeats,
         "gpu_name": "cpu" if cfg.device == "cpu" else "",
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda or "",
         "timestamp": _now(),

@@ -39,9 +39,13 @@ def bench_ms(fn, reps: int = 10) -> float:
 def backends(q, k, v, causal, scale):
     """Each candidate returns (out [b,h,Lq,d], lse [b,h,Lq])."""
     return {
-        "cudnn": lambda: aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)[:2],
+        "cudnn": lambda: aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)[
+            :2
+        ],
         "flash": lambda: aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2],
-        "efficient": lambda: aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2],
+        "efficient": lambda: aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, causal, scale=scale
+        )[:2],
     }
 
 
@@ -70,7 +74,15 @@ def check_backends(results: dict) -> None:
 
 def time_backends(results: dict) -> None:
     """TFLOP/s per backend for ring block shapes of LLaMA-3-8B (32 q heads, d=128)."""
-    for lq, lk, causal in ((8192, 8192, True), (32768, 32768, True), (65536, 65536, True), (32768, 32768, False), (65536, 32768, False), (32768, 65536, False), (8192, 16384, False)):
+    for lq, lk, causal in (
+        (8192, 8192, True),
+        (32768, 32768, True),
+        (65536, 65536, True),
+        (32768, 32768, False),
+        (65536, 32768, False),
+        (32768, 65536, False),
+        (8192, 16384, False),
+    ):
         q = torch.randn(1, 32, lq, 128, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, 32, lk, 128, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
@@ -99,7 +111,9 @@ def time_decode(results: dict) -> None:
         ref_o, _ = math_attention_with_lse(q, k, v, 128**-0.5)
         cands = {
             "dispatch": lambda: attention_with_lse(q, k, v, 128**-0.5),
-            "cudnn": lambda: aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=128**-0.5)[:2],
+            "cudnn": lambda: aten._scaled_dot_product_cudnn_attention(
+                q, k, v, None, True, 0.0, False, False, scale=128**-0.5
+            )[:2],
             "flash": lambda: aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=128**-0.5)[:2],
         }
         bytes_moved = 2 * k.numel() * 2
@@ -142,7 +156,11 @@ def main() -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl")
-    results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cudnn": torch.backends.cudnn.version()}
+    results: dict = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+    }
     try:
         if world > 1:
             time_ring_shift(results, rank, world)

@@ -18,11 +18,22 @@ import transformers as tf
 from tests.distributed import run_ranks
 
 COMMON = dict(
-    vocab_size=96, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
 )
 ARCHS = {
-    "granite": (tf.GraniteConfig, tf.GraniteForCausalLM, dict(embedding_multiplier=3.0, logits_scaling=2.0, residual_multiplier=0.5, attention_multiplier=0.2), True),
+    "granite": (
+        tf.GraniteConfig,
+        tf.GraniteForCausalLM,
+        dict(embedding_multiplier=3.0, logits_scaling=2.0, residual_multiplier=0.5, attention_multiplier=0.2),
+        True,
+    ),
     "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(sliding_window=None), True),
     "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(head_dim=16), False),
 }
@@ -32,14 +43,26 @@ def _errors(rank, world, path, ids):
     import fmsring
 
     hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ref = fmsring.get_model("hf_pretrained", model_path=path, data_type=torch.float32, distributed_strategy="replicated")
+    ref = fmsring.get_model(
+        "hf_pretrained", model_path=path, data_type=torch.float32, distributed_strategy="replicated"
+    )
     out = {}
     with torch.no_grad():
         want_hf, want_fms = hf(ids).logits, ref(ids, use_cache=True)[0]
         for layout in ("zigzag", "contiguous"):
-            ring = fmsring.get_model("hf_pretrained", model_path=path, data_type=torch.float32, distributed_strategy="ring", ring_layout=layout)
+            ring = fmsring.get_model(
+                "hf_pretrained",
+                model_path=path,
+                data_type=torch.float32,
+                distributed_strategy="ring",
+                ring_layout=layout,
+            )
             got = ring(ids)
-            out[layout] = ((got - want_hf).abs().max().item(), (got - want_fms).abs().max().item(), type(ring.model).__name__)
+            out[layout] = (
+                (got - want_hf).abs().max().item(),
+                (got - want_fms).abs().max().item(),
+                type(ring.model).__name__,
+            )
     return out
 
 

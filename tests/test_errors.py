@@ -37,8 +37,12 @@ def _expect_errors(rank, world):
         "bad_mask": lambda: model(ids, mask=torch.zeros(1, 4, 9)),
         "bad_positions": lambda: model(ids, position_ids=torch.arange(8).unsqueeze(0)),
         "foreign_attn": lambda: model(ids, attn_name="sdpa_causal"),
-        "plain_list_cache": lambda: model(ids[:, :1], past_key_value_states=list(model(ids, use_cache=True)[1]), use_cache=True),
-        "contiguous_cache": lambda: generate(model, ids, max_new_tokens=2, use_cache=True, do_sample=False, contiguous_cache=True),
+        "plain_list_cache": lambda: model(
+            ids[:, :1], past_key_value_states=list(model(ids, use_cache=True)[1]), use_cache=True
+        ),
+        "contiguous_cache": lambda: generate(
+            model, ids, max_new_tokens=2, use_cache=True, do_sample=False, contiguous_cache=True
+        ),
     }
     got = {}
     for name, call in cases.items():

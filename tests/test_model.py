@@ -155,8 +155,13 @@ def _generate(rank, world, path, ids, pad_kw, n_new, do_sample):
         for use_cache in (False, True):  # no-cache first: its prefills alone must align the RNG
             with torch.no_grad():
                 res = generate(
-                    ring, ids, max_new_tokens=n_new, use_cache=use_cache, do_sample=do_sample,
-                    max_seq_len=10_000, extra_kwargs=dict(pad_kw) if pad_kw else None,
+                    ring,
+                    ids,
+                    max_new_tokens=n_new,
+                    use_cache=use_cache,
+                    do_sample=do_sample,
+                    max_seq_len=10_000,
+                    extra_kwargs=dict(pad_kw) if pad_kw else None,
                 )
             out[(layout, use_cache)] = res[:, ids.shape[1] :]
     return out
@@ -170,8 +175,12 @@ def reference_tokens(path, prompts, n_new):
     hf_out, fms_out = [], []
     with torch.no_grad():
         for p in prompts:
-            hf_out.append(hf.generate(p.unsqueeze(0), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)[0, len(p) :])
-            fms_out.append(generate(fms_ref, p.unsqueeze(0), max_new_tokens=n_new, use_cache=True, do_sample=False)[0, len(p) :])
+            hf_out.append(
+                hf.generate(p.unsqueeze(0), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)[0, len(p) :]
+            )
+            fms_out.append(
+                generate(fms_ref, p.unsqueeze(0), max_new_tokens=n_new, use_cache=True, do_sample=False)[0, len(p) :]
+            )
     return torch.stack(hf_out), torch.stack(fms_out)
 
 
@@ -181,7 +190,9 @@ def test_greedy_generation_matches_hf_and_fms(world, checkpoints):
 
     path = checkpoints["gqa"]
     n_new = 5 * world + 2  # wraps the round-robin cache placement five times
-    prompts = [torch.randint(0, VOCAB, (n,)) for n in (random.randrange(2 * world, 40), random.randrange(world, 2 * world + 3))]
+    prompts = [
+        torch.randint(0, VOCAB, (n,)) for n in (random.randrange(2 * world, 40), random.randrange(world, 2 * world + 3))
+    ]
     ids, kw = pad_input_ids(prompts)
     hf_tok, fms_tok = reference_tokens(path, prompts, n_new)
     assert torch.equal(hf_tok, fms_tok)
