@@ -9,10 +9,14 @@ no-cache SDPA path guesses the K/V layout from its shape and transposes
 wrongly when seq_len == kvheads (seen here: 0.6 max error vs HF at L=2).
 
 Tolerances: float32 max abs error <= 1e-4 (the issue's bound; ring reorders
-fp32 sums, measured ~2e-6). bfloat16: ring's error against the float32 HF
-logits must stay within 1.5x the unsharded FMS bfloat16 model's own error
-plus 1e-2 -- both round activations to bf16 (8-bit mantissa, ~0.4% per
-rounding) at the same places, ring only reorders fp32 accumulations.
+fp32 sums, measured ~2e-6). bfloat16: both ring and the unsharded FMS model
+round activations to bf16 (8-bit mantissa, ~0.4% per rounding) at the same
+places, ring only reorders fp32 accumulations, so ring's error against the
+float32 HF logits, as ||ring - hf|| / ||hf||, must stay within 1.5x the
+unsharded bf16 model's own (and under 3e-2). Measured over 96 fresh cases:
+the ratio was at most 1.10, both errors ~1e-2. The max abs error is not used
+here: over thousands of logits it is a noisy statistic (its ratio reached
+1.6 on those draws and 1.9 once in CI).
 """
 
 from __future__ import annotations
@@ -103,6 +107,8 @@ def _logit_errors(rank, world, ckpts, inputs, prompts, dtype):
                         ref = fms_ref(x, use_cache=True)[0].float()
                         errs[key]["ring_vs_fms"] = (got - ref).abs().max().item()
                         errs[key]["fms_vs_hf"] = (ref - want).abs().max().item()
+                        errs[key]["ring_vs_hf_rel"] = ((got - want).norm() / want.norm()).item()
+                        errs[key]["fms_vs_hf_rel"] = ((ref - want).norm() / want.norm()).item()
                 ids, kw = pad_input_ids(prompts)
                 got = ring(ids, **kw).float()
                 want = hf_padded_logits(hf, prompts)
@@ -135,9 +141,13 @@ def test_float32_logits_match_hf_and_fms(world, checkpoints):
 @pytest.mark.parametrize("world", [2, 3])
 def test_bfloat16_logits_as_close_as_unsharded_bf16(world, checkpoints):
     inputs, prompts = fresh_inputs(world)
+    checked = 0
     for e in run_ranks(world, _logit_errors, checkpoints, inputs, prompts, torch.bfloat16)[0].values():
-        if "fms_vs_hf" in e:
-            assert e["ring_vs_hf"] <= 1.5 * e["fms_vs_hf"] + 1e-2, e
+        if "fms_vs_hf_rel" in e:
+            assert e["ring_vs_hf_rel"] <= 1.5 * e["fms_vs_hf_rel"], e
+            assert e["ring_vs_hf_rel"] <= 3e-2, e
+            checked += 1
+    assert checked >= 2 * 2 * 3
 
 
 # ---------------------------------------------------------------- generation
