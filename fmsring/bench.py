@@ -713,6 +713,21 @@ def git_sha() -> str:
         return "unknown"
 
 
+def point(
+    strategy: str, world: int, seq_len: int, phase: str, *, batch: int, dtype: str, layout: str
+) -> dict[str, Any]:
+    """The columns that say which point a row measures (the sweep's failure rows use them too)."""
+    return {
+        "strategy": strategy,
+        "world_size": world,
+        "seq_len": seq_len,
+        "batch": batch,
+        "dtype": dtype,
+        "layout": layout if strategy == "ring" else "",
+        "phase": phase,
+    }
+
+
 def append_row(path: str, row: dict[str, Any]) -> None:
     """Append one row and flush it, writing the header first if the file is new or empty."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -785,13 +800,7 @@ def _record(strategy: str, seq_len: int, phase: str, result: Measured, run: _Run
     check = cfg.check and strategy != "single" and result.status == "ok"
     errors = exactness(result.output, run.refs.get((seq_len, phase))) if check else exactness(None, None)
     row = {
-        "strategy": strategy,
-        "world_size": world,
-        "seq_len": seq_len,
-        "batch": cfg.batch,
-        "dtype": cfg.dtype,
-        "layout": cfg.layout if strategy == "ring" else "",
-        "phase": phase,
+        **point(strategy, world, seq_len, phase, batch=cfg.batch, dtype=cfg.dtype, layout=cfg.layout),
         **summarize(result, phase_flops(run.shape, cfg, seq_len, phase), world),
         "peak_mem_gib": result.peak_gib,
         **errors,

@@ -323,20 +323,8 @@ def get_model(
     """
     if distributed_strategy not in STRATEGIES:
         raise ValueError(f"unknown distributed_strategy {distributed_strategy!r}; choose one of {STRATEGIES}")
-    if distributed_strategy not in ("ring", "replicated"):
-        return fms.models.get_model(
-            architecture,
-            variant,
-            model_path,
-            source,
-            device_type,
-            data_type,
-            distributed_strategy,
-            checkpoint_sharding,
-            group,
-            **kwargs,
-        )
-    if ring_layout not in LAYOUTS:
+    ours = distributed_strategy in ("ring", "replicated")
+    if ours and ring_layout not in LAYOUTS:
         raise ValueError(f"unknown ring_layout {ring_layout!r}; choose one of {LAYOUTS}")
     strategy = RingAttentionStrategy(group=group, layout=ring_layout) if distributed_strategy == "ring" else None
     # FMS treats a strategy name it does not know as replicated: every rank loads every weight.
@@ -347,11 +335,13 @@ def get_model(
         source,
         device_type,
         data_type,
-        "replicated",
+        "replicated" if ours else distributed_strategy,
         checkpoint_sharding,
         group,
         **kwargs,
     )
+    if not ours:
+        return model
     if dist.is_initialized() and model_path is None and architecture != "hf_pretrained":
         broadcast_weights(model, group)
     if strategy is None:

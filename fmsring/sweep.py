@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fmsring.bench import COLUMNS, ModelSpec, git_sha
+from fmsring.bench import COLUMNS, ModelSpec, git_sha, point
 
 BENCH_MODULE = "fmsring.bench"
 STATUSES = ("ok", "oom", "error", "timeout", "skipped")
@@ -780,13 +780,7 @@ def _failure_row(
     import torch
 
     return {
-        "strategy": strategy,
-        "world_size": world,
-        "seq_len": seq_len,
-        "batch": cfg.batch,
-        "dtype": cfg.dtype,
-        "layout": cfg.layout if strategy == "ring" else "",
-        "phase": phase,
+        **point(strategy, world, seq_len, phase, batch=cfg.batch, dtype=cfg.dtype, layout=cfg.layout),
         "status": status,
         "error": error,
         "model": cfg.model_label,
