@@ -10,6 +10,19 @@ from __future__ import annotations
 import torch
 
 
+def empty_partial(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The partial result of attending to no key: out = 0, lse = -inf (fp32), shaped like q."""
+    return (
+        torch.zeros(q.shape, dtype=torch.float32, device=q.device),
+        torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device),
+    )
+
+
+def _finite(lse: torch.Tensor) -> torch.Tensor:
+    """lse with -inf (rows that saw no key) as 0, so exp(x - it) gives 0 instead of nan."""
+    return lse.masked_fill(lse == float("-inf"), 0.0)
+
+
 def attention_with_lse(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -55,10 +68,8 @@ def cudnn_attention_with_lse(
     shapes, against ~350 for the flash backend and ~180 for mem-efficient.
     """
     b, h, lq, d = q.shape
-    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)[
-        :2
-    ]
-    return out, lse.view(b, h, lq)
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+    return res[0], res[1].view(b, h, lq)
 
 
 def math_attention_with_lse(
@@ -89,7 +100,7 @@ def math_attention_with_lse(
     if bias is not None:
         scores = scores + bias.float().view(bias.shape[0], 1, 1, lq, lk)
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1))
+    probs = torch.exp(scores - _finite(lse).unsqueeze(-1))
     out = torch.matmul(probs.view(b, kvh, g * lq, lk), v.float()).view(b, h, lq, d)
     return out, lse.view(b, h, lq)
 
@@ -101,7 +112,7 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, blk_
     the union of both key sets, whatever the order blocks arrive in.
     """
     new_lse = torch.logaddexp(lse, blk_lse)
-    ref = new_lse.masked_fill(new_lse == float("-inf"), 0.0)
+    ref = _finite(new_lse)
     out.mul_(torch.exp(lse - ref).unsqueeze(-1)).addcmul_(blk_out, torch.exp(blk_lse - ref).unsqueeze(-1))
     lse.copy_(new_lse)
 
@@ -116,7 +127,7 @@ def merge_pair(
     without one. On CUDA it runs as one fused kernel (torch.compile).
     """
     lse = torch.logaddexp(lse_a, lse_b)
-    ref = lse.masked_fill(lse == float("-inf"), 0.0)
+    ref = _finite(lse)
     out = out_a.float() * torch.exp(lse_a - ref).unsqueeze(-1) + out_b.float() * torch.exp(lse_b - ref).unsqueeze(-1)
     return out.to(out_a.dtype), lse
 
@@ -140,5 +151,5 @@ def merge_stacked(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
     stack in the same order, so all ranks get bit-identical results.
     """
     total = torch.logsumexp(lses, dim=0)
-    ref = total.masked_fill(total == float("-inf"), 0.0)
+    ref = _finite(total)
     return (outs * torch.exp(lses - ref).unsqueeze(-1)).sum(dim=0)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from fms.modules.attention import register_attention_op
 
-from fmsring.kernels import attention_with_lse, merge_into, merge_pair_auto, merge_stacked
+from fmsring.kernels import attention_with_lse, empty_partial, merge_into, merge_pair_auto, merge_stacked
 from fmsring.layout import ShardPlan
 from fmsring.strategy import RingAttentionStrategy
 
@@ -107,8 +107,7 @@ class _Partials:
         self.lse: torch.Tensor | None = None
         self.written: list[tuple[int, int]] = []
         if not pairwise:  # rows nothing reaches (masked) must read as "no contribution"
-            self.out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-            self.lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+            self.out, self.lse = empty_partial(q)
 
     def add(self, lo: int, hi: int, blk_out: torch.Tensor, blk_lse: torch.Tensor) -> None:
         fresh = all(hi <= a or lo >= b for a, b in self.written)
@@ -187,8 +186,7 @@ def ring_decode_op(query, keys, values, nheads, kvheads, p_dropout, scale_factor
     if keys.shape[2]:
         out, lse = attention_with_lse(q, keys, values, _scale(query, scale_factor), bias=ring.decode_bias)
     else:
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+        out, lse = empty_partial(q)
     if strategy.world_size > 1:
         packed = torch.cat([out, lse.unsqueeze(-1)], dim=-1)
         stacked = packed.new_empty((strategy.world_size * packed.shape[0], *packed.shape[1:]))
