@@ -103,6 +103,7 @@ class BenchConfig(ModelSpec):
     repeats: int = 3
     warmup: int = 1
     decode_tokens: int = 32
+    ring_kwargs: dict[str, Any] = field(default_factory=dict)  # extra fmsring.get_model kwargs for ring only
     out: str | None = None
     check: bool = True
     timeout_s: float = 1800.0
@@ -168,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed runs per config")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed runs per config")
     p.add_argument("--decode-tokens", type=int, default=d.decode_tokens, help="greedy steps timed per decode run")
+    p.add_argument(
+        "--ring-kwargs",
+        type=_json_dict,
+        default={},
+        help='JSON object of ring-only get_model options, e.g. \'{"ring_cuda_graphs": false}\'',
+    )
     p.add_argument("--out", default=d.out, help="CSV to append rows to (rank 0 writes)")
     p.add_argument(
         "--check", action=argparse.BooleanOptionalAction, default=d.check, help="compare logits with `single`"
@@ -259,7 +266,11 @@ def load_model(strategy: str, cfg: BenchConfig, env: DistEnv) -> nn.Module:
     torch.manual_seed(cfg.seed)
     if strategy == "ring":
         model = fmsring.get_model(
-            **_model_args(cfg), distributed_strategy="ring", ring_layout=cfg.layout, ring_check_inputs=False
+            **_model_args(cfg),
+            distributed_strategy="ring",
+            ring_layout=cfg.layout,
+            ring_check_inputs=False,
+            **cfg.ring_kwargs,
         )
     elif strategy == "tp":
         model = fms.models.get_model(**_model_args(cfg), distributed_strategy="tp")
@@ -679,6 +690,8 @@ def environment(cfg: BenchConfig, env: DistEnv) -> dict[str, Any]:
     )
     if cfg.model_path:
         model += f" @{cfg.model_path}"
+    if cfg.ring_kwargs:  # a ring variant: say which, so its rows are not mistaken for the default's
+        model += f" ring{json.dumps(cfg.ring_kwargs, sort_keys=True)}"
     return {
         "model": model,
         "device": env.device.type,

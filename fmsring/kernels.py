@@ -58,6 +58,45 @@ def flash_attention_with_lse(
     return out, lse.view(b, h, lq)
 
 
+def decode_attention_with_lse(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lens: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of a few query rows over the first ``kv_lens[i]`` slots of a
+    preallocated cache, returning (out [b, h, Lq, d], lse fp32 [b, h, Lq]).
+
+    q: [b, h, Lq, d]; caches: [b, capacity, kvh, d]; kv_lens: int32 [b] on the
+    device. Shapes never depend on how full the cache is, so a decode step
+    built on this can be captured once as a CUDA graph and replayed. On CUDA
+    with half-precision inputs it is flash attention's varlen kernel with
+    ``seqused_k`` (reads only the used slots, GQA-native); otherwise fp32
+    math with the unused slots masked.
+    """
+    b, h, lq, d = q.shape
+    cap, kvh = k_cache.shape[1], k_cache.shape[2]
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and d <= 256:
+        step = torch.arange(b + 1, device=q.device, dtype=torch.int32)
+        out, lse = torch.ops.aten._flash_attention_forward(
+            q.transpose(1, 2).reshape(b * lq, h, d),
+            k_cache.view(b * cap, kvh, d),
+            v_cache.view(b * cap, kvh, d),
+            step * lq,
+            step * cap,
+            lq,
+            cap,
+            0.0,
+            False,
+            False,
+            scale=scale,
+            seqused_k=kv_lens,
+        )[:2]
+        # lse is [h, b*Lq] (unpadded) or [b, h, Lq] depending on the build; +inf marks a row with no key
+        lse = lse.view(h, b, lq).transpose(0, 1) if lse.dim() == 2 else lse.view(b, h, lq)
+        return out.view(b, lq, h, d).transpose(1, 2), lse.masked_fill(lse == float("inf"), float("-inf"))
+    unused = torch.arange(cap, device=q.device).unsqueeze(0) >= kv_lens.unsqueeze(1)
+    bias = torch.zeros(b, 1, cap, device=q.device).masked_fill_(unused.unsqueeze(1), float("-inf"))
+    return math_attention_with_lse(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), scale, bias=bias)
+
+
 def cudnn_attention_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:

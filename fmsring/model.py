@@ -19,8 +19,9 @@ from fms.modules.positions import RotaryEmbedding
 from torch import nn
 
 from fmsring import ring_attention
-from fmsring.cache import RingCache, RingCacheState
+from fmsring.cache import RingCache, RingCacheState, new_cache_id
 from fmsring.comm import all_gather_padded, broadcast_weights, check_same_on_all_ranks, sync_rng
+from fmsring.decode_graph import DecodeGraphs, StepInputs
 from fmsring.layout import LAYOUTS, ShardPlan
 from fmsring.ring_attention import RingContext
 from fmsring.strategy import RingAttentionStrategy
@@ -84,6 +85,7 @@ class LlamaRing(nn.Module):
         check_inputs: bool = True,
         cache_headroom: int = 256,
         ffn_chunk: int = 8192,
+        cuda_graphs: bool = True,
     ):
         super().__init__()
         attns = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
@@ -97,6 +99,8 @@ class LlamaRing(nn.Module):
         self.strategy = strategy
         self.check_inputs = check_inputs
         self.cache_headroom = cache_headroom
+        self.cuda_graphs = cuda_graphs
+        self._graphs = DecodeGraphs()
         self._rotaries = list({id(m.position_encoder): m.position_encoder for m in attns}.values())
         if ffn_chunk > 0:
             chunk_feedforward(model, ffn_chunk)
@@ -179,7 +183,7 @@ class LlamaRing(nn.Module):
             strategy=st,
             plan=plan,
             bias_blocks=self._bias_blocks(mask, plan, local) if mask is not None else None,
-            capacity=plan.local_len(st.rank) + self.cache_headroom,
+            capacity=max(plan.local_lens) + self.cache_headroom,
         )
         out = self.model(
             x.index_select(1, local),
@@ -195,7 +199,11 @@ class LlamaRing(nn.Module):
         if not use_cache:
             return logits
         state = RingCacheState(
-            seq_len=seq_len, fills=tuple(plan.local_lens), slot_index=plan.index_tensor(st.rank), capacity=ctx.capacity
+            seq_len=seq_len,
+            fills=tuple(plan.local_lens),
+            slot_index=plan.index_tensor(st.rank),
+            capacity=ctx.capacity,
+            cache_id=new_cache_id(),
         )
         return logits, RingCache(layers, state)
 
@@ -222,30 +230,58 @@ class LlamaRing(nn.Module):
         n = x.shape[1]
         owners = state.place(n)
         new_state = state.advanced(st.rank, owners, self.cache_headroom)
+        if new_state.capacity != state.capacity:
+            cache.grow(state.fills[st.rank], new_state.capacity)
         query_index = torch.arange(state.seq_len, state.seq_len + n, device=x.device)
         positions = position_ids if position_ids is not None else query_index.expand(x.shape[0], -1)
         max_pos = state.seq_len + n - 1 if position_ids is None else int(position_ids.max())
         self._fit_rope(max_pos, x.device)
+        if n == 1 and mask is None:
+            fill = state.fills[st.rank]
+            inputs = StepInputs(
+                ids=x,
+                positions=positions,
+                write_slot=torch.full((1,), fill, device=x.device),
+                kv_lens=torch.full((x.shape[0],), new_state.fills[st.rank], dtype=torch.int32, device=x.device),
+            )
+            layers = list(cache)
+
+            def step(inp: StepInputs) -> torch.Tensor:
+                ctx = RingContext(strategy=st, decoding=True, write_slot=inp.write_slot, kv_lens=inp.kv_lens)
+                return self.model(
+                    inp.ids,
+                    position_ids=inp.positions,
+                    past_key_value_states=layers,
+                    use_cache=True,
+                    last_n_tokens=last_n_tokens,
+                    attn_name=ring_attention.ATTN_NAME,
+                    ring=ctx,
+                    **attn_kwargs,
+                )[0]
+
+            if self.cuda_graphs and x.is_cuda and not attn_kwargs:
+                key = (x.shape[0], last_n_tokens, new_state.cache_id, new_state.capacity, self._rope_tables(x.device))
+                logits = self._graphs.run(key, inputs, step)
+            else:
+                logits = step(inputs)
+            return logits, RingCache(cache, new_state)
         if mask is not None:
             if mask.shape[-1] != new_state.seq_len:
                 raise ValueError(
                     f"decode mask covers {mask.shape[-1]} keys; the cache plus new tokens hold {new_state.seq_len}"
                 )
             bias = _query_rows(mask, n).index_select(2, new_state.slot_index.to(mask.device))
-        elif n > 1:
+        else:
             visible = new_state.slot_index.to(x.device).unsqueeze(0) <= query_index.unsqueeze(1)
             bias = _additive(visible.unsqueeze(0))
-        else:
-            bias = None
         ctx = RingContext(
             strategy=st,
             decoding=True,
             fill=state.fills[st.rank],
-            capacity=new_state.capacity,
             new_slots=RingCacheState.owned(owners, st.rank),
             decode_bias=bias,
         )
-        logits, layers = self.model(
+        logits, _ = self.model(
             x,
             position_ids=positions,
             past_key_value_states=list(cache),
@@ -255,7 +291,11 @@ class LlamaRing(nn.Module):
             ring=ctx,
             **attn_kwargs,
         )
-        return logits, RingCache(layers, new_state)
+        return logits, RingCache(cache, new_state)
+
+    def _rope_tables(self, device: torch.device) -> tuple[int, ...]:
+        """The RoPE table sizes: a captured step reads the tables, which move when regrown."""
+        return tuple(rot.max_seq_len_cached.get(device.index, 0) for rot in self._rotaries)
 
     def _gather_logits(self, mine: torch.Tensor, plan: ShardPlan, counts: list[int]) -> torch.Tensor:
         """Every rank's selected logits, in global token order, on every rank."""
@@ -311,6 +351,7 @@ def get_model(
     ring_check_inputs: bool = True,
     ring_cache_headroom: int = 256,
     ring_ffn_chunk: int = 8192,
+    ring_cuda_graphs: bool = True,
     **kwargs: Any,
 ) -> nn.Module:
     """``fms.models.get_model`` that also accepts ``distributed_strategy="ring"``.
@@ -347,5 +388,10 @@ def get_model(
     if strategy is None:
         return model
     return LlamaRing(
-        model, strategy, check_inputs=ring_check_inputs, cache_headroom=ring_cache_headroom, ffn_chunk=ring_ffn_chunk
+        model,
+        strategy,
+        check_inputs=ring_check_inputs,
+        cache_headroom=ring_cache_headroom,
+        ffn_chunk=ring_ffn_chunk,
+        cuda_graphs=ring_cuda_graphs,
     )

@@ -15,7 +15,15 @@ import torch
 import torch.distributed as dist
 from fms.modules.attention import register_attention_op
 
-from fmsring.kernels import attention_with_lse, empty_partial, merge_into, merge_pair_auto, merge_stacked
+from fmsring.cache import allocate_layer
+from fmsring.kernels import (
+    attention_with_lse,
+    decode_attention_with_lse,
+    empty_partial,
+    merge_into,
+    merge_pair_auto,
+    merge_stacked,
+)
 from fmsring.layout import ShardPlan
 from fmsring.strategy import RingAttentionStrategy
 
@@ -30,9 +38,10 @@ class RingContext:
 
     ``bias_blocks[src]`` (prefill with a user mask) is the additive mask of this
     rank's queries against src's keys, or None where that block is fully masked.
-    With a cache, ``fill`` slots per layer are valid before this pass and the
-    buffers must hold ``capacity``; a decode step stores the new tokens listed
-    at ``new_slots`` (the step's tokens it owns) here, and masks the local
+    Prefill with a cache allocates buffers of ``capacity`` slots. A decode step
+    either has device-side ``write_slot`` and ``kv_lens`` (one token, no mask:
+    the static-shape step, which a CUDA graph can replay), or stores the step's
+    tokens it owns (``new_slots``) after the ``fill`` valid slots and masks the
     shard with ``decode_bias``.
     """
 
@@ -44,6 +53,8 @@ class RingContext:
     capacity: int = 0
     new_slots: slice | list[int] = field(default_factory=lambda: slice(0, 0))
     decode_bias: torch.Tensor | None = None
+    write_slot: torch.Tensor | None = None
+    kv_lens: torch.Tensor | None = None
     _buffers: list[torch.Tensor] = field(default_factory=list)
 
     def recv_buffer(self, step: int, like: torch.Tensor, src: int) -> torch.Tensor:
@@ -61,34 +72,27 @@ def _scale(query: torch.Tensor, scale_factor: float | None) -> float:
     return scale_factor if scale_factor is not None else query.shape[-1] ** -0.5
 
 
-def _with_capacity(cache: torch.Tensor | None, fill: int, capacity: int, like: torch.Tensor) -> torch.Tensor:
-    """A [b, kvh, capacity, d] buffer holding cache's first ``fill`` slots."""
-    b, _, kvh, d = like.shape
-    buf = like.new_empty(b, kvh, capacity, d)
-    if cache is not None and fill:
-        buf[:, :, :fill].copy_(cache[:, :, :fill])
-    return buf
-
-
 def ring_store_op(keys, values, key_cache, value_cache, ring: RingContext, **_):
-    """Keep this rank's K/V in preallocated [b, kvh, capacity, d] buffers.
+    """Keep this rank's K/V in preallocated [b, capacity, kvh, d] buffers.
 
-    Prefill stores all local tokens and computes on the fresh keys; decode
-    writes only the new tokens this rank owns, in place, and computes on the
-    filled slots. Buffers are reallocated only when a shard outgrows them.
+    Prefill allocates them and stores all local tokens, computing on the
+    fresh keys. The static decode step writes its one token at ``write_slot``
+    on every rank (the owner's next slot; elsewhere a free slot no length
+    covers) and computes on the whole buffers; the masked decode step stores
+    only the tokens this rank owns and computes on the filled slots.
     """
-    if key_cache is None or key_cache.numel() == 0 or key_cache.shape[2] < ring.capacity:
-        key_cache = _with_capacity(key_cache, ring.fill, ring.capacity, keys)
-        value_cache = _with_capacity(value_cache, ring.fill, ring.capacity, values)
-    k_new, v_new = keys, values
-    if ring.decoding:
-        k_new, v_new = keys[:, ring.new_slots], values[:, ring.new_slots]
-    end = ring.fill + k_new.shape[1]
-    key_cache[:, :, ring.fill : end].copy_(k_new.transpose(1, 2))
-    value_cache[:, :, ring.fill : end].copy_(v_new.transpose(1, 2))
     if not ring.decoding:
+        key_cache, value_cache = allocate_layer(keys, ring.capacity), allocate_layer(values, ring.capacity)
         return keys, values, key_cache, value_cache
-    return key_cache[:, :, :end], value_cache[:, :, :end], key_cache, value_cache
+    if ring.write_slot is not None:
+        key_cache.index_copy_(1, ring.write_slot, keys)
+        value_cache.index_copy_(1, ring.write_slot, values)
+        return key_cache, value_cache, key_cache, value_cache
+    k_new, v_new = keys[:, ring.new_slots], values[:, ring.new_slots]
+    end = ring.fill + k_new.shape[1]
+    key_cache[:, ring.fill : end].copy_(k_new)
+    value_cache[:, ring.fill : end].copy_(v_new)
+    return key_cache[:, :end], value_cache[:, :end], key_cache, value_cache
 
 
 class _Partials:
@@ -174,21 +178,31 @@ def ring_prefill_op(query, keys, values, nheads, kvheads, p_dropout, scale_facto
 
 
 def _to_query_layout(out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """[b, h, L, d] (any float dtype) -> [b, L, h, d] in the query's dtype, in one copy."""
-    return torch.empty_like(query).copy_(out.transpose(1, 2))
+    """[b, h, L, d] (any float dtype) -> [b, L, h, d] contiguous in the query's dtype.
+
+    cuDNN writes its output in the query's memory layout, which already is
+    [b, L, h, d]: then this is a view, not a copy of the whole output.
+    """
+    view = out.transpose(1, 2)
+    if view.dtype == query.dtype and view.is_contiguous():
+        return view
+    return torch.empty_like(query).copy_(view)
 
 
 def ring_decode_op(query, keys, values, nheads, kvheads, p_dropout, scale_factor, ring: RingContext, **_):
     """Attend over this rank's cache shard and merge all shards; query [b, n, h, d],
-    K/V [b, kvh, fill, d]. One all-gather per layer, no host sync."""
+    K/V [b, slots, kvh, d]. One all-gather per layer, no host sync."""
     strategy = ring.strategy
     q = query.transpose(1, 2)
-    if keys.shape[2]:
-        out, lse = attention_with_lse(q, keys, values, _scale(query, scale_factor), bias=ring.decode_bias)
+    scale = _scale(query, scale_factor)
+    if ring.kv_lens is not None:
+        out, lse = decode_attention_with_lse(q, keys, values, ring.kv_lens, scale)
+    elif keys.shape[1]:
+        out, lse = attention_with_lse(q, keys.transpose(1, 2), values.transpose(1, 2), scale, bias=ring.decode_bias)
     else:
         out, lse = empty_partial(q)
     if strategy.world_size > 1:
-        packed = torch.cat([out, lse.unsqueeze(-1)], dim=-1)
+        packed = torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1)
         stacked = packed.new_empty((strategy.world_size * packed.shape[0], *packed.shape[1:]))
         _all_gather_single(stacked, packed, group=strategy.group)
         stacked = stacked.view(strategy.world_size, *packed.shape)

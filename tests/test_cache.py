@@ -4,13 +4,15 @@ import random
 
 import torch
 
-from fmsring.cache import RingCacheState
+from fmsring.cache import RingCache, RingCacheState
 
 
 def test_placement_keeps_shards_within_one_token_and_tracks_indices():
     W = random.randint(2, 6)
     fills = tuple(random.randint(3, 6) for _ in range(W))
-    state = RingCacheState(seq_len=sum(fills), fills=fills, slot_index=torch.arange(fills[0]), capacity=fills[0])
+    state = RingCacheState(
+        seq_len=sum(fills), fills=fills, slot_index=torch.arange(fills[0]), capacity=max(fills) + 1, cache_id=0
+    )
     for _ in range(30):
         n = random.choice([1, 1, 1, 2, 5])
         owners = state.place(n)
@@ -23,3 +25,31 @@ def test_placement_keeps_shards_within_one_token_and_tracks_indices():
         assert state.slot_index.tolist()[before.fills[0] :] == [before.seq_len + i for i in picked]
         assert state.capacity >= state.fills[0]
     assert max(state.fills) - min(state.fills) <= 1
+
+
+def test_capacity_is_the_same_on_every_rank_and_grows_together():
+    W, headroom = 3, 2
+    states = [
+        RingCacheState(seq_len=7, fills=(3, 2, 2), slot_index=torch.arange(3), capacity=4, cache_id=0)
+        for _ in range(W)
+    ]
+    for _ in range(12):
+        owners = states[0].place(1)
+        nxt = [s.advanced(r, owners, headroom) for r, s in enumerate(states)]
+        assert len({s.capacity for s in nxt}) == 1
+        # one free slot past every old fill: a one-token step writes on every rank
+        assert nxt[0].capacity >= max(max(nxt[0].fills), max(states[0].fills) + 1)
+        states = nxt
+
+
+def test_grow_keeps_the_filled_slots_and_zeros_the_rest():
+    fill, cap = 5, 7
+    layers = [tuple(torch.randn(2, cap, 3, 4) for _ in range(2)) for _ in range(3)]
+    before = [tuple(t.clone() for t in layer) for layer in layers]
+    state = RingCacheState(seq_len=fill, fills=(fill,), slot_index=torch.arange(fill), capacity=cap, cache_id=0)
+    cache = RingCache(layers, state)
+    cache.grow(fill, 11)
+    for old, new in zip(before, cache):
+        for o, n in zip(old, new):
+            assert n.shape == (2, 11, 3, 4)
+            assert torch.equal(n[:, :fill], o[:, :fill]) and torch.all(n[:, fill:] == 0)

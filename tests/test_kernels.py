@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from fmsring.kernels import attention_with_lse, merge_into, merge_pair, merge_stacked
+from fmsring.kernels import attention_with_lse, decode_attention_with_lse, merge_into, merge_pair, merge_stacked
 
 
 def reference(q, k, v, scale, bias):
@@ -85,3 +85,24 @@ def test_merge_pair_rounds_once(dtype):
     tol = 1e-5 if dtype == torch.float32 else 2**-7
     assert ((out.double() - ref).abs() <= tol * ref.abs().clamp_min(1.0)).all()
     assert (lse - torch.logaddexp(a[1], b[1])).abs().max() == 0
+
+
+@pytest.mark.parametrize("h,kvh", [(4, 4), (8, 2)])
+def test_decode_over_a_preallocated_cache_reads_only_the_used_slots(h, kvh):
+    b, d, cap = 3, 16, random.randint(8, 40)
+    lens = torch.tensor([random.randint(1, cap), 0, cap], dtype=torch.int32)
+    q = torch.randn(b, h, 1, d)
+    k_cache, v_cache = torch.randn(b, cap, kvh, d) * 2, torch.randn(b, cap, kvh, d)
+    scale = d**-0.5
+    out, lse = decode_attention_with_lse(q, k_cache, v_cache, lens, scale)
+    for i, n in enumerate(lens.tolist()):
+        if n == 0:  # a shard with nothing yet contributes nothing to the merge
+            assert torch.all(out[i] == 0) and torch.all(lse[i] == float("-inf"))
+            continue
+        k, v = k_cache[i : i + 1, :n].transpose(1, 2), v_cache[i : i + 1, :n].transpose(1, 2)
+        ref = reference(q[i : i + 1], k, v, scale, torch.zeros(1, 1, n))
+        assert (out[i : i + 1].double() - ref).abs().max() < 1e-5  # fp32 softmax over <= 40 keys: ~1e-7
+        # what lies beyond the used slots must not matter
+        k_cache[i, n:], v_cache[i, n:] = 1e4, -1e4
+    again = decode_attention_with_lse(q, k_cache, v_cache, lens, scale)
+    torch.testing.assert_close(again[0], out)

@@ -1,0 +1,77 @@
+"""A one-token decode step captured as a CUDA graph and replayed.
+
+A decode step at long context moves little data (~8 ms of HBM traffic for
+LLaMA-3-8B at 128K on 2 GPUs) but launches hundreds of small kernels from
+Python; replaying them as one graph removes the launch cost. The step must
+have static shapes -- the ring's static decode path (preallocated cache,
+device-side write slot and lengths) does -- and the same step must be
+captured on every rank at the same time, since it contains a collective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import astuple, dataclass
+
+import torch
+
+
+@dataclass
+class StepInputs:
+    """Everything a static decode step reads that changes between steps."""
+
+    ids: torch.Tensor  # [b, 1] token ids
+    positions: torch.Tensor  # [b, 1] global positions
+    write_slot: torch.Tensor  # [1] int64: this rank's slot for the new K/V
+    kv_lens: torch.Tensor  # [b] int32: this rank's valid slots after the write
+
+    def copy_(self, other: StepInputs) -> None:
+        for dst, src in zip(astuple(self), astuple(other)):
+            dst.copy_(src, non_blocking=True)
+
+
+class CapturedStep:
+    """One captured step, valid while its ``key`` holds (the batch size, the
+    cache buffers' id and the RoPE tables: the addresses baked into the graph).
+
+    Capturing needs a run of the step first (lazy kernel and workspace set-up
+    must not happen inside the capture); that run is the step itself -- it
+    writes the new K/V and returns its logits -- so a capture costs no extra
+    step. The step is idempotent for given inputs, which makes this safe.
+    """
+
+    def __init__(self, key: Hashable, inputs: StepInputs, step: Callable[[StepInputs], torch.Tensor]):
+        self.key = key
+        self.inputs = StepInputs(*(t.clone() for t in astuple(inputs)))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.first = step(self.inputs).clone()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = step(self.inputs)
+
+    def replay(self, inputs: StepInputs) -> torch.Tensor:
+        """The step's output for new inputs (a fresh tensor: the graph's own is reused)."""
+        self.inputs.copy_(inputs)
+        self.graph.replay()
+        return self.output.clone()
+
+
+class DecodeGraphs:
+    """Holds the current captured step, recapturing when its key changes.
+
+    One graph at a time: a new cache or a grown one has new addresses, and the
+    old graph's memory pool is released with it.
+    """
+
+    def __init__(self) -> None:
+        self.current: CapturedStep | None = None
+
+    def run(self, key: Hashable, inputs: StepInputs, step: Callable[[StepInputs], torch.Tensor]) -> torch.Tensor:
+        if self.current is not None and self.current.key == key:
+            return self.current.replay(inputs)
+        self.current = None  # release the old graph's pool before capturing
+        self.current = CapturedStep(key, inputs, step)
+        return self.current.first
