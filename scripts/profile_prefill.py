@@ -1,0 +1,80 @@
+"""Where a long prefill's GPU time goes: kernel time by kind, for ring and one GPU.
+
+Run: torchrun --nproc_per_node=2 scripts/profile_prefill.py OUT_DIR [SEQ_LEN]
+One warm-up and one profiled forward (LLaMA-3-8B shapes, random weights,
+bf16, ``last_n_tokens=1``) of ``ring`` on all ranks, then of the plain FMS
+model on rank 0. Writes profile.json: the forward's wall time (CUDA events)
+and its kernel time summed by kind; ``wall - compute kernels`` is the time
+the compute stream had no kernel running (launch gaps and communication not
+hidden behind compute).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import fms.models
+import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
+
+import fmsring
+from fmsring.comm import maybe_init_dist
+
+KINDS = (  # first match wins; matched against lower-cased kernel names
+    ("communication", ("nccl",)),
+    ("attention", ("cudnn", "fmha", "flash", "attention", "sdpa")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
+)
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "elementwise and other")
+
+
+def profiled_forward(model, ids) -> dict:
+    with torch.no_grad():
+        model(ids, last_n_tokens=1)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            start.record()
+            model(ids, last_n_tokens=1)
+            end.record()
+            torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for evt in prof.key_averages():
+        ms = getattr(evt, "device_time_total", getattr(evt, "cuda_time_total", 0.0)) / 1e3
+        if ms > 0 and str(evt.device_type).endswith("CUDA"):
+            totals[kind_of(evt.key)] = totals.get(kind_of(evt.key), 0.0) + ms
+    compute = sum(v for k, v in totals.items() if k != "communication")
+    wall = start.elapsed_time(end)
+    return {"wall_ms": wall, "kernel_ms": totals, "compute_kernels_ms": compute, "gap_ms": wall - compute}
+
+
+def main() -> None:
+    out_dir, seq_len = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 131072
+    rank, world = maybe_init_dist()
+    args = dict(architecture="llama", variant="3-8b", device_type="cuda", data_type="bfloat16")
+    args["max_expected_seq_len"] = seq_len
+    ids = torch.randint(0, 32000, (1, seq_len), device="cuda")
+    result = {"gpu": torch.cuda.get_device_name(), "world_size": world, "seq_len": seq_len}
+    torch.manual_seed(0)
+    ring = fmsring.get_model(**args, distributed_strategy="ring", ring_check_inputs=False).eval()
+    result["ring"] = profiled_forward(ring, ids)
+    del ring
+    torch.cuda.empty_cache()
+    if rank == 0:
+        single = fms.models.get_model(**args, distributed_strategy="none").eval()
+        result["single"] = profiled_forward(single, ids)
+        with open(os.path.join(out_dir, "profile.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        print(json.dumps(result, indent=1))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
