@@ -3,10 +3,11 @@
 Run: torchrun --nproc_per_node=2 scripts/profile_prefill.py OUT_DIR [SEQ_LEN]
 One warm-up and one profiled forward (LLaMA-3-8B shapes, random weights,
 bf16, ``last_n_tokens=1``) of ``ring`` on all ranks, then of the plain FMS
-model on rank 0. Writes profile.json: the forward's wall time (CUDA events)
-and its kernel time summed by kind; ``wall - compute kernels`` is the time
-the compute stream had no kernel running (launch gaps and communication not
-hidden behind compute).
+model on rank 0. Writes profile_rank<r>.json: the forward's wall time (CUDA
+events) and its kernel time summed by kind; ``wall - compute kernels`` is
+the time the compute stream had no kernel running (launch gaps, waiting for
+a transfer or for the other rank). The largest of those idle spans are
+listed by the kernels around them, to say what the stream was waiting for.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
+from collections import defaultdict
 
 import fms.models
 import torch
@@ -35,6 +38,28 @@ def kind_of(name: str) -> str:
     return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "elementwise and other")
 
 
+def idle_spans(trace_path: str, top: int = 8) -> dict:
+    """Idle time on the compute stream (the one with the most non-NCCL kernel time),
+    summed by (kernel before, kernel after)."""
+    with open(trace_path) as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel" and e.get("ph") == "X"]
+    busy: dict[int, float] = defaultdict(float)
+    for e in events:
+        if kind_of(e["name"]) != "communication":
+            busy[e["args"]["stream"]] += e["dur"]
+    stream = max(busy, key=busy.get)
+    kernels = sorted((e for e in events if e["args"]["stream"] == stream), key=lambda e: e["ts"])
+    spans: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for prev, nxt in zip(kernels, kernels[1:]):
+        idle = nxt["ts"] - (prev["ts"] + prev["dur"])
+        if idle > 20:  # us
+            key = f"{prev['name'][:50]} -> {nxt['name'][:50]}"
+            spans[key][0] += idle / 1e3
+            spans[key][1] += 1
+    ranked = sorted(spans.items(), key=lambda kv: -kv[1][0])[:top]
+    return {k: {"ms": round(v[0], 2), "count": v[1]} for k, v in ranked}
+
+
 def profiled_forward(model, ids) -> dict:
     with torch.no_grad():
         model(ids, last_n_tokens=1)
@@ -52,7 +77,16 @@ def profiled_forward(model, ids) -> dict:
             totals[kind_of(evt.key)] = totals.get(kind_of(evt.key), 0.0) + ms
     compute = sum(v for k, v in totals.items() if k != "communication")
     wall = start.elapsed_time(end)
-    return {"wall_ms": wall, "kernel_ms": totals, "compute_kernels_ms": compute, "gap_ms": wall - compute}
+    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
+        prof.export_chrome_trace(trace.name)
+        idle = idle_spans(trace.name)
+    return {
+        "wall_ms": wall,
+        "kernel_ms": totals,
+        "compute_kernels_ms": compute,
+        "gap_ms": wall - compute,
+        "largest_idle_spans": idle,
+    }
 
 
 def main() -> None:
@@ -70,9 +104,9 @@ def main() -> None:
     if rank == 0:
         single = fms.models.get_model(**args, distributed_strategy="none").eval()
         result["single"] = profiled_forward(single, ids)
-        with open(os.path.join(out_dir, "profile.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        print(json.dumps(result, indent=1))
+    with open(os.path.join(out_dir, f"profile_rank{rank}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result, indent=1))
     dist.barrier()
 
 
