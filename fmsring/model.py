@@ -84,7 +84,7 @@ class LlamaRing(nn.Module):
         strategy: RingAttentionStrategy,
         check_inputs: bool = True,
         cache_headroom: int = 256,
-        ffn_chunk: int = 8192,
+        ffn_chunk: int = 16384,
         cuda_graphs: bool = True,
     ):
         super().__init__()
@@ -350,7 +350,7 @@ def get_model(
     ring_layout: str = "zigzag",
     ring_check_inputs: bool = True,
     ring_cache_headroom: int = 256,
-    ring_ffn_chunk: int = 8192,
+    ring_ffn_chunk: int = 16384,
     ring_cuda_graphs: bool = True,
     **kwargs: Any,
 ) -> nn.Module:
