@@ -34,34 +34,15 @@ def group_device(group: dist.ProcessGroup | None) -> torch.device:
     return torch.device("cpu")
 
 
-def high_priority_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
-    """The same ranks on NCCL high-priority streams (``group`` itself for other backends).
-
-    While a K/V block is in flight, attention kernels fill every SM; on a
-    normal-priority stream the transfer's kernel waits for SMs to free up and
-    the next block waits for it. Measured at 128K tokens on 2x H200: -55 ms
-    per forward (runs/2026-11-25_h200x2_llama3-8b_d). Only the group's own
-    ranks need to call this.
-    """
-    if dist.get_backend(group) != "nccl":
-        return group
-    options = dist.ProcessGroupNCCL.Options()
-    options.is_high_priority_stream = True
-    ranks = dist.get_process_group_ranks(group)
-    return dist.new_group(ranks, backend="nccl", pg_options=options, use_local_synchronization=True)
-
-
 class RingComm:
-    """Send to the next rank and receive from the previous one, one batched P2P per step,
-    on a high-priority NCCL group of the same ranks."""
+    """Send to the next rank and receive from the previous one, one batched P2P per step."""
 
     def __init__(self, group: dist.ProcessGroup | None = None):
-        base = group if group is not None else dist.group.WORLD
-        self.rank = dist.get_rank(base)
-        self.world_size = dist.get_world_size(base)
-        self.send_rank = dist.get_global_rank(base, (self.rank + 1) % self.world_size)
-        self.recv_rank = dist.get_global_rank(base, (self.rank - 1) % self.world_size)
-        self.group = high_priority_group(base)
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        self.send_rank = dist.get_global_rank(self.group, (self.rank + 1) % self.world_size)
+        self.recv_rank = dist.get_global_rank(self.group, (self.rank - 1) % self.world_size)
         self._reqs: list[dist.Work] = []
 
     def send_recv(self, to_send: torch.Tensor, recv_into: torch.Tensor) -> None:
