@@ -1,7 +1,7 @@
 """Measure the floors and the per-block attention kernels on this machine.
 
 Run: torchrun --nproc_per_node=2 scripts/gpu_probe.py OUT_DIR [SECTION ...]
-(sections: shift backends matmul decode; all by default).
+(sections: shift backends matmul; all by default). Decode kernels: scripts/decode_kernels.py.
 Rank 0 probes kernels (which SDPA backends return the log-sum-exp, accept
 GQA without expansion, and how fast each is per block shape); both ranks
 time the NCCL ring shift. Writes probe.json; prints a short table.
@@ -99,38 +99,6 @@ def time_backends(results: dict) -> None:
         torch.cuda.empty_cache()
 
 
-def time_decode(results: dict) -> None:
-    """One decode query against a cache shard in a preallocated [b, capacity, kvh, d]
-    buffer: the exact-length slice (what the masked decode path reads) against the
-    static-shape varlen call with the length on the device (what a captured step runs)."""
-    from fmsring.kernels import attention_with_lse, decode_attention_with_lse
-
-    results["flash_forward_schema"] = str(aten._flash_attention_forward.default._schema)
-    for fill in (16384, 65536, 131072):
-        kbuf = torch.randn(1, fill + 256, 8, 128, device="cuda", dtype=torch.bfloat16)
-        vbuf = torch.randn_like(kbuf)
-        k, v = kbuf[:, :fill].transpose(1, 2), vbuf[:, :fill].transpose(1, 2)
-        lens = torch.full((1,), fill, dtype=torch.int32, device="cuda")
-        q = torch.randn(1, 1, 32, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-        ref_o, ref_l = math_attention_with_lse(q, k, v, 128**-0.5)
-        cands = {
-            "slice": lambda: attention_with_lse(q, k, v, 128**-0.5),
-            "varlen": lambda: decode_attention_with_lse(q, kbuf, vbuf, lens, 128**-0.5),
-        }
-        bytes_moved = 2 * k.numel() * 2
-        for name, fn in cands.items():
-            key = f"decode_{name}_fill{fill}"
-            try:
-                o, lse = fn()
-                ms = bench_ms(fn, reps=50)
-                rel = ((o.float() - ref_o).norm() / ref_o.norm()).item()
-                lse_err = (lse - ref_l).abs().max().item()
-                results[key] = {"ms": ms, "GBps": bytes_moved / ms / 1e6, "out_rel": rel, "lse_abs": lse_err}
-            except Exception as e:  # noqa: BLE001
-                results[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        del kbuf, vbuf, k, v
-
-
 def time_matmul(results: dict) -> None:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn_like(a)
@@ -156,7 +124,7 @@ def time_ring_shift(results: dict, rank: int, world: int) -> None:
 
 def main() -> None:
     out_dir = sys.argv[1]
-    sections = set(sys.argv[2:]) or {"shift", "backends", "matmul", "decode"}
+    sections = set(sys.argv[2:]) or {"shift", "backends", "matmul"}
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl")
@@ -174,8 +142,6 @@ def main() -> None:
                 time_backends(results)
             if "matmul" in sections:
                 time_matmul(results)
-            if "decode" in sections:
-                time_decode(results)
     except Exception:  # noqa: BLE001
         results["fatal"] = traceback.format_exc()
     dist.barrier()
