@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ring-kwargs",
         type=_json_dict,
         default={},
-        help='JSON object of ring-only get_model options, e.g. \'{"ring_cuda_graphs": false}\'',
+        help="JSON object of ring-only get_model options, e.g. '{\"ring_cuda_graphs\": false}'",
     )
     p.add_argument("--out", default=d.out, help="CSV to append rows to (rank 0 writes)")
     p.add_argument(

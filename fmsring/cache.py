@@ -64,7 +64,7 @@ class RingCacheState:
             fills[r] += 1
         return owners
 
-    def advanced(self, rank: int, owners: list[int], headroom: int) -> "RingCacheState":
+    def advanced(self, rank: int, owners: list[int], headroom: int) -> RingCacheState:
         """The state after appending tokens with the given ``owners``.
 
         Capacity must cover every rank's new fill and one free slot past every

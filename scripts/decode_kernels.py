@@ -59,45 +59,60 @@ def varlen(q, k_cache, v_cache, lens, **extra):
         k, v = k_cache.view(b * cap // page, page, kvh, d), v_cache.view(b * cap // page, page, kvh, d)
         extra["block_table"] = torch.arange(b * cap // page, device=q.device, dtype=torch.int32).view(b, -1)
     out, lse = aten._flash_attention_forward(
-        q.transpose(1, 2).reshape(b * lq, h, d), k, v, step * lq, step * cap, lq, cap, 0.0, False, False,
-        scale=SCALE, seqused_k=lens, **extra,
+        q.transpose(1, 2).reshape(b * lq, h, d),
+        k,
+        v,
+        step * lq,
+        step * cap,
+        lq,
+        cap,
+        0.0,
+        False,
+        False,
+        scale=SCALE,
+        seqused_k=lens,
+        **extra,
     )[:2]
     lse = lse.view(h, b, lq).transpose(0, 1) if lse.dim() == 2 else lse.view(b, h, lq)
     return out.view(b, lq, h, d).transpose(1, 2), lse
+
+
+def measure(fill: int, schema: str, res: dict) -> None:
+    """Every candidate against ``fill`` cached tokens, into ``res``."""
+    k_cache = torch.randn(1, fill + 256, 8, 128, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    lens = torch.full((1,), fill, dtype=torch.int32, device="cuda")
+    q = torch.randn(1, 1, 32, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k, v = k_cache[:, :fill].transpose(1, 2), v_cache[:, :fill].transpose(1, 2)
+    ref_out, ref_lse = math_attention_with_lse(q, k, v, SCALE)
+    cands = {
+        "slice": lambda: attention_with_lse(q, k, v, SCALE),
+        "ours": lambda: decode_attention_with_lse(q, k_cache, v_cache, lens, SCALE),
+        "varlen": lambda: varlen(q, k_cache, v_cache, lens),
+        "paged256": lambda: varlen(q, k_cache, v_cache, lens, page=256),
+    }
+    if "num_splits" in schema:
+        for n in (1, 4, 8, 16, 32, 64):
+            cands[f"splits{n}"] = lambda n=n: varlen(q, k_cache, v_cache, lens, num_splits=n)
+    for name, fn in cands.items():
+        key = f"{name}_fill{fill}"
+        try:
+            out, lse = fn()
+            res[key] = {
+                "graph_ms": graph_ms(fn),
+                "out_rel": ((out.float() - ref_out).norm() / ref_out.norm()).item(),
+                "lse_abs": (lse - ref_lse).abs().max().item(),
+            }
+        except Exception as e:  # noqa: BLE001 - an op this torch lacks is a result too
+            res[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(key, res[key], flush=True)
 
 
 def main() -> None:
     schema = str(aten._flash_attention_forward.default._schema)
     res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "schema": schema}
     for fill in (16384, 65536, 131072):
-        k_cache = torch.randn(1, fill + 256, 8, 128, device="cuda", dtype=torch.bfloat16)
-        v_cache = torch.randn_like(k_cache)
-        lens = torch.full((1,), fill, dtype=torch.int32, device="cuda")
-        q = torch.randn(1, 1, 32, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-        k, v = k_cache[:, :fill].transpose(1, 2), v_cache[:, :fill].transpose(1, 2)
-        ref_out, ref_lse = math_attention_with_lse(q, k, v, SCALE)
-        cands = {
-            "slice": lambda: attention_with_lse(q, k, v, SCALE),
-            "ours": lambda: decode_attention_with_lse(q, k_cache, v_cache, lens, SCALE),
-            "varlen": lambda: varlen(q, k_cache, v_cache, lens),
-            "paged256": lambda: varlen(q, k_cache, v_cache, lens, page=256),
-        }
-        if "num_splits" in schema:
-            for n in (1, 4, 8, 16, 32, 64):
-                cands[f"splits{n}"] = lambda n=n: varlen(q, k_cache, v_cache, lens, num_splits=n)
-        for name, fn in cands.items():
-            key = f"{name}_fill{fill}"
-            try:
-                out, lse = fn()
-                res[key] = {
-                    "graph_ms": graph_ms(fn),
-                    "out_rel": ((out.float() - ref_out).norm() / ref_out.norm()).item(),
-                    "lse_abs": (lse - ref_lse).abs().max().item(),
-                }
-            except Exception as e:  # noqa: BLE001 - an op this torch lacks is a result too
-                res[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-            print(key, res[key], flush=True)
-        del k_cache, v_cache, k, v
+        measure(fill, schema, res)
     k_cache = torch.randn(1, 16640, 8, 128, device="cuda", dtype=torch.bfloat16)
     lens = torch.full((1,), 16384, dtype=torch.int32, device="cuda")
     q = torch.randn(1, 1, 32, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)

@@ -12,6 +12,7 @@ listed by the kernels around them, to say what the stream was waiting for.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -50,7 +51,7 @@ def idle_spans(trace_path: str, top: int = 8) -> dict:
     stream = max(busy, key=busy.get)
     kernels = sorted((e for e in events if e["args"]["stream"] == stream), key=lambda e: e["ts"])
     spans: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for prev, nxt in zip(kernels, kernels[1:]):
+    for prev, nxt in itertools.pairwise(kernels):
         idle = nxt["ts"] - (prev["ts"] + prev["dur"])
         if idle > 20:  # us
             key = f"{prev['name'][:50]} -> {nxt['name'][:50]}"
@@ -92,8 +93,13 @@ def profiled_forward(model, ids) -> dict:
 def main() -> None:
     out_dir, seq_len = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 131072
     rank, world = maybe_init_dist()
-    args = dict(architecture="llama", variant="3-8b", device_type="cuda", data_type="bfloat16")
-    args["max_expected_seq_len"] = seq_len
+    args = {
+        "architecture": "llama",
+        "variant": "3-8b",
+        "device_type": "cuda",
+        "data_type": "bfloat16",
+        "max_expected_seq_len": seq_len,
+    }
     ids = torch.randint(0, 32000, (1, seq_len), device="cuda")
     result = {"gpu": torch.cuda.get_device_name(), "world_size": world, "seq_len": seq_len}
     torch.manual_seed(0)

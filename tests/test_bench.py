@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
-from fmsring.bench import COLUMNS, BenchConfig, FlopShape, model_flops, parse_args, parse_seq_len
+from fmsring.bench import COLUMNS, BenchConfig, DistEnv, FlopShape, environment, model_flops, parse_args, parse_seq_len
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_LENS = (48, 61)  # 61: shards of unequal length
@@ -120,6 +121,11 @@ def test_cli_parsing() -> None:
     )
     assert cfg.seq_lens == (8192, 131072, 100) and cfg.strategies == ("ring", "tp") and not cfg.check
     assert cfg.model_kwargs == {"nlayers": 2} and isinstance(cfg, BenchConfig)
+    variant = parse_args(["--ring-kwargs", '{"ring_cuda_graphs": false}'])
+    assert variant.ring_kwargs == {"ring_cuda_graphs": False}
+    env = DistEnv(rank=0, world=1, device=torch.device("cpu"), ctrl=None, owns_group=False)
+    # a ring variant's rows must not pass for the default's
+    assert environment(variant, env)["model"] != environment(parse_args([]), env)["model"]
     assert parse_seq_len("1M") == 1 << 20
     with pytest.raises(SystemExit):
         parse_args(["--strategies", "ring,bogus"])

@@ -30,8 +30,7 @@ def test_placement_keeps_shards_within_one_token_and_tracks_indices():
 def test_capacity_is_the_same_on_every_rank_and_grows_together():
     W, headroom = 3, 2
     states = [
-        RingCacheState(seq_len=7, fills=(3, 2, 2), slot_index=torch.arange(3), capacity=4, cache_id=0)
-        for _ in range(W)
+        RingCacheState(seq_len=7, fills=(3, 2, 2), slot_index=torch.arange(3), capacity=4, cache_id=0) for _ in range(W)
     ]
     for _ in range(12):
         owners = states[0].place(1)
