@@ -73,5 +73,13 @@ class DecodeGraphs:
         if self.current is not None and self.current.key == key:
             return self.current.replay(inputs)
         self.current = None  # release the old graph's pool before capturing
-        self.current = CapturedStep(key, inputs, step)
+        try:
+            self.current = CapturedStep(key, inputs, step)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"capturing the decode step as a CUDA graph failed ({e}); "
+                "build the model with ring_cuda_graphs=False to decode eagerly"
+            ) from e
         return self.current.first
