@@ -67,34 +67,47 @@ def decode_attention_with_lse(
     q: [b, h, Lq, d]; caches: [b, capacity, kvh, d]; kv_lens: int32 [b] on the
     device. Shapes never depend on how full the cache is, so a decode step
     built on this can be captured once as a CUDA graph and replayed. On CUDA
-    with half-precision inputs it is flash attention's varlen kernel with
-    ``seqused_k`` (reads only the used slots, GQA-native); otherwise fp32
-    math with the unused slots masked.
+    with half-precision inputs it is :func:`flash_decode_with_lse`; otherwise
+    fp32 math with the unused slots masked.
     """
-    b, h, lq, d = q.shape
-    cap, kvh = k_cache.shape[1], k_cache.shape[2]
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and d <= 256:
-        step = torch.arange(b + 1, device=q.device, dtype=torch.int32)
-        out, lse = torch.ops.aten._flash_attention_forward(
-            q.transpose(1, 2).reshape(b * lq, h, d),
-            k_cache.view(b * cap, kvh, d),
-            v_cache.view(b * cap, kvh, d),
-            step * lq,
-            step * cap,
-            lq,
-            cap,
-            0.0,
-            False,
-            False,
-            scale=scale,
-            seqused_k=kv_lens,
-        )[:2]
-        # lse is [h, b*Lq] (unpadded) or [b, h, Lq] depending on the build; +inf marks a row with no key
-        lse = lse.view(h, b, lq).transpose(0, 1) if lse.dim() == 2 else lse.view(b, h, lq)
-        return out.view(b, lq, h, d).transpose(1, 2), lse.masked_fill(lse == float("inf"), float("-inf"))
+    b, cap = q.shape[0], k_cache.shape[1]
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256:
+        out, lse = flash_decode_with_lse(q, k_cache, v_cache, kv_lens, scale)
+        return out, lse.masked_fill(lse == float("inf"), float("-inf"))  # flash's "no key" is +inf
     unused = torch.arange(cap, device=q.device).unsqueeze(0) >= kv_lens.unsqueeze(1)
     bias = torch.zeros(b, 1, cap, device=q.device).masked_fill_(unused.unsqueeze(1), float("-inf"))
     return math_attention_with_lse(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), scale, bias=bias)
+
+
+def flash_decode_with_lse(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lens: torch.Tensor, scale: float, **flash_kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash attention's varlen kernel reading ``seqused_k`` = kv_lens slots of
+    each [b, capacity, kvh, d] cache (GQA-native), returning (out, lse) with
+    flash's own +inf lse for a row that saw no key. ``flash_kwargs`` go to
+    the op as they are (e.g. ``num_splits`` where this torch has it).
+    """
+    b, h, lq, d = q.shape
+    cap, kvh = k_cache.shape[1], k_cache.shape[2]
+    step = torch.arange(b + 1, device=q.device, dtype=torch.int32)
+    out, lse = torch.ops.aten._flash_attention_forward(
+        q.transpose(1, 2).reshape(b * lq, h, d),
+        k_cache.view(b * cap, kvh, d),
+        v_cache.view(b * cap, kvh, d),
+        step * lq,
+        step * cap,
+        lq,
+        cap,
+        0.0,
+        False,
+        False,
+        scale=scale,
+        seqused_k=kv_lens,
+        **flash_kwargs,
+    )[:2]
+    # lse is [h, b*Lq] (unpadded) or [b, h, Lq] depending on the build
+    lse = lse.view(h, b, lq).transpose(0, 1) if lse.dim() == 2 else lse.view(b, h, lq)
+    return out.view(b, lq, h, d).transpose(1, 2), lse
 
 
 def cudnn_attention_with_lse(

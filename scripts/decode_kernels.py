@@ -7,9 +7,9 @@ a captured graph (as a decode step runs): the exact-length slice through
 ``attention_with_lse`` (what an eager step could call; its shape changes every
 token, so it cannot be captured), flash's varlen kernel with ``seqused_k``
 (shape-static), fmsring's ``decode_attention_with_lse`` (that kernel plus its
-bookkeeping), and, where the op takes them, ``num_splits`` and a paged
-``block_table``. Each is checked against the fp32 math path; a profile of
-fmsring's call lists the kernels it launches.
+bookkeeping), and ``num_splits`` where the op takes it; it records whether
+the op takes a paged ``block_table``. Each is checked against the fp32 math
+path; a profile of fmsring's call lists the kernels it launches.
 """
 
 from __future__ import annotations
@@ -20,7 +20,12 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fmsring.kernels import attention_with_lse, decode_attention_with_lse, math_attention_with_lse
+from fmsring.kernels import (
+    attention_with_lse,
+    decode_attention_with_lse,
+    flash_decode_with_lse,
+    math_attention_with_lse,
+)
 
 aten = torch.ops.aten
 SCALE = 128**-0.5
@@ -48,35 +53,6 @@ def graph_ms(fn, calls: int = 32) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def varlen(q, k_cache, v_cache, lens, **extra):
-    """flash varlen with seqused_k, called directly (extra: num_splits, paged block size)."""
-    b, h, lq, d = q.shape
-    cap, kvh = k_cache.shape[1], k_cache.shape[2]
-    step = torch.arange(b + 1, device=q.device, dtype=torch.int32)
-    page = extra.pop("page", 0)
-    k, v = k_cache.view(b * cap, kvh, d), v_cache.view(b * cap, kvh, d)
-    if page:
-        k, v = k_cache.view(b * cap // page, page, kvh, d), v_cache.view(b * cap // page, page, kvh, d)
-        extra["block_table"] = torch.arange(b * cap // page, device=q.device, dtype=torch.int32).view(b, -1)
-    out, lse = aten._flash_attention_forward(
-        q.transpose(1, 2).reshape(b * lq, h, d),
-        k,
-        v,
-        step * lq,
-        step * cap,
-        lq,
-        cap,
-        0.0,
-        False,
-        False,
-        scale=SCALE,
-        seqused_k=lens,
-        **extra,
-    )[:2]
-    lse = lse.view(h, b, lq).transpose(0, 1) if lse.dim() == 2 else lse.view(b, h, lq)
-    return out.view(b, lq, h, d).transpose(1, 2), lse
-
-
 def measure(fill: int, schema: str, res: dict) -> None:
     """Every candidate against ``fill`` cached tokens, into ``res``."""
     k_cache = torch.randn(1, fill + 256, 8, 128, device="cuda", dtype=torch.bfloat16)
@@ -88,12 +64,11 @@ def measure(fill: int, schema: str, res: dict) -> None:
     cands = {
         "slice": lambda: attention_with_lse(q, k, v, SCALE),
         "ours": lambda: decode_attention_with_lse(q, k_cache, v_cache, lens, SCALE),
-        "varlen": lambda: varlen(q, k_cache, v_cache, lens),
-        "paged256": lambda: varlen(q, k_cache, v_cache, lens, page=256),
+        "varlen": lambda: flash_decode_with_lse(q, k_cache, v_cache, lens, SCALE),
     }
     if "num_splits" in schema:
         for n in (1, 4, 8, 16, 32, 64):
-            cands[f"splits{n}"] = lambda n=n: varlen(q, k_cache, v_cache, lens, num_splits=n)
+            cands[f"splits{n}"] = lambda n=n: flash_decode_with_lse(q, k_cache, v_cache, lens, SCALE, num_splits=n)
     for name, fn in cands.items():
         key = f"{name}_fill{fill}"
         try:
@@ -111,6 +86,7 @@ def measure(fill: int, schema: str, res: dict) -> None:
 def main() -> None:
     schema = str(aten._flash_attention_forward.default._schema)
     res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "schema": schema}
+    res["has_block_table"] = "block_table" in schema  # a paged cache needs it
     for fill in (16384, 65536, 131072):
         measure(fill, schema, res)
     k_cache = torch.randn(1, 16640, 8, 128, device="cuda", dtype=torch.bfloat16)
