@@ -260,7 +260,7 @@ class LlamaRing(nn.Module):
                 )[0]
 
             if self.cuda_graphs and x.is_cuda and not attn_kwargs:
-                key = (x.shape[0], last_n_tokens, new_state.cache_id, new_state.capacity, self._rope_tables(x.device))
+                key = (x.shape[0], last_n_tokens, new_state.cache_id, new_state.capacity, self._rope_table_sizes(x.device))
                 logits = self._graphs.run(key, inputs, step)
             else:
                 logits = step(inputs)
@@ -293,7 +293,7 @@ class LlamaRing(nn.Module):
         )
         return logits, RingCache(cache, new_state)
 
-    def _rope_tables(self, device: torch.device) -> tuple[int, ...]:
+    def _rope_table_sizes(self, device: torch.device) -> tuple[int, ...]:
         """The RoPE table sizes: a captured step reads the tables, which move when regrown."""
         return tuple(rot.max_seq_len_cached.get(device.index, 0) for rot in self._rotaries)
 
