@@ -260,7 +260,13 @@ class LlamaRing(nn.Module):
                 )[0]
 
             if self.cuda_graphs and x.is_cuda and not attn_kwargs:
-                key = (x.shape[0], last_n_tokens, new_state.cache_id, new_state.capacity, self._rope_table_sizes(x.device))
+                key = (
+                    x.shape[0],
+                    last_n_tokens,
+                    new_state.cache_id,
+                    new_state.capacity,
+                    self._rope_table_sizes(x.device),
+                )
                 logits = self._graphs.run(key, inputs, step)
             else:
                 logits = step(inputs)
