@@ -37,6 +37,7 @@ from torch import nn
 
 import fmsring
 from fmsring.comm import maybe_init_dist
+from fmsring.fusion import fuse_elementwise
 from fmsring.layout import LAYOUTS
 
 COLUMNS = (
@@ -104,6 +105,7 @@ class BenchConfig(ModelSpec):
     warmup: int = 1
     decode_tokens: int = 32
     ring_kwargs: dict[str, Any] = field(default_factory=dict)  # extra fmsring.get_model kwargs for ring only
+    fuse_peers: bool = False  # give single/tp/torch_cp the elementwise fusion ring has
     out: str | None = None
     check: bool = True
     timeout_s: float = 1800.0
@@ -174,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_json_dict,
         default={},
         help="JSON object of ring-only get_model options, e.g. '{\"ring_cuda_graphs\": false}'",
+    )
+    p.add_argument(
+        "--fuse-peers",
+        action=argparse.BooleanOptionalAction,
+        default=d.fuse_peers,
+        help="apply fmsring.fusion.fuse_elementwise to the peers' FMS models too, to see what ring gains beyond it",
     )
     p.add_argument("--out", default=d.out, help="CSV to append rows to (rank 0 writes)")
     p.add_argument(
@@ -278,6 +286,8 @@ def load_model(strategy: str, cfg: BenchConfig, env: DistEnv) -> nn.Module:
             _copy_full_weights(model, cfg, env)
     else:
         model = fms.models.get_model(**_model_args(cfg), distributed_strategy="none")
+    if cfg.fuse_peers and strategy != "ring":
+        fuse_elementwise(model)
     return model.eval()
 
 
@@ -692,6 +702,8 @@ def environment(cfg: BenchConfig, env: DistEnv) -> dict[str, Any]:
         model += f" @{cfg.model_path}"
     if cfg.ring_kwargs:  # a ring variant: say which, so its rows are not mistaken for the default's
         model += f" ring{json.dumps(cfg.ring_kwargs, sort_keys=True)}"
+    if cfg.fuse_peers:
+        model += " fused-peers"
     return {
         "model": model,
         "device": env.device.type,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from fmsring.fusion import fused
+
 
 def empty_partial(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The partial result of attending to no key: out = 0, lse = -inf (fp32), shaped like q."""
@@ -176,7 +178,7 @@ def merge_pair(
 
     When a query row only ever gets two partials, this is the whole merge:
     one fp32 computation and one rounding, as with an fp32 accumulator, but
-    without one. On CUDA it runs as one fused kernel (torch.compile).
+    without one. :data:`merge_pair_auto` runs it as one fused kernel on CUDA.
     """
     lse = torch.logaddexp(lse_a, lse_b)
     ref = _finite(lse)
@@ -184,24 +186,25 @@ def merge_pair(
     return out.to(out_a.dtype), lse
 
 
-_fused_merge_pair = torch.compile(merge_pair, dynamic=True)
-
-
-def merge_pair_auto(
-    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`merge_pair`, fused into one kernel on CUDA (eager elsewhere: no compiler needed)."""
-    if out_a.is_cuda:
-        return _fused_merge_pair(out_a, lse_a, out_b, lse_b)
-    return merge_pair(out_a, lse_a, out_b, lse_b)
-
-
-def merge_stacked(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
-    """Merge partial results stacked on dim 0 (one per rank) into one output.
+def merge_stacked(outs: torch.Tensor, lses: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Merge partial results stacked on dim 0 (one per rank) into one output,
+    in ``dtype`` (default: the outs' dtype).
 
     outs: [W, ..., Lq, d], lses: [W, ..., Lq]. Every rank merges the same
     stack in the same order, so all ranks get bit-identical results.
     """
     total = torch.logsumexp(lses, dim=0)
     ref = _finite(total)
-    return (outs * torch.exp(lses - ref).unsqueeze(-1)).sum(dim=0)
+    return (outs * torch.exp(lses - ref).unsqueeze(-1)).sum(dim=0).to(dtype or outs.dtype)
+
+
+def pack_partial(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """(out [..., d], lse [...]) as one fp32 tensor [..., d + 1]: what one
+    collective carries so a decode step's shards can be merged."""
+    return torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1)
+
+
+# One fused kernel each on CUDA; a decode step is mostly one small kernel after another.
+merge_pair_auto = fused(merge_pair)
+merge_stacked_auto = fused(merge_stacked)
+pack_partial_auto = fused(pack_partial)

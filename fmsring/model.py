@@ -22,6 +22,7 @@ from fmsring import ring_attention
 from fmsring.cache import RingCache, RingCacheState, new_cache_id
 from fmsring.comm import all_gather_padded, broadcast_weights, check_same_on_all_ranks, sync_rng
 from fmsring.decode_graph import DecodeGraphs, StepInputs
+from fmsring.fusion import fuse_elementwise
 from fmsring.layout import LAYOUTS, ShardPlan
 from fmsring.ring_attention import RingContext
 from fmsring.strategy import RingAttentionStrategy
@@ -60,7 +61,7 @@ def chunk_feedforward(model: nn.Module, chunk: int) -> None:
     """Make every FMS feed-forward module of ``model`` a :class:`ChunkedFeedForward`."""
     for m in model.modules():
         cls = type(m)
-        if cls in (GatedLinearUnit, FeedForwardBlock):
+        if isinstance(m, (GatedLinearUnit, FeedForwardBlock)) and not isinstance(m, ChunkedFeedForward):
             if cls not in _CHUNKED:
                 _CHUNKED[cls] = type(f"Chunked{cls.__name__}", (ChunkedFeedForward, cls), {})
             m.__class__ = _CHUNKED[cls]
@@ -86,6 +87,7 @@ class LlamaRing(nn.Module):
         cache_headroom: int = 256,
         ffn_chunk: int = 16384,
         cuda_graphs: bool = True,
+        fuse: bool = True,
     ):
         super().__init__()
         attns = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
@@ -102,6 +104,8 @@ class LlamaRing(nn.Module):
         self.cuda_graphs = cuda_graphs
         self._graphs = DecodeGraphs()
         self._rotaries = list({id(m.position_encoder): m.position_encoder for m in attns}.values())
+        if fuse:
+            fuse_elementwise(model)
         if ffn_chunk > 0:
             chunk_feedforward(model, ffn_chunk)
 
@@ -358,6 +362,7 @@ def get_model(
     ring_cache_headroom: int = 256,
     ring_ffn_chunk: int = 16384,
     ring_cuda_graphs: bool = True,
+    ring_fuse: bool = True,
     **kwargs: Any,
 ) -> nn.Module:
     """``fms.models.get_model`` that also accepts ``distributed_strategy="ring"``.
@@ -400,4 +405,5 @@ def get_model(
         cache_headroom=ring_cache_headroom,
         ffn_chunk=ring_ffn_chunk,
         cuda_graphs=ring_cuda_graphs,
+        fuse=ring_fuse,
     )

@@ -22,7 +22,8 @@ from fmsring.kernels import (
     empty_partial,
     merge_into,
     merge_pair_auto,
-    merge_stacked,
+    merge_stacked_auto,
+    pack_partial_auto,
 )
 from fmsring.layout import ShardPlan
 from fmsring.strategy import RingAttentionStrategy
@@ -202,11 +203,11 @@ def ring_decode_op(query, keys, values, nheads, kvheads, p_dropout, scale_factor
     else:
         out, lse = empty_partial(q)
     if strategy.world_size > 1:
-        packed = torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1)
+        packed = pack_partial_auto(out, lse)
         stacked = packed.new_empty((strategy.world_size * packed.shape[0], *packed.shape[1:]))
         _all_gather_single(stacked, packed, group=strategy.group)
         stacked = stacked.view(strategy.world_size, *packed.shape)
-        out = merge_stacked(stacked[..., :-1], stacked[..., -1])
+        out = merge_stacked_auto(stacked[..., :-1], stacked[..., -1], query.dtype)
     return _to_query_layout(out, query)
 
 

@@ -1,0 +1,85 @@
+"""Fused (torch.compile'd) elementwise work against FMS's eager modules.
+
+On CUDA the fused code is what runs; here it is forced onto CPU so the
+compiled graphs are checked for real. fp32 throughout, so the only
+difference allowed is fp32 reassociation inside the fused reductions:
+1e-5 relative to the logits' scale is ~100 ulp of fp32, far below any
+real error (a wrong rotation or norm moves logits by O(1)).
+"""
+
+import copy
+import random
+
+import fms.models
+import pytest
+import torch
+from fms.modules.layernorm import LayerNormParameterized
+from torch._dynamo.utils import counters
+
+from fmsring import fusion
+from fmsring.fusion import FusedGatedLinearUnit, FusedLayerNorm, FusedRotaryEmbedding, fuse_elementwise
+from fmsring.kernels import merge_stacked, merge_stacked_auto, pack_partial, pack_partial_auto
+from fmsring.model import chunk_feedforward
+
+
+@pytest.fixture
+def fused_on_cpu(monkeypatch):
+    monkeypatch.setattr(fusion, "FUSE_DEVICES", {"cpu"})
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _compiled_frames() -> int:
+    return counters["frames"]["ok"]
+
+
+def test_fused_model_matches_fms(fused_on_cpu):
+    torch.manual_seed(random.randrange(2**31))
+    ref = fms.models.get_model("llama", "micro", device_type="cpu", data_type=torch.float32, nlayers=2, kvheads=2)
+    ref.eval()
+    model = fuse_elementwise(copy.deepcopy(ref))
+    chunk_feedforward(model, 5)  # chunking wraps the fused MLP, as in LlamaRing
+    b, n = 2, random.randint(20, 40)
+    ids = torch.randint(0, ref.config.src_vocab_size, (b, n))
+    positions = torch.randint(1, 4, (b, n)).cumsum(1)  # gaps: RoPE sees relative distances only
+    with torch.no_grad():
+        for kwargs in ({}, {"position_ids": positions}):
+            want, got = ref(ids, **kwargs), model(ids, **kwargs)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+        # one cached decode step: RoPE at an offset, norms and MLP on one token
+        want, want_cache = ref(ids, use_cache=True)
+        got, got_cache = model(ids, use_cache=True)
+        nxt = want[:, -1:].argmax(-1)
+        want, _ = ref(nxt, past_key_value_states=want_cache, use_cache=True)
+        got, _ = model(nxt, past_key_value_states=got_cache, use_cache=True)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+    assert _compiled_frames() >= 3  # norm, MLP and RoPE really ran compiled
+
+
+def test_fuse_swaps_exact_fms_classes_only():
+    class OwnNorm(LayerNormParameterized):
+        pass
+
+    model = fms.models.get_model("llama", "micro", device_type="cpu", data_type=torch.float32, nlayers=1)
+    block = model.base_model.layers[0]
+    block.ln = OwnNorm(block.ln.normalized_shape)
+    fuse_elementwise(model)
+    assert type(block.ln) is OwnNorm
+    assert type(block.ff_ln) is FusedLayerNorm
+    assert type(block.ff_sub_layer) is FusedGatedLinearUnit
+    assert type(block.attn.position_encoder) is FusedRotaryEmbedding
+
+
+def test_fused_merge_helpers_match_eager(fused_on_cpu):
+    world, b, h, d = random.randint(2, 4), 2, 4, 8
+    outs = torch.randn(world, b, h, 1, d)
+    lses = torch.randn(world, b, h, 1)
+    lses[0, 0, 0, 0] = float("-inf")  # a shard that saw no key
+    torch.testing.assert_close(pack_partial_auto(outs[0], lses[0]), pack_partial(outs[0], lses[0]))
+    want = merge_stacked(outs, lses, torch.bfloat16)
+    got = merge_stacked_auto(outs, lses, torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=0)  # <= one bf16 ulp apart
+    assert _compiled_frames() >= 2
