@@ -100,6 +100,7 @@ def main() -> None:
         "data_type": "bfloat16",
         "max_expected_seq_len": seq_len,
     }
+    torch.manual_seed(0)  # the same prompt on every rank
     ids = torch.randint(0, 32000, (1, seq_len), device="cuda")
     result = {"gpu": torch.cuda.get_device_name(), "world_size": world, "seq_len": seq_len}
     torch.manual_seed(0)

@@ -1,0 +1,123 @@
+"""Where a ring decode step's time goes, against its memory floor.
+
+Run: torchrun --nproc_per_node=2 scripts/profile_decode.py OUT_DIR [SEQ_LEN]
+For ring with and without fmsring's elementwise fusion (``ring_fuse``):
+a cached prefill of SEQ_LEN tokens (LLaMA-3-8B shapes, random weights,
+bf16), then one-token steps. The captured (CUDA-graph) step is timed with
+CUDA events, median of 20; one eager step is profiled for its kernel count
+and kernel time by kind (a graph replays the same kernels without the
+launch gaps). The floor is what a step must read -- every weight but the
+embedding table, plus this rank's cache shard -- over the HBM bandwidth measured here by a large copy.
+Writes decode_profile_rank<r>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+
+import torch
+import torch.distributed as dist
+from profile_prefill import kind_of
+from torch.profiler import ProfilerActivity, profile
+
+import fmsring
+from fmsring.comm import maybe_init_dist
+
+
+def hbm_gbps(gib: int = 4) -> float:
+    """Copy bandwidth (read + write bytes per second) of a large device copy, median of 5."""
+    src = torch.empty(gib << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(6):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return 2 * src.numel() / statistics.median(times[1:]) / 1e6
+
+
+def profile_steps(model, ids) -> dict:
+    with torch.no_grad():
+        logits, cache = model(ids, use_cache=True, last_n_tokens=1)
+        tok = logits[:, -1:].argmax(-1)
+
+        def step():
+            nonlocal cache
+            _, cache = model(tok, past_key_value_states=cache, use_cache=True, last_n_tokens=1)
+
+        for _ in range(3):  # capture, then replays
+            step()
+        times = []
+        for _ in range(20):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        model.cuda_graphs = False
+        step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        model.cuda_graphs = True
+    kernel_ms: dict[str, float] = {}
+    count = 0
+    for evt in prof.key_averages():
+        ms = getattr(evt, "device_time_total", getattr(evt, "cuda_time_total", 0.0)) / 1e3
+        if ms > 0 and str(evt.device_type).endswith("CUDA"):
+            kernel_ms[kind_of(evt.key)] = kernel_ms.get(kind_of(evt.key), 0.0) + ms
+            count += evt.count
+    fill = cache.state.fills[model.strategy.rank]
+    k0 = cache[0][0]
+    cache_bytes = 2 * len(cache) * fill * k0[0, 0].numel() * k0.element_size()
+    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in embeddings)
+    return {
+        "graph_step_ms_median": statistics.median(times),
+        "graph_step_ms_min": min(times),
+        "graph_step_ms_max": max(times),
+        "eager_kernels": count,
+        "eager_kernel_ms": kernel_ms,
+        "weight_bytes": weight_bytes,
+        "cache_shard_bytes": cache_bytes,
+    }
+
+
+def main() -> None:
+    out_dir, seq_len = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 32768
+    rank, world = maybe_init_dist()
+    args = {
+        "architecture": "llama",
+        "variant": "3-8b",
+        "device_type": "cuda",
+        "data_type": "bfloat16",
+        "max_expected_seq_len": seq_len + 512,
+    }
+    torch.manual_seed(0)  # the same prompt on every rank
+    ids = torch.randint(0, 32000, (1, seq_len), device="cuda")
+    bw = hbm_gbps()
+    result: dict = {"gpu": torch.cuda.get_device_name(), "world_size": world, "seq_len": seq_len, "hbm_gbps": bw}
+    for fuse in (True, False):
+        torch.manual_seed(0)
+        model = fmsring.get_model(**args, distributed_strategy="ring", ring_check_inputs=False, ring_fuse=fuse)
+        res = profile_steps(model.eval(), ids)
+        res["floor_ms"] = (res["weight_bytes"] + res["cache_shard_bytes"]) / bw / 1e6
+        result["fused" if fuse else "unfused"] = res
+        del model
+        torch.cuda.empty_cache()
+    with open(os.path.join(out_dir, f"decode_profile_rank{rank}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result, indent=1))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
