@@ -337,7 +337,10 @@ def _scaling_plot(df, out_dir, phase, y: str, name: str, ylabel: str) -> Figure 
     panels = _panels(t)
     fig, axes = _new_figure(len(panels))
     for ax, (run, g) in zip(axes, panels):
-        g = g.copy().sort_values(["strategy", "seq_len", "world_size"])
+        # every line starts at its 1-GPU reference (speedup and efficiency 1), so 1-2-4 GPUs read as one curve
+        anchors = g[g["baseline_world_size"] == 1].drop_duplicates(["strategy", "seq_len"])
+        g = pd.concat([anchors.assign(world_size=1, speedup=1.0, efficiency=1.0), g])
+        g = g.sort_values(["strategy", "seq_len", "world_size"])
         g["prompt"] = g["seq_len"].astype(int).map(_tokens)
         ws = sorted(g["world_size"].unique())
         ideal = np.asarray(ws, dtype=float) if y == "speedup" else np.ones(len(ws))

@@ -180,3 +180,18 @@ def test_figures_dir(gpu_run: Path, tmp_path: Path):
     fig = analysis.plot_latency(df, out_dir=tmp_path / "x")
     assert (tmp_path / "x" / "latency_prefill.png").exists()
     assert fig.saved_paths[0] == tmp_path / "x" / "latency_prefill.png"
+
+
+def test_scaling_lines_start_at_one_gpu(tmp_path: Path):
+    """Runs with 2 and 4 GPUs only still draw each line from its 1-GPU reference."""
+    rows = [
+        r
+        for r in synthetic_rows()
+        if (r["world_size"] in (2, 4) or r["strategy"] == "single") and r["seq_len"] <= 8192  # one GPU ran these
+    ]
+    df = analysis.load_runs(write_run(tmp_path / "runs", "two-and-four", rows))
+    for plot, y in ((analysis.plot_speedup, 1.0), (analysis.plot_efficiency, 1.0)):
+        lines = [ln for ln in plot(df).axes[0].get_lines() if ln.get_label() != "ideal" and len(ln.get_xdata()) > 1]
+        assert lines
+        for ln in lines:
+            assert ln.get_xdata()[0] == 1 and ln.get_ydata()[0] == pytest.approx(y)

@@ -37,7 +37,7 @@ def _compiled_frames() -> int:
 
 def test_fused_model_matches_fms(fused_on_cpu):
     torch.manual_seed(random.randrange(2**31))
-    ref = fms.models.get_model("llama", "micro", device_type="cpu", data_type=torch.float32, nlayers=2, kvheads=2)
+    ref = fms.models.get_model("llama", "micro", device_type="cpu", data_type=torch.float32, nlayers=3, kvheads=2)
     ref.eval()
     model = fuse_elementwise(copy.deepcopy(ref))
     chunk_feedforward(model, 5)  # chunking wraps the fused MLP, as in LlamaRing
@@ -55,7 +55,10 @@ def test_fused_model_matches_fms(fused_on_cpu):
         want, _ = ref(nxt, past_key_value_states=want_cache, use_cache=True)
         got, _ = model(nxt, past_key_value_states=got_cache, use_cache=True)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
-    assert _compiled_frames() >= 3  # norm, MLP and RoPE really ran compiled
+    # norm, MLP and RoPE really ran compiled, and once for all layers: a graph
+    # per layer (8 here, x3) would hit dynamo's recompile limit on a 32-layer
+    # model and leave the rest eager without a word
+    assert 3 <= _compiled_frames() <= 12
 
 
 def test_fuse_swaps_exact_fms_classes_only():
