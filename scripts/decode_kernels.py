@@ -15,9 +15,11 @@ path; a profile of fmsring's call lists the kernels it launches.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 
 import torch
+from gpu_probe import cuda_times
 from torch.profiler import ProfilerActivity, profile
 
 from fmsring.kernels import (
@@ -42,15 +44,7 @@ def graph_ms(fn, calls: int = 32) -> float:
     with torch.cuda.graph(graph):
         for _ in range(calls):
             fn()
-    times = []
-    for _ in range(11):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(cuda_times(graph.replay, reps=11, warmup=0)) / calls
 
 
 def measure(fill: int, schema: str, res: dict) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import traceback
 
@@ -22,8 +23,9 @@ from fmsring.kernels import math_attention_with_lse
 aten = torch.ops.aten
 
 
-def bench_ms(fn, reps: int = 10) -> float:
-    for _ in range(3):
+def cuda_times(fn, reps: int = 10, warmup: int = 3) -> list[float]:
+    """Milliseconds of each of ``reps`` calls of ``fn`` (CUDA events), after ``warmup`` untimed calls."""
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
@@ -34,7 +36,12 @@ def bench_ms(fn, reps: int = 10) -> float:
         e.record()
         torch.cuda.synchronize()
         times.append(s.elapsed_time(e))
-    return sorted(times)[len(times) // 2]
+    return times
+
+
+def bench_ms(fn, reps: int = 10) -> float:
+    """Median of :func:`cuda_times`."""
+    return statistics.median(cuda_times(fn, reps))
 
 
 def backends(q, k, v, causal, scale):

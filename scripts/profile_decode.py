@@ -13,33 +13,22 @@ Writes decode_profile_rank<r>.json.
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import sys
 
 import torch
-import torch.distributed as dist
-from profile_prefill import kind_of
+from gpu_probe import cuda_times
+from profile_prefill import kernel_ms_by_kind, llama3_8b, write_rank_json
 from torch.profiler import ProfilerActivity, profile
 
 import fmsring
-from fmsring.comm import maybe_init_dist
 
 
 def hbm_gbps(gib: int = 4) -> float:
     """Copy bandwidth (read + write bytes per second) of a large device copy, median of 5."""
     src = torch.empty(gib << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    times = []
-    for _ in range(6):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return 2 * src.numel() / statistics.median(times[1:]) / 1e6
+    return 2 * src.numel() / statistics.median(cuda_times(lambda: dst.copy_(src), reps=5, warmup=1)) / 1e6
 
 
 def profile_steps(model, ids) -> dict:
@@ -51,16 +40,7 @@ def profile_steps(model, ids) -> dict:
             nonlocal cache
             _, cache = model(tok, past_key_value_states=cache, use_cache=True, last_n_tokens=1)
 
-        for _ in range(3):  # capture, then replays
-            step()
-        times = []
-        for _ in range(20):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
+        times = cuda_times(step, reps=20)  # the first warm-up step captures the graph
         model.cuda_graphs = False
         step()
         torch.cuda.synchronize()
@@ -68,13 +48,7 @@ def profile_steps(model, ids) -> dict:
             step()
             torch.cuda.synchronize()
         model.cuda_graphs = True
-    kernel_ms: dict[str, float] = {}
-    count = 0
-    for evt in prof.key_averages():
-        ms = getattr(evt, "device_time_total", getattr(evt, "cuda_time_total", 0.0)) / 1e3
-        if ms > 0 and str(evt.device_type).endswith("CUDA"):
-            kernel_ms[kind_of(evt.key)] = kernel_ms.get(kind_of(evt.key), 0.0) + ms
-            count += evt.count
+    kernel_ms, count = kernel_ms_by_kind(prof)
     fill = cache.state.fills[model.strategy.rank]
     k0 = cache[0][0]
     cache_bytes = 2 * len(cache) * fill * k0[0, 0].numel() * k0.element_size()
@@ -93,16 +67,7 @@ def profile_steps(model, ids) -> dict:
 
 def main() -> None:
     out_dir, seq_len = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 32768
-    rank, world = maybe_init_dist()
-    args = {
-        "architecture": "llama",
-        "variant": "3-8b",
-        "device_type": "cuda",
-        "data_type": "bfloat16",
-        "max_expected_seq_len": seq_len + 512,
-    }
-    torch.manual_seed(0)  # the same prompt on every rank
-    ids = torch.randint(0, 32000, (1, seq_len), device="cuda")
+    rank, world, args, ids = llama3_8b(seq_len, seq_len + 512)
     bw = hbm_gbps()
     result: dict = {"gpu": torch.cuda.get_device_name(), "world_size": world, "seq_len": seq_len, "hbm_gbps": bw}
     for fuse in (True, False):
@@ -113,10 +78,7 @@ def main() -> None:
         result["fused" if fuse else "unfused"] = res
         del model
         torch.cuda.empty_cache()
-    with open(os.path.join(out_dir, f"decode_profile_rank{rank}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result, indent=1))
-    dist.barrier()
+    write_rank_json(result, out_dir, f"decode_profile_rank{rank}.json")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,41 @@ def idle_spans(trace_path: str, top: int = 8) -> dict:
     return {k: {"ms": round(v[0], 2), "count": v[1]} for k, v in ranked}
 
 
+def kernel_ms_by_kind(prof: profile) -> tuple[dict[str, float], int]:
+    """A profile's CUDA kernel time (ms) summed by kind, and how many kernels ran."""
+    totals: dict[str, float] = {}
+    count = 0
+    for evt in prof.key_averages():
+        ms = getattr(evt, "device_time_total", getattr(evt, "cuda_time_total", 0.0)) / 1e3
+        if ms > 0 and str(evt.device_type).endswith("CUDA"):
+            totals[kind_of(evt.key)] = totals.get(kind_of(evt.key), 0.0) + ms
+            count += evt.count
+    return totals, count
+
+
+def llama3_8b(seq_len: int, table_len: int) -> tuple[int, int, dict, torch.Tensor]:
+    """(rank, world, get_model kwargs for LLaMA-3-8B bf16 on CUDA with a RoPE
+    table of ``table_len``, a random prompt of ``seq_len`` tokens, the same on every rank)."""
+    rank, world = maybe_init_dist()
+    args = {
+        "architecture": "llama",
+        "variant": "3-8b",
+        "device_type": "cuda",
+        "data_type": "bfloat16",
+        "max_expected_seq_len": table_len,
+    }
+    torch.manual_seed(0)
+    return rank, world, args, torch.randint(0, 32000, (1, seq_len), device="cuda")
+
+
+def write_rank_json(result: dict, out_dir: str, name: str) -> None:
+    """Write and print this rank's result, then wait for the other ranks."""
+    with open(os.path.join(out_dir, name), "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result, indent=1))
+    dist.barrier()
+
+
 def profiled_forward(model, ids) -> dict:
     with torch.no_grad():
         model(ids, last_n_tokens=1)
@@ -71,11 +106,7 @@ def profiled_forward(model, ids) -> dict:
             model(ids, last_n_tokens=1)
             end.record()
             torch.cuda.synchronize()
-    totals: dict[str, float] = {}
-    for evt in prof.key_averages():
-        ms = getattr(evt, "device_time_total", getattr(evt, "cuda_time_total", 0.0)) / 1e3
-        if ms > 0 and str(evt.device_type).endswith("CUDA"):
-            totals[kind_of(evt.key)] = totals.get(kind_of(evt.key), 0.0) + ms
+    totals, _ = kernel_ms_by_kind(prof)
     compute = sum(v for k, v in totals.items() if k != "communication")
     wall = start.elapsed_time(end)
     with tempfile.NamedTemporaryFile(suffix=".json") as trace:
@@ -92,16 +123,7 @@ def profiled_forward(model, ids) -> dict:
 
 def main() -> None:
     out_dir, seq_len = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 131072
-    rank, world = maybe_init_dist()
-    args = {
-        "architecture": "llama",
-        "variant": "3-8b",
-        "device_type": "cuda",
-        "data_type": "bfloat16",
-        "max_expected_seq_len": seq_len,
-    }
-    torch.manual_seed(0)  # the same prompt on every rank
-    ids = torch.randint(0, 32000, (1, seq_len), device="cuda")
+    rank, world, args, ids = llama3_8b(seq_len, seq_len)
     result = {"gpu": torch.cuda.get_device_name(), "world_size": world, "seq_len": seq_len}
     torch.manual_seed(0)
     ring = fmsring.get_model(**args, distributed_strategy="ring", ring_check_inputs=False).eval()
@@ -111,10 +133,7 @@ def main() -> None:
     if rank == 0:
         single = fms.models.get_model(**args, distributed_strategy="none").eval()
         result["single"] = profiled_forward(single, ids)
-    with open(os.path.join(out_dir, f"profile_rank{rank}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result, indent=1))
-    dist.barrier()
+    write_rank_json(result, out_dir, f"profile_rank{rank}.json")
 
 
 if __name__ == "__main__":
