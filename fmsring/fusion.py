@@ -34,13 +34,24 @@ FUSE_DEVICES: set[str] = {"cuda"}
 
 def fused(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` compiled (torch.compile, dynamic shapes) when its first tensor
-    argument is on one of :data:`FUSE_DEVICES`, eager otherwise."""
+    argument is on one of :data:`FUSE_DEVICES`, eager otherwise. A machine
+    where the compiler cannot build it (no Triton for the GPU, no C++
+    compiler) gets an error that says how to run without fusion."""
     compiled = torch.compile(fn, dynamic=True)
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         first = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
-        return (compiled if first.device.type in FUSE_DEVICES else fn)(*args, **kwargs)
+        if first.device.type not in FUSE_DEVICES:
+            return fn(*args, **kwargs)
+        try:
+            return compiled(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            raise RuntimeError(
+                f"torch.compile could not fuse {fn.__qualname__} on {first.device.type}: "
+                f"{str(e).splitlines()[0]}\nTo run without fusion, call "
+                f"fmsring.fusion.FUSE_DEVICES.discard({first.device.type!r}) before the first forward."
+            ) from e
 
     return run
 

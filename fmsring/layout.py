@@ -52,7 +52,7 @@ class ShardPlan:
     segments: tuple[tuple[tuple[int, int], ...], ...]
 
     @classmethod
-    def build(cls, seq_len: int, world_size: int, layout: str = "zigzag") -> "ShardPlan":
+    def build(cls, seq_len: int, world_size: int, layout: str = "zigzag") -> ShardPlan:
         if layout not in LAYOUTS:
             raise ValueError(f"unknown ring layout {layout!r}; choose one of {LAYOUTS}")
         if seq_len < world_size:
@@ -105,10 +105,10 @@ class ShardPlan:
         return out
 
     @cached_property
-    def _calls(self) -> dict[tuple[int, int], tuple["BlockCall", ...]]:
+    def _calls(self) -> dict[tuple[int, int], tuple[BlockCall, ...]]:
         return {}
 
-    def block_calls(self, rank: int, src: int) -> tuple["BlockCall", ...]:
+    def block_calls(self, rank: int, src: int) -> tuple[BlockCall, ...]:
         """The causal attention kernel calls of rank's queries against src's keys.
 
         A rank's own tokens are stored in global order, so its own block is

@@ -171,7 +171,7 @@ class SweepConfig(ModelSpec):
     # -- construction ----------------------------------------------------
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SweepConfig":
+    def from_dict(cls, d: dict[str, Any]) -> SweepConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -179,7 +179,7 @@ class SweepConfig(ModelSpec):
         return cls(**d)
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "SweepConfig":
+    def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> SweepConfig:
         import yaml
 
         with open(path) as f:
@@ -463,7 +463,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------------------
@@ -551,7 +551,7 @@ def _child_env(cfg: SweepConfig) -> dict[str, str]:
     return env
 
 
-_OOM = re.compile(r"out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED", re.I)
+_OOM = re.compile(r"out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED", re.IGNORECASE)
 _EXC = re.compile(r"^([\w.]*(?:Error|Exception|Interrupt|Exit)\b.*)$")
 _RANK_PREFIX = re.compile(r"^\[(?:default)?(?:rank)?\d+\]:\s*")
 _NOISE = re.compile(r"^(?:[EWI]\d{4} |\*+$|Setting OMP_NUM_THREADS|warnings\.warn|\^+$)")

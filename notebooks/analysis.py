@@ -35,7 +35,6 @@ from IPython.display import display
 from fmsring import analysis
 from fmsring.sweep import repo_root
 
-
 ROOT = repo_root()
 
 

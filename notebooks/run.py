@@ -55,12 +55,10 @@ extra: dict = {}  # any other SweepConfig field, e.g. {"bench_timeout_s": 600, "
 # %%
 from pathlib import Path
 
-import pandas as pd
 from IPython.display import display
 
 from fmsring import analysis
 from fmsring.sweep import SweepConfig, repo_root, run_sweep
-
 
 ROOT = repo_root()
 cfg = SweepConfig(

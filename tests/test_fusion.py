@@ -86,3 +86,12 @@ def test_fused_merge_helpers_match_eager(fused_on_cpu):
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=0)  # <= one bf16 ulp apart
     assert _compiled_frames() >= 2
+
+
+def test_a_machine_that_cannot_compile_gets_a_way_out(fused_on_cpu):
+    q = torch.randn(4, 8)
+    no_compiler = torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",), "force_disable_caches": True})
+    with no_compiler, pytest.raises(RuntimeError, match=r"FUSE_DEVICES.discard\('cpu'\)"):
+        pack_partial_auto(q, q[:, 0])
+    fusion.FUSE_DEVICES.discard("cpu")  # what the message says: eager from here on
+    torch.testing.assert_close(pack_partial_auto(q, q[:, 0]), pack_partial(q, q[:, 0]))

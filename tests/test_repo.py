@@ -24,5 +24,5 @@ def test_fms_is_used_through_its_hooks_not_patched():
 
     text = "\n".join(p.read_text() for p in sorted((ROOT / "fmsring").glob("*.py")))
     assert "register_attention_op(" in text
-    assert not re.search(r"^\s*(fms|MultiHeadAttention|LLaMA\w*|RotaryEmbedding)(\.\w+)+\s*=[^=]", text, re.M)
+    assert not re.search(r"^\s*(fms|MultiHeadAttention|LLaMA\w*|RotaryEmbedding)(\.\w+)+\s*=[^=]", text, re.MULTILINE)
     assert not re.search(r"setattr\(\s*(fms|MultiHeadAttention|LLaMA)", text)

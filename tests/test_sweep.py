@@ -295,7 +295,7 @@ def test_interrupt_and_resume(tmp_path: Path):
         text=True,
         start_new_session=True,
         # a shell's background job (`make test &`) ignores SIGINT, and children inherit that
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 - the test starts no threads
     )
     results = run_dir / "results.csv"
     deadline = time.monotonic() + 180
