@@ -11,7 +11,18 @@ import pandas as pd
 import pytest
 import torch
 
-from fmsring.bench import COLUMNS, BenchConfig, DistEnv, FlopShape, environment, model_flops, parse_args, parse_seq_len
+from fmsring.bench import (
+    COLUMNS,
+    BenchConfig,
+    DistEnv,
+    FlopShape,
+    environment,
+    load_model,
+    model_flops,
+    parse_args,
+    parse_seq_len,
+)
+from fmsring.fusion import FusedLayerNorm
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_LENS = (48, 61)  # 61: shards of unequal length
@@ -129,6 +140,18 @@ def test_cli_parsing() -> None:
     assert parse_seq_len("1M") == 1 << 20
     with pytest.raises(SystemExit):
         parse_args(["--strategies", "ring,bogus"])
+
+
+def test_fuse_peers_fuses_the_peers_and_says_so() -> None:
+    env = DistEnv(rank=0, world=1, device=torch.device("cpu"), ctrl=None, owns_group=False)
+    plain, fused = parse_args(["--model-kwargs", '{"nlayers": 1}']), parse_args(["--fuse-peers"])
+    assert fused.fuse_peers and environment(fused, env)["model"].endswith(" fused-peers")
+    fused.model_kwargs = plain.model_kwargs
+
+    def norms(cfg: BenchConfig) -> set[type]:
+        return {type(m) for m in load_model("single", cfg, env).modules() if "Norm" in type(m).__name__}
+
+    assert norms(plain) != {FusedLayerNorm} and norms(fused) == {FusedLayerNorm}
 
 
 def test_flops_formula() -> None:
