@@ -78,18 +78,15 @@ _SWAPS: dict[type, type] = {
 def fuse_elementwise(model: nn.Module) -> nn.Module:
     """Fuse the elementwise work of every FMS norm, gated MLP and RoPE in
     ``model``, in place; returns it."""
-    for m in _with_position_encoders(model):
+    for m in [*model.modules(), *position_encoders(model)]:
         if type(m) in _SWAPS:
             m.__class__ = _SWAPS[type(m)]
     return model
 
 
-def _with_position_encoders(model: nn.Module) -> list[object]:
-    """model.modules() plus the attention layers' position encoders, which in
-    FMS are plain objects shared by all layers, not submodules."""
-    found = {id(m): m for m in model.modules()}
-    for m in list(found.values()):
-        enc = getattr(m, "position_encoder", None)
-        if enc is not None:
-            found.setdefault(id(enc), enc)
-    return list(found.values())
+def position_encoders(model: nn.Module) -> list[Any]:
+    """The distinct position encoders of ``model``'s attention layers. FMS
+    shares one plain object (not a submodule) between all layers, so
+    ``model.modules()`` does not reach it."""
+    found = (getattr(m, "position_encoder", None) for m in model.modules())
+    return list({id(enc): enc for enc in found if enc is not None}.values())

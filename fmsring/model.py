@@ -22,7 +22,7 @@ from fmsring import ring_attention
 from fmsring.cache import RingCache, RingCacheState, new_cache_id
 from fmsring.comm import all_gather_padded, broadcast_weights, check_same_on_all_ranks, sync_rng
 from fmsring.decode_graph import DecodeGraphs, StepInputs
-from fmsring.fusion import fuse_elementwise
+from fmsring.fusion import fuse_elementwise, position_encoders
 from fmsring.layout import LAYOUTS, ShardPlan
 from fmsring.ring_attention import RingContext
 from fmsring.strategy import RingAttentionStrategy
@@ -103,7 +103,7 @@ class LlamaRing(nn.Module):
         self.cache_headroom = cache_headroom
         self.cuda_graphs = cuda_graphs
         self._graphs = DecodeGraphs()
-        self._rotaries = list({id(m.position_encoder): m.position_encoder for m in attns}.values())
+        self._rotaries = position_encoders(model)
         if fuse:
             fuse_elementwise(model)
         if ffn_chunk > 0:
