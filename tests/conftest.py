@@ -1,9 +1,36 @@
-"""Shared test setup: import this checkout's fmsring, draw figures off-screen."""
+"""Shared test setup: import this checkout's fmsring, draw figures off-screen,
+and seed every test's randomness from one seed that a failure prints."""
 
 import os
+import random
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MPLBACKEND", "Agg")
+SEED_ENV = "FMSRING_TEST_SEED"
+
+
+@pytest.fixture(autouse=True)
+def test_seed(request: pytest.FixtureRequest) -> int:
+    """Inputs are fresh random draws every run (exactness must hold for any input,
+    not for one), seeded so that a failure can be replayed: the failure report
+    names the seed, and ``FMSRING_TEST_SEED=<seed>`` draws the same inputs again."""
+    seed = int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(2**31))
+    random.seed(seed)
+    torch.manual_seed(seed)
+    request.node.fmsring_seed = seed
+    return seed
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    seed = getattr(item, "fmsring_seed", None)
+    if report.failed and seed is not None:
+        report.sections.append(("random seed", f"replay with: {SEED_ENV}={seed} pytest '{item.nodeid}'"))
+    return report
