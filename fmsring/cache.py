@@ -2,12 +2,15 @@
 
 FMS hands a model's cache back to it as a list of per-layer (K, V) pairs;
 ``RingCache`` is that list plus the bookkeeping every rank needs to agree on
-(who holds which global token), kept as Python ints so no step syncs the host.
+(who holds which global token, how many slots are allocated), kept as Python
+ints so that no step syncs the host. This module alone decides how many slots
+a cache has.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -22,6 +25,20 @@ def new_cache_id() -> int:
     return next(_CACHE_IDS)
 
 
+def capacity_for(old_fills: Sequence[int], new_fills: Sequence[int], capacity: int, headroom: int) -> int:
+    """Slots per layer, the same on every rank, once ranks' fills go from
+    ``old_fills`` to ``new_fills``: ``capacity`` while it suffices, else the
+    need plus ``headroom``, so that all ranks grow (and recapture a decode
+    graph) in the same step.
+
+    The need covers every new fill and one free slot past every old fill: a
+    one-token step writes its token on every rank, at the rank's first free
+    slot, so the write needs no branch.
+    """
+    need = max(max(new_fills), max(old_fills) + 1)
+    return capacity if need <= capacity else need + headroom
+
+
 @dataclass(frozen=True)
 class RingCacheState:
     """Global view of the sharded cache, identical on every rank (but slot_index).
@@ -29,9 +46,9 @@ class RingCacheState:
     seq_len: tokens cached in total; fills[r]: tokens rank r holds;
     slot_index: this rank's slots' global sequence indices (for masks), on
     the host so that a decode step copies nothing to the device;
-    capacity: slots per layer preallocated on every rank (the same on all, so
-    all ranks grow their buffers in the same step); cache_id: which prefill
-    made the cache (with capacity, it names the buffers' allocation).
+    capacity: slots per layer preallocated on every rank;
+    cache_id: which prefill made the cache (with capacity, it names the
+    buffers' allocation).
     """
 
     seq_len: int
@@ -64,29 +81,25 @@ class RingCacheState:
             fills[r] += 1
         return owners
 
-    def advanced(self, rank: int, owners: list[int], headroom: int) -> RingCacheState:
-        """The state after appending tokens with the given ``owners``.
-
-        Capacity must cover every rank's new fill and one free slot past every
-        old fill (a one-token step writes the token on every rank, at the
-        rank's first free slot, so the write needs no branch); when it does
-        not, every rank grows to the largest need plus ``headroom``.
-        """
-        fills = list(self.fills)
-        for r in owners:
-            fills[r] += 1
-        new_idx = [self.seq_len + i for i, r in enumerate(owners) if r == rank]
+    def extended(self, rank: int, new_indices: Sequence[Sequence[int]], headroom: int) -> RingCacheState:
+        """The state after appending tokens: ``new_indices[r]`` are the global
+        indices (counted from 0 = first cached token) that rank r appends, in order."""
+        fills = tuple(f + len(new) for f, new in zip(self.fills, new_indices))
         slot_index = self.slot_index
-        if new_idx:
-            slot_index = torch.cat([slot_index, torch.tensor(new_idx, dtype=slot_index.dtype)])
-        need = max(max(fills), max(self.fills) + 1)
+        if new_indices[rank]:
+            slot_index = torch.cat([slot_index, torch.as_tensor(list(new_indices[rank]), dtype=slot_index.dtype)])
         return replace(
             self,
-            seq_len=self.seq_len + len(owners),
-            fills=tuple(fills),
+            seq_len=self.seq_len + sum(len(new) for new in new_indices),
+            fills=fills,
             slot_index=slot_index,
-            capacity=need + headroom if need > self.capacity else self.capacity,
+            capacity=capacity_for(self.fills, fills, self.capacity, headroom),
         )
+
+    def advanced(self, rank: int, owners: list[int], headroom: int) -> RingCacheState:
+        """The state after appending tokens placed one by one (``owners[i]`` stores token i)."""
+        per_rank = [[self.seq_len + i for i, r in enumerate(owners) if r == dst] for dst in range(len(self.fills))]
+        return self.extended(rank, per_rank, headroom)
 
 
 def allocate_layer(tokens: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -109,8 +122,9 @@ class RingCache(list):
     """FMS's list of per-layer (K, V) buffers, carrying the ring's ``state``.
 
     Buffers are [b, capacity, kvh, d]; the first ``state.fills[rank]`` slots
-    are valid. They are written in place, so a cache is consumed by the step
-    that extends it.
+    are valid. They are written in place past the valid slots, so a step
+    leaves the cache it extended usable again from its own state (the next
+    call overwrites the same slots) -- unless it had to grow the buffers.
     """
 
     def __init__(self, layers, state: RingCacheState):

@@ -35,7 +35,12 @@ def group_device(group: dist.ProcessGroup | None) -> torch.device:
 
 
 class RingComm:
-    """Send to the next rank and receive from the previous one, one batched P2P per step."""
+    """Send to the next rank and receive from the previous one, one batched P2P per step.
+
+    One exchange is in flight at a time, and its receive buffer may be read
+    only after :meth:`wait`: both rules are checked, since breaking either
+    silently reads a half-received block.
+    """
 
     def __init__(self, group: dist.ProcessGroup | None = None):
         self.group = group if group is not None else dist.group.WORLD
@@ -43,10 +48,14 @@ class RingComm:
         self.world_size = dist.get_world_size(self.group)
         self.send_rank = dist.get_global_rank(self.group, (self.rank + 1) % self.world_size)
         self.recv_rank = dist.get_global_rank(self.group, (self.rank - 1) % self.world_size)
-        self._reqs: list[dist.Work] = []
+        self._reqs: list[dist.Work] | None = None
 
     def send_recv(self, to_send: torch.Tensor, recv_into: torch.Tensor) -> None:
-        """Start the exchange; ``wait()`` before reading ``recv_into``."""
+        """Start the exchange; ``wait()`` before reading ``recv_into`` or starting another."""
+        if self._reqs is not None:
+            raise RuntimeError("RingComm.send_recv: the previous exchange is still in flight; call wait() first")
+        if not (to_send.is_contiguous() and recv_into.is_contiguous()):
+            raise ValueError("RingComm.send_recv needs contiguous tensors")
         ops = [
             dist.P2POp(dist.isend, to_send, self.send_rank, self.group),
             dist.P2POp(dist.irecv, recv_into, self.recv_rank, self.group),
@@ -54,9 +63,21 @@ class RingComm:
         self._reqs = dist.batch_isend_irecv(ops)
 
     def wait(self) -> None:
+        """Finish the exchange in flight."""
+        if self._reqs is None:
+            raise RuntimeError("RingComm.wait: no exchange in flight (send_recv was not called)")
         for req in self._reqs:
             req.wait()
-        self._reqs = []
+        self._reqs = None
+
+
+def all_to_all(chunks: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """``chunks[r]`` goes to rank r; returns ``out`` with ``out[r]`` from rank r (dim 0 = ranks)."""
+    gdev = group_device(group)
+    send = chunks.contiguous().to(gdev)
+    out = torch.empty_like(send)
+    dist.all_to_all_single(out, send, group=group)
+    return out.to(chunks.device)
 
 
 def check_same_on_all_ranks(tensors: list[torch.Tensor | None], group: dist.ProcessGroup | None) -> None:

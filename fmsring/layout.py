@@ -105,29 +105,34 @@ class ShardPlan:
         return out
 
     @cached_property
-    def _calls(self) -> dict[tuple[int, int], tuple[BlockCall, ...]]:
+    def _calls(self) -> dict[tuple[int, int, int], tuple[BlockCall, ...]]:
         return {}
 
-    def block_calls(self, rank: int, src: int) -> tuple[BlockCall, ...]:
-        """The causal attention kernel calls of rank's queries against src's keys.
+    def block_calls(self, rank: int, src: int, cached: int = 0) -> tuple[BlockCall, ...]:
+        """The attention kernel calls of rank's queries against src's keys.
 
-        A rank's own tokens are stored in global order, so its own block is
-        exactly causal over the local order: one call. Against another rank,
+        src's keys are its ``cached`` tokens (a follow-up's cache shard, all
+        earlier than every token of this plan) followed by its tokens of this
+        plan, in that order. A rank's own tokens are stored in global order,
+        so its own block is exactly causal over the local order: one causal
+        call, after one unmasked call over its cache. Against another rank,
         segments are disjoint, so a key segment is wholly before a query
-        segment (no mask) or wholly after it (skipped); the keys wholly before a
-        query segment are a prefix of src's local tokens, so each query segment
-        needs one unmasked call, and neighbouring query segments that see the
-        same prefix share it.
+        segment (no mask) or wholly after it (skipped); the keys a query
+        segment sees are a prefix of src's keys, so each query segment needs
+        one unmasked call, and neighbouring query segments that see the same
+        prefix share it.
         """
-        key = (rank, src)
+        key = (rank, src, cached)
         if key not in self._calls:
             calls: list[BlockCall] = []
             if src == rank:
                 n = self.local_len(rank)
-                calls.append(BlockCall(0, n, 0, n, True))
+                if cached:
+                    calls.append(BlockCall(0, n, 0, cached, False))
+                calls.append(BlockCall(0, n, cached, cached + n, True))
             else:
                 for qs, qe, qoff in self._offsets(rank):
-                    prefix = sum(e - s for s, e in self.segments[src] if e <= qs)
+                    prefix = cached + sum(e - s for s, e in self.segments[src] if e <= qs)
                     if not prefix:
                         continue
                     if calls and calls[-1].k_hi == prefix and calls[-1].q_hi == qoff:

@@ -18,16 +18,21 @@ from fms.modules.feedforward import FeedForwardBlock, GatedLinearUnit
 from fms.modules.positions import RotaryEmbedding
 from torch import nn
 
-from fmsring import ring_attention
-from fmsring.cache import RingCache, RingCacheState, new_cache_id
+from fmsring import ring_attention  # importing it registers the "ring" attention op with FMS
+from fmsring.cache import RingCache, RingCacheState, capacity_for, new_cache_id
 from fmsring.comm import all_gather_padded, broadcast_weights, check_same_on_all_ranks, sync_rng
+from fmsring.decode import DecodeStep, ReplicatedStep
 from fmsring.decode_graph import DecodeGraphs, StepInputs
+from fmsring.followup import FOLLOWUP_MODES, Followup, FollowupShape, choose_followup
 from fmsring.fusion import fuse_elementwise, position_encoders
 from fmsring.layout import LAYOUTS, ShardPlan
-from fmsring.ring_attention import RingContext
 from fmsring.strategy import RingAttentionStrategy
 
 STRATEGIES = ("ring", "replicated", None, "", "tp", "mp", "fsdp", "hsdp", "ddp")
+RING_OPTIONS = (
+    "ring_layout", "ring_check_inputs", "ring_cache_headroom", "ring_ffn_chunk",
+    "ring_cuda_graphs", "ring_fuse", "ring_followup", "ring_prefill_chunk",
+)  # fmt: skip
 # RoPE variants whose angle at a position does not depend on the table's size,
 # so the table can be regrown exactly for longer prompts.
 _GROWABLE_ROPE = ("regular", "llama3", "yarn")
@@ -76,7 +81,15 @@ class LlamaRing(nn.Module):
     rotary positions (LLaMA, Granite, Mistral, Qwen3 were tested). Call it like
     the FMS model: ``model(ids, position_ids=..., mask=..., last_n_tokens=n,
     use_cache=..., past_key_value_states=...)``; every rank gets the logits the
-    unsharded model would return. ``fms.utils.generation.generate`` works on it.
+    unsharded model would return. ``fms.utils.generation.generate`` works on
+    it. It always runs without autograd (inference only), whatever the
+    caller's grad mode.
+
+    Each call is one attention mode (``fmsring.ring_attention``): a prompt is
+    a ring prefill (in chunks of ``prefill_chunk`` tokens if set); new tokens
+    on a cache are a sharded follow-up (``followup``: pass_kv, pass_q or
+    auto), one token the static decode step (a CUDA graph on GPUs), and steps
+    shorter than the world size or carrying a mask run replicated.
     """
 
     def __init__(
@@ -88,6 +101,8 @@ class LlamaRing(nn.Module):
         ffn_chunk: int = 16384,
         cuda_graphs: bool = True,
         fuse: bool = True,
+        followup: str = "auto",
+        prefill_chunk: int = 0,
     ):
         super().__init__()
         attns = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
@@ -97,11 +112,21 @@ class LlamaRing(nn.Module):
             )
         if any(not isinstance(m.position_encoder, RotaryEmbedding) for m in attns):
             raise ValueError(f"{type(model).__name__}: ring attention supports rotary-position decoders only")
+        if followup not in FOLLOWUP_MODES:
+            raise ValueError(f"unknown ring_followup {followup!r}; choose one of {FOLLOWUP_MODES}")
+        if prefill_chunk and prefill_chunk < strategy.world_size:
+            raise ValueError(
+                f"ring_prefill_chunk={prefill_chunk}: a chunk needs at least one token per rank "
+                f"({strategy.world_size}); 0 turns chunking off"
+            )
         self.model = model
         self.strategy = strategy
         self.check_inputs = check_inputs
         self.cache_headroom = cache_headroom
         self.cuda_graphs = cuda_graphs
+        self.followup = followup
+        self.prefill_chunk = prefill_chunk
+        self._attn = attns[0]
         self._graphs = DecodeGraphs()
         self._rotaries = position_encoders(model)
         if fuse:
@@ -113,6 +138,7 @@ class LlamaRing(nn.Module):
     def config(self):
         return self.model.config
 
+    @torch.no_grad()
     def forward(
         self,
         x: torch.Tensor,
@@ -128,7 +154,9 @@ class LlamaRing(nn.Module):
         if self.check_inputs:
             check_same_on_all_ranks([x, position_ids, mask], self.strategy.group)
         if use_cache and past_key_value_states:
-            return self._decode(x, position_ids, past_key_value_states, last_n_tokens, mask, attn_kwargs)
+            return self._continue(x, position_ids, past_key_value_states, last_n_tokens, mask, attn_kwargs)
+        if self.prefill_chunk and x.shape[1] > self.prefill_chunk and mask is None:
+            return self._chunked_prefill(x, position_ids, use_cache, last_n_tokens, attn_kwargs)
         return self._prefill(x, position_ids, use_cache, last_n_tokens, mask, attn_kwargs)
 
     def _validate(self, x, position_ids, mask, attn_kwargs) -> None:
@@ -170,28 +198,25 @@ class LlamaRing(nn.Module):
             rot.cached_freqs.get(device.index, {}).pop(alpha, None)
             rot.compute_freqs_cis(device, max_position + 1)
 
-    def _prefill(self, x, position_ids, use_cache, last_n_tokens, mask, attn_kwargs):
+    def _positions(self, x: torch.Tensor, position_ids: torch.Tensor | None, start: int) -> torch.Tensor:
+        """The tokens' positions (``start`` onwards unless given), with the RoPE tables grown to cover them."""
+        n = x.shape[1]
+        self._fit_rope(start + n - 1 if position_ids is None else int(position_ids.max()), x.device)
+        if position_ids is not None:
+            return position_ids
+        return torch.arange(start, start + n, device=x.device).expand(x.shape[0], -1)
+
+    def _sharded(self, x, positions, plan, last_n_tokens, use_cache, past, ctx, attn_kwargs):
+        """Run the FMS model on this rank's tokens of ``plan``; (logits of the last
+        ``last_n_tokens`` tokens, in order, on every rank; the model's cache list)."""
         st = self.strategy
-        batch, seq_len = x.shape
-        plan = st.plan(seq_len)
         local = plan.index_tensor(st.rank, x.device)
-        positions = (
-            position_ids if position_ids is not None else torch.arange(seq_len, device=x.device).expand(batch, -1)
-        )
-        max_pos = seq_len - 1 if position_ids is None else int(position_ids.max())
-        self._fit_rope(max_pos, x.device)
-        sync_rng(st.group, x.device)  # every generate() step after a prefill samples alike on all ranks
-        n_out = seq_len if last_n_tokens <= 0 else min(last_n_tokens, seq_len)
+        n_out = plan.seq_len if last_n_tokens <= 0 else min(last_n_tokens, plan.seq_len)
         counts = [plan.tail_count(r, n_out) for r in range(st.world_size)]
-        ctx = RingContext(
-            strategy=st,
-            plan=plan,
-            bias_blocks=self._bias_blocks(mask, plan, local) if mask is not None else None,
-            capacity=max(plan.local_lens) + self.cache_headroom,
-        )
         out = self.model(
             x.index_select(1, local),
             position_ids=positions.index_select(1, local),
+            past_key_value_states=past,
             use_cache=use_cache,
             last_n_tokens=max(counts[st.rank], 1) if last_n_tokens > 0 else 0,
             attn_name=ring_attention.ATTN_NAME,
@@ -199,23 +224,55 @@ class LlamaRing(nn.Module):
             **attn_kwargs,
         )
         logits, layers = out if use_cache else (out, None)
-        logits = self._gather_logits(logits[:, logits.shape[1] - counts[st.rank] :], plan, counts)
+        return self._gather_logits(logits[:, logits.shape[1] - counts[st.rank] :], plan, counts), layers
+
+    def _prefill(self, x, position_ids, use_cache, last_n_tokens, mask, attn_kwargs, capacity: int = 0):
+        """A ring prefill; with a cache of ``capacity`` slots per rank (default: the prompt plus headroom)."""
+        st = self.strategy
+        plan = st.plan(x.shape[1])
+        positions = self._positions(x, position_ids, 0)
+        sync_rng(st.group, x.device)  # every generate() step after a prefill samples alike on all ranks
+        zeros = (0,) * st.world_size
+        capacity = capacity or capacity_for(zeros, plan.local_lens, 0, self.cache_headroom)
+        bias_blocks = self._bias_blocks(mask, plan) if mask is not None else None
+        ctx = ring_attention.Prefill(st, plan, capacity, bias_blocks)
+        logits, layers = self._sharded(x, positions, plan, last_n_tokens, use_cache, None, ctx, attn_kwargs)
         if not use_cache:
             return logits
-        state = RingCacheState(
-            seq_len=seq_len,
-            fills=tuple(plan.local_lens),
-            slot_index=plan.index_tensor(st.rank),
-            capacity=ctx.capacity,
-            cache_id=new_cache_id(),
-        )
+        state = RingCacheState(x.shape[1], tuple(plan.local_lens), plan.index_tensor(st.rank), capacity, new_cache_id())
         return logits, RingCache(layers, state)
 
-    def _bias_blocks(self, mask: torch.Tensor, plan: ShardPlan, local: torch.Tensor) -> list[torch.Tensor | None]:
+    def _chunked_prefill(self, x, position_ids, use_cache, last_n_tokens, attn_kwargs):
+        """The prompt prefilled as a ring prefill of its first ``prefill_chunk``
+        tokens and follow-ups of the next ones, so activations scale with the
+        chunk and only the cache with the prompt. The cache is sized for the
+        whole prompt up front: it never grows on the way."""
+        st, chunk, n = self.strategy, self.prefill_chunk, x.shape[1]
+        bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+        if bounds[-1][1] - bounds[-1][0] < st.world_size:  # too short to shard: joins the chunk before
+            bounds[-2:] = [(bounds[-2][0], n)]
+        fills = [sum(col) for col in zip(*(st.plan(e - s).local_lens for s, e in bounds))]
+        capacity = capacity_for((0,) * st.world_size, fills, 0, self.cache_headroom)
+        n_out = n if last_n_tokens <= 0 else min(last_n_tokens, n)
+        pieces, cache = [], None
+        for s, e in bounds:
+            wanted = max(0, e - max(s, n - n_out))  # this chunk's tokens among the last n_out
+            ids, pos = x[:, s:e], None if position_ids is None else position_ids[:, s:e]
+            if cache is None:
+                logits, cache = self._prefill(ids, pos, True, wanted or 1, None, attn_kwargs, capacity)
+            else:
+                logits, cache = self._followup(ids, pos, cache, wanted or 1, attn_kwargs)
+            if wanted:
+                pieces.append(logits)
+        logits = torch.cat(pieces, dim=1)
+        return (logits, cache) if use_cache else logits
+
+    def _bias_blocks(self, mask: torch.Tensor, plan: ShardPlan) -> list[torch.Tensor | None]:
         """This rank's rows of the user's mask, cut into one additive block per source rank.
 
         Blocks that hide every key are None, so the ring skips their compute.
         """
+        local = plan.index_tensor(self.strategy.rank, mask.device)
         rows = _query_rows(mask, plan.seq_len).index_select(1, local)
         blocks: list[torch.Tensor | None] = []
         for src in range(plan.world_size):
@@ -223,74 +280,72 @@ class LlamaRing(nn.Module):
             blocks.append(blk if bool((blk > float("-inf")).any()) else None)
         return blocks
 
-    def _decode(self, x, position_ids, cache, last_n_tokens, mask, attn_kwargs):
-        st = self.strategy
+    def _continue(self, x, position_ids, cache, last_n_tokens, mask, attn_kwargs):
+        """New tokens on a cache: the static decode step, a sharded follow-up or a replicated step."""
         if not isinstance(cache, RingCache):
             raise TypeError(
                 "past_key_value_states must be the RingCache this model returned "
                 "(generate(..., contiguous_cache=True) rebuilds it as a plain list: leave it off)"
             )
-        state = cache.state
+        n = x.shape[1]
+        if n == 1 and mask is None:
+            return self._decode_step(x, position_ids, cache, last_n_tokens, attn_kwargs)
+        if mask is not None or n < self.strategy.world_size:
+            return self._replicated_step(x, position_ids, cache, last_n_tokens, mask, attn_kwargs)
+        return self._followup(x, position_ids, cache, last_n_tokens, attn_kwargs)
+
+    def _followup(self, x, position_ids, cache, last_n_tokens, attn_kwargs):
+        """A sharded follow-up: the new tokens laid out like a prompt, pass-KV or pass-Q."""
+        st, state = self.strategy, cache.state
+        plan = st.plan(x.shape[1])
+        new_indices = [[state.seq_len + i for i in plan.indices(r)] for r in range(st.world_size)]
+        new_state = self._extend(cache, state.extended(st.rank, new_indices, self.cache_headroom))
+        positions = self._positions(x, position_ids, state.seq_len)
+        mode = self.followup
+        if mode == "auto":
+            attn = self._attn
+            shape = FollowupShape(
+                new_tokens=x.shape[1],
+                cached_tokens=state.seq_len,
+                world_size=st.world_size,
+                heads=attn.nheads,
+                kv_heads=attn.kvheads,
+                head_dim=attn.emb_kq_per_head,
+                elem_bytes=cache[0][0].element_size(),
+            )
+            mode = choose_followup(shape)
+        ctx = Followup(st, plan, state.fills, mode)
+        logits, _ = self._sharded(x, positions, plan, last_n_tokens, True, list(cache), ctx, attn_kwargs)
+        return logits, RingCache(cache, new_state)
+
+    def _extend(self, cache: RingCache, new_state: RingCacheState) -> RingCacheState:
+        """Grow the buffers if ``new_state`` needs more slots; return it."""
+        if new_state.capacity != cache.state.capacity:
+            cache.grow(cache.state.fills[self.strategy.rank], new_state.capacity)
+        return new_state
+
+    def _replicated_step(self, x, position_ids, cache, last_n_tokens, mask, attn_kwargs):
+        """Every rank computes all new tokens; each stores the ones it owns and attends over its shard."""
+        st, state = self.strategy, cache.state
         n = x.shape[1]
         owners = state.place(n)
-        new_state = state.advanced(st.rank, owners, self.cache_headroom)
-        if new_state.capacity != state.capacity:
-            cache.grow(state.fills[st.rank], new_state.capacity)
-        query_index = torch.arange(state.seq_len, state.seq_len + n, device=x.device)
-        positions = position_ids if position_ids is not None else query_index.expand(x.shape[0], -1)
-        max_pos = state.seq_len + n - 1 if position_ids is None else int(position_ids.max())
-        self._fit_rope(max_pos, x.device)
-        if n == 1 and mask is None:
-            fill = state.fills[st.rank]
-            inputs = StepInputs(
-                ids=x,
-                positions=positions,
-                write_slot=torch.full((1,), fill, device=x.device),
-                kv_lens=torch.full((x.shape[0],), new_state.fills[st.rank], dtype=torch.int32, device=x.device),
-            )
-            layers = list(cache)
-
-            def step(inp: StepInputs) -> torch.Tensor:
-                ctx = RingContext(strategy=st, decoding=True, write_slot=inp.write_slot, kv_lens=inp.kv_lens)
-                return self.model(
-                    inp.ids,
-                    position_ids=inp.positions,
-                    past_key_value_states=layers,
-                    use_cache=True,
-                    last_n_tokens=last_n_tokens,
-                    attn_name=ring_attention.ATTN_NAME,
-                    ring=ctx,
-                    **attn_kwargs,
-                )[0]
-
-            if self.cuda_graphs and x.is_cuda and not attn_kwargs:
-                key = (
-                    x.shape[0],
-                    last_n_tokens,
-                    new_state.cache_id,
-                    new_state.capacity,
-                    self._rope_table_sizes(x.device),
-                )
-                logits = self._graphs.run(key, inputs, step)
-            else:
-                logits = step(inputs)
-            return logits, RingCache(cache, new_state)
+        new_state = self._extend(cache, state.advanced(st.rank, owners, self.cache_headroom))
+        positions = self._positions(x, position_ids, state.seq_len)
+        fill = state.fills[st.rank]
+        end = new_state.fills[st.rank]
         if mask is not None:
             if mask.shape[-1] != new_state.seq_len:
                 raise ValueError(
                     f"decode mask covers {mask.shape[-1]} keys; the cache plus new tokens hold {new_state.seq_len}"
                 )
             bias = _query_rows(mask, n).index_select(2, new_state.slot_index.to(mask.device))
-        else:
-            visible = new_state.slot_index.to(x.device).unsqueeze(0) <= query_index.unsqueeze(1)
-            bias = _additive(visible.unsqueeze(0))
-        ctx = RingContext(
-            strategy=st,
-            decoding=True,
-            fill=state.fills[st.rank],
-            new_slots=RingCacheState.owned(owners, st.rank),
-            decode_bias=bias,
-        )
+            blocks = [(0, end, bias)]
+        else:  # cached tokens all precede the new ones; among the owned new ones, causal by global index
+            query_index = torch.arange(state.seq_len, state.seq_len + n, device=x.device)
+            owned_index = new_state.slot_index[fill:].to(x.device)
+            causal = _additive((owned_index.unsqueeze(0) <= query_index.unsqueeze(1)).unsqueeze(0))
+            blocks = [(0, fill, None), (fill, end, causal)]
+        ctx = ReplicatedStep(st, fill, RingCacheState.owned(owners, st.rank), blocks)
         logits, _ = self.model(
             x,
             position_ids=positions,
@@ -301,6 +356,38 @@ class LlamaRing(nn.Module):
             ring=ctx,
             **attn_kwargs,
         )
+        return logits, RingCache(cache, new_state)
+
+    def _decode_step(self, x, position_ids, cache, last_n_tokens, attn_kwargs):
+        """One unmasked token: the static step, captured as a CUDA graph where possible."""
+        st, state = self.strategy, cache.state
+        new_state = self._extend(cache, state.advanced(st.rank, state.place(1), self.cache_headroom))
+        positions = self._positions(x, position_ids, state.seq_len)
+        inputs = StepInputs(
+            ids=x,
+            positions=positions,
+            write_slot=torch.full((1,), state.fills[st.rank], device=x.device),
+            kv_lens=torch.full((x.shape[0],), new_state.fills[st.rank], dtype=torch.int32, device=x.device),
+        )
+        layers = list(cache)
+
+        def step(inp: StepInputs) -> torch.Tensor:
+            return self.model(
+                inp.ids,
+                position_ids=inp.positions,
+                past_key_value_states=layers,
+                use_cache=True,
+                last_n_tokens=last_n_tokens,
+                attn_name=ring_attention.ATTN_NAME,
+                ring=DecodeStep(st, inp.write_slot, inp.kv_lens),
+                **attn_kwargs,
+            )[0]
+
+        if self.cuda_graphs and x.is_cuda and not attn_kwargs:
+            key = (x.shape[0], last_n_tokens, new_state.cache_id, new_state.capacity, self._rope_table_sizes(x.device))
+            logits = self._graphs.run(key, inputs, step)
+        else:
+            logits = step(inputs)
         return logits, RingCache(cache, new_state)
 
     def _rope_table_sizes(self, device: torch.device) -> tuple[int, ...]:
@@ -363,6 +450,8 @@ def get_model(
     ring_ffn_chunk: int = 16384,
     ring_cuda_graphs: bool = True,
     ring_fuse: bool = True,
+    ring_followup: str = "auto",
+    ring_prefill_chunk: int = 0,
     **kwargs: Any,
 ) -> nn.Module:
     """``fms.models.get_model`` that also accepts ``distributed_strategy="ring"``.
@@ -371,13 +460,20 @@ def get_model(
     :class:`LlamaRing`. ``"replicated"`` loads the plain, unsharded FMS model
     on every rank (FMS itself turns ``None`` into tensor parallel under
     torchrun). Any other strategy is passed to FMS unchanged. Random-init
-    models (no ``model_path``) get rank 0's weights on every rank.
+    models (no ``model_path``) get rank 0's weights on every rank. The
+    ``ring_*`` options are :class:`LlamaRing`'s; an unknown one is an error
+    (FMS would pass it on to the model config, where it is silently ignored).
     """
     if distributed_strategy not in STRATEGIES:
         raise ValueError(f"unknown distributed_strategy {distributed_strategy!r}; choose one of {STRATEGIES}")
+    unknown = sorted(k for k in kwargs if k.startswith("ring_"))
+    if unknown:
+        raise ValueError(f"unknown ring option(s) {unknown}; fmsring.get_model takes {RING_OPTIONS}")
     ours = distributed_strategy in ("ring", "replicated")
     if ours and ring_layout not in LAYOUTS:
         raise ValueError(f"unknown ring_layout {ring_layout!r}; choose one of {LAYOUTS}")
+    if ring_followup not in FOLLOWUP_MODES:
+        raise ValueError(f"unknown ring_followup {ring_followup!r}; choose one of {FOLLOWUP_MODES}")
     strategy = RingAttentionStrategy(group=group, layout=ring_layout) if distributed_strategy == "ring" else None
     # FMS treats a strategy name it does not know as replicated: every rank loads every weight.
     model = fms.models.get_model(
@@ -406,4 +502,6 @@ def get_model(
         ffn_chunk=ring_ffn_chunk,
         cuda_graphs=ring_cuda_graphs,
         fuse=ring_fuse,
+        followup=ring_followup,
+        prefill_chunk=ring_prefill_chunk,
     )

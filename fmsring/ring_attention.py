@@ -1,117 +1,78 @@
-"""The ``"ring"`` attention op, registered with FMS's attention-op registry.
+"""The ``"ring"`` attention op, registered with FMS's attention-op registry,
+and the K/V ring pass that prefill and follow-ups share.
 
-Prefill: each rank holds its queries and its own K/V; K/V (kv-heads only)
-travel around the ring while the block in hand is computed, and the partial
-results are merged with their log-sum-exp. Decode: the new token's query is
-replicated, every rank attends over its shard of the cache, and one
-all-gather of (out, lse) per layer merges the shards exactly.
+FMS's ``MultiHeadAttention`` calls a registered op in two parts: *store* (put
+this call's K/V into the cache) and *compute*. Every forward of
+:class:`fmsring.LlamaRing` passes one context object (keyword ``ring``) whose
+type is the attention of that call -- :class:`Prefill` here,
+:class:`fmsring.followup.Followup`, :class:`fmsring.decode.DecodeStep` or
+:class:`fmsring.decode.ReplicatedStep` -- and the op hands both parts to it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
-import torch.distributed as dist
 from fms.modules.attention import register_attention_op
 
 from fmsring.cache import allocate_layer
-from fmsring.kernels import (
-    attention_with_lse,
-    decode_attention_with_lse,
-    empty_partial,
-    merge_into,
-    merge_pair_auto,
-    merge_stacked_auto,
-    pack_partial_auto,
-)
+from fmsring.kernels import attention_with_lse, empty_partial, merge_into, merge_pair_auto
 from fmsring.layout import ShardPlan
 from fmsring.strategy import RingAttentionStrategy
 
 ATTN_NAME = "ring"
-# torch >= 2.13 renamed all_gather_into_tensor; the GPU image still has 2.11.
-_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
 
-@dataclass
-class RingContext:
-    """What one forward pass tells every layer's ring attention op.
+class AttentionMode(Protocol):
+    """What one forward tells every layer's ring op: how to store and how to attend."""
 
-    ``bias_blocks[src]`` (prefill with a user mask) is the additive mask of this
-    rank's queries against src's keys, or None where that block is fully masked.
-    Prefill with a cache allocates buffers of ``capacity`` slots. A decode step
-    either has device-side ``write_slot`` and ``kv_lens`` (one token, no mask:
-    the static-shape step, which a CUDA graph can replay), or stores the step's
-    tokens it owns (``new_slots``) after the ``fill`` valid slots and masks the
-    shard with ``decode_bias``.
-    """
+    def store(
+        self, keys: torch.Tensor, values: torch.Tensor, key_cache: torch.Tensor | None, value_cache: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """FMS's store op: (keys to compute on, values to compute on, key cache, value cache)."""
+        ...
 
-    strategy: RingAttentionStrategy
-    plan: ShardPlan | None = None
-    decoding: bool = False
-    bias_blocks: list[torch.Tensor | None] | None = None
-    fill: int = 0
-    capacity: int = 0
-    new_slots: slice | list[int] = field(default_factory=lambda: slice(0, 0))
-    decode_bias: torch.Tensor | None = None
-    write_slot: torch.Tensor | None = None
-    kv_lens: torch.Tensor | None = None
-    _buffers: list[torch.Tensor] = field(default_factory=list)
-
-    def recv_buffer(self, step: int, like: torch.Tensor, src: int) -> torch.Tensor:
-        """One of two receive buffers, allocated on the first layer and reused by all,
-        viewed at the shape of src's K/V."""
-        assert self.plan is not None
-        if not self._buffers:
-            numel = like[..., :1, :].numel() * max(self.plan.local_lens)
-            self._buffers = [like.new_empty(numel) for _ in range(2)]
-        shape = (*like.shape[:3], self.plan.local_len(src), like.shape[-1])
-        return self._buffers[step % 2][: torch.Size(shape).numel()].view(shape)
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of query [b, L, h, d] given what :meth:`store` returned; [b, L, h, d] in query's dtype."""
+        ...
 
 
-def _scale(query: torch.Tensor, scale_factor: float | None) -> float:
-    return scale_factor if scale_factor is not None else query.shape[-1] ** -0.5
+class RingBuffers:
+    """Flat scratch buffers for one forward's ring exchanges, allocated on the
+    first layer (sized for the largest block any rank sends) and reused by
+    every layer, so a 32-layer forward allocates them once."""
+
+    def __init__(self) -> None:
+        self._flat: dict[int, torch.Tensor] = {}
+
+    def get(self, index: int, shape: tuple[int, ...], capacity: int, like: torch.Tensor) -> torch.Tensor:
+        """Buffer ``index`` (of ``capacity`` elements, like ``like``) viewed as ``shape``."""
+        if index not in self._flat:
+            self._flat[index] = like.new_empty(capacity)
+        return self._flat[index][: math.prod(shape)].view(shape)
 
 
-def ring_store_op(keys, values, key_cache, value_cache, ring: RingContext, **_):
-    """Keep this rank's K/V in preallocated [b, capacity, kvh, d] buffers.
-
-    Prefill allocates them and stores all local tokens, computing on the
-    fresh keys. The static decode step writes its one token at ``write_slot``
-    on every rank (the owner's next slot; elsewhere a free slot no length
-    covers) and computes on the whole buffers; the masked decode step stores
-    only the tokens this rank owns and computes on the filled slots.
-    """
-    if not ring.decoding:
-        key_cache, value_cache = allocate_layer(keys, ring.capacity), allocate_layer(values, ring.capacity)
-        return keys, values, key_cache, value_cache
-    if ring.write_slot is not None:
-        key_cache.index_copy_(1, ring.write_slot, keys)
-        value_cache.index_copy_(1, ring.write_slot, values)
-        return key_cache, value_cache, key_cache, value_cache
-    k_new, v_new = keys[:, ring.new_slots], values[:, ring.new_slots]
-    end = ring.fill + k_new.shape[1]
-    key_cache[:, ring.fill : end].copy_(k_new)
-    value_cache[:, ring.fill : end].copy_(v_new)
-    return key_cache[:, :end], value_cache[:, :end], key_cache, value_cache
-
-
-class _Partials:
-    """The running (out, lse) of every local query row during one ring prefill.
+class Partials:
+    """The running (out, lse) of every local query row during one ring pass.
 
     A row's first partial is stored as is. When no row gets more than two
-    partials (W <= 2), the second is merged straight into the query dtype by
-    :func:`merge_pair` -- one fp32 computation, one rounding -- so no fp32
-    accumulator is held or streamed through; otherwise an fp32 accumulator
-    takes any number of merges.
+    partials (``pairwise``), the second is merged straight into the query
+    dtype by :func:`fmsring.kernels.merge_pair` -- one fp32 computation, one
+    rounding -- so no fp32 accumulator is held or streamed through; otherwise
+    an fp32 accumulator takes any number of merges. Rows that no key reaches
+    read as "no contribution" (out 0, lse -inf).
     """
 
     def __init__(self, q: torch.Tensor, pairwise: bool):
         self.shape, self.pairwise = q.shape, pairwise
+        self.like = q
         self.out: torch.Tensor | None = None
         self.lse: torch.Tensor | None = None
         self.written: list[tuple[int, int]] = []
-        if not pairwise:  # rows nothing reaches (masked) must read as "no contribution"
+        if not pairwise:
             self.out, self.lse = empty_partial(q)
 
     def add(self, lo: int, hi: int, blk_out: torch.Tensor, blk_lse: torch.Tensor) -> None:
@@ -122,8 +83,8 @@ class _Partials:
             if whole:
                 self.out, self.lse = blk_out, blk_lse
                 return
-            self.out = blk_out.new_empty(self.shape)
-            self.lse = blk_lse.new_empty(self.shape[:-1])
+            out, self.lse = empty_partial(self.like)
+            self.out = out.to(blk_out.dtype)
         assert self.lse is not None
         rows = slice(lo, hi)
         if fresh:
@@ -139,30 +100,50 @@ class _Partials:
         else:
             merge_into(self.out[:, :, rows], self.lse[:, :, rows], blk_out, blk_lse)
 
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out [b, h, L, d], lse [b, h, L] fp32); empty rows as "no contribution"."""
+        if self.out is None:
+            return empty_partial(self.like)
+        assert self.lse is not None
+        return self.out, self.lse
 
-def ring_prefill_op(query, keys, values, nheads, kvheads, p_dropout, scale_factor, ring: RingContext, **_):
-    """Ring attention over the whole sequence; query [b, Lq, h, d], K/V [b, Lk, kvh, d]."""
-    plan, strategy = ring.plan, ring.strategy
-    assert plan is not None
-    scale = _scale(query, scale_factor)
-    q = query.transpose(1, 2)
-    b, lk, kvh, d = keys.shape
-    kv = keys.new_empty(2, b, kvh, lk, d)  # what travels: kv-heads only
-    kv[0].copy_(keys.transpose(1, 2))
-    kv[1].copy_(values.transpose(1, 2))
+
+def ring_pass_kv(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    plan: ShardPlan,
+    cached: tuple[int, ...],
+    strategy: RingAttentionStrategy,
+    buffers: RingBuffers,
+    scale: float,
+    bias_blocks: list[torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """Attention of this rank's queries q [b, h, Lq, d] over every rank's keys,
+    the K/V blocks travelling around the ring while the block in hand is computed.
+
+    kv [2, b, kvh, cached[rank] + Lq, d] is this rank's keys and values: its
+    ``cached`` tokens (a follow-up's cache shard; 0 for a prefill) then its
+    tokens of ``plan``. Only kv-heads travel (GQA is never expanded), heads
+    before tokens, which is the layout cuDNN reads fastest. ``bias_blocks``
+    (a prefill with a user mask) is the additive mask of the queries against
+    each rank's keys, None where fully masked. Returns out [b, h, Lq, d].
+    """
     world, rank = strategy.world_size, strategy.rank
-    acc = _Partials(q, pairwise=world <= 2 and ring.bias_blocks is None)
+    _, b, kvh, _, d = kv.shape
+    capacity = 2 * b * kvh * d * max(c + n for c, n in zip(cached, plan.local_lens))
+    acc = Partials(q, pairwise=world <= 2 and not any(cached) and bias_blocks is None)
     for step in range(world):
         src = (rank - step) % world
         if step + 1 < world:
-            incoming = ring.recv_buffer(step, kv, (src - 1) % world)
+            nxt = (src - 1) % world
+            incoming = buffers.get(step % 2, (2, b, kvh, cached[nxt] + plan.local_len(nxt), d), capacity, kv)
             strategy.comm.send_recv(kv, incoming)
-        if ring.bias_blocks is not None:
-            bias = ring.bias_blocks[src]
+        if bias_blocks is not None:
+            bias = bias_blocks[src]
             if bias is not None:
                 acc.add(0, q.shape[2], *attention_with_lse(q, kv[0], kv[1], scale, bias=bias))
         else:
-            for c in plan.block_calls(rank, src):
+            for c in plan.block_calls(rank, src, cached[src]):
                 blk = attention_with_lse(
                     q[:, :, c.q_lo : c.q_hi],
                     kv[0, :, :, c.k_lo : c.k_hi],
@@ -174,11 +155,10 @@ def ring_prefill_op(query, keys, values, nheads, kvheads, p_dropout, scale_facto
         if step + 1 < world:
             strategy.comm.wait()
             kv = incoming
-    assert acc.out is not None
-    return _to_query_layout(acc.out, query)
+    return acc.result()[0]
 
 
-def _to_query_layout(out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+def to_query_layout(out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     """[b, h, L, d] (any float dtype) -> [b, L, h, d] contiguous in the query's dtype.
 
     cuDNN writes its output in the query's memory layout, which already is
@@ -190,44 +170,56 @@ def _to_query_layout(out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(query).copy_(view)
 
 
-def ring_decode_op(query, keys, values, nheads, kvheads, p_dropout, scale_factor, ring: RingContext, **_):
-    """Attend over this rank's cache shard and merge all shards; query [b, n, h, d],
-    K/V [b, slots, kvh, d]. One all-gather per layer, no host sync."""
-    strategy = ring.strategy
-    q = query.transpose(1, 2)
-    scale = _scale(query, scale_factor)
-    if ring.kv_lens is not None:
-        out, lse = decode_attention_with_lse(q, keys, values, ring.kv_lens, scale)
-    elif keys.shape[1]:
-        out, lse = attention_with_lse(q, keys.transpose(1, 2), values.transpose(1, 2), scale, bias=ring.decode_bias)
-    else:
-        out, lse = empty_partial(q)
-    if strategy.world_size > 1:
-        packed = pack_partial_auto(out, lse)
-        stacked = packed.new_empty((strategy.world_size * packed.shape[0], *packed.shape[1:]))
-        _all_gather_single(stacked, packed, group=strategy.group)
-        stacked = stacked.view(strategy.world_size, *packed.shape)
-        out = merge_stacked_auto(stacked[..., :-1], stacked[..., -1], query.dtype)
-    return _to_query_layout(out, query)
+def heads_major(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """K/V [b, L, kvh, d] (FMS's and the cache's layout) packed as one [2, b, kvh, L, d] tensor, what the ring sends."""
+    b, n, kvh, d = keys.shape
+    kv = keys.new_empty(2, b, kvh, n, d)
+    kv[0].copy_(keys.transpose(1, 2))
+    kv[1].copy_(values.transpose(1, 2))
+    return kv
 
 
-def _is_prefill(ring: RingContext | None = None, **_) -> bool:
-    return ring is None or not ring.decoding
+@dataclass
+class Prefill:
+    """A ring prefill: every rank holds its tokens of ``plan``; with a cache,
+    each layer's K/V go into new buffers of ``capacity`` slots."""
+
+    strategy: RingAttentionStrategy
+    plan: ShardPlan
+    capacity: int
+    bias_blocks: list[torch.Tensor | None] | None = None
+    buffers: RingBuffers = field(default_factory=RingBuffers)
+
+    def store(self, keys, values, key_cache, value_cache):
+        return keys, values, allocate_layer(keys, self.capacity), allocate_layer(values, self.capacity)
+
+    def attend(self, query, keys, values, scale):
+        kv = heads_major(keys, values)
+        zeros = (0,) * self.strategy.world_size
+        out = ring_pass_kv(
+            query.transpose(1, 2), kv, self.plan, zeros, self.strategy, self.buffers, scale, self.bias_blocks
+        )
+        return to_query_layout(out, query)
 
 
-def _validate(input_ids, position_ids, past_key_value_states, ring: RingContext | None = None, **_) -> None:
-    if not isinstance(ring, RingContext):
+def _store_op(keys, values, key_cache, value_cache, ring: AttentionMode, **_):
+    return ring.store(keys, values, key_cache, value_cache)
+
+
+def _compute_op(query, keys, values, nheads, kvheads, p_dropout, scale_factor, ring: AttentionMode, **_):
+    scale = scale_factor if scale_factor is not None else query.shape[-1] ** -0.5
+    return ring.attend(query, keys, values, scale)
+
+
+def _validate(input_ids, position_ids, past_key_value_states, ring: AttentionMode | None = None, **_) -> None:
+    if ring is None or not hasattr(ring, "attend"):
         raise ValueError(
             f"attn_name={ATTN_NAME!r} is driven by fmsring.LlamaRing; build the model with "
             "fmsring.get_model(..., distributed_strategy='ring') instead of passing attn_name yourself"
         )
 
 
-register_attention_op(
-    ATTN_NAME,
-    ring_store_op,
-    ring_prefill_op,
-    is_prefill_op=_is_prefill,
-    compute_decode_op=ring_decode_op,
-    validate_attn_kwargs_op=_validate,
-)
+# Every call goes to ``compute_prefill`` (FMS's default is_prefill is always
+# True): the context object, not FMS's prefill/decode split, says which
+# attention runs.
+register_attention_op(ATTN_NAME, _store_op, _compute_op, validate_attn_kwargs_op=_validate)

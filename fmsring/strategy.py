@@ -43,14 +43,3 @@ class RingAttentionStrategy(DistributedStrategy):
 
     def plan(self, seq_len: int) -> ShardPlan:
         return ShardPlan.build(seq_len, self.world_size, self.layout)
-
-    def shard(self, x: torch.Tensor, plan: ShardPlan, dim: int = 1) -> torch.Tensor:
-        """This rank's tokens of ``x`` (global order along ``dim``), in local order."""
-        return x.index_select(dim, plan.index_tensor(self.rank, x.device))
-
-    def position_ids(self, plan: ShardPlan, batch: int, device: torch.device) -> torch.Tensor:
-        """Global positions of this rank's tokens for an unpadded batch."""
-        return plan.index_tensor(self.rank, device).unsqueeze(0).expand(batch, -1)
-
-    def last_token_rank(self, seq_len: int) -> int:
-        return self.plan(seq_len).owner(seq_len - 1)
