@@ -34,21 +34,35 @@ def attention_with_lse(
     bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of one block, returning (out, lse); lse is fp32, out
-    fp32 or the input dtype (the merge promotes it).
-
-    On CUDA with half-precision inputs and no bias this is a fused kernel:
-    cuDNN for prefill blocks, flash for a few query rows against a long cache
-    (decode). Otherwise an fp32 math path. Shapes and semantics are those of
+    fp32 or the input dtype (the merge promotes it). The kernel is
+    :func:`select_kernel`'s choice; shapes and semantics are those of
     :func:`math_attention_with_lse`.
     """
-    if q.is_cuda and bias is None and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 128:
-        if q.shape[2] <= DECODE_ROWS and not causal:
-            return flash_attention_with_lse(q, k, v, scale)
+    kernel = select_kernel(q.device.type, q.dtype, q.shape[-1], q.shape[2], causal, bias is not None)
+    if kernel == "flash":
+        return flash_attention_with_lse(q, k, v, scale)
+    if kernel == "cudnn":
         return cudnn_attention_with_lse(q, k, v, scale, causal)
     return math_attention_with_lse(q, k, v, scale, causal, bias)
 
 
 DECODE_ROWS = 16
+FUSED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def select_kernel(device_type: str, dtype: torch.dtype, head_dim: int, q_rows: int, causal: bool, bias: bool) -> str:
+    """Which kernel :func:`attention_with_lse` runs for a block: "cudnn", "flash" or "math".
+
+    On CUDA with half-precision inputs and no bias, a fused kernel that
+    returns the log-sum-exp and takes GQA K/V without expanding them: flash
+    for a few query rows against many keys (decode-like blocks), cuDNN for
+    everything else (the fastest measured for prefill blocks:
+    docs/performance.md). Otherwise the fp32 math path, which materialises
+    the block's scores.
+    """
+    if device_type != "cuda" or bias or dtype not in FUSED_DTYPES or head_dim > 128:
+        return "math"
+    return "flash" if q_rows <= DECODE_ROWS and not causal else "cudnn"
 
 
 def flash_attention_with_lse(
@@ -116,9 +130,8 @@ def cudnn_attention_with_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cuDNN fused attention returning (out in q's dtype, lse in fp32).
 
-    cuDNN takes GQA K/V with kv-heads only, causal blocks included. Measured
-    on H100 (runs/2026-11-25_h100x2_probe): 565-677 TFLOP/s for ring block
-    shapes, against ~350 for the flash backend and ~180 for mem-efficient.
+    cuDNN takes GQA K/V with kv-heads only, causal blocks included, and K/V
+    in any strides (heads-major is what it reads fastest).
     """
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
     return res[0], res[1].view(q.shape[:-1])

@@ -127,6 +127,7 @@ class LlamaRing(nn.Module):
         self.followup = followup
         self.prefill_chunk = prefill_chunk
         self._attn = attns[0]
+        self._n_layers = len(attns)
         self._graphs = DecodeGraphs()
         self._rotaries = position_encoders(model)
         if fuse:
@@ -227,8 +228,17 @@ class LlamaRing(nn.Module):
         return self._gather_logits(logits[:, logits.shape[1] - counts[st.rank] :], plan, counts), layers
 
     def _prefill(self, x, position_ids, use_cache, last_n_tokens, mask, attn_kwargs, capacity: int = 0):
-        """A ring prefill; with a cache of ``capacity`` slots per rank (default: the prompt plus headroom)."""
+        """A ring prefill; with a cache of ``capacity`` slots per rank (default: the prompt plus headroom).
+
+        A prompt shorter than the world size cannot be sharded: it runs as a
+        replicated step on an empty cache.
+        """
         st = self.strategy
+        if x.shape[1] < st.world_size:
+            sync_rng(st.group, x.device)
+            cache = self._empty_cache(x.shape[0], capacity or x.shape[1] + self.cache_headroom)
+            logits, cache = self._replicated_step(x, position_ids, cache, last_n_tokens, mask, attn_kwargs)
+            return (logits, cache) if use_cache else logits
         plan = st.plan(x.shape[1])
         positions = self._positions(x, position_ids, 0)
         sync_rng(st.group, x.device)  # every generate() step after a prefill samples alike on all ranks
@@ -241,6 +251,16 @@ class LlamaRing(nn.Module):
             return logits
         state = RingCacheState(x.shape[1], tuple(plan.local_lens), plan.index_tensor(st.rank), capacity, new_cache_id())
         return logits, RingCache(layers, state)
+
+    def _empty_cache(self, batch: int, capacity: int) -> RingCache:
+        """A cache holding no token yet, with ``capacity`` zeroed slots per layer."""
+        attn, param = self._attn, next(self.model.parameters())
+        dims = (attn.emb_kq_per_head, attn.emb_v_per_head)
+        layers = [
+            tuple(param.new_zeros(batch, capacity, attn.kvheads, d) for d in dims) for _ in range(self._n_layers)
+        ]
+        zeros = (0,) * self.strategy.world_size
+        return RingCache(layers, RingCacheState(0, zeros, torch.empty(0, dtype=torch.long), capacity, new_cache_id()))
 
     def _chunked_prefill(self, x, position_ids, use_cache, last_n_tokens, attn_kwargs):
         """The prompt prefilled as a ring prefill of its first ``prefill_chunk``
