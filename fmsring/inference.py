@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "one-token-per-character tokenizer of 256 ids, which fits only the micro variant)",
     )
     p.add_argument("--device_type", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--default_dtype", choices=sorted(DTYPES), default=None, help="default: the model's own")
+    p.add_argument("--default_dtype", choices=sorted(DTYPES), default=None, help="default: torch's, float32")
     p.add_argument(
         "--distributed_strategy", default="ring", help="ring, replicated (one copy per rank), or any FMS strategy"
     )
