@@ -1,43 +1,71 @@
 """Generate text with ring attention; the flags of FMS's scripts/inference.py.
 
-    torchrun --nproc_per_node=2 -m fmsring.inference --architecture llama \\
-        --variant 3-8b --model_path ckpt/ --model_source hf --tokenizer ckpt/ \\
-        --device_type cuda --default_dtype bf16 --distributed_strategy ring \\
-        --prompt "Once upon a time" --max_new_tokens 64
+    torchrun --standalone --nproc_per_node=2 -m fmsring.inference --architecture hf_pretrained \\
+        --model_path "$CKPT" --tokenizer "$CKPT" --prompt "Once upon a time" --max_new_tokens 64
 
 Rank 0 prints each completion, the time to first token and the median
-per-token latency.
+per-token latency. --turns FILE and --interactive hold a conversation whose
+KV cache stays sharded over the ranks between turns (fmsring.conversation).
+Prompts start with the tokenizer's BOS token, as in FMS's script.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import statistics
+import sys
+import warnings
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from fms.utils.generation import generate, pad_input_ids
-from fms.utils.tokenizers import get_tokenizer
+from fms.utils.tokenizers import BaseTokenizer, get_tokenizer
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 import fmsring
+from fmsring.conversation import Conversation
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+HF_PRETRAINED = "hf_pretrained"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--architecture", default="llama")
-    p.add_argument("--variant", default="micro")
-    p.add_argument("--model_path", default=None)
-    p.add_argument("--model_source", default=None, help="checkpoint format, e.g. hf")
-    p.add_argument("--tokenizer", default="char_tokenizer", help="tokenizer name or path")
+    p = argparse.ArgumentParser(
+        prog="fmsring.inference", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--architecture",
+        default="llama",
+        help=f"an FMS architecture (with --variant), or {HF_PRETRAINED}: a Hugging Face checkpoint, "
+        "configured by its own config.json",
+    )
+    p.add_argument(
+        "--variant",
+        default=None,
+        help=f"the FMS configuration, e.g. micro (a tiny random LLaMA) or 3-8b; with {HF_PRETRAINED}, "
+        "a Hugging Face model id to download instead of --model_path",
+    )
+    p.add_argument("--model_path", default=None, help="checkpoint directory or file")
+    p.add_argument("--model_source", default=None, help="checkpoint format for FMS architectures, e.g. hf")
+    p.add_argument(
+        "--tokenizer",
+        default="char_tokenizer",
+        help="tokenizer name or path, e.g. the checkpoint directory (default: char_tokenizer, FMS's "
+        "one-token-per-character tokenizer of 256 ids, which fits only the micro variant)",
+    )
     p.add_argument("--device_type", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--default_dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("--default_dtype", choices=sorted(DTYPES), default=None, help="default: torch's, float32")
     p.add_argument(
         "--distributed_strategy", default="ring", help="ring, replicated (one copy per rank), or any FMS strategy"
     )
     p.add_argument("--ring_layout", default="zigzag", choices=["zigzag", "contiguous"])
-    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--max_new_tokens", type=int, default=32, help="per prompt, or per turn of a conversation")
     p.add_argument("--no_use_cache", action="store_true", help="re-run the whole prompt for every new token")
     p.add_argument("--do_sample", action="store_true")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -46,14 +74,66 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
     src.add_argument("--prompt_file", type=Path, help="one prompt per line")
-    return p.parse_args(argv)
+    src.add_argument(
+        "--turns",
+        type=Path,
+        help="a conversation: blocks of text separated by blank lines, the first the prompt, each next "
+        "one a follow-up on the kept cache, its text appended as it is (batch 1)",
+    )
+    src.add_argument("--interactive", action="store_true", help="a conversation read from stdin, one turn a line")
+    args = p.parse_args(argv)
+    _check_args(p, args)
+    return args
 
 
-def main(argv: list[str] | None = None) -> list[str]:
-    args = parse_args(argv)
-    rank, _ = fmsring.maybe_init_dist()
-    torch.manual_seed(args.seed)
-    model = fmsring.get_model(
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject what FMS would reject later (after loading the weights) or with a less direct message."""
+    if args.architecture == HF_PRETRAINED:
+        if (args.variant is None) == (args.model_path is None):
+            p.error(
+                f"--architecture {HF_PRETRAINED} takes --model_path (a local checkpoint directory) "
+                "or --variant (a Hugging Face model id), exactly one of them"
+            )
+        if args.model_source is not None:
+            p.error(f"--architecture {HF_PRETRAINED} reads Hugging Face checkpoints only: drop --model_source")
+    elif args.variant is None:
+        p.error(
+            f"--architecture {args.architecture} needs --variant (e.g. micro, a tiny random model); "
+            f"for a Hugging Face checkpoint directory use --architecture {HF_PRETRAINED} --model_path DIR"
+        )
+    if args.turns or args.interactive:
+        mode = "--turns" if args.turns else "--interactive"
+        if args.distributed_strategy != "ring":
+            p.error(f"{mode} keeps the ring's sharded cache between turns: it needs --distributed_strategy ring")
+        if args.no_use_cache:
+            p.error(f"{mode} keeps the KV cache between turns: drop --no_use_cache")
+        if args.turns and not args.turns.is_file():
+            p.error(f"--turns {args.turns}: no such file")
+        if args.turns and not split_turns(args.turns.read_text()):
+            p.error(f"--turns {args.turns} holds no text")
+    if args.max_new_tokens < 1:
+        p.error("--max_new_tokens must be at least 1")
+
+
+def init_dist(device_type: str, ring: bool) -> int:
+    """Join torchrun's process group, or make a one-process group (ring attention needs
+    a group even alone); return this rank. The backend follows ``--device_type``, not
+    the host: CPU ranks on a GPU machine need gloo."""
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    timeout = timedelta(minutes=10)  # a dead peer becomes an error, not a hang
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if device_type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=timeout)
+    elif ring:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        return 0
+    return dist.get_rank()
+
+
+def load_model(args: argparse.Namespace) -> nn.Module:
+    return fmsring.get_model(
         args.architecture,
         args.variant,
         model_path=args.model_path,
@@ -63,21 +143,59 @@ def main(argv: list[str] | None = None) -> list[str]:
         distributed_strategy=args.distributed_strategy,
         **({"ring_layout": args.ring_layout} if args.distributed_strategy == "ring" else {}),
     ).eval()
-    tokenizer = get_tokenizer(args.tokenizer)
+
+
+def tokenizer_size(tokenizer: BaseTokenizer) -> int:
+    """Ids the tokenizer can produce (FMS's HF wrapper's own vocab_size() is broken in 1.13.1)."""
+    inner = getattr(tokenizer, "tokenizer", None)
+    return len(inner) if isinstance(inner, PreTrainedTokenizerBase) else tokenizer.vocab_size()
+
+
+def check_vocab(tokenizer: BaseTokenizer, name: str, model: nn.Module) -> None:
+    """A tokenizer with more ids than the model's embedding has rows fails deep in the
+    first forward (an index error on CPUs, a device-side assert on GPUs): say so first."""
+    n_tok, n_model = tokenizer_size(tokenizer), model.config.src_vocab_size
+    if n_tok > n_model:
+        raise SystemExit(
+            f"fmsring.inference: error: tokenizer {name!r} has {n_tok} token ids but the model's vocabulary "
+            f"has {n_model}: pass the checkpoint's tokenizer, --tokenizer PATH (the default, char_tokenizer, "
+            "fits only the micro variant)"
+        )
+
+
+def encode(tokenizer: BaseTokenizer, text: str, bos: bool) -> list[int]:
+    # FMS flags its tokenize/convert API deprecated, yet its HF and char tokenizers have no other
+    # common API; silenced so every run does not print the warnings.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text))
+    return ([tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []) + ids
+
+
+def decode(tokenizer: BaseTokenizer, ids: torch.Tensor) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(ids))
+
+
+def print_timing(ttft_s: float, per_token_s: float) -> None:
+    print(f"time to first token: {ttft_s * 1e3:.1f} ms; per-token latency (median): {per_token_s * 1e3:.2f} ms")
+    sys.stdout.flush()  # a conversation's reader waits for it
+
+
+def complete(args: argparse.Namespace, model: nn.Module, tokenizer: BaseTokenizer, rank: int) -> list[str]:
+    """One generate() over the prompts, left-padded into a batch."""
     prompts = (
         args.prompt_file.read_text().splitlines() if args.prompt_file else (args.prompt or ["Hello, ring attention!"])
     )
     device = next(model.parameters()).device
-    encoded = [
-        torch.tensor(tokenizer.convert_tokens_to_ids(tokenizer.tokenize(p)), dtype=torch.long, device=device)
-        for p in prompts
-    ]
+    encoded = [torch.tensor(encode(tokenizer, p, bos=True), dtype=torch.long, device=device) for p in prompts]
     ids, padding = pad_input_ids(encoded) if len(encoded) > 1 else (encoded[0].unsqueeze(0), None)
     with torch.no_grad():
         out, times = generate(
             model,
             ids,
-            max_seq_len=1 << 30,
+            max_seq_len=ids.shape[1] + args.max_new_tokens,  # generate keeps only this many last tokens
             max_new_tokens=args.max_new_tokens,
             use_cache=not args.no_use_cache,
             do_sample=args.do_sample,
@@ -86,18 +204,75 @@ def main(argv: list[str] | None = None) -> list[str]:
             timing="per-token",
             extra_kwargs=padding,
         )
-    texts = [tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(row[ids.shape[1] :])) for row in out]
+    texts = [decode(tokenizer, row[ids.shape[1] :]) for row in out]
     if rank == 0:
+        per_token = statistics.median(times[1:]) if len(times) > 1 else float("nan")
         for prompt, text in zip(prompts, texts):
             print(f"{prompt!r} -> {text!r}")
-        per_token = statistics.median(times[1:]) * 1e3 if len(times) > 1 else float("nan")
-        print(f"time to first token: {times[0] * 1e3:.1f} ms; per-token latency (median): {per_token:.2f} ms")
+        print_timing(times[0], per_token)
     return texts
+
+
+def split_turns(text: str) -> list[str]:
+    """A --turns file's blocks: text separated by blank (or whitespace-only) lines."""
+    return [block.strip("\n") for block in re.split(r"\n[ \t]*\n", text) if block.strip()]
+
+
+def read_turns(args: argparse.Namespace) -> Iterator[str]:
+    if args.turns:
+        yield from split_turns(args.turns.read_text())
+        return
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.rstrip("\n")
+
+
+def shared_turns(turns: Iterator[str] | None) -> Iterator[str]:
+    """Rank 0's turns on every rank. Only rank 0 reads: torchrun hands stdin to rank 0
+    alone. The broadcast has its own gloo group with a long timeout, since it waits
+    for a person typing, while the model's group keeps its short one."""
+    group = dist.new_group(backend="gloo", timeout=timedelta(days=1))
+    while True:
+        box = [next(turns, None) if turns is not None else None]
+        dist.broadcast_object_list(box, src=0, group=group)
+        if box[0] is None:
+            return
+        yield box[0]
+
+
+def converse(args: argparse.Namespace, model: nn.Module, tokenizer: BaseTokenizer, rank: int) -> list[str]:
+    """A conversation on one kept, sharded cache: each turn is one follow-up step."""
+    chat = Conversation(model, do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k)
+    replies: list[str] = []
+    for text in shared_turns(read_turns(args) if rank == 0 else None):
+        turn = chat.say(encode(tokenizer, text, bos=not replies), args.max_new_tokens)
+        replies.append(decode(tokenizer, turn.tokens))
+        if rank == 0:
+            print(f"{text!r} -> {replies[-1]!r}")
+            print_timing(turn.ttft_s, turn.per_token_s)
+    return replies
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    args = parse_args(argv)
+    rank = init_dist(args.device_type, ring=args.distributed_strategy == "ring")
+    torch.manual_seed(args.seed)
+    tokenizer = get_tokenizer(args.tokenizer)  # before the weights: a bad path fails fast
+    model = load_model(args)
+    check_vocab(tokenizer, args.tokenizer, model)
+    if args.turns or args.interactive:
+        return converse(args, model, tokenizer, rank)
+    return complete(args, model, tokenizer, rank)
 
 
 if __name__ == "__main__":
     try:
         main()
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,70 @@
+"""A tiny LLaMA checkpoint directory with its own tokenizer, as a user's checkpoint has one,
+and Hugging Face greedy references to hold fmsring's tokens against.
+
+The tokenizer is character level (printable ASCII and newline, no merges) and,
+like LLaMA's, prepends its BOS token; the model's vocabulary is exactly its size.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+BOS, UNK = "<s>", "<unk>"
+CHARS = ["\n", *map(chr, range(32, 127))]
+
+
+def write_tokenizer(path: str) -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate([BOS, UNK, *CHARS])}
+    tok = Tokenizer(models.BPE(vocab, [], unk_token=UNK))
+    tok.decoder = decoders.Fuse()  # characters join without spaces
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, unk_token=UNK)
+    fast.save_pretrained(path)
+    return fast
+
+
+def write_checkpoint(path, kvheads: int = 2, max_pos: int = 64) -> str:
+    """A 2-layer GQA (by default) LLaMA with a tokenizer, saved the way HF saves them."""
+    path = str(path)
+    tokenizer = write_tokenizer(path)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kvheads,
+        max_position_embeddings=max_pos,
+        rope_theta=10000.0,
+        initializer_range=0.15,  # wide logit gaps: greedy ties would make token checks flaky
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=None,  # no early stop: every reply has its full length
+        pad_token_id=None,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def hf_model(path: str) -> LlamaForCausalLM:
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_greedy(hf: LlamaForCausalLM, ids: list[int], n_new: int) -> list[int]:
+    """HF's greedy continuation of ``ids``, recomputed from scratch."""
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+    return out[0, len(ids) :].tolist()
+
+
+def hf_conversation(hf: LlamaForCausalLM, turns: list[list[int]], n_new: list[int]) -> list[list[int]]:
+    """Each turn's greedy reply of ``n_new[i]`` tokens, HF generate run on the whole conversation so far."""
+    context: list[int] = []
+    replies = []
+    for turn, n in zip(turns, n_new, strict=True):
+        context += turn
+        replies.append(hf_greedy(hf, context, n))
+        context += replies[-1]
+    return replies
