@@ -10,20 +10,30 @@ import torch
 import torch.distributed as dist
 
 
-def maybe_init_dist(timeout_s: float = 600.0) -> tuple[int, int]:
-    """Join the process group that ``torchrun`` describes, if any; return (rank, world).
+def maybe_init_dist(
+    device_type: str | None = None, timeout_s: float = 600.0, alone: bool = False
+) -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes; return (rank, world).
 
-    NCCL when CUDA is there, gloo otherwise. The timeout turns a dead or stuck
-    peer into an error instead of a hang.
+    The backend follows ``device_type`` (NCCL for "cuda", gloo otherwise;
+    default: the host has a GPU): CPU ranks on a GPU machine need gloo.
+    Without torchrun, ``alone`` makes a group of one process (ring attention
+    runs on one too); otherwise none is made. The timeout turns a dead or
+    stuck peer into an error instead of a hang.
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=timeout)
+    elif alone:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
         return 0, 1
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -12,7 +12,6 @@ Prompts start with the tokenizer's BOS token, as in FMS's script.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
 import sys
@@ -113,23 +112,6 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--turns {args.turns} holds no text")
     if args.max_new_tokens < 1:
         p.error("--max_new_tokens must be at least 1")
-
-
-def init_dist(device_type: str, ring: bool) -> int:
-    """Join torchrun's process group, or make a one-process group (ring attention needs
-    a group even alone); return this rank. The backend follows ``--device_type``, not
-    the host: CPU ranks on a GPU machine need gloo."""
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    timeout = timedelta(minutes=10)  # a dead peer becomes an error, not a hang
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        if device_type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=timeout)
-    elif ring:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    else:
-        return 0
-    return dist.get_rank()
 
 
 def load_model(args: argparse.Namespace) -> nn.Module:
@@ -260,7 +242,7 @@ def converse(args: argparse.Namespace, model: nn.Module, tokenizer: BaseTokenize
 
 def main(argv: list[str] | None = None) -> list[str]:
     args = parse_args(argv)
-    rank = init_dist(args.device_type, ring=args.distributed_strategy == "ring")
+    rank, _ = fmsring.maybe_init_dist(args.device_type, alone=args.distributed_strategy == "ring")
     torch.manual_seed(args.seed)
     tokenizer = get_tokenizer(args.tokenizer)  # before the weights: a bad path fails fast
     model = load_model(args)

@@ -166,6 +166,8 @@ class LlamaRing(nn.Module):
                 "input_ids must be an integer tensor [batch, seq]; "
                 f"got {getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}"
             )
+        if x.shape[1] == 0:
+            raise ValueError(f"input_ids has no tokens: {tuple(x.shape)}")
         device = next(self.model.parameters()).device
         for name, t in (("input_ids", x), ("position_ids", position_ids), ("mask", mask)):
             if t is not None and t.device != device:

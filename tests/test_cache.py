@@ -52,3 +52,12 @@ def test_grow_keeps_the_filled_slots_and_zeros_the_rest():
         for o, n in zip(old, new):
             assert n.shape == (2, 11, 3, 4)
             assert torch.equal(n[:, :fill], o[:, :fill]) and torch.all(n[:, fill:] == 0)
+
+
+def test_capacity_is_kept_while_it_suffices_and_grows_with_headroom_once_it_does_not():
+    from fmsring.cache import capacity_for
+
+    assert capacity_for((0, 0), (5, 4), 0, 3) == 8  # a prefill: the larger shard plus headroom
+    assert capacity_for((5, 4), (5, 5), 8, 3) == 8  # fits: unchanged
+    assert capacity_for((5, 5), (9, 9), 8, 3) == 12  # a follow-up outgrows it
+    assert capacity_for((8, 7), (8, 8), 8, 3) == 12  # fits the fills, but a one-token step needs a slot past 8

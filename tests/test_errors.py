@@ -21,6 +21,23 @@ def test_unknown_names_are_clear_errors():
         fmsring.get_model("llama", "micro", distributed_strategy="rng")
     with pytest.raises(ValueError, match="unknown ring_layout 'spiral'"):
         fmsring.get_model("llama", "micro", distributed_strategy="ring", ring_layout="spiral")
+    with pytest.raises(ValueError, match=r"unknown ring option\(s\) \['ring_tp'\]"):
+        fmsring.get_model("llama", "micro", distributed_strategy="ring", ring_tp=2)
+    with pytest.raises(ValueError, match="unknown ring_followup 'pass_x'"):
+        fmsring.get_model("llama", "micro", distributed_strategy="ring", ring_followup="pass_x")
+
+
+def _bad_chunk(rank, world):
+    try:
+        fmsring.get_model("llama", "micro", distributed_strategy="ring", nlayers=1, ring_prefill_chunk=world - 1)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_prefill_chunk_smaller_than_the_world_is_a_clear_error_on_every_rank():
+    for message in run_ranks(3, _bad_chunk):
+        assert message is not None and "at least one token per rank" in message
 
 
 def _expect_errors(rank, world):
@@ -31,7 +48,7 @@ def _expect_errors(rank, world):
     ids = torch.randint(0, 256, (1, 9))
     cases = {
         "different_ids": lambda: model(torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(rank))),
-        "too_short": lambda: model(ids[:, :1]),
+        "empty": lambda: model(ids[:, :0]),
         "float_ids": lambda: model(ids.float()),
         "wrong_device": lambda: model(ids.to("meta")),
         "bad_mask": lambda: model(ids, mask=torch.zeros(1, 4, 9)),
@@ -59,7 +76,7 @@ def _expect_errors(rank, world):
 def test_bad_inputs_raise_on_every_rank():
     expected = {
         "different_ids": ("ValueError", "different inputs"),
-        "too_short": ("ValueError", "at least one token per rank"),
+        "empty": ("ValueError", "no tokens"),
         "float_ids": ("TypeError", "integer tensor"),
         "wrong_device": ("ValueError", "is on meta"),
         "bad_mask": ("ValueError", "mask must be"),

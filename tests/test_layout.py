@@ -1,5 +1,7 @@
 """Token layouts: coverage, balance, and the causal block schedule."""
 
+import random
+
 import pytest
 import torch
 
@@ -20,21 +22,30 @@ def test_every_token_on_exactly_one_rank(layout, L, W):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("L,W", CASES)
-def test_block_calls_cover_the_causal_mask_once(layout, L, W):
-    """The union of all kernel calls is exactly the lower triangle, with no pair twice."""
+@pytest.mark.parametrize("follow_up", [False, True])
+def test_block_calls_cover_the_causal_mask_once(layout, L, W, follow_up):
+    """The union of all kernel calls is exactly the lower triangle, with no pair twice.
+
+    As a follow-up, every rank's keys are first its cached tokens (all earlier
+    than the plan's, uneven across ranks), then its tokens of the plan: new
+    queries must see every cached key once and the new keys causally.
+    """
     plan = ShardPlan.build(L, W, layout)
-    hits = torch.zeros(L, L, dtype=torch.long)
+    cached = [random.randrange(0, 5) + (r % 2) for r in range(W)] if follow_up else [0] * W
+    starts = [sum(cached[:r]) for r in range(W)]  # rank r's cached tokens: global [starts[r], +cached[r])
+    P = sum(cached)
+    hits = torch.zeros(L, P + L, dtype=torch.long)
     for r in range(W):
         q_idx = torch.tensor(plan.indices(r))
         for src in range(W):
-            k_idx = torch.tensor(plan.indices(src))
-            for c in plan.block_calls(r, src):
+            k_idx = torch.tensor(list(range(starts[src], starts[src] + cached[src])) + [P + i for i in plan.indices(src)])
+            for c in plan.block_calls(r, src, cached[src]):
                 vis = torch.ones(c.q_hi - c.q_lo, c.k_hi - c.k_lo, dtype=torch.long)
                 if c.causal:
                     vis = vis.tril()
                 qi, ki = q_idx[c.q_lo : c.q_hi], k_idx[c.k_lo : c.k_hi]
                 hits[qi.unsqueeze(1), ki.unsqueeze(0)] += vis
-    assert torch.equal(hits, torch.ones(L, L, dtype=torch.long).tril())
+    assert torch.equal(hits, torch.ones(L, P + L, dtype=torch.long).tril(P))
 
 
 @pytest.mark.parametrize("W", (2, 3, 4, 8))
