@@ -1,8 +1,8 @@
 """A one-token decode step captured as a CUDA graph and replayed.
 
-A decode step at long context moves little data (~8 ms of HBM traffic for
-LLaMA-3-8B at 128K on 2 GPUs) but launches hundreds of small kernels from
-Python; replaying them as one graph removes the launch cost. The step must
+A decode step is bound by the bytes it reads, yet launches hundreds of small
+kernels from Python, each costing more to launch than to run; replaying them
+as one graph removes the launch cost (docs/performance.md has the numbers). The step must
 have static shapes -- the ring's static decode path (preallocated cache,
 device-side write slot and lengths) does -- and the same step must be
 captured on every rank at the same time, since it contains a collective.

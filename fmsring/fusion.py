@@ -1,10 +1,10 @@
 """Elementwise work fused by torch.compile: fmsring's merges and FMS's own
 norms, gated MLPs and RoPE, without changing FMS.
 
-At 128K tokens ~15% of each GPU's prefill time is FMS's elementwise
-kernels: RMSNorm in several fp32 passes, RoPE as an fp32 [..., 2, 2]
-product, SiLU and the gate product apart. In a one-token decode step small
-kernels like these are most of the ~1,300 launched. Compiling FMS's own
+FMS computes RMSNorm in several fp32 passes, RoPE as an fp32 [..., 2, 2]
+product, SiLU and the gate product apart: a sizeable share of a long
+prefill's time, and most of the kernels a one-token decode step launches
+(docs/performance.md measures both). Compiling FMS's own
 methods -- the same math, so the same results up to fp32 reassociation and
 where bf16 rounding happens -- turns each into one or two kernels; the
 matmuls stay cuBLAS.

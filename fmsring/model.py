@@ -1,4 +1,4 @@
-"""LlamaRing and ``fmsring.get_model``: an FMS causal LM run with ring attention.
+"""LlamaRing: an FMS causal LM run with ring attention.
 
 Every rank passes the same full ``input_ids``; LlamaRing feeds the model only
 this rank's tokens (with their global positions), so embeddings, MLPs and
@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import fms.models
 import torch
-import torch.distributed as dist
 from fms.modules.attention import MultiHeadAttention, TPMultiHeadAttention
 from fms.modules.feedforward import FeedForwardBlock, GatedLinearUnit
 from fms.modules.positions import RotaryEmbedding
@@ -20,19 +18,14 @@ from torch import nn
 
 from fmsring import ring_attention  # importing it registers the "ring" attention op with FMS
 from fmsring.cache import RingCache, RingCacheState, capacity_for, new_cache_id
-from fmsring.comm import all_gather_padded, broadcast_weights, check_same_on_all_ranks, sync_rng
+from fmsring.comm import all_gather_padded, check_same_on_all_ranks, sync_rng
 from fmsring.decode import DecodeStep, ReplicatedStep
 from fmsring.decode_graph import DecodeGraphs, StepInputs
 from fmsring.followup import FOLLOWUP_MODES, Followup, FollowupShape, choose_followup
 from fmsring.fusion import fuse_elementwise, position_encoders
-from fmsring.layout import LAYOUTS, ShardPlan
+from fmsring.layout import ShardPlan
 from fmsring.strategy import RingAttentionStrategy
 
-STRATEGIES = ("ring", "replicated", None, "", "tp", "mp", "fsdp", "hsdp", "ddp")
-RING_OPTIONS = (
-    "ring_layout", "ring_check_inputs", "ring_cache_headroom", "ring_ffn_chunk",
-    "ring_cuda_graphs", "ring_fuse", "ring_followup", "ring_prefill_chunk",
-)  # fmt: skip
 # RoPE variants whose angle at a position does not depend on the table's size,
 # so the table can be regrown exactly for longer prompts.
 _GROWABLE_ROPE = ("regular", "llama3", "yarn")
@@ -454,76 +447,3 @@ def _additive(mask: torch.Tensor) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
     return mask.float()
-
-
-def get_model(
-    architecture: str,
-    variant: str | None = None,
-    model_path: str | None = None,
-    source: str | None = None,
-    device_type: str = "cpu",
-    data_type: str | torch.dtype | None = None,
-    distributed_strategy: str | None = None,
-    checkpoint_sharding: str | None = None,
-    group: dist.ProcessGroup | None = None,
-    ring_layout: str = "zigzag",
-    ring_check_inputs: bool = True,
-    ring_cache_headroom: int = 256,
-    ring_ffn_chunk: int = 16384,
-    ring_cuda_graphs: bool = True,
-    ring_fuse: bool = True,
-    ring_followup: str = "auto",
-    ring_prefill_chunk: int = 0,
-    **kwargs: Any,
-) -> nn.Module:
-    """``fms.models.get_model`` that also accepts ``distributed_strategy="ring"``.
-
-    With ``"ring"`` the weights are loaded whole on every rank and wrapped in
-    :class:`LlamaRing`. ``"replicated"`` loads the plain, unsharded FMS model
-    on every rank (FMS itself turns ``None`` into tensor parallel under
-    torchrun). Any other strategy is passed to FMS unchanged. Random-init
-    models (no ``model_path``) get rank 0's weights on every rank. The
-    ``ring_*`` options are :class:`LlamaRing`'s; an unknown one is an error
-    (FMS would pass it on to the model config, where it is silently ignored).
-    """
-    if distributed_strategy not in STRATEGIES:
-        raise ValueError(f"unknown distributed_strategy {distributed_strategy!r}; choose one of {STRATEGIES}")
-    unknown = sorted(k for k in kwargs if k.startswith("ring_"))
-    if unknown:
-        raise ValueError(f"unknown ring option(s) {unknown}; fmsring.get_model takes {RING_OPTIONS}")
-    ours = distributed_strategy in ("ring", "replicated")
-    if ours and ring_layout not in LAYOUTS:
-        raise ValueError(f"unknown ring_layout {ring_layout!r}; choose one of {LAYOUTS}")
-    if ring_followup not in FOLLOWUP_MODES:
-        raise ValueError(f"unknown ring_followup {ring_followup!r}; choose one of {FOLLOWUP_MODES}")
-    strategy = RingAttentionStrategy(group=group, layout=ring_layout) if distributed_strategy == "ring" else None
-    # FMS treats a strategy name it does not know as replicated: every rank loads every weight.
-    model = fms.models.get_model(
-        architecture,
-        variant,
-        model_path,
-        source,
-        device_type,
-        data_type,
-        "replicated" if ours else distributed_strategy,
-        checkpoint_sharding,
-        group,
-        **kwargs,
-    )
-    if not ours:
-        return model
-    if dist.is_initialized() and model_path is None and architecture != "hf_pretrained":
-        broadcast_weights(model, group)
-    if strategy is None:
-        return model
-    return LlamaRing(
-        model,
-        strategy,
-        check_inputs=ring_check_inputs,
-        cache_headroom=ring_cache_headroom,
-        ffn_chunk=ring_ffn_chunk,
-        cuda_graphs=ring_cuda_graphs,
-        fuse=ring_fuse,
-        followup=ring_followup,
-        prefill_chunk=ring_prefill_chunk,
-    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from fms.distributed.strategy import DistributedStrategy
 from torch import nn

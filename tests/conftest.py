@@ -15,6 +15,15 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 SEED_ENV = "FMSRING_TEST_SEED"
 
 
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Tiny random LLaMA checkpoints written with ``save_pretrained``: MHA and GQA."""
+    from tests.tiny_checkpoint import write_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpt")
+    return {"mha": write_checkpoint(root / "mha", kvheads=4), "gqa": write_checkpoint(root / "gqa", kvheads=2)}
+
+
 @pytest.fixture(autouse=True)
 def test_seed(request: pytest.FixtureRequest) -> int:
     """Inputs are fresh random draws every run (exactness must hold for any input,

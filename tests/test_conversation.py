@@ -17,9 +17,8 @@ import pytest
 import torch
 
 from tests.distributed import run_ranks
-from tests.tiny_checkpoint import CHARS, hf_conversation, hf_model, write_checkpoint
+from tests.tiny_checkpoint import VOCAB, hf_conversation, hf_model, write_checkpoint
 
-VOCAB = 2 + len(CHARS)
 MAX_POS = 48
 
 

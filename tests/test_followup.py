@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.distributed import run_ranks
-from tests.test_model import VOCAB, checkpoints, fms_model, hf_model  # noqa: F401 -- checkpoints is a fixture
+from tests.tiny_checkpoint import VOCAB, fms_model, hf_model
 
 MODES = ("auto", "pass_kv", "pass_q")
 

@@ -38,7 +38,8 @@ def test_block_calls_cover_the_causal_mask_once(layout, L, W, follow_up):
     for r in range(W):
         q_idx = torch.tensor(plan.indices(r))
         for src in range(W):
-            k_idx = torch.tensor(list(range(starts[src], starts[src] + cached[src])) + [P + i for i in plan.indices(src)])
+            cache_idx = list(range(starts[src], starts[src] + cached[src]))
+            k_idx = torch.tensor(cache_idx + [P + i for i in plan.indices(src)])
             for c in plan.block_calls(r, src, cached[src]):
                 vis = torch.ones(c.q_hi - c.q_lo, c.k_hi - c.k_lo, dtype=torch.long)
                 if c.causal:

@@ -25,48 +25,9 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.distributed import run_ranks
-
-VOCAB = 96
-MAX_POS = 64  # prompts go past it: ring must regrow RoPE tables exactly
-
-
-def write_checkpoint(path, kvheads: int) -> str:
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=kvheads,
-        max_position_embeddings=MAX_POS,
-        rope_theta=10000.0,
-        initializer_range=0.15,  # wide logit gaps: greedy ties would make token checks flaky
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    return {"mha": write_checkpoint(root / "mha", 4), "gqa": write_checkpoint(root / "gqa", 2)}
-
-
-def hf_model(path, dtype=torch.float32):
-    return LlamaForCausalLM.from_pretrained(path, dtype=dtype).eval()
-
-
-def fms_model(path, dtype=torch.float32, strategy="replicated", **kw):
-    import fmsring
-
-    return fmsring.get_model("hf_pretrained", model_path=path, data_type=dtype, distributed_strategy=strategy, **kw)
+from tests.tiny_checkpoint import MAX_POS, VOCAB, fms_model, hf_model  # prompts go past MAX_POS
 
 
 def hf_padded_logits(hf, prompts):

@@ -13,6 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 BOS, UNK = "<s>", "<unk>"
 CHARS = ["\n", *map(chr, range(32, 127))]
+VOCAB = 2 + len(CHARS)  # the model's vocabulary: the tokenizer's ids
+MAX_POS = 64
 
 
 def write_tokenizer(path: str) -> PreTrainedTokenizerFast:
@@ -25,7 +27,7 @@ def write_tokenizer(path: str) -> PreTrainedTokenizerFast:
     return fast
 
 
-def write_checkpoint(path, kvheads: int = 2, max_pos: int = 64) -> str:
+def write_checkpoint(path, kvheads: int = 2, max_pos: int = MAX_POS) -> str:
     """A 2-layer GQA (by default) LLaMA with a tokenizer, saved the way HF saves them."""
     path = str(path)
     tokenizer = write_tokenizer(path)
@@ -48,8 +50,15 @@ def write_checkpoint(path, kvheads: int = 2, max_pos: int = 64) -> str:
     return path
 
 
-def hf_model(path: str) -> LlamaForCausalLM:
-    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+def hf_model(path: str, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    return LlamaForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def fms_model(path: str, dtype: torch.dtype = torch.float32, strategy: str = "replicated", **kw):
+    """The checkpoint through fmsring.get_model (``"ring"``, or the plain FMS model on every rank)."""
+    import fmsring
+
+    return fmsring.get_model("hf_pretrained", model_path=path, data_type=dtype, distributed_strategy=strategy, **kw)
 
 
 def hf_greedy(hf: LlamaForCausalLM, ids: list[int], n_new: int) -> list[int]:

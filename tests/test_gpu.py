@@ -1,0 +1,115 @@
+"""GPU-only paths: the fused attention kernels, the captured decode step, the
+fused elementwise work. Marked ``cuda``: skipped without a GPU, run by
+``make test-gpu`` on one.
+
+References are the fp32 math path (kernels) and the same model run eagerly or
+unsharded (model paths); bf16 tolerances as the harness judges them.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("kvh", [8, 32])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("token_major", [False, True])
+def test_fused_block_kernels_match_fp32_math(kvh, causal, token_major):
+    """cuDNN and flash blocks (heads-major K/V as the ring sends them, token-major as pass-Q reads the cache)."""
+    from fmsring.kernels import attention_with_lse, math_attention_with_lse, select_kernel
+
+    for lq in (random.randrange(1, 16), random.randrange(100, 700)):
+        lk = lq if causal else random.randrange(lq, 2000)
+        q = torch.randn(2, 32, lq, 128, device="cuda", dtype=torch.bfloat16)
+        kv = torch.randn(2, 2, lk, kvh, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (kv[i].transpose(1, 2) if token_major else kv[i].transpose(1, 2).contiguous() for i in range(2))
+        out, lse = attention_with_lse(q, k, v, 128**-0.5, causal)
+        ref_out, ref_lse = math_attention_with_lse(q, k, v, 128**-0.5, causal)
+        assert select_kernel("cuda", q.dtype, 128, lq, causal, False) != "math"
+        assert _rel(out, ref_out) < 1e-2, (lq, lk)
+        assert (lse.float() - ref_lse).abs().max() < 1e-2
+
+
+def test_flash_decode_over_a_preallocated_cache_matches_fp32_math():
+    from fmsring.kernels import decode_attention_with_lse, math_attention_with_lse
+
+    b, cap, kvh = 3, 4096, 8
+    lens = torch.tensor([random.randrange(1, cap), 0, cap], dtype=torch.int32, device="cuda")
+    q = torch.randn(b, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    kc, vc = (torch.randn(b, cap, kvh, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    out, lse = decode_attention_with_lse(q, kc, vc, lens, 128**-0.5)
+    for i, n in enumerate(lens.tolist()):
+        if n == 0:
+            assert torch.all(lse[i] == float("-inf"))
+            continue
+        k, v = kc[i : i + 1, :n].transpose(1, 2), vc[i : i + 1, :n].transpose(1, 2)
+        ref, _ = math_attention_with_lse(q[i : i + 1], k, v, 128**-0.5)
+        assert _rel(out[i : i + 1], ref) < 1e-2
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    import torch.distributed as dist
+
+    import fmsring
+
+    fmsring.maybe_init_dist("cuda", alone=True)
+    yield
+    dist.destroy_process_group()
+
+
+def _models(**ring_kw):
+    import fmsring
+
+    kw = dict(architecture="llama", variant="micro", device_type="cuda", data_type=torch.bfloat16, nlayers=2)
+    torch.manual_seed(0)
+    ring = fmsring.get_model(**kw, distributed_strategy="ring", **ring_kw)
+    torch.manual_seed(0)
+    plain = fmsring.get_model(**kw, distributed_strategy="replicated")
+    return ring, plain
+
+
+def test_ring_prefill_followups_and_captured_decode_on_one_gpu(one_rank_group):
+    """Prefill, a pass-KV and a pass-Q follow-up, and captured decode steps: the plain FMS model's
+    logits within bf16 tolerance, and the captured step's tokens equal to the eager step's."""
+    ring, plain = _models()
+    ids = torch.randint(0, 256, (1, random.randrange(300, 700)), device="cuda")
+    with torch.no_grad():
+        want = plain(ids, use_cache=True)[0]
+        got, cache = ring(ids[:, :-40], use_cache=True)
+        assert _rel(got, want[:, :-40]) < 2e-2
+        for mode, (lo, hi) in (("pass_kv", (-40, -20)), ("pass_q", (-20, None))):
+            ring.followup = mode
+            got, cache = ring(ids[:, lo:hi], past_key_value_states=cache, use_cache=True)
+            assert _rel(got, want[:, lo:hi]) < 2e-2, mode
+    tokens = {}
+    for graphs in (True, False):
+        ring.cuda_graphs = graphs
+        with torch.no_grad():
+            logits, step_cache = ring(ids, use_cache=True, last_n_tokens=1)
+            out = []
+            for _ in range(8):
+                nxt = logits[:, -1].argmax(-1, keepdim=True)
+                out.append(nxt)
+                logits, step_cache = ring(nxt, past_key_value_states=step_cache, use_cache=True, last_n_tokens=1)
+        tokens[graphs] = torch.cat(out, dim=1)
+    assert torch.equal(tokens[True], tokens[False])
+
+
+def test_chunked_prefill_on_one_gpu(one_rank_group):
+    ring, plain = _models(ring_prefill_chunk=128)
+    ids = torch.randint(0, 256, (1, random.randrange(400, 900)), device="cuda")
+    with torch.no_grad():
+        assert _rel(ring(ids), plain(ids, use_cache=True)[0]) < 2e-2
