@@ -11,7 +11,7 @@ captured on every rank at the same time, since it contains a collective.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -25,9 +25,17 @@ class StepInputs:
     write_slot: torch.Tensor  # [1] int64: this rank's slot for the new K/V
     kv_lens: torch.Tensor  # [b] int32: this rank's valid slots after the write
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The fields themselves (``dataclasses.astuple`` would deep-copy them)."""
+        return [getattr(self, f.name) for f in fields(self)]
+
     def copy_(self, other: StepInputs) -> None:
-        for dst, src in zip(astuple(self), astuple(other)):
+        """Write ``other``'s values into these tensors, the ones a captured graph reads."""
+        for dst, src in zip(self.tensors(), other.tensors()):
             dst.copy_(src, non_blocking=True)
+
+    def clone(self) -> StepInputs:
+        return replace(self, **{f.name: getattr(self, f.name).clone() for f in fields(self)})
 
 
 class CapturedStep:
@@ -42,7 +50,7 @@ class CapturedStep:
 
     def __init__(self, key: Hashable, inputs: StepInputs, step: Callable[[StepInputs], torch.Tensor]):
         self.key = key
-        self.inputs = StepInputs(*(t.clone() for t in astuple(inputs)))
+        self.inputs = inputs.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

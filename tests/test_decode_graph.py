@@ -1,0 +1,16 @@
+"""The captured step's inputs are the tensors the graph reads (CPU-checkable part of decode_graph)."""
+
+import torch
+
+from fmsring.decode_graph import StepInputs
+
+
+def test_copy_writes_into_the_inputs_a_graph_reads():
+    mine = StepInputs(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), torch.zeros(2))
+    reads = mine.tensors()  # what a graph captured with these inputs would read
+    new = StepInputs(*(torch.rand_like(t) + 1 for t in reads))
+    mine.copy_(new)
+    assert all(r is t for r, t in zip(reads, mine.tensors()))
+    assert all(torch.equal(r, t) for r, t in zip(reads, new.tensors()))
+    twin = mine.clone()
+    assert all(a is not b and torch.equal(a, b) for a, b in zip(twin.tensors(), mine.tensors()))
