@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
@@ -132,13 +133,13 @@ def _variant_index(d: pd.DataFrame, strategy: str, variant: str) -> int:
 
 
 def _new_figure(nrows: int, ncols: int, width: float = 6.4, height: float = 4.4) -> tuple[Figure, np.ndarray]:
+    sns.set_theme(style="whitegrid", context="notebook")  # one look for every figure
     fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
 def _title(ax, what: str, run: str) -> None:
     ax.set_title(f"{what}\n{run}" if run else what, fontsize="medium")
-    ax.grid(True, which="major", alpha=0.3)
 
 
 def _legend(ax, extra: list | None = None) -> None:
