@@ -273,8 +273,12 @@ def _scaling_plot(df: pd.DataFrame, out_dir, phase: str, y: str, name: str, ylab
     fig, axes = _new_figure(1, len(runs))
     for ax, (run, g) in zip(axes[0], runs, strict=True):
         words = unit(df[df["run"] == run])
-        # every line starts at its 1-GPU reference (speedup and efficiency 1), so 1-2-4 read as one curve
-        anchors = g[g["baseline_world_size"] == 1].drop_duplicates(["strategy", "variant", "seq_len", "cached_len"])
+        # a line without its own 1-GPU point starts at its reference (speedup and efficiency 1), so 1-2-4 read
+        # as one curve; a line that has one (ring on one GPU) starts where it is
+        line_key = ["strategy", "variant", "seq_len", "cached_len"]
+        has_one = g[g["world_size"] == 1].set_index(line_key).index
+        anchors = g[g["baseline_world_size"] == 1].drop_duplicates(line_key)
+        anchors = anchors[~anchors.set_index(line_key).index.isin(has_one)]
         g = pd.concat([anchors.assign(world_size=1, speedup=1.0, efficiency=1.0, superlinear=False), g])
         ws = sorted(g["world_size"].unique())
         ideal = np.asarray(ws, dtype=float) if y == "speedup" else np.ones(len(ws))
@@ -305,8 +309,8 @@ def _scaling_plot(df: pd.DataFrame, out_dir, phase: str, y: str, name: str, ylab
             ax.set_ylim(0, max(1.1, float(g[y].max()) * 1.1))
         else:
             _powers_of_two_y(ax, float(g[y].min()), max(float(max(ws)), float(g[y].max())))
-        ax.set_ylabel(ylabel.format(unit=words))
-        _title(ax, f"{phase} {name}, vs the fastest 1-GPU run", run)
+        ax.set_ylabel(ylabel.format(unit=words, one=words[:-1]))
+        _title(ax, f"{phase} {name}, vs the fastest run on 1 {words[:-1]}", run)
         if (g["baseline_world_size"] > 1).any():
             ax.annotate(f"lengths too long for 1 {words[:-1]}: vs their smallest {words} count, ideal up to it assumed",
                         (0, -0.2), xycoords="axes fraction", fontsize="x-small", color="dimgray", va="top")  # fmt: skip
@@ -323,7 +327,7 @@ def _shade(i: int, n: int) -> tuple:
 
 def plot_speedup(df: pd.DataFrame, out_dir=None, phase: str = "prefill") -> Figure | None:
     """Speedup vs world size per length, against the fastest one-GPU row, with the ideal line."""
-    return _scaling_plot(df, out_dir, phase, "speedup", "speedup", "speedup (x, vs 1 GPU)")
+    return _scaling_plot(df, out_dir, phase, "speedup", "speedup", "speedup (x, vs 1 {one})")
 
 
 def plot_efficiency(df: pd.DataFrame, out_dir=None, phase: str = "prefill") -> Figure | None:
@@ -369,7 +373,8 @@ def plot_max_prompt(df: pd.DataFrame, out_dir=None, phase: str = "prefill") -> F
 
 def plot_followup(df: pd.DataFrame, out_dir=None) -> Figure | None:
     """Follow-up latency vs new tokens T, one panel per cached length P (log-log): one line per
-    strategy, variant and world size, its floor dashed, and ring's fresh prefill of P+T dotted."""
+    strategy, variant and world size (marker: world size), its floor dashed, and ring's fresh
+    prefill of the same P+T tokens dotted with hollow markers."""
     t = analysis.followup_table(df)
     if t.empty:
         return None
@@ -379,18 +384,19 @@ def plot_followup(df: pd.DataFrame, out_dir=None) -> Figure | None:
         words = unit(df[df["run"] == run])
         all_rows = df[(df["run"] == run) & (df["phase"] == "followup") & (df["cached_len"] == cached)]
         colors = {c: _color(c[0], _variant_index(all_rows, *c)) for c in _configs(all_rows)}
-        values = []
+        values, worlds = [], sorted(all_rows["world_size"].unique())
         for strategy, variant in _configs(g):
             for w, line in g[(g["strategy"] == strategy) & (g["variant"] == variant)].groupby("world_size"):
                 line = line.sort_values("seq_len")
                 c, label = colors[(strategy, variant)], f"{config_label(strategy, variant)}, {_count(w, words)}"
-                ax.plot(line["seq_len"], line["latency_ms"], color=c, marker="o", label=label)
+                m = _MARKERS[worlds.index(w) % len(_MARKERS)]
+                ax.plot(line["seq_len"], line["latency_ms"], color=c, marker=m, label=label)
                 if line["floor_ms"].notna().any():
                     ax.plot(line["seq_len"], line["floor_ms"], color=c, linestyle="--", linewidth=1,
                             label=f"{label}: floor")  # fmt: skip
                 if strategy == "ring" and line["recompute_ms"].notna().any():
-                    ax.plot(line["seq_len"], line["recompute_ms"], color="black", linestyle=":", marker=".",
-                            label=f"{label}: fresh prefill of P+T")  # fmt: skip
+                    ax.plot(line["seq_len"], line["recompute_ms"], color=c, linestyle=":", marker=m,
+                            markerfacecolor="white", label=f"{label}: fresh prefill of P+T")  # fmt: skip
                 values += [*line["latency_ms"], *line["floor_ms"], *line["recompute_ms"]]
         tokens_x(ax, g["seq_len"], "new tokens T")
         readable_log_y(ax, values)
