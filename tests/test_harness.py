@@ -83,6 +83,29 @@ def test_csv_round_trip_and_header_check(tmp_path: Path):
         schema.append_rows(old, [row])
 
 
+def _append_many(path: str, writer: int) -> None:
+    for i in range(40):
+        schema.append_rows(path, [{"strategy": "ring", "variant": f"w{writer}", "world_size": 2, "seq_len": i,
+                                   "phase": "prefill", "status": "ok", "error": "x" * 3000}])  # fmt: skip
+
+
+def test_concurrent_appends_never_interleave(tmp_path: Path):
+    """Bench ranks and the sweep append to one file; the lock keeps every row whole."""
+    import multiprocessing
+
+    path = str(tmp_path / "r.csv")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_append_many, args=(path, w)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    rows = schema.read_rows(path)
+    assert len(rows) == 160 and all(len(r["error"]) == 3000 for r in rows)
+    assert {(r["variant"], int(r["seq_len"])) for r in rows} == {(f"w{w}", i) for w in range(4) for i in range(40)}
+    assert open(path).read().count("strategy,variant") == 1  # one header
+
+
 # ---------------------------------------------------------------------------- exactness
 
 

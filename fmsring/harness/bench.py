@@ -426,6 +426,12 @@ def run(cfg: BenchConfig) -> list[dict[str, Any]]:
             for t in cfg.seq_lens:
                 if not ("prefill" in cfg.phases and c + t in cfg.seq_lens):
                     recompute.setdefault(c + t, (c, t))
+        if env.rank == 0 and {"decode", "followup"} <= set(cfg.phases) and "ring" in cfg.strategies:
+            print(
+                "[bench] ring keeps cache room for the longest follow-up, so its decode rows' caches (and peak "
+                "memory) include it too; run the followup phase in a launch of its own to measure decode memory",
+                file=sys.stderr,
+            )
         rates = _rates(cfg, env, meta) if plan else None
         del meta
         state = Run(cfg, env, info, shape, rates, recompute)
