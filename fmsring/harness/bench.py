@@ -49,6 +49,7 @@ from fmsring.harness.schema import (
     parse_seq_lens,
     planned_points,
     point,
+    recomputed,
     row_provenance,
 )
 from fmsring.harness.session import Session
@@ -399,7 +400,7 @@ def run(cfg: BenchConfig) -> list[dict[str, Any]]:
     try:
         info = row_provenance(cfg, cfg.repeats, env.device.index or 0) if env.rank == 0 else {}
         meta = meta_model(cfg)
-        shape = flop_shape(meta, torch.tensor([], dtype=getattr(torch, cfg.dtype)).element_size()) if meta else None
+        shape = flop_shape(meta, getattr(torch, cfg.dtype).itemsize) if meta is not None else None
         cfg = fit_rope_table(cfg, meta)
         done = broadcast(done_points(cfg.out) if cfg.resume and cfg.out and env.rank == 0 else set(), env)
         plan: list[tuple[Variant, list[Point]]] = []
@@ -421,11 +422,8 @@ def run(cfg: BenchConfig) -> list[dict[str, Any]]:
                 todo = [p for p in pts if p not in done]
                 if todo:
                     plan.append((v, todo))
-        recompute = {}
-        for c in cfg.cached_lens:
-            for t in cfg.seq_lens:
-                if not ("prefill" in cfg.phases and c + t in cfg.seq_lens):
-                    recompute.setdefault(c + t, (c, t))
+        recompute = recomputed(list(cfg.seq_lens), list(cfg.phases), list(cfg.cached_lens))
+        recompute = recompute if cfg.followup_recompute else {}
         if env.rank == 0 and {"decode", "followup"} <= set(cfg.phases) and "ring" in cfg.strategies:
             print(
                 "[bench] ring keeps cache room for the longest follow-up, so its decode rows' caches (and peak "
@@ -436,7 +434,7 @@ def run(cfg: BenchConfig) -> list[dict[str, Any]]:
         del meta
         state = Run(cfg, env, info, shape, rates, recompute)
         for variant, points in plan:
-            if variant.strategy != "single" and cfg.check:
+            if variant != Variant("single") and cfg.check:
                 _reference_pass(plan, state)
             run_variant(variant, points, state)
         return state.rows

@@ -175,6 +175,20 @@ def variant_labels(strategy: str, ring_variants: dict[str, dict], ring_kwargs: d
     return ["", AS_SHIPPED] if as_shipped else [""]
 
 
+def recomputed(seq_lens: list[int], phases: list[str], cached_lens: list[int]) -> dict[int, tuple[int, int]]:
+    """Ring's fresh prefills beside the follow-ups: length P+T -> the first (P, T) that sums to it.
+    A length the prefill phase measures anyway is left out (its prompt is that phase's)."""
+    if "followup" not in phases:
+        return {}
+    measured = set(seq_lens) if "prefill" in phases else set()
+    out: dict[int, tuple[int, int]] = {}
+    for c in cached_lens:
+        for t in seq_lens:
+            if c + t not in measured:
+                out.setdefault(c + t, (c, t))
+    return out
+
+
 def planned_points(
     strategy: str,
     world: int,
@@ -187,24 +201,15 @@ def planned_points(
     """Every row a bench launch writes for ``strategy`` at ``world``, in the order it measures them.
 
     ``followup`` points have seq_len = the new tokens T and cached_len = the cached P.
-    With ``followup_recompute`` ring also gets a fresh prefill of P+T tokens, unless the
-    prefill phase measures that length anyway.
+    With ``followup_recompute`` ring also gets a fresh prefill of P+T tokens (:func:`recomputed`).
     """
+    fresh = recomputed(seq_lens, phases, cached_lens) if strategy == "ring" and followup_recompute else {}
     points: list[Point] = []
     for v in variants:
-        plain = [Point(strategy, v, world, n, 0, p) for n in seq_lens for p in phases if p != "followup"]
-        follow = []
+        points += [Point(strategy, v, world, n, 0, p) for n in seq_lens for p in phases if p != "followup"]
         if "followup" in phases:
-            follow = [Point(strategy, v, world, t, c, "followup") for c in cached_lens for t in seq_lens]
-        recompute = []
-        if strategy == "ring" and followup_recompute and follow:
-            lens = dict.fromkeys(c + t for c in cached_lens for t in seq_lens)
-            recompute = [
-                Point(strategy, v, world, n, 0, "prefill")
-                for n in lens
-                if Point(strategy, v, world, n, 0, "prefill") not in plain
-            ]
-        points += plain + follow + recompute
+            points += [Point(strategy, v, world, t, c, "followup") for c in cached_lens for t in seq_lens]
+        points += [Point(strategy, v, world, n, 0, "prefill") for n in fresh]
     return list(dict.fromkeys(points))
 
 

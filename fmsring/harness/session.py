@@ -124,8 +124,7 @@ class Session:
         self.cache_len, self.cache_error = cached_len, None
         try:
             ids = make_input_ids(self.cfg.seed, self.cfg.batch, cached_len, vocab, self.env.device)
-            with torch.no_grad():
-                self.cache = peers.cached_prefill(self.model, ids)
+            self.cache = peers.cached_prefill(self.model, ids)
             status = Measured()
         except Exception as exc:  # noqa: BLE001
             status = classify(exc, f"prefill of the {cached_len}-token cache: ")
@@ -144,19 +143,20 @@ class Session:
         if self.load_error is not None:
             return dataclasses.replace(self.load_error)
         assert self.model is not None
-        if pt.phase != "followup" and self.cache is not None:
-            self.cache, self.cache_len = None, None  # a prefill or decode needs the memory
-        free_memory()
         env, strategy = self.env, self.variant.strategy
-        if env.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(env.device)
         vocab = vocab_size(self.model)
-        try:
-            with peers.forward_context(self.variant, env.device):
+        with peers.forward_context(self.variant, env.device):
+            if pt.phase == "followup":  # the cached prompt is built before the peak is reset: it is not timed
+                failed = self._cached(pt.cached_len, vocab)
+                if failed is not None:
+                    return dataclasses.replace(failed)
+            elif self.cache is not None:
+                self.cache, self.cache_len = None, None  # a prefill or decode needs the memory
+            free_memory()
+            if env.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(env.device)
+            try:
                 if pt.phase == "followup":
-                    failed = self._cached(pt.cached_len, vocab)
-                    if failed is not None:
-                        return dataclasses.replace(failed)
                     ids = followup_ids(self.cfg.seed, self.cfg.batch, pt.cached_len, pt.seq_len, vocab, env.device)
                     fn = peers.followup_fn(strategy, self.model)
                     result = time_followup(
@@ -169,8 +169,8 @@ class Session:
                     ids = self._prompt(pt, vocab)
                     steps = self.cfg.decode_tokens
                     result = time_decode(self.model, ids, steps, self.warmup, self.repeats, env, self.all_ranks)
-        except Exception as exc:  # noqa: BLE001 - one point's failure must not end the run
-            result = classify(exc)
+            except Exception as exc:  # noqa: BLE001 - one point's failure must not end the run
+                result = classify(exc)
         free_memory()
         if env.device.type == "cuda":
             result.peak_gib = torch.cuda.max_memory_allocated(env.device) / 2**30
