@@ -178,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="with followup: also time a fresh ring prefill of P+T tokens (is the cache worth it?)",
     )
     p.add_argument(
-        "--out", default=d.out, help="CSV to append rows to (rank 0 writes); rates go to <out>.ceilings.json"
+        "--out",
+        default=d.out,
+        help="CSV to append rows to (rank 0 writes); the rates go beside it: r.csv -> r.ceilings.json",
     )
     p.add_argument(
         "--resume", action="store_true", help="skip points that already have an ok/skipped/mismatch row in --out"
