@@ -17,25 +17,35 @@
 # # Analyse sweeps
 #
 # Loads the `results.csv` of one or more run folders (made by `notebooks/run.ipynb` or
-# `python -m fmsring.sweep`), then plots latency, speedup, parallel efficiency, peak memory,
-# longest prompt before OOM and decode latency per token. Every figure is saved as PNG and PDF
-# (by default in `<run>/figures/`). A plot whose data is missing (a phase or strategy that was
-# not run, memory on CPU) is skipped.
+# `python -m fmsring.sweep`) and shows, per run: points per status, latency tables, speedup against the
+# fastest one-GPU row (super-linear points are warned about by name), an accuracy table (every row
+# compared with `single`), follow-up latency against the fresh prefill of the same tokens, and figures:
+# latency, speedup, parallel efficiency, peak memory, longest prompt before OOM, decode latency per
+# token, follow-ups and exactness. Every figure is saved as PNG and PDF. A figure whose data is missing
+# (a phase or strategy that was not run, memory on CPU) is skipped.
+#
+# By default each run gets its own figure set (`<out_dir>/<run>/`, or `<run>/figures/` without
+# `out_dir`); `compare = True` draws one set with a panel per run instead.
 
 # %% tags=["parameters"]
-run_dirs: list = []  # run folders to load and compare; empty means every folder under runs/ that has a results.csv
-out_dir: str = ""  # where figures are saved; empty means <run>/figures for one run, <common parent>/figures for several
+run_dirs: list = []  # run folders to load; empty means every folder under runs/ (runs/local/ too) with a results.csv
+out_dir: str = ""  # where figures go: <out_dir>/<run>/ per run (or <out_dir>/ with compare); empty: <run>/figures
+compare: bool = False  # one figure set with a panel per run, instead of one set per run
 
 # %%
 # %matplotlib inline
+import warnings
 from pathlib import Path
 
+import pandas as pd
 from IPython.display import display
 
-from fmsring import analysis
-from fmsring.sweep import repo_root
+from fmsring.harness import analysis, plots
+from fmsring.harness.sweep import repo_root
 
 ROOT = repo_root()
+warnings.simplefilter("always", UserWarning)  # every super-linear point is named, in every run
+pd.set_option("display.max_columns", 30, "display.width", 200)
 
 
 def resolve(p: str) -> Path:
@@ -47,31 +57,43 @@ if not dirs:
     raise SystemExit("no run folder with a results.csv: run notebooks/run.ipynb (or make sweep) first")
 df = analysis.load_runs(dirs)
 print(f"{len(df)} points from {df['run'].nunique()} run(s):", ", ".join(df["run"].unique()))
-display(df.pivot_table(index=["run", "strategy", "world_size"], columns="status", values="seq_len", aggfunc="count", fill_value=0))
+display(analysis.status_table(df))
 
 # %% [markdown]
 # ## Tables
 
 # %%
-for phase in ("prefill", "decode"):
+for phase in ("prefill", "decode", "followup"):
     table = analysis.summary(df, phase)
     if len(table):
         print(f"{phase} latency (ms)")
         display(table)
 scaling = analysis.scaling_table(df, "prefill")
 if len(scaling):
-    display(scaling.pivot_table(index=["run", "strategy", "world_size"], columns="seq_len", values="speedup").round(2))
+    print("prefill speedup against the fastest one-GPU row")
+    index = ["run", "strategy", "variant", "world_size"]
+    display(scaling.pivot_table(index=index, columns="seq_len", values="speedup").round(2))
+accuracy = analysis.accuracy_table(df)
+if len(accuracy):
+    print("exactness against single (tolerance: the dtype's, see fmsring.harness.schema.TOLERANCES)")
+    display(accuracy)
+followup = analysis.followup_table(df)
+if len(followup):
+    print("follow-ups: cache_gain = fresh ring prefill of P+T / follow-up on the cache")
+    display(followup)
 
 # %% [markdown]
 # ## Figures
 
 # %%
-figures = analysis.plot_all(df, resolve(out_dir) if out_dir else None)
-for fig_name, fig in figures.items():
-    print(fig_name, "->", ", ".join(str(p) for p in fig.saved_paths))
-    display(fig)
-skipped = sorted(set(analysis.PLOTS) - set(figures))
-if skipped:
-    print("skipped (no data):", ", ".join(skipped))
-figures_dir = analysis.figures_dir(df, resolve(out_dir) if out_dir else None)
-print("figures in", figures_dir)
+out = resolve(out_dir) if out_dir else None
+figure_sets = {"all runs": plots.plot_all(df, out)} if compare else plots.plot_each_run(df, out)
+for run, figures in figure_sets.items():
+    where = next(iter(figures.values())).saved_paths[0].parent if figures else "-"
+    print(f"== {run}: {len(figures)} figures in {where}")
+    for fig_name, fig in figures.items():
+        print(fig_name)
+        display(fig)
+    skipped = sorted(set(plots.PLOTS) - set(figures))
+    if skipped:
+        print("skipped (no data):", ", ".join(skipped))

@@ -2,74 +2,55 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import fms.models
 import pandas as pd
 import pytest
 import torch
 
-from fmsring.bench import (
-    COLUMNS,
-    BenchConfig,
-    DistEnv,
-    FlopShape,
-    environment,
-    load_model,
-    model_flops,
-    parse_args,
-    parse_seq_len,
-)
 from fmsring.fusion import FusedLayerNorm
+from fmsring.harness import ceilings
+from fmsring.harness.bench import BenchConfig, parse_args
+from fmsring.harness.flops import Rates, floor_ms, flop_shape
+from fmsring.harness.peers import Variant, load_model, variants
+from fmsring.harness.ranks import DistEnv
+from fmsring.harness.schema import AS_SHIPPED, COLUMNS, TOLERANCES
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_LENS = (48, 61)  # 61: shards of unequal length
 MODEL_ARGS = ["--architecture", "llama", "--variant", "micro", "--model-kwargs", '{"nlayers":2}']
+FP32 = TOLERANCES["float32"].rel_err
 
 
-def _bench(out: Path, nproc: int | None, strategies: str, extra: list[str] = ()) -> subprocess.CompletedProcess:
+def _bench(out: Path, nproc: int | None, strategies: str, extra: list[str] = (), rc: int = 0):
     """Run the CLI as a user would; nproc=None means a plain process, no torchrun."""
     launcher = (
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         if nproc
         else [sys.executable]
     )
-    cmd = launcher + [
-        "-m",
-        "fmsring.bench",
-        *MODEL_ARGS,
-        "--device",
-        "cpu",
-        "--dtype",
-        "float32",
-        "--strategies",
-        strategies,
-        "--phases",
-        "prefill,decode",
-        "--seq-lens",
-        ",".join(map(str, SEQ_LENS)),
-        "--repeats",
-        "2",
-        "--warmup",
-        "1",
-        "--decode-tokens",
-        "3",
-        "--timeout-s",
-        "60",
-        "--out",
-        str(out),
-        *extra,
-    ]
+    lens = ",".join(map(str, SEQ_LENS))
+    cmd = launcher + ["-m", "fmsring.bench", *MODEL_ARGS, "--device", "cpu", "--dtype", "float32",
+                      "--strategies", strategies, "--phases", "prefill,decode", "--seq-lens", lens,
+                      "--repeats", "2", "--warmup", "1", "--decode-tokens", "3", "--timeout-s", "60",
+                      "--out", str(out), *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == rc, f"bench exit {proc.returncode} != {rc}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
 
 
+def _read(path: Path) -> pd.DataFrame:
+    df = pd.read_csv(path, dtype={"variant": str, "error": str})
+    return df.assign(variant=df["variant"].fillna(""))
+
+
 def _check_common(df: pd.DataFrame) -> None:
-    assert tuple(df.columns) == COLUMNS
     assert (df["status"] == "ok").all(), df[["strategy", "seq_len", "phase", "status", "error"]]
     assert (df["device"] == "cpu").all() and (df["gpu_name"] == "cpu").all()
     assert (df["latency_ms"] > 0).all() and (df["latency_ms_min"] <= df["latency_ms"]).all()
@@ -77,53 +58,113 @@ def _check_common(df: pd.DataFrame) -> None:
     assert (df["tflops_per_gpu"] > 0).all()
     assert df.loc[df["phase"] == "decode", "ttft_ms"].gt(0).all()
     assert df["timestamp"].notna().all() and df["git_sha"].notna().all()
+    assert (df["model"] == 'llama/micro {"nlayers": 2}').all()
 
 
-def _check_exact(df: pd.DataFrame, strategy: str) -> None:
-    rows = df[df["strategy"] == strategy]
-    assert len(rows) == len(SEQ_LENS) * 2
-    assert (rows["max_abs_err"] < 1e-4).all(), rows[["seq_len", "phase", "max_abs_err"]]
-    assert (rows["rel_err"] < 1e-5).all()
+def _check_exact(rows: pd.DataFrame, n: int) -> None:
+    assert len(rows) == n
+    assert (rows["status"] == "ok").all(), rows[["seq_len", "phase", "status", "error"]]
+    assert (rows["rel_err"] <= FP32).all() and (rows["max_abs_err"] < 1e-4).all()
+    assert (rows["ref_norm"] > 1).all()  # a real reference, not a near-zero one
     assert rows["same_next_token"].astype(str).eq("True").all()
 
 
 @pytest.fixture(scope="module")
 def two_rank_csv(tmp_path_factory) -> pd.DataFrame:
     out = tmp_path_factory.mktemp("bench") / "two.csv"
-    _bench(out, 2, "single,ring,tp,torch_cp")
-    return pd.read_csv(out)
+    _bench(out, 2, "single,ring,tp,torch_cp", ["--as-shipped"])
+    return _read(out)
 
 
 def test_two_ranks_rows_and_columns(two_rank_csv: pd.DataFrame) -> None:
     df = two_rank_csv
-    assert len(df) == 4 * len(SEQ_LENS) * 2
+    assert tuple(df.columns) == COLUMNS
+    per = len(SEQ_LENS) * 2
+    assert len(df) == (2 + 1 + 2 + 2) * per  # single, tp, torch_cp twice (default, as-shipped); ring once
     cp = df[df["strategy"] == "torch_cp"]
-    assert (cp["status"] == "skipped").all() and cp["error"].str.contains("CUDA").all()
+    assert (cp["status"] == "skipped").all() and cp["error"].str.contains("CUDA|KV cache").all()
     done = df[df["strategy"] != "torch_cp"]
     _check_common(done)
-    assert set(zip(done["strategy"], done["world_size"])) == {("single", 1), ("ring", 2), ("tp", 2)}
-    assert sorted(done["seq_len"].unique()) == sorted(SEQ_LENS)
+    assert set(zip(done["strategy"], done["variant"], done["world_size"], strict=True)) == {
+        ("single", "", 1), ("single", AS_SHIPPED, 1), ("ring", "", 2), ("tp", "", 2), ("tp", AS_SHIPPED, 2),
+    }  # fmt: skip
+    assert (df["cached_len"] == 0).all() and df["floor_ms"].isna().all()  # no floor on a CPU
     assert (df.loc[df["strategy"] == "ring", "layout"] == "zigzag").all()
     assert df.loc[df["strategy"] != "ring", "layout"].isna().all()
-    assert df.loc[df["strategy"] == "single", "max_abs_err"].isna().all()
+    ref = df[(df["strategy"] == "single") & (df["variant"] == "")]
+    assert ref["max_abs_err"].isna().all() and ref["error"].isna().all()
 
 
-def test_two_ranks_ring_and_tp_match_single(two_rank_csv: pd.DataFrame) -> None:
-    _check_exact(two_rank_csv, "ring")
-    _check_exact(two_rank_csv, "tp")
+def test_two_ranks_match_single(two_rank_csv: pd.DataFrame) -> None:
+    df = two_rank_csv
+    per = len(SEQ_LENS) * 2
+    _check_exact(df[df["strategy"] == "ring"], per)
+    _check_exact(df[(df["strategy"] == "tp") & (df["variant"] == "")], per)
+    _check_exact(df[df["variant"] == AS_SHIPPED].query("strategy != 'torch_cp'"), 2 * per)
 
 
-def test_one_process_without_torchrun(tmp_path: Path) -> None:
+def test_followup_on_two_ranks(tmp_path: Path) -> None:
+    """Follow-ups of T new tokens on caches of P, T below the world size and not divisible by it;
+    floors from rates given in the ceilings file; ring's fresh prefill of P+T beside them."""
+    out = tmp_path / "f.csv"
+    key = ceilings.rates_key("cpu", "float32", 4, 48)
+    rates = Rates(matmul_tflops=0.01, attention_tflops=0.005, memory_gbps=10.0)
+    ceilings.ceilings_path(out).write_text(json.dumps({key: rates.__dict__}))
+    cached, new = (24, 37), (1, 3, 5)
+    extra = ["--phases", "followup", "--cached-lens", ",".join(map(str, cached)), "--seq-lens", "1,3,5"]
+    proc = _bench(out, 2, "single,ring,tp,torch_cp", extra)
+    assert "ceilings from" in proc.stdout
+    df = _read(out)
+    fol = df[df["phase"] == "followup"]
+    assert len(fol) == 4 * len(cached) * len(new)
+    assert sorted(set(zip(fol["cached_len"], fol["seq_len"], strict=True))) == [(c, t) for c in cached for t in new]
+    assert (fol.loc[fol["strategy"] == "torch_cp", "error"] == "torch_cp has no KV cache").all()
+    single = fol[fol["strategy"] == "single"]
+    assert (single["status"] == "ok").all() and single["max_abs_err"].isna().all()
+    _check_exact(fol[fol["strategy"] == "ring"], 6)
+    _check_exact(fol[fol["strategy"] == "tp"], 6)
+    fresh = df[df["phase"] == "prefill"]  # ring's recompute of P+T, checked against single's follow-up
+    assert sorted(fresh["seq_len"]) == sorted(c + t for c in cached for t in new)
+    assert (fresh["strategy"] == "ring").all() and (fresh["cached_len"] == 0).all()
+    _check_exact(fresh, 6)
+    # the floor of every timed row is the formula's, from the rates in the file
+    meta = fms.models.get_model("llama", "micro", device_type="meta", distributed_strategy="none", nlayers=2)
+    shape = flop_shape(meta, 4)
+    timed = df[df["status"] == "ok"]
+    expected = [
+        floor_ms(shape, rates, r.strategy, r.world_size, r.phase, 1, r.seq_len, r.cached_len, 3)
+        for r in timed.itertuples()
+    ]
+    assert timed["floor_ms"].tolist() == pytest.approx(expected)
+    ring = timed[(timed["strategy"] == "ring") & (timed["phase"] == "followup")]
+    tp = timed[(timed["strategy"] == "tp")]
+    assert (ring["floor_ms"].to_numpy() > tp["floor_ms"].to_numpy()).all()  # ring replicates the linears
+
+
+def test_one_process_without_torchrun_and_resume(tmp_path: Path) -> None:
     out = tmp_path / "one.csv"
     _bench(out, None, "ring,tp", ["--layout", "contiguous"])  # no single: reference computed on the side
-    df = pd.read_csv(out)
+    df = _read(out)
     assert set(df["strategy"]) == {"ring"}  # tp needs world > 1: no row
-    assert len(df) == len(SEQ_LENS) * 2 and (df["world_size"] == 1).all()
+    assert (df["world_size"] == 1).all() and (df["layout"] == "contiguous").all()
     _check_common(df)
-    _check_exact(df, "ring")
+    _check_exact(df, len(SEQ_LENS) * 2)
+    before = out.read_bytes()
+    _bench(out, None, "ring", ["--layout", "contiguous", "--resume"])  # every point done: nothing measured
+    assert out.read_bytes() == before
     _bench(out, None, "single", ["--no-check", "--seq-lens", "32"])  # appends: one header, more rows
-    again = pd.read_csv(out)
+    again = _read(out)
     assert len(again) == len(df) + 2 and list(again.columns) == list(COLUMNS)
+
+
+def test_failed_points_make_the_exit_code(tmp_path: Path) -> None:
+    out = tmp_path / "bad.csv"
+    proc = _bench(
+        out, None, "single", ["--model-path", str(tmp_path / "missing"), "--source", "hf", "--phases", "prefill"], rc=1
+    )
+    df = _read(out)
+    assert (df["status"] == "error").all() and df["error"].str.startswith("loading: ").all()
+    assert "not every point succeeded" in proc.stderr
 
 
 def test_cli_parsing() -> None:
@@ -131,32 +172,28 @@ def test_cli_parsing() -> None:
         ["--seq-lens", "8K,128k,100", "--strategies", "ring,tp", "--no-check", "--model-kwargs", '{"nlayers": 2}']
     )
     assert cfg.seq_lens == (8192, 131072, 100) and cfg.strategies == ("ring", "tp") and not cfg.check
-    assert cfg.model_kwargs == {"nlayers": 2} and isinstance(cfg, BenchConfig)
-    variant = parse_args(["--ring-kwargs", '{"ring_cuda_graphs": false}'])
-    assert variant.ring_kwargs == {"ring_cuda_graphs": False}
+    assert cfg.model_kwargs == {"nlayers": 2} and isinstance(cfg, BenchConfig) and cfg.ring_variants == {"": {}}
+    cfg = parse_args(["--ring-variants", '{"": {}, "eager": {"ring_cuda_graphs": false}}',
+                      "--ring-kwargs", '{"ring_fuse": false}', "--phases", "prefill,followup", "--cached-lens", "1K",
+                      "--seq-lens", "64,512"])  # fmt: skip
+    ring = variants("ring", cfg)
+    # --ring-kwargs merge into every variant and show in its label; followup keeps room in the cache
+    assert [v.label for v in ring] == ['{"ring_fuse": false}', 'eager {"ring_fuse": false}']
+    assert ring[1].ring_kwargs == {"ring_cache_headroom": 512 + 32 + 64, "ring_fuse": False, "ring_cuda_graphs": False}
+    assert [v.label for v in variants("tp", cfg)] == [""]
+    assert [v.label for v in variants("tp", parse_args(["--as-shipped"]))] == ["", AS_SHIPPED]
+    for bad in (["--strategies", "ring,bogus"], ["--cached-lens", "64"], ["--phases", "followup"],
+                ["--ring-variants", '{"x": {"ring_bogus": 1}}'], ["--seq-lens", "0"]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+def test_peers_are_fused_by_default_and_as_shipped_is_not() -> None:
     env = DistEnv(rank=0, world=1, device=torch.device("cpu"), ctrl=None, owns_group=False)
-    # a ring variant's rows must not pass for the default's
-    assert environment(variant, env)["model"] != environment(parse_args([]), env)["model"]
-    assert parse_seq_len("1M") == 1 << 20
-    with pytest.raises(SystemExit):
-        parse_args(["--strategies", "ring,bogus"])
+    cfg = parse_args(["--model-kwargs", '{"nlayers": 1}'])
 
+    def norms(variant: Variant) -> set[type]:
+        return {type(m) for m in load_model(variant, cfg, env).modules() if "Norm" in type(m).__name__}
 
-def test_fuse_peers_fuses_the_peers_and_says_so() -> None:
-    env = DistEnv(rank=0, world=1, device=torch.device("cpu"), ctrl=None, owns_group=False)
-    plain, fused = parse_args(["--model-kwargs", '{"nlayers": 1}']), parse_args(["--fuse-peers"])
-    assert fused.fuse_peers and environment(fused, env)["model"].endswith(" fused-peers")
-    fused.model_kwargs = plain.model_kwargs
-
-    def norms(cfg: BenchConfig) -> set[type]:
-        return {type(m) for m in load_model("single", cfg, env).modules() if "Norm" in type(m).__name__}
-
-    assert norms(plain) != {FusedLayerNorm} and norms(fused) == {FusedLayerNorm}
-
-
-def test_flops_formula() -> None:
-    shape = FlopShape(linear_params=1000, head_params=100, attn_width=8)
-    # prefill of 4 tokens: 2*4*1000 linear + 2*100 head + 2*8*(4*5/2) attention
-    assert model_flops(shape, batch=1, new_tokens=4) == 8000 + 200 + 160
-    # one decode token after 10 cached: sees 11 keys
-    assert model_flops(shape, batch=2, new_tokens=1, context=10) == 2 * 2 * (1000 + 100 + 8 * 11)
+    assert norms(Variant("single")) == {FusedLayerNorm}
+    assert FusedLayerNorm not in norms(Variant("single", AS_SHIPPED, tuned=False))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from fmsring import sweep
-from fmsring.bench import COLUMNS
-from fmsring.sweep import SweepConfig, run_sweep
+from fmsring.harness import grid, launch, schema, sweep
+from fmsring.harness.schema import COLUMNS
+from fmsring.harness.sweep import SweepConfig, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(
@@ -103,11 +104,11 @@ def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 
 def keys(rows: list[dict[str, str]]) -> Counter:
-    return Counter((r["strategy"], int(r["world_size"]), int(r["seq_len"]), r["phase"]) for r in rows)
+    return Counter(schema.row_key(r) for r in rows)
 
 
-def grid(cfg: SweepConfig) -> set:
-    return {(s, w, n, p) for w, s in cfg.groups() for n, p in cfg.points()}
+def points(cfg: SweepConfig) -> Counter:
+    return Counter(cfg.grid())
 
 
 def stray_processes(marker: str) -> list[str]:
@@ -135,32 +136,63 @@ def test_config_parsing_and_groups(tmp_path: Path):
     assert cfg.world_sizes == [1, 2, 4] and cfg.seq_lens == [128, 8192]
     assert cfg.model_kwargs == {"nlayers": 2}
     assert cfg.groups() == [(1, "single"), (1, "ring"), (2, "ring"), (2, "tp"), (4, "ring"), (4, "tp")]  # no tp x1
-    assert cfg.run_name == "_cpu-llama-micro-float32"
+    assert cfg.run_name == "cpu-llama-micro-float32" and SweepConfig().out_dir == "runs/local"
     assert SweepConfig(device="cuda", variant="3-8b", dtype="bfloat16").run_name == "cuda-llama-3-8b-bfloat16"
     with pytest.raises(ValueError, match="unknown sweep parameter"):
         SweepConfig.from_dict({"world_size": [2]})
-    with pytest.raises(ValueError, match="phases"):
-        SweepConfig(phases=["train"])
     params = tmp_path / "p.yaml"
-    params.write_text("world_sizes: [2]\nstrategies: ring\nseq_lens: [64]\nname: x\n")
-    cfg, _ = sweep.config_from_args(["--params", str(params), "--seq-lens", "32,64", "--out-dir", str(tmp_path)])
+    params.write_text("world_sizes: [2]\nstrategies: ring\nseq_lens: [64]\nname: x\nas_shipped: true\n"
+                      "ring_variants: {'': {}, eager: {ring_cuda_graphs: false}}\n")  # fmt: skip
+    cfg, _ = sweep.config_from_args(["--params", str(params), "--seq-lens", "32,64", "--out-dir", str(tmp_path),
+                                     "--phases", "prefill,followup", "--cached-lens", "1K"])  # fmt: skip
     assert cfg.world_sizes == [2] and cfg.strategies == ["ring"] and cfg.seq_lens == [32, 64] and cfg.name == "x"
+    assert cfg.cached_lens == [1024] and cfg.as_shipped and cfg.ring_variants["eager"] == {"ring_cuda_graphs": False}
     assert sweep.main(["--params", str(params), "--print-run-dir", "--out-dir", str(tmp_path)]) == 0
-    args = sweep.bench_args(cfg, "ring", [32], ["prefill"], tmp_path / "r.csv")
-    assert args[:2] == ["-m", "fmsring.bench"] and args[args.index("--seq-lens") + 1] == "32"
-    from fmsring.bench import parse_args
+    # the rows one group writes: both ring variants' prefills, follow-ups, and fresh prefills of P+T
+    pts = cfg.points(2, "ring")
+    assert len(pts) == 2 * (2 + 2 + 2) and {p.variant for p in pts} == {"", "eager"}
+    args = grid.bench_args(cfg, "ring", tmp_path / "r.csv")
+    assert args[:2] == ["-m", "fmsring.bench"] and args[args.index("--seq-lens") + 1] == "32,64"
+    from fmsring.harness.bench import parse_args
 
     bench_cfg = parse_args(args[2:])  # the bench accepts every flag the sweep passes
-    assert (
-        bench_cfg.strategies == ("ring",) and bench_cfg.seq_lens == (32,) and bench_cfg.out == str(tmp_path / "r.csv")
-    )
+    assert bench_cfg.strategies == ("ring",) and bench_cfg.seq_lens == (32, 64) and bench_cfg.resume
+    assert bench_cfg.out == str(tmp_path / "r.csv") and bench_cfg.cached_lens == (1024,)
+    assert bench_cfg.ring_variants == cfg.ring_variants and not bench_cfg.as_shipped  # as-shipped is for peers
+    assert parse_args(grid.bench_args(cfg, "tp", "r.csv")[2:]).as_shipped
+
+
+def _no_launch(*_args, **_kwargs):
+    raise AssertionError("a launch started before the grid was checked")
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(strategies=["single", "bogus"]), "strategies must be among"),
+        (dict(phases=["train"]), "phases must be among"),
+        (dict(cached_lens=[64]), "cached_lens and the followup phase"),
+        (dict(phases=["followup"]), "cached_lens and the followup phase"),
+        (dict(ring_variants={"x": {"ring_bogus": 1}}), "unknown option"),
+        (dict(extra_args="--seq-lens 64"), "extra_args"),
+        (dict(device="cuda"), "torch sees no GPU"),
+        (dict(world_sizes=[3], strategies=["single", "tp"]), "tp at world sizes [3]: 4 heads"),
+        (dict(world_sizes=[4], seq_lens=[2, 64]), "ring at world size 4 needs prompts"),
+        (dict(world_sizes=[4], phases=["followup"], cached_lens=[3], seq_lens=[1]), "ring at world size 4"),
+    ],
+)
+def test_bad_grids_fail_before_any_launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: dict, message: str):
+    monkeypatch.setattr(launch, "run_launch", _no_launch)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_sweep(SweepConfig(**{"out_dir": str(tmp_path), "name": "bad", **TINY, **bad}), progress=False)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_srun_command_matches_sbatch(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("SLURM_JOB_ID", "777")
     monkeypatch.setenv("FMSRING_RDZV_HOST", "node001")
     cfg = SweepConfig(launcher="srun", gpus_per_node=4, world_sizes=[8], strategies=["ring"])
-    cmd = sweep.launch_command(cfg, 8, sweep.bench_args(cfg, "ring", [128], ["prefill"], "/r.csv"), tag="g0")
+    cmd = grid.launch_command(cfg, 8, grid.bench_args(cfg, "ring", "/r.csv"), tag="g0")
     assert cmd[:2] == ["srun", "--nodes=2"] and "--ntasks-per-node=1" in cmd
     tr = cmd[cmd.index("torch.distributed.run") - 2 :]
     for flag in (
@@ -173,7 +205,7 @@ def test_srun_command_matches_sbatch(monkeypatch: pytest.MonkeyPatch):
         assert flag in tr
     assert tr[tr.index("-m", 2) : tr.index("-m", 2) + 2] == ["-m", "fmsring.bench"]
     # a world that fits one node stays on one node
-    one = sweep.launch_command(cfg, 2, [], tag="g1")
+    one = grid.launch_command(cfg, 2, [], tag="g1")
     assert "--nodes=1" in one and "--nproc_per_node=2" in one
     # the Slurm template launches the same way
     sbatch = (ROOT / "scripts" / "slurm_ring.sbatch").read_text()
@@ -183,37 +215,26 @@ def test_srun_command_matches_sbatch(monkeypatch: pytest.MonkeyPatch):
     assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "slurm_ring.sbatch")]).returncode == 0
 
 
-def test_append_rows_is_one_locked_write(tmp_path: Path):
-    path = tmp_path / "r.csv"
-    sweep.append_rows(path, [], COLUMNS)
-    path.write_bytes(path.read_bytes() + b"ring,2,12")  # a torn last line
-    sweep.append_rows(
-        path, [{"strategy": "ring", "world_size": 2, "seq_len": 64, "phase": "prefill", "status": "error"}], COLUMNS
-    )
-    header, rows = read_csv(path)
-    assert tuple(header) == COLUMNS
-    assert [r["status"] for r in sweep._read_rows(path)] == ["error"]
-    assert sweep.done_points(path) == set()
-
-
 # ---------------------------------------------------------------------------- real launches
 
 
-def test_tiny_sweep_end_to_end(tmp_path: Path):
+def test_tiny_sweep_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture):
     cfg = SweepConfig(out_dir=str(tmp_path), name="tiny", world_sizes=[2], strategies=["single", "ring"],
-                      seq_lens=[32, 64], phases=["prefill", "decode"], **TINY)  # fmt: skip
+                      seq_lens=[32, 64], phases=["prefill", "decode", "followup"], cached_lens=[24], as_shipped=True,
+                      **TINY)  # fmt: skip
     run_dir = run_sweep(cfg, progress=False)
     assert run_dir == (tmp_path / "tiny").resolve()
+    assert "sweep tiny: 20 points: 20 ok" in capsys.readouterr().out
 
     header, rows = read_csv(run_dir / "results.csv")
     assert tuple(header) == COLUMNS
-    assert keys(rows) == Counter(grid(cfg))  # every point exactly once
+    assert keys(rows) == points(cfg) and len(rows) == 6 + 6 + 8  # single twice (as shipped too); ring: +2 P+T
     assert {r["status"] for r in rows} == {"ok"}, [r["error"] for r in rows]
     for r in rows:
         assert float(r["latency_ms"]) > 0
-        assert r["device"] == "cpu" and r["model"].startswith("llama/micro")
-    ring = [r for r in rows if r["strategy"] == "ring"]
-    assert all(float(r["max_abs_err"]) < 1e-3 and r["same_next_token"] == "True" for r in ring)
+        assert r["device"] == "cpu" and r["model"] == 'llama/micro {"nlayers": 2}'
+    checked = [r for r in rows if r["strategy"] == "ring" or r["variant"] == "as-shipped"]
+    assert all(float(r["rel_err"]) <= 1e-4 and r["same_next_token"] == "True" for r in checked)
 
     params = json.loads((run_dir / "params.json").read_text())
     assert params["config"]["world_sizes"] == [2] and params["config"]["model_kwargs"] == {"nlayers": 2}
@@ -242,6 +263,19 @@ def test_tiny_sweep_end_to_end(tmp_path: Path):
         run_sweep(SweepConfig(**{**cfg.to_dict(), "dtype": "bfloat16"}), progress=False)
 
 
+def test_exit_code_when_no_point_succeeds(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """Only failures: the summary says so, and the exit code is not 0 (make sweep stops there)."""
+    argv = ["--out-dir", str(tmp_path), "--name", "none", "--world-sizes", "1", "--strategies", "single",
+            "--seq-lens", "16,32", "--phases", "prefill", "--model-path", str(tmp_path / "missing"),
+            "--source", "hf", "--repeats", "1", "--warmup", "0", "--no-progress"]  # fmt: skip
+    assert sweep.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "sweep none: 2 points: 2 error" in out and "no point succeeded" in err
+    _, rows = read_csv(tmp_path / "none" / "results.csv")
+    assert [r["status"] for r in rows] == ["error", "error"] and all("loading" in r["error"] for r in rows)
+    assert sweep.main([*argv, "--world-sizes", "0"]) == 2  # a bad config: 2, before anything runs
+
+
 def test_killed_rank_is_recorded_and_sweep_goes_on(tmp_path: Path):
     # rank 1 of ring x2 is SIGKILLed mid-way (after two points); ring x1 runs next
     env = fault_env(tmp_path, world_size=2, rank=1, strategy="ring", after_gathers=3, action="kill")
@@ -249,15 +283,15 @@ def test_killed_rank_is_recorded_and_sweep_goes_on(tmp_path: Path):
                       seq_lens=[16, 32, 48], phases=["prefill"], env=env, **TINY)  # fmt: skip
     run_dir = run_sweep(cfg, progress=False)
     _, rows = read_csv(run_dir / "results.csv")
-    assert keys(rows) == Counter(grid(cfg))  # every point exactly once, failed ones included
+    assert keys(rows) == points(cfg)  # every point exactly once, failed ones included
     killed = {int(r["seq_len"]): r for r in rows if r["world_size"] == "2"}
     assert killed[16]["status"] == "ok" and killed[32]["status"] == "ok"
     assert killed[48]["status"] == "error"
     assert killed[48]["error"], killed[48]
     assert all(r["status"] == "ok" for r in rows if r["world_size"] == "1")
     group = json.loads((run_dir / "params.json").read_text())["sessions"][0]["groups"][0]
-    assert group["status"] == "failed" and group["launches"][0]["returncode"] != 0
-    assert "[fault hook] kill rank 1" in (run_dir / group["launches"][0]["stderr"]).read_text()
+    assert group["status"] == "failed" and group["returncode"] != 0
+    assert "[fault hook] kill rank 1" in (run_dir / group["stderr"]).read_text()
     assert not stray_processes(str(run_dir))
 
 
@@ -269,13 +303,13 @@ def test_hung_group_times_out_and_sweep_goes_on(tmp_path: Path):
     t0 = time.monotonic()
     run_dir = run_sweep(cfg, progress=False)
     _, rows = read_csv(run_dir / "results.csv")
-    assert keys(rows) == Counter(grid(cfg))
+    assert keys(rows) == points(cfg)
     single = {int(r["seq_len"]): r for r in rows if r["strategy"] == "single"}
     assert single[32]["status"] == "ok"
     assert single[64]["status"] == "timeout" and "timeout" in single[64]["error"]
     assert all(r["status"] == "ok" for r in rows if r["strategy"] == "ring")
-    launch = json.loads((run_dir / "params.json").read_text())["sessions"][0]["groups"][0]["launches"][0]
-    assert launch["timed_out"] and 30 <= launch["seconds"] < 60
+    group = json.loads((run_dir / "params.json").read_text())["sessions"][0]["groups"][0]
+    assert group["timed_out"] and 30 <= group["seconds"] < 60
     assert time.monotonic() - t0 < 120
     assert not stray_processes(str(run_dir))  # the stopped worker was killed too
 
@@ -300,7 +334,7 @@ def test_interrupt_and_resume(tmp_path: Path):
     results = run_dir / "results.csv"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
-        if results.exists() and len(sweep._read_rows(results)) >= 3:
+        if results.exists() and len(schema.read_rows(results)) >= 3:
             break
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()
@@ -316,7 +350,7 @@ def test_interrupt_and_resume(tmp_path: Path):
     assert done.returncode == 0, done.stderr
     _, rows = read_csv(results)
     cfg = SweepConfig(world_sizes=[2], strategies=["single", "ring"], seq_lens=[16, 32, 48])
-    assert keys(rows) == Counter(grid(cfg))  # nothing lost, nothing twice
+    assert keys(rows) == points(cfg)  # nothing lost, nothing twice
     assert rows[: len(first)] == first  # the first run's rows are kept as they were
     assert all(r["status"] == "ok" for r in rows)
     params = json.loads((run_dir / "params.json").read_text())
@@ -333,12 +367,12 @@ def test_two_nodes_c10d_rendezvous(tmp_path: Path):
     """Two torchrun "nodes" on this machine meet through c10d and run a ring bench."""
     out = tmp_path / "results.csv"
     cfg = SweepConfig(world_sizes=[2], strategies=["ring"], seq_lens=[32, 48], phases=["prefill", "decode"], **TINY)
-    args = sweep.bench_args(cfg, "ring", cfg.seq_lens, cfg.phases, out)
+    args = grid.bench_args(cfg, "ring", out)
     endpoint = f"127.0.0.1:{_free_port()}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     procs = []
     for node in (0, 1):
-        cmd = sweep.torchrun_command(1, nnodes=2, rdzv_endpoint=endpoint, rdzv_id="two-nodes", node_rank=node) + args
+        cmd = launch.torchrun_command(1, nnodes=2, rdzv_endpoint=endpoint, rdzv_id="two-nodes", node_rank=node) + args
         assert "--rdzv_backend=c10d" in cmd and "--nnodes=2" in cmd
         log = open(tmp_path / f"node{node}.log", "w")
         procs.append(
@@ -350,10 +384,10 @@ def test_two_nodes_c10d_rendezvous(tmp_path: Path):
     finally:
         for p, log in procs:
             if p.poll() is None:
-                sweep.kill_tree(p)
+                launch.kill_tree(p)
             log.close()
     logs = "\n".join((tmp_path / f"node{n}.log").read_text() for n in (0, 1))
     assert [p.returncode for p, _ in procs] == [0, 0], logs
     _, rows = read_csv(out)
-    assert keys(rows) == Counter({("ring", 2, n, p): 1 for n in (32, 48) for p in ("prefill", "decode")})
+    assert keys(rows) == Counter(schema.Point("ring", "", 2, n, 0, p) for n in (32, 48) for p in ("prefill", "decode"))
     assert all(r["status"] == "ok" and float(r["max_abs_err"]) < 1e-3 for r in rows), rows

@@ -1,0 +1,331 @@
+"""Load benchmark rows and turn them into tables: statuses, latency, scaling
+against the strongest one-GPU row, exactness, longest prompts, follow-ups.
+
+``load_runs`` reads the ``results.csv`` of one or more run folders (see
+:mod:`fmsring.harness.sweep`) into one DataFrame, tagged by run; the figures
+drawn from these tables are :mod:`fmsring.harness.plots`'.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fmsring.harness.schema import AS_SHIPPED, STATUSES, TOLERANCES, judge
+
+NUMERIC = (
+    "world_size", "seq_len", "cached_len", "batch", "latency_ms", "latency_ms_min", "latency_ms_max", "ttft_ms",
+    "floor_ms", "peak_mem_gib", "tflops_per_gpu", "max_abs_err", "rel_err", "ref_norm", "repeats", "gpu_count",
+)  # fmt: skip
+KEY = ("run", "strategy", "variant", "world_size", "seq_len", "cached_len", "batch", "phase")
+FAILED = ("oom", "timeout", "error")  # no timings: shown as markers with their status
+
+
+# ---------------------------------------------------------------------------
+# loading
+
+
+def find_runs(root: str | os.PathLike = "runs") -> list[Path]:
+    """Run folders (those holding a results.csv) at or anywhere under ``root``, sorted."""
+    root = Path(root)
+    if (root / "results.csv").exists():
+        return [root]
+    return sorted(p.parent for p in root.rglob("results.csv"))
+
+
+def _expand(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out: list[Path] = []
+    for p in paths:
+        s = str(p)
+        hits = [Path(h) for h in sorted(glob.glob(s))] if any(c in s for c in "*?[") else [Path(s)]
+        for h in hits:
+            if h.is_file():
+                out.append(h.parent)
+            elif (h / "results.csv").exists():
+                out.append(h)
+            elif h.is_dir():
+                out.extend(find_runs(h))
+            else:
+                raise FileNotFoundError(f"no run folder or results.csv at {h}")
+    return list(dict.fromkeys(p.resolve() for p in out))
+
+
+def read_params(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """A run's params.json ({} when absent)."""
+    try:
+        return json.loads((Path(run_dir) / "params.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _legacy_variants(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows written before the ``variant`` column: the variant was spelled in the model label
+    (`` ring{...}`` for a ring variant, `` fused-peers``), and the peers ran as shipped unless fused."""
+    model = df["model"].fillna("")
+    ring_kwargs = model.str.extract(r" ring(\{.*\})", expand=False).fillna("")
+    fused = model.str.contains(" fused-peers", regex=False)
+    peers = df["strategy"] != "ring"
+    df["variant"] = np.where(peers, np.where(fused, "fused", AS_SHIPPED), ring_kwargs)
+    df["model"] = model.str.replace(r" ring\{.*\}", "", regex=True).str.replace(" fused-peers", "", regex=False)
+    return df
+
+
+def _rejudge(df: pd.DataFrame) -> pd.DataFrame:
+    """Judge ok rows by today's tolerances, so a row written before ``mismatch`` existed (or by
+    an older bench) cannot pass as ok with logits beyond them."""
+    compared = (df["status"] == "ok") & df["rel_err"].notna()
+    for i in df.index[compared]:
+        verdict = judge(df.at[i, "dtype"], df.loc[i, ["max_abs_err", "rel_err", "ref_norm"]].to_dict())
+        if verdict:
+            df.at[i, "status"], df.at[i, "error"] = "mismatch", f"judged on load: {verdict}"
+    return df
+
+
+def load_runs(paths: str | os.PathLike | Iterable[str | os.PathLike] = "runs", dedupe: bool = True) -> pd.DataFrame:
+    """All rows of the given run folders (or results.csv files, or folders of runs).
+
+    Adds ``run`` (the folder's name), ``run_dir`` and ``decode_tokens`` (from
+    params.json); fills the columns older CSVs lack. With ``dedupe`` a point
+    measured more than once (a failed point retried on resume) keeps its ``ok``
+    row, or else its latest row.
+    """
+    frames = []
+    for run_dir in _expand(paths):
+        try:
+            df = pd.read_csv(run_dir / "results.csv", dtype=str, keep_default_na=False, on_bad_lines="skip")
+        except pd.errors.EmptyDataError:
+            continue
+        if df.empty:
+            continue
+        df.insert(0, "run", run_dir.name)
+        df.insert(1, "run_dir", str(run_dir))
+        if "decode_tokens" not in df.columns:
+            df["decode_tokens"] = read_params(run_dir).get("config", {}).get("decode_tokens", np.nan)
+        if "variant" not in df.columns:
+            df = _legacy_variants(df)
+        frames.append(df)
+    if not frames:
+        return pd.DataFrame(columns=["run", "run_dir", *KEY[1:], "status"])
+    df = pd.concat(frames, ignore_index=True)
+    for col, fill in (("cached_len", "0"), ("variant", ""), ("dtype", "")):
+        df[col] = df[col].fillna(fill) if col in df.columns else fill
+    for col in (*NUMERIC, "decode_tokens"):
+        df[col] = pd.to_numeric(df[col].replace("", np.nan), errors="coerce") if col in df.columns else np.nan
+    df = df[df["status"].isin(STATUSES)].copy()
+    if "same_next_token" in df.columns:
+        df["same_next_token"] = df["same_next_token"].map({"True": True, "true": True, "False": False, "false": False})
+    df = _rejudge(df)
+    if dedupe and not df.empty:
+        df["_order"] = np.arange(len(df))
+        df["_ok"] = df["status"].eq("ok")
+        df = df.sort_values(["_ok", "_order"]).groupby(list(KEY), dropna=False, sort=False).tail(1)
+        df = df.sort_values("_order").drop(columns=["_order", "_ok"])
+    return df.reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------
+# tables
+
+
+def config_label(strategy: str, variant: str) -> str:
+    """``ring``, ``single/as-shipped``: a strategy and its variant, as legends and tables name them."""
+    return f"{strategy}/{variant}" if variant else strategy
+
+
+def unit(df: pd.DataFrame) -> str:
+    """What a world size counts: "GPUs" for a run on GPUs, "ranks" for CPU processes."""
+    return "GPUs" if "device" in df.columns and (df["device"] == "cuda").any() else "ranks"
+
+
+def status_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Points per status, per (run, strategy, variant, world size)."""
+    if df.empty:
+        return pd.DataFrame()
+    t = df.pivot_table(
+        index=["run", "strategy", "variant", "world_size"], columns="status", values="seq_len", aggfunc="count"
+    )
+    return t.reindex(columns=[s for s in STATUSES if s in t.columns]).fillna(0).astype(int)
+
+
+def summary(df: pd.DataFrame, phase: str = "prefill", value: str = "latency_ms") -> pd.DataFrame:
+    """``value`` per (run, strategy, variant, world size[, cached]) x length; failed points show their status."""
+    d = df[df["phase"] == phase] if "phase" in df.columns else df
+    if d.empty or value not in d.columns:
+        return pd.DataFrame()
+    shown = d[value].round(2).astype(object).where(d["status"] == "ok", d["status"])
+    index = ["run", "strategy", "variant", "world_size"] + (["cached_len"] if phase == "followup" else [])
+    return d.assign(_v=shown).pivot_table(index=index, columns="seq_len", values="_v", aggfunc="last")
+
+
+def _ok(df: pd.DataFrame, phase: str | None, column: str) -> pd.DataFrame:
+    if df.empty or column not in df.columns:
+        return df.iloc[0:0]
+    d = df[df["status"] == "ok"]
+    if phase is not None:
+        d = d[d["phase"] == phase]
+    return d.dropna(subset=[column, "seq_len", "world_size"])
+
+
+def scaling_table(df: pd.DataFrame, phase: str = "prefill", warn: bool = True) -> pd.DataFrame:
+    """Speedup and parallel efficiency of every ok multi-rank point against the strongest one-GPU row.
+
+    The reference (column ``reference``) is the fastest ``single`` row of that
+    run and point (any variant), so a speedup is never measured against a
+    handicapped baseline. A point no single GPU ran (it ran out of memory) is
+    measured against the same configuration's smallest world size W0 that ran
+    it, counted as a speedup of W0 (ideal up to W0); its ``reference`` says so.
+    A speedup above the world size (column ``superlinear``) is physically
+    suspect -- usually a weak or mismatched baseline -- and is warned about by name.
+    """
+    d = _ok(df, phase, "latency_ms")
+    cols = ["reference", "baseline_ms", "baseline_world_size", "speedup", "efficiency", "superlinear"]
+    rows = d[d["strategy"] != "single"].copy()
+    if rows.empty:
+        return rows.assign(**{c: [] for c in cols})
+    point = ["run", "seq_len", "cached_len", "batch"]
+    singles = d[(d["strategy"] == "single") & (d["world_size"] == 1)].sort_values("latency_ms")
+    best = singles.groupby(point, dropna=False).head(1).set_index(point)
+    own = ["run", "strategy", "variant", "seq_len", "cached_len", "batch"]
+    smallest = rows.sort_values("world_size").groupby(own, dropna=False).head(1).set_index(own)
+
+    def reference(r: pd.Series) -> tuple[str, float, float]:
+        at = tuple(r[point])
+        if at in best.index:
+            s = best.loc[at]
+            return f"{config_label('single', s['variant'])} x1 (fastest)", float(s["latency_ms"]), 1.0
+        s = smallest.loc[tuple(r[own])]
+        w0 = int(s["world_size"])
+        label = config_label(r["strategy"], r["variant"])
+        return (f"{label} x1" if w0 == 1 else f"{label} x{w0} (ideal up to {w0} assumed)"), float(s["latency_ms"]), w0
+
+    refs = [reference(r) for _, r in rows.iterrows()]
+    rows["reference"] = [r[0] for r in refs]
+    rows["baseline_ms"] = [r[1] for r in refs]
+    rows["baseline_world_size"] = [float(r[2]) for r in refs]
+    rows["speedup"] = rows["baseline_world_size"] * rows["baseline_ms"] / rows["latency_ms"]
+    rows["efficiency"] = rows["speedup"] / rows["world_size"]
+    rows["superlinear"] = rows["speedup"] > rows["world_size"] * (1 + 1e-9)
+    # a prompt whose only point is its own assumed-ideal reference says nothing
+    anchor_only = (rows["world_size"] == rows["baseline_world_size"]) & (rows["baseline_world_size"] > 1)
+    measured = (~anchor_only).groupby([rows[c] for c in own]).transform("any")
+    rows = rows[measured]
+    if warn and rows["superlinear"].any():
+        warnings.warn("super-linear speedup (check the baseline): " + "; ".join(superlinear_points(rows)), stacklevel=2)
+    return rows
+
+
+def superlinear_points(table: pd.DataFrame) -> list[str]:
+    """Names of the scaling table's points whose speedup exceeds their world size."""
+    t = table[table["superlinear"]]
+    return [
+        f"{r.run}: {config_label(r.strategy, r.variant)} x{int(r.world_size)} {r.phase} "
+        f"at {_tokens(r.seq_len)}{f' after {_tokens(r.cached_len)}' if r.cached_len else ''}: "
+        f"{r.speedup:.2f}x vs {r.reference}"
+        for r in t.itertuples()
+    ]
+
+
+def accuracy_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Every row compared with `single` (or judged a mismatch): its errors, tolerance and status."""
+    if df.empty or "rel_err" not in df.columns:
+        return pd.DataFrame()
+    judged = df["status"].isin(("ok", "mismatch"))
+    d = df[judged & (df["rel_err"].notna() | (df["status"] == "mismatch"))].copy()
+    if d.empty:
+        return pd.DataFrame()
+    d["tolerance"] = d["dtype"].map(lambda t: TOLERANCES[t].rel_err if t in TOLERANCES else np.nan)
+    cols = ["run", "strategy", "variant", "world_size", "phase", "seq_len", "cached_len", "dtype", "max_abs_err",
+            "rel_err", "tolerance", "ref_norm", "same_next_token", "status", "error"]  # fmt: skip
+    d["error"] = d["error"].where(d["status"] == "mismatch", "")
+    return d[cols].sort_values(cols[:7]).reset_index(drop=True)
+
+
+def max_prompt_table(df: pd.DataFrame, phase: str = "prefill") -> pd.DataFrame:
+    """Per (run, strategy, variant, world size): longest ok prompt, and the shortest that ran out of memory."""
+    if df.empty:
+        return pd.DataFrame()
+    d = df[df["phase"] == phase].dropna(subset=["seq_len", "world_size"])
+    if d.empty or not (d["status"] == "ok").any():
+        return pd.DataFrame()
+    out = []
+    for (run, s, v, w), g in d.groupby(["run", "strategy", "variant", "world_size"]):
+        ok = g.loc[g["status"] == "ok", "seq_len"]
+        oom = g.loc[g["status"] == "oom", "seq_len"]
+        out.append({
+            "run": run, "strategy": s, "variant": v, "world_size": int(w),
+            "max_ok_seq_len": int(ok.max()) if len(ok) else np.nan,
+            "first_oom_seq_len": int(oom.min()) if len(oom) else np.nan,
+            "max_tested_seq_len": int(g["seq_len"].max()),
+        })  # fmt: skip
+    return pd.DataFrame(out)
+
+
+def decode_per_token(df: pd.DataFrame) -> pd.DataFrame:
+    """ok decode rows with ``ms_per_token``: the bench's decode ``latency_ms`` is already the
+    median time of one greedy step (``ttft_ms`` is the cached prefill before them)."""
+    return _ok(df, "decode", "latency_ms").assign(ms_per_token=lambda d: d["latency_ms"])
+
+
+def followup_table(df: pd.DataFrame) -> pd.DataFrame:
+    """ok follow-up rows with the fresh ring prefill of the same P+T tokens beside them.
+
+    ``recompute_ms`` is that prefill (same run, variant and world size), and
+    ``cache_gain`` = recompute_ms / latency_ms: above 1 the cache is worth keeping.
+    """
+    d = _ok(df, "followup", "latency_ms").copy()
+    if d.empty:
+        return d
+    pre = _ok(df, "prefill", "latency_ms")
+    pre = pre[pre["strategy"] == "ring"].set_index(["run", "variant", "world_size", "seq_len"])["latency_ms"]
+    pre = pre[~pre.index.duplicated()]
+    keys = zip(d["run"], d["variant"], d["world_size"], d["seq_len"] + d["cached_len"], strict=True)
+    d["recompute_ms"] = [
+        pre.get(k, np.nan) if s == "ring" else np.nan for k, s in zip(keys, d["strategy"], strict=True)
+    ]
+    d["cache_gain"] = d["recompute_ms"] / d["latency_ms"]
+    cols = ["run", "strategy", "variant", "world_size", "cached_len", "seq_len", "latency_ms", "floor_ms",
+            "recompute_ms", "cache_gain", "status"]  # fmt: skip
+    return d[cols].sort_values(cols[:6]).reset_index(drop=True)
+
+
+def gpu_capacity_gib(gpu_name: str | None) -> float | None:
+    """Memory of one card, from its name ("NVIDIA H100 80GB HBM3" -> 79.2); None for CPUs or unknown cards."""
+    import re
+
+    if not isinstance(gpu_name, str) or gpu_name.strip().lower() in ("", "cpu", "nan", "none"):
+        return None
+    name = gpu_name.upper()
+    m = re.search(r"(\d+)\s*GB", name)
+    if m:
+        return int(m.group(1)) * 0.99  # "80GB" cards show ~79.2 GiB to torch
+    for card, gib in sorted(_CARD_GIB.items(), key=lambda kv: -len(kv[0])):
+        if card in name:
+            return gib
+    return None
+
+
+# Usable memory (GiB, as torch reports it) of cards whose name gives no size.
+_CARD_GIB = {
+    "H200": 139.8, "H100": 79.1, "H800": 79.1, "GH200": 94.5, "B200": 178.4, "A100": 79.1, "A800": 79.1,
+    "L40S": 44.4, "L40": 44.4, "L4": 22.0, "A10G": 22.0, "A10": 22.0, "A40": 44.4, "A6000": 47.5,
+    "V100": 31.7, "T4": 14.6, "4090": 23.6, "3090": 23.6, "MI300X": 191.5, "MI250X": 63.98,
+}  # fmt: skip
+
+
+def _tokens(n: float, _pos: Any = None) -> str:
+    """8192 -> "8k", 100 -> "100"."""
+    if not math.isfinite(n):
+        return ""
+    n = round(n)
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)

@@ -1,0 +1,460 @@
+"""Time single-GPU, ring, tensor-parallel and torch context-parallel inference side by side.
+
+Run it under ``torchrun --nproc_per_node=N -m fmsring.bench ...`` (or as one plain
+process). Every strategy runs on the same machine, with the same seeded random
+weights and prompts, and each point (strategy, variant, seq_len, cached_len,
+phase) becomes one CSV row, appended by rank 0 as soon as it is measured, so a
+crash keeps finished rows. A point that runs out of memory or raises becomes an
+``oom``/``error`` row and the run goes on; all ranks agree on every point's
+status first, so no rank waits in a collective another rank skipped. A row
+whose logits differ from the one-GPU model's beyond the dtype's tolerance is
+``mismatch``. The exit code is 0 only when every row is ``ok`` or ``skipped``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import fms.models
+import torch
+from fms.modules.attention import MultiHeadAttention
+from torch import nn
+
+from fmsring.harness import ceilings, peers
+from fmsring.harness.exactness import NOT_COMPARED, compare
+from fmsring.harness.flops import FlopShape, Rates, floor_ms, flop_shape, phase_flops
+from fmsring.harness.peers import Variant
+from fmsring.harness.ranks import DistEnv, Measured, agree, barrier, broadcast, free_memory, setup_dist
+from fmsring.harness.schema import (
+    DTYPES,
+    PHASES,
+    STRATEGIES,
+    ModelSpec,
+    Point,
+    append_rows,
+    check_header,
+    done_points,
+    judge,
+    parse_ring_variants,
+    parse_seq_lens,
+    planned_points,
+    point,
+    recomputed,
+    row_provenance,
+)
+from fmsring.harness.session import Session
+from fmsring.layout import LAYOUTS
+
+NAN = float("nan")
+
+
+@dataclass
+class BenchConfig(ModelSpec):
+    """Everything one benchmark run needs; the CLI flags map onto these fields one to one."""
+
+    strategies: tuple[str, ...] = ("single", "ring")
+    phases: tuple[str, ...] = ("prefill",)
+    seq_lens: tuple[int, ...] = (128, 256)  # prompt lengths; for followup, the new tokens T
+    cached_lens: tuple[int, ...] = ()  # followup: tokens P already in the cache
+    batch: int = 1
+    layout: str = "zigzag"
+    repeats: int = 3
+    warmup: int = 1
+    decode_tokens: int = 32
+    ring_variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {"": {}})
+    ring_kwargs: dict[str, Any] = field(default_factory=dict)  # merged into every ring variant
+    as_shipped: bool = False  # also measure the peers as FMS/PyTorch ship them
+    followup_recompute: bool = True  # ring: a fresh prefill of P+T beside each follow-up
+    out: str | None = None
+    resume: bool = False  # skip points that already have a finished row in ``out``
+    check: bool = True
+    timeout_s: float = 1800.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.repeats < 1 or self.warmup < 0 or self.batch < 1 or self.decode_tokens < 1:
+            problems.append("--repeats, --batch and --decode-tokens must be >= 1 and --warmup >= 0")
+        if not self.seq_lens:
+            problems.append("--seq-lens is empty")
+        if ("followup" in self.phases) != bool(self.cached_lens):
+            problems.append("--cached-lens and the followup phase go together: give both or neither")
+        try:
+            self.ring_variants = parse_ring_variants(self.ring_variants)
+            parse_ring_variants({"": self.ring_kwargs})
+        except ValueError as exc:
+            problems.append(str(exc))
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _choices(choices: tuple[str, ...]):
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(s.strip() for s in text.split(",") if s.strip())
+        if not items or any(s not in choices for s in items):
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(choices)}")
+        return items
+
+    return parse
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(parse_seq_lens(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = BenchConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m fmsring.bench",
+        description="Benchmark single / ring / tp / torch_cp inference and append CSV rows (torchrun for N>1).",
+    )
+    p.add_argument("--architecture", default=d.architecture)
+    p.add_argument("--variant", default=d.variant)
+    p.add_argument("--model-path", default=d.model_path, help="checkpoint to load; random weights (seeded) if omitted")
+    p.add_argument("--source", default=d.source, help="checkpoint format, e.g. hf")
+    p.add_argument(
+        "--model-kwargs", type=_json_object, default={}, help="JSON passed to get_model, e.g. '{\"nlayers\":2}'"
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
+    p.add_argument("--dtype", choices=DTYPES, default=d.dtype)
+    p.add_argument("--strategies", type=_choices(STRATEGIES), default=d.strategies, help=",".join(STRATEGIES))
+    p.add_argument("--phases", type=_choices(PHASES), default=d.phases, help=",".join(PHASES))
+    p.add_argument(
+        "--seq-lens", type=_lengths, default=d.seq_lens, help="prompt lengths (followup: new tokens T); K/M suffixes"
+    )
+    p.add_argument(
+        "--cached-lens", type=_lengths, default=d.cached_lens, help="followup: cached tokens P, e.g. 32K,128K"
+    )
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--layout", choices=LAYOUTS, default=d.layout, help="ring token layout")
+    p.add_argument("--repeats", type=int, default=d.repeats, help="timed runs per point")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed runs per point")
+    p.add_argument("--decode-tokens", type=int, default=d.decode_tokens, help="greedy steps timed per decode run")
+    p.add_argument(
+        "--ring-variants",
+        type=_json_object,
+        default=d.ring_variants,
+        help='JSON {name: {fmsring.get_model ring_* options}}, e.g. \'{"": {}, "eager": {"ring_cuda_graphs": false}}\'',
+    )
+    p.add_argument(
+        "--ring-kwargs", type=_json_object, default={}, help="JSON ring_* options merged into every ring variant"
+    )
+    p.add_argument(
+        "--as-shipped",
+        action=argparse.BooleanOptionalAction,
+        default=d.as_shipped,
+        help="also measure single/tp/torch_cp unfused with the default SDPA backend (variant as-shipped)",
+    )
+    p.add_argument(
+        "--followup-recompute",
+        action=argparse.BooleanOptionalAction,
+        default=d.followup_recompute,
+        help="with followup: also time a fresh ring prefill of P+T tokens (is the cache worth it?)",
+    )
+    p.add_argument(
+        "--out",
+        default=d.out,
+        help="CSV to append rows to (rank 0 writes); the rates go beside it: r.csv -> r.ceilings.json",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="skip points that already have an ok/skipped/mismatch row in --out"
+    )
+    p.add_argument(
+        "--check", action=argparse.BooleanOptionalAction, default=d.check, help="compare logits with `single`"
+    )
+    p.add_argument(
+        "--timeout-s", type=float, default=d.timeout_s, help="collective timeout; must exceed one point's run"
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds weights and prompts (identical on every rank)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> BenchConfig:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return BenchConfig(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(BenchConfig)})
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+# ----------------------------------------------------------------------------- model facts
+
+
+def meta_model(cfg: BenchConfig) -> nn.Module | None:
+    """The unsharded model on the meta device (no memory, no weights); None if FMS can't build it."""
+    try:
+        meta_cfg = dataclasses.replace(cfg, model_path=None, source=None)
+        return fms.models.get_model(**peers.model_args(meta_cfg, device="meta"), distributed_strategy="none")
+    except Exception as exc:  # noqa: BLE001 - FLOPs and floors are optional, the benchmark is not
+        print(f"[bench] no FLOP count or floor: cannot build a meta model ({exc})", file=sys.stderr)
+        return None
+
+
+def longest_context(cfg: BenchConfig) -> int:
+    """The most positions any call of the run reaches."""
+    longest = max(cfg.seq_lens) + (cfg.decode_tokens + 1 if "decode" in cfg.phases else 1)
+    if "followup" in cfg.phases:
+        longest = max(longest, max(cfg.cached_lens) + max(cfg.seq_lens) + 1)
+    return longest
+
+
+def fit_rope_table(cfg: BenchConfig, meta: nn.Module | None) -> BenchConfig:
+    """Raise max_expected_seq_len to the longest context: FMS's plain models never regrow
+    their RoPE table, so single/tp/torch_cp would index past it on long prompts."""
+    if meta is None or "max_expected_seq_len" in cfg.model_kwargs:
+        return cfg
+    needed = longest_context(cfg)
+    have = getattr(getattr(meta, "config", None), "max_expected_seq_len", None)
+    if have is None or have >= needed:
+        return cfg
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"[bench] max_expected_seq_len {have} -> {needed}: the RoPE table must cover the longest context",
+            file=sys.stderr,
+        )
+    return dataclasses.replace(cfg, model_kwargs={**cfg.model_kwargs, "max_expected_seq_len": needed})
+
+
+def _rates(cfg: BenchConfig, env: DistEnv, meta: nn.Module | None) -> Rates | None:
+    """Rank 0 measures (or reads) the device's ceilings; a failure costs the floor, not the run."""
+    attn = next((m for m in meta.modules() if isinstance(m, MultiHeadAttention)), None) if meta is not None else None
+    rates = None
+    if env.rank == 0 and attn is not None:
+        path = ceilings.ceilings_path(cfg.out) if cfg.out else None
+        try:
+            rates = ceilings.load_or_measure(path, env.device, cfg.dtype, attn.nheads, attn.emb_kq_per_head)
+        except Exception as exc:  # noqa: BLE001
+            print(f"[bench] no floor: measuring the device's rates failed ({exc})", file=sys.stderr)
+    barrier(env)
+    return rates
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+@dataclass
+class Run:
+    """State shared by the points of one run."""
+
+    cfg: BenchConfig
+    env: DistEnv
+    info: dict[str, Any]
+    shape: FlopShape | None
+    rates: Rates | None
+    recompute: dict[int, tuple[int, int]]  # ring prefill length -> the (P, T) follow-up it recomputes
+    refs: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # rank 0
+    tried: set[tuple[int, int, str]] = field(default_factory=set)  # reference points run, on every rank
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    mesh: Any = None
+
+    def ref_key(self, pt: Point) -> tuple[int, int, str]:
+        """Which `single` output a point is checked against: a recompute of P+T against the follow-up."""
+        if pt.strategy == "ring" and pt.phase == "prefill" and pt.seq_len in self.recompute:
+            cached, new = self.recompute[pt.seq_len]
+            return new, cached, "followup"
+        return pt.seq_len, pt.cached_len, pt.phase
+
+
+def summarize(result: Measured, flops: float, gpus: int) -> dict[str, Any]:
+    """Median and spread of the latencies, TTFT median, FLOP rate per GPU."""
+    lat = result.latencies
+    if result.status not in ("ok", "mismatch") or not lat:
+        return {"latency_ms": NAN, "latency_ms_min": NAN, "latency_ms_max": NAN, "ttft_ms": NAN, "tflops_per_gpu": NAN}
+    median = statistics.median(lat)
+    return {
+        "latency_ms": median,
+        "latency_ms_min": min(lat),
+        "latency_ms_max": max(lat),
+        "ttft_ms": statistics.median(result.ttfts) if result.ttfts else NAN,
+        "tflops_per_gpu": flops / (median / 1e3) / max(gpus, 1) / 1e12 if median > 0 else NAN,
+    }
+
+
+def record(pt: Point, result: Measured, run: Run) -> dict[str, Any]:
+    """Rank 0 turns a merged result into a row, judges it against `single`, appends it."""
+    cfg = run.cfg
+    key = run.ref_key(pt)
+    is_ref = pt.strategy == "single" and pt.variant == ""
+    if is_ref and result.status == "ok" and result.output is not None:
+        run.refs.setdefault(key, result.output)
+    status, error, errors = result.status, result.error, dict(NOT_COMPARED)
+    if cfg.check and not is_ref and status == "ok":
+        ref = run.refs.get(key)
+        if ref is None:
+            error = "not checked: no ok `single` row to compare with"
+        else:
+            errors = compare(result.output, ref)
+            verdict = judge(cfg.dtype, errors)
+            if verdict:
+                status, error = "mismatch", verdict
+    errors.pop("top2_gap", None)
+    flops = phase_flops(run.shape, pt.phase, cfg.batch, pt.seq_len, pt.cached_len, cfg.decode_tokens)
+    floor = floor_ms(
+        run.shape, run.rates, pt.strategy, pt.world_size, pt.phase, cfg.batch, pt.seq_len, pt.cached_len,
+        cfg.decode_tokens,
+    )  # fmt: skip
+    row = {
+        **point(pt.strategy, pt.world_size, pt.seq_len, pt.phase, batch=cfg.batch, dtype=cfg.dtype,
+                layout=cfg.layout, variant=pt.variant, cached_len=pt.cached_len),
+        **summarize(result, flops, pt.world_size),
+        "floor_ms": floor,
+        "peak_mem_gib": result.peak_gib,
+        **errors,
+        "status": status,
+        "error": error,
+        **run.info,
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+    }  # fmt: skip
+    run.rows.append(row)
+    if cfg.out:
+        append_rows(cfg.out, [row])
+    err = "" if math.isnan(row["max_abs_err"]) else f" err={row['max_abs_err']:.2e}"
+    label = f"{pt.strategy}{'/' + pt.variant if pt.variant else ''}"
+    cached = f"P={pt.cached_len} " if pt.phase == "followup" else ""
+    print(
+        f"[bench] {label:<14} W={pt.world_size} {cached}L={pt.seq_len:<7} {pt.phase:<8} "
+        f"{row['latency_ms']:10.3f} ms  {status}{err} {error}",
+        flush=True,
+    )
+    return row
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_variant(variant: Variant, points: list[Point], run: Run, reference: bool = False) -> None:
+    """Load once, then every point; `single` runs on rank 0 while the others wait.
+
+    With ``reference`` the points are measured once, untimed in effect, only to fill
+    ``run.refs`` (when `single` itself is not benchmarked but the check is on).
+    """
+    env, cfg = run.env, run.cfg
+    all_ranks = variant.strategy != "single"
+    warmup, repeats = (0, 1) if reference else (cfg.warmup, cfg.repeats)
+    session = Session(variant, cfg, env, run.recompute, warmup, repeats, all_ranks)
+    runnable = any(not session.skip_reason(pt) for pt in points)
+    if runnable and (all_ranks or env.rank == 0):
+        if variant.strategy == "torch_cp" and run.mesh is None:
+            run.mesh = peers.make_cp_mesh(env)
+        session.load(run.mesh)
+    if runnable and all_ranks:
+        session.agree_load()
+    if variant == Variant("single"):
+        run.tried.update(run.ref_key(pt) for pt in points)
+    for pt in points:
+        if all_ranks:
+            result = agree(session.measure(pt), env)
+        else:
+            result = session.measure(pt) if env.rank == 0 else None
+            barrier(env)
+        if env.rank == 0 and result is not None:
+            if reference:
+                if result.status == "ok" and result.output is not None:
+                    run.refs[run.ref_key(pt)] = result.output
+            else:
+                record(pt, result, run)
+    session.close()
+    free_memory()
+
+
+def _reference_pass(plan: list[tuple[Variant, list[Point]]], run: Run) -> None:
+    """Compute the `single` outputs that the planned points are checked against and that no
+    `single` row of this launch provides (it is not benchmarked, or resumed past)."""
+    needed = dict.fromkeys(run.ref_key(p) for v, pts in plan if v != Variant("single") for p in pts)
+    missing = [k for k in needed if k not in run.tried]
+    if missing:
+        run.tried.update(missing)
+        run_variant(Variant("single"), [Point("single", "", 1, n, c, ph) for n, c, ph in missing], run, reference=True)
+
+
+def run(cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Benchmark every strategy and variant of ``cfg``; rank 0 returns (and appends) the rows, others []."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_header(cfg.out)
+    env = setup_dist(cfg.device, cfg.timeout_s)
+    try:
+        info = row_provenance(cfg, cfg.repeats, env.device.index or 0) if env.rank == 0 else {}
+        meta = meta_model(cfg)
+        shape = flop_shape(meta, getattr(torch, cfg.dtype).itemsize) if meta is not None else None
+        cfg = fit_rope_table(cfg, meta)
+        done = broadcast(done_points(cfg.out) if cfg.resume and cfg.out and env.rank == 0 else set(), env)
+        plan: list[tuple[Variant, list[Point]]] = []
+        strategies = sorted(
+            (s for s in cfg.strategies if not (s == "tp" and env.world == 1)), key=lambda s: s != "single"
+        )
+        for s in strategies:
+            world = 1 if s == "single" else env.world
+            for v in peers.variants(s, cfg):
+                pts = planned_points(
+                    s,
+                    world,
+                    [v.label],
+                    list(cfg.seq_lens),
+                    list(cfg.phases),
+                    list(cfg.cached_lens),
+                    cfg.followup_recompute,
+                )
+                todo = [p for p in pts if p not in done]
+                if todo:
+                    plan.append((v, todo))
+        recompute = recomputed(list(cfg.seq_lens), list(cfg.phases), list(cfg.cached_lens))
+        recompute = recompute if cfg.followup_recompute else {}
+        if env.rank == 0 and {"decode", "followup"} <= set(cfg.phases) and "ring" in cfg.strategies:
+            print(
+                "[bench] ring keeps cache room for the longest follow-up, so its decode rows' caches (and peak "
+                "memory) include it too; run the followup phase in a launch of its own to measure decode memory",
+                file=sys.stderr,
+            )
+        rates = _rates(cfg, env, meta) if plan else None
+        del meta
+        state = Run(cfg, env, info, shape, rates, recompute)
+        for variant, points in plan:
+            if variant != Variant("single") and cfg.check:
+                _reference_pass(plan, state)
+            run_variant(variant, points, state)
+        return state.rows
+    finally:
+        if env.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    rows = run(parse_args(argv))
+    counts = Counter(r["status"] for r in rows)
+    if rows and set(counts) - {"ok", "skipped"}:
+        print(f"[bench] not every point succeeded: {dict(counts)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

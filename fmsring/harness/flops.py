@@ -1,0 +1,134 @@
+"""Work per measured call and the floor it implies: FLOP counts, bytes a decode
+step must read, and the least time a strategy's share of them can take at the
+rates measured on the device in use (:mod:`fmsring.harness.ceilings`).
+
+The counts come from the unsharded model on the meta device, so TP's sharding
+does not shrink them, and no weights are needed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fms.modules.attention import MultiHeadAttention
+from torch import nn
+
+NAN = float("nan")
+
+
+@dataclass(frozen=True)
+class FlopShape:
+    """What the counts need: linear weights (head apart), sum over layers of heads*(dk+dv),
+    bytes of the weights a forward reads, and K/V bytes per cached token."""
+
+    linear_params: int
+    head_params: int
+    attn_width: int
+    weight_bytes: int = 0
+    kv_bytes_per_token: int = 0
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What one GPU sustains, measured: dense matmul and causal attention TFLOP/s in the
+    run's dtype, and memory bandwidth in GB/s (bytes read plus written by a copy, per s)."""
+
+    matmul_tflops: float
+    attention_tflops: float
+    memory_gbps: float
+
+
+def flop_shape(model: nn.Module, element_size: int) -> FlopShape:
+    """Read from an unsharded (meta) model; ``element_size``: bytes per weight and per K/V value.
+
+    Weight bytes are every parameter but the embedding tables (a look-up reads
+    one row per token); a head tied to the embedding is a linear and counts.
+    """
+    head = getattr(model, "head", None)
+    head_ids = {id(m) for m in head.modules()} if isinstance(head, nn.Module) else set()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    linear = sum(m.weight.numel() for m in linears if id(m) not in head_ids)
+    head_params = sum(m.weight.numel() for m in linears if id(m) in head_ids)
+    attns = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    width = sum(m.nheads * (m.emb_kq_per_head + m.emb_v_per_head) for m in attns)
+    kv_values = sum(m.kvheads * (m.emb_kq_per_head + m.emb_v_per_head) for m in attns)
+    read = {id(m.weight) for m in linears}
+    embedded = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    params = {id(p): p for p in model.parameters()}
+    weights = sum(p.numel() for i, p in params.items() if i not in embedded or i in read)
+    return FlopShape(linear, head_params, width, weights * element_size, kv_values * element_size)
+
+
+def flop_parts(
+    shape: FlopShape, batch: int, new_tokens: int, context: int = 0, logit_tokens: int = 1
+) -> tuple[float, float]:
+    """(linear, attention) FLOPs of ``new_tokens`` tokens per sequence after ``context`` cached ones.
+
+    One multiply-add = 2 FLOPs. Linears: 2 * params * tokens, the LM head only on
+    the ``logit_tokens`` whose logits are computed. Causal attention: QK^T and PV
+    cost 2*(dk+dv) per head per visible (query, key) pair; a prefill of L sees
+    L(L+1)/2 pairs, i.e. the familiar 2*2*b*h*d*L^2/2 per layer. Embedding
+    look-ups, norms and softmax are left out.
+    """
+    linear = 2.0 * batch * (shape.linear_params * new_tokens + shape.head_params * logit_tokens)
+    pairs = new_tokens * context + new_tokens * (new_tokens + 1) / 2
+    return linear, 2.0 * batch * shape.attn_width * pairs
+
+
+def model_flops(shape: FlopShape, batch: int, new_tokens: int, context: int = 0, logit_tokens: int = 1) -> float:
+    """Forward FLOPs (linear + attention, see :func:`flop_parts`)."""
+    return sum(flop_parts(shape, batch, new_tokens, context, logit_tokens))
+
+
+def decode_context(seq_len: int, decode_tokens: int) -> int:
+    """The context a decode row's per-token numbers stand for: the middle of its generation."""
+    return seq_len + decode_tokens // 2
+
+
+def phase_flops(
+    shape: FlopShape | None, phase: str, batch: int, seq_len: int, cached_len: int, decode_tokens: int
+) -> float:
+    """Prefill: the whole prompt, one logit row. Decode: one token at the mid-run context.
+    Followup: ``seq_len`` new tokens after ``cached_len`` cached ones, one logit row."""
+    if shape is None:
+        return NAN
+    if phase == "decode":
+        return model_flops(shape, batch, 1, context=decode_context(seq_len, decode_tokens))
+    return model_flops(shape, batch, seq_len, context=cached_len)
+
+
+def floor_ms(
+    shape: FlopShape | None,
+    rates: Rates | None,
+    strategy: str,
+    world: int,
+    phase: str,
+    batch: int,
+    seq_len: int,
+    cached_len: int = 0,
+    decode_tokens: int = 0,
+) -> float:
+    """The least time this row's call can take on this hardware (ms); NaN without rates.
+
+    Prefill: each GPU's share of the linear FLOPs at the matmul rate plus its share
+    of the attention FLOPs at the attention rate; `single` has it all, ring, tp and
+    torch_cp divide both over the world size. Followup: the same, except that ring's
+    cached path runs every new token on every rank (its decode op replicates the
+    queries and splits the cached keys), so only its attention is divided.
+    Decode, per token: the bytes each GPU must read over the memory bandwidth --
+    ring reads all weights (it replicates them) and its cache shard, tp a 1/W share
+    of both, single all of both.
+    """
+    if shape is None or rates is None:
+        return NAN
+    gpus = 1 if strategy == "single" else max(world, 1)
+    if phase == "decode":
+        cache = batch * decode_context(seq_len, decode_tokens) * shape.kv_bytes_per_token
+        weight_share = 1 if strategy in ("single", "ring") else gpus
+        read = shape.weight_bytes / weight_share + cache / gpus
+        return read / (rates.memory_gbps * 1e9) * 1e3
+    linear, attention = flop_parts(shape, batch, seq_len, context=cached_len)
+    linear_share = 1 if (strategy == "ring" and phase == "followup") else gpus
+    seconds = linear / linear_share / (rates.matmul_tflops * 1e12) + attention / gpus / (rates.attention_tflops * 1e12)
+    return seconds * 1e3 if math.isfinite(seconds) else NAN

@@ -1,0 +1,177 @@
+"""One loaded variant and the points measured on it: which prompt each point
+gets, why a point cannot run, and the follow-up phase's cached prompt, built
+once per cached length and reused by every follow-up on it.
+
+Any exception in a point becomes that point's status, never the run's end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from fmsring.harness import peers
+from fmsring.harness.peers import Variant
+from fmsring.harness.ranks import DistEnv, Measured, agree, classify, free_memory
+from fmsring.harness.schema import CACHED, Point
+from fmsring.harness.timing import time_decode, time_followup, time_prefill
+
+if TYPE_CHECKING:
+    from fmsring.harness.bench import BenchConfig
+
+
+def make_input_ids(seed: int, batch: int, seq_len: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """Random prompt drawn on the CPU from a seeded generator: identical on every rank and strategy."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + seq_len)
+    return torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
+
+
+def followup_ids(seed: int, batch: int, cached_len: int, new: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """The T new tokens of a follow-up on a P-token prompt, drawn apart from every prompt's stream."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + cached_len) * 1_000_033 + new + (1 << 40))
+    return torch.randint(0, vocab, (batch, new), generator=gen).to(device)
+
+
+def vocab_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "src_vocab_size", None)
+    if vocab is None:
+        vocab = model.head.out_features  # type: ignore[union-attr]
+    return int(vocab)
+
+
+class Session:
+    """The points of one variant, measured on one model load (on the ranks that run it)."""
+
+    def __init__(
+        self,
+        variant: Variant,
+        cfg: BenchConfig,
+        env: DistEnv,
+        recompute: dict[int, tuple[int, int]],
+        warmup: int,
+        repeats: int,
+        all_ranks: bool,
+    ):
+        self.variant, self.cfg, self.env = variant, cfg, env
+        self.recompute = recompute
+        self.warmup, self.repeats, self.all_ranks = warmup, repeats, all_ranks
+        self.model: nn.Module | None = None
+        self.mesh: Any = None
+        self.load_error: Measured | None = None
+        self.cache: Any = None
+        self.cache_len: int | None = None
+        self.cache_error: Measured | None = None
+
+    # -- loading
+
+    def load(self, mesh: Any) -> None:
+        """Load the model; a failure becomes every point's status."""
+        self.mesh = mesh
+        try:
+            self.model = peers.load_model(self.variant, self.cfg, self.env)
+        except Exception as exc:  # noqa: BLE001
+            free_memory()
+            self.load_error = classify(exc, "loading: ")
+
+    def agree_load(self) -> None:
+        """If any rank failed to load, every rank reports that failure for every point."""
+        merged = agree(self.load_error or Measured(), self.env)
+        self.load_error = None if merged.status == "ok" else merged
+
+    def close(self) -> None:
+        self.cache = self.model = None
+        free_memory()
+
+    # -- points
+
+    def skip_reason(self, pt: Point) -> str:
+        """Why a point cannot run at all (decided identically on every rank), or ''."""
+        strategy, device = self.variant.strategy, self.env.device.type
+        if pt.phase in ("decode", "followup") and strategy not in CACHED:
+            return f"{strategy} has no KV cache"
+        if strategy != "torch_cp":
+            return ""
+        if device != "cuda":
+            return "torch_cp needs CUDA SDPA (flash/efficient/cudnn)"
+        if pt.seq_len % (2 * self.env.world):
+            return f"torch_cp needs seq_len divisible by 2*world ({2 * self.env.world})"
+        return ""
+
+    def _prompt(self, pt: Point, vocab: int) -> torch.Tensor:
+        """A prefill's prompt; a ring recompute of P+T is the P-token prompt and its T follow-up tokens."""
+        cfg, device = self.cfg, self.env.device
+        if pt.phase == "prefill" and self.variant.strategy == "ring" and pt.seq_len in self.recompute:
+            cached, new = self.recompute[pt.seq_len]
+            return torch.cat(
+                [
+                    make_input_ids(cfg.seed, cfg.batch, cached, vocab, device),
+                    followup_ids(cfg.seed, cfg.batch, cached, new, vocab, device),
+                ],
+                dim=1,
+            )
+        return make_input_ids(cfg.seed, cfg.batch, pt.seq_len, vocab, device)
+
+    def _cached(self, cached_len: int, vocab: int) -> Measured | None:
+        """Make the cache hold the ``cached_len``-token prompt (untimed); the failure, if any rank's."""
+        if self.cache_len == cached_len:
+            return self.cache_error
+        self.cache = None
+        free_memory()
+        self.cache_len, self.cache_error = cached_len, None
+        try:
+            ids = make_input_ids(self.cfg.seed, self.cfg.batch, cached_len, vocab, self.env.device)
+            self.cache = peers.cached_prefill(self.model, ids)
+            status = Measured()
+        except Exception as exc:  # noqa: BLE001
+            status = classify(exc, f"prefill of the {cached_len}-token cache: ")
+        if self.all_ranks:
+            status = agree(status, self.env)
+        if status.status != "ok":
+            self.cache, self.cache_error = None, dataclasses.replace(status, output=None)
+        return self.cache_error
+
+    @torch.no_grad()
+    def measure(self, pt: Point) -> Measured:
+        """Run one point on this rank; any exception becomes a status instead of ending the run."""
+        skip = self.skip_reason(pt)
+        if skip:
+            return Measured(status="skipped", error=skip)
+        if self.load_error is not None:
+            return dataclasses.replace(self.load_error)
+        assert self.model is not None
+        env, strategy = self.env, self.variant.strategy
+        vocab = vocab_size(self.model)
+        with peers.forward_context(self.variant, env.device):
+            if pt.phase == "followup":  # the cached prompt is built before the peak is reset: it is not timed
+                failed = self._cached(pt.cached_len, vocab)
+                if failed is not None:
+                    return dataclasses.replace(failed)
+            elif self.cache is not None:
+                self.cache, self.cache_len = None, None  # a prefill or decode needs the memory
+            free_memory()
+            if env.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(env.device)
+            try:
+                if pt.phase == "followup":
+                    ids = followup_ids(self.cfg.seed, self.cfg.batch, pt.cached_len, pt.seq_len, vocab, env.device)
+                    fn = peers.followup_fn(strategy, self.model)
+                    result = time_followup(
+                        fn, ids, self.cache, pt.cached_len, self.warmup, self.repeats, env, self.all_ranks
+                    )
+                elif pt.phase == "prefill":
+                    fn = peers.prefill_fn(strategy, self.model, self.mesh)
+                    result = time_prefill(fn, self._prompt(pt, vocab), self.warmup, self.repeats, env, self.all_ranks)
+                else:
+                    ids = self._prompt(pt, vocab)
+                    steps = self.cfg.decode_tokens
+                    result = time_decode(self.model, ids, steps, self.warmup, self.repeats, env, self.all_ranks)
+            except Exception as exc:  # noqa: BLE001 - one point's failure must not end the run
+                result = classify(exc)
+        free_memory()
+        if env.device.type == "cuda":
+            result.peak_gib = torch.cuda.max_memory_allocated(env.device) / 2**30
+        return result
