@@ -25,7 +25,6 @@ import torch.distributed as dist
 from fms.utils.generation import generate, pad_input_ids
 from fms.utils.tokenizers import BaseTokenizer, get_tokenizer
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 import fmsring
 from fmsring.conversation import Conversation
@@ -129,8 +128,8 @@ def load_model(args: argparse.Namespace) -> nn.Module:
 
 def tokenizer_size(tokenizer: BaseTokenizer) -> int:
     """Ids the tokenizer can produce (FMS's HF wrapper's own vocab_size() is broken in 1.13.1)."""
-    inner = getattr(tokenizer, "tokenizer", None)
-    return len(inner) if isinstance(inner, PreTrainedTokenizerBase) else tokenizer.vocab_size()
+    inner = getattr(tokenizer, "tokenizer", None)  # FMS's HF wrapper holds the HF tokenizer, which has a len()
+    return len(inner) if inner is not None and hasattr(inner, "__len__") else tokenizer.vocab_size()
 
 
 def check_vocab(tokenizer: BaseTokenizer, name: str, model: nn.Module) -> None:

@@ -138,7 +138,8 @@ def test_followup_on_two_ranks(tmp_path: Path) -> None:
     assert timed["floor_ms"].tolist() == pytest.approx(expected)
     ring = timed[(timed["strategy"] == "ring") & (timed["phase"] == "followup")]
     tp = timed[(timed["strategy"] == "tp")]
-    assert (ring["floor_ms"].to_numpy() > tp["floor_ms"].to_numpy()).all()  # ring replicates the linears
+    # both shard the work; ring also reads all the weights (it replicates them), tp its share
+    assert (ring["floor_ms"].to_numpy() >= tp["floor_ms"].to_numpy()).all()
 
 
 def test_one_process_without_torchrun_and_resume(tmp_path: Path) -> None:

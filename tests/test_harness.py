@@ -179,14 +179,15 @@ def test_floor_formulas_with_given_rates():
     assert floor_ms(shape, rates, "single", 1, "prefill", 1, L) == pytest.approx(one)
     for s in ("ring", "tp", "torch_cp"):
         assert floor_ms(shape, rates, s, 4, "prefill", 1, L) == pytest.approx(one / 4)
-    # a follow-up of 512 on 8192 cached: ring runs every new token on every rank, so only attention divides
+    # a follow-up of 512 on 8192 cached: ring shards the new tokens as tp shards the weights, both divide
     lin, att = 2.0 * (1e9 * 512 + 1e8), 2.0 * 4096 * (512 * L + 512 * 513 / 2)
-    assert floor_ms(shape, rates, "ring", 2, "followup", 1, 512, L) == pytest.approx(
-        (lin / 500e12 + att / 2 / 400e12) * 1e3
-    )
-    assert floor_ms(shape, rates, "tp", 2, "followup", 1, 512, L) == pytest.approx(
-        (lin / 2 / 500e12 + att / 2 / 400e12) * 1e3
-    )
+    for s in ("ring", "tp"):
+        assert floor_ms(shape, rates, s, 2, "followup", 1, 512, L) == pytest.approx(
+            (lin / 2 / 500e12 + att / 2 / 400e12) * 1e3
+        )
+    # a short follow-up is bounded by reading the weights the GPU holds: all of them for ring, 1/W for tp
+    assert floor_ms(shape, rates, "ring", 2, "followup", 1, 1, 16) == pytest.approx(2e9 / 4000e9 * 1e3)
+    assert floor_ms(shape, rates, "tp", 2, "followup", 1, 1, 16) == pytest.approx(1e9 / 4000e9 * 1e3)
     # decode at 8192 + 16 (the middle of 32 steps): bytes read per GPU over 4 TB/s
     cache = (L + 16) * 1e5
     gbps = 4000e9

@@ -111,11 +111,10 @@ def floor_ms(
 ) -> float:
     """The least time this row's call can take on this hardware (ms); NaN without rates.
 
-    Prefill: each GPU's share of the linear FLOPs at the matmul rate plus its share
-    of the attention FLOPs at the attention rate; `single` has it all, ring, tp and
-    torch_cp divide both over the world size. Followup: the same, except that ring's
-    cached path runs every new token on every rank (its decode op replicates the
-    queries and splits the cached keys), so only its attention is divided.
+    Prefill and followup: each GPU's share of the linear FLOPs at the matmul rate
+    plus its share of the attention FLOPs at the attention rate (`single` has it
+    all, ring, tp and torch_cp divide both over the world size), and never less
+    than reading the weights the GPU holds once (what bounds a short follow-up).
     Decode, per token: the bytes each GPU must read over the memory bandwidth --
     ring reads all weights (it replicates them) and its cache shard, tp a 1/W share
     of both, single all of both.
@@ -123,12 +122,11 @@ def floor_ms(
     if shape is None or rates is None:
         return NAN
     gpus = 1 if strategy == "single" else max(world, 1)
+    weights = shape.weight_bytes / (gpus if strategy == "tp" else 1)
     if phase == "decode":
         cache = batch * decode_context(seq_len, decode_tokens) * shape.kv_bytes_per_token
-        weight_share = 1 if strategy in ("single", "ring") else gpus
-        read = shape.weight_bytes / weight_share + cache / gpus
-        return read / (rates.memory_gbps * 1e9) * 1e3
+        return (weights + cache / gpus) / (rates.memory_gbps * 1e9) * 1e3
     linear, attention = flop_parts(shape, batch, seq_len, context=cached_len)
-    linear_share = 1 if (strategy == "ring" and phase == "followup") else gpus
-    seconds = linear / linear_share / (rates.matmul_tflops * 1e12) + attention / gpus / (rates.attention_tflops * 1e12)
+    compute = linear / gpus / (rates.matmul_tflops * 1e12) + attention / gpus / (rates.attention_tflops * 1e12)
+    seconds = max(compute, weights / (rates.memory_gbps * 1e9))
     return seconds * 1e3 if math.isfinite(seconds) else NAN

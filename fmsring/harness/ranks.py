@@ -42,17 +42,8 @@ def setup_dist(device: str, timeout_s: float) -> DistEnv:
         raise RuntimeError("--device cuda but torch sees no GPU")
     owns = not dist.is_initialized()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda":
-        torch.cuda.set_device(local_rank)
-    backend = "nccl" if device == "cuda" else "gloo"
+    maybe_init_dist(device, timeout_s=timeout_s, alone=True)
     timeout = timedelta(seconds=timeout_s)
-    if owns and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        if backend == ("nccl" if torch.cuda.is_available() else "gloo"):
-            maybe_init_dist(timeout_s=timeout_s)
-        else:  # e.g. --device cpu on a GPU host: maybe_init_dist would pick NCCL
-            dist.init_process_group(backend, timeout=timeout)
-    elif owns:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     ctrl = dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else dist.group.WORLD
     dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
     return DistEnv(dist.get_rank(), dist.get_world_size(), dev, ctrl, owns)

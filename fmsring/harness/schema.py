@@ -109,7 +109,7 @@ def ring_kwarg_names() -> set[str]:
     """The ``ring_*`` options of :func:`fmsring.get_model` (a variant may set any of them)."""
     import inspect
 
-    from fmsring.model import get_model
+    from fmsring.loading import get_model
 
     return {n for n in inspect.signature(get_model).parameters if n.startswith("ring_")}
 

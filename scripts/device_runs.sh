@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU runs behind README.md and docs/performance.md, one section per device call,
+# all GPUs of the machine, LLaMA-3-8B shapes with seeded random weights:
+#
+#   scripts/device_runs.sh SECTION OUT_DIR
+#
+# prefill   GPU tests, then prefill 8K-128K: single, ring, tp, torch_cp (peers fused, their best
+#           SDPA backend) and single as FMS ships it at 128K
+# decode    32 greedy tokens at 32K and 128K: single, ring (and ring with a 64K-token chunked
+#           prefill: its ttft), tp
+# followup  T new tokens on P cached: single, tp, ring auto / pass_kv / pass_q, and ring's fresh P+T prefill
+# fp32      the earlier project's setting: float32, 7000 tokens, single, ring, tp
+set -uo pipefail  # one bench's failed rows (e.g. out of memory) must not stop the next
+section=$1
+out=$2
+mkdir -p "$out"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+nproc=$(python3 -c "import torch; print(torch.cuda.device_count())")
+status=0
+bench() {
+    torchrun --standalone --nproc_per_node="$nproc" -m fmsring.bench --architecture llama --variant 3-8b \
+        --device cuda --dtype bfloat16 "$@" 2>&1 | grep -v "^W.*torch/distributed/run.py"
+    local rc=${PIPESTATUS[0]}
+    if [ "$rc" != 0 ]; then
+        echo "[device_runs] a bench exited $rc: see the status and error columns of its rows"
+        status=1
+    fi
+}
+case $section in
+prefill)
+    python3 -m pytest -q -p no:cacheprovider -p no:logging -m cuda tests/test_gpu.py tests/test_harness.py 2>&1 | tail -3
+    bench --strategies single,ring,tp,torch_cp --phases prefill --seq-lens 8K,32K,64K,128K \
+        --repeats 3 --warmup 1 --out "$out/results.csv"
+    bench --strategies single --as-shipped --phases prefill --seq-lens 128K --repeats 3 --warmup 1 \
+        --out "$out/results.csv" --resume
+    ;;
+decode)
+    bench --strategies single,ring,tp --phases decode --seq-lens 32K,128K --decode-tokens 32 \
+        --repeats 2 --warmup 1 --out "$out/results.csv"
+    bench --strategies ring --phases decode --seq-lens 128K --decode-tokens 32 --no-check \
+        --ring-variants '{"chunk64K": {"ring_prefill_chunk": 65536}}' --repeats 2 --warmup 1 --out "$out/results.csv"
+    ;;
+followup)
+    # ring's default (auto) rows are checked against single and come with the fresh P+T prefill;
+    # the forced variants only change which ring pass runs
+    bench --strategies single,ring,tp --phases followup --cached-lens 32K,128K --seq-lens 512,4K,8K,32K \
+        --repeats 2 --warmup 1 --out "$out/results.csv"
+    bench --strategies ring --phases followup --cached-lens 32K,128K --seq-lens 512,4K,8K,32K \
+        --ring-variants '{"pass_kv": {"ring_followup": "pass_kv"}, "pass_q": {"ring_followup": "pass_q"}}' \
+        --no-check --no-followup-recompute --repeats 2 --warmup 1 --out "$out/results.csv"
+    ;;
+fp32)
+    bench --dtype float32 --strategies single,ring,tp --phases prefill --seq-lens 7000 \
+        --repeats 2 --warmup 1 --out "$out/results_fp32.csv"
+    ;;
+*)
+    echo "unknown section $section" >&2
+    exit 2
+    ;;
+esac
+exit $status
