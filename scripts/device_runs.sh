@@ -6,8 +6,8 @@
 #
 # prefill   GPU tests, then prefill 8K-128K: single, ring, tp, torch_cp (peers fused, their best
 #           SDPA backend) and single as FMS ships it at 128K
-# decode    32 greedy tokens at 32K and 128K: single, ring (and ring with a 64K-token chunked
-#           prefill: its ttft), tp
+# decode    32 greedy tokens at 32K and 128K: single, ring, tp; ring's 128K prefill in 64K-token
+#           chunks; a 1K-token follow-up on 128K cached
 # followup  T new tokens on P cached: single, tp, ring auto / pass_kv / pass_q, and ring's fresh P+T prefill
 # fp32      the earlier project's setting: float32, 7000 tokens, single, ring, tp
 set -uo pipefail  # one bench's failed rows (e.g. out of memory) must not stop the next
@@ -36,9 +36,12 @@ prefill)
     ;;
 decode)
     bench --strategies single,ring,tp --phases decode --seq-lens 32K,128K --decode-tokens 32 \
-        --repeats 2 --warmup 1 --out "$out/results.csv"
-    bench --strategies ring --phases decode --seq-lens 128K --decode-tokens 32 --no-check \
+        --repeats 1 --warmup 1 --out "$out/results.csv"
+    bench --strategies ring --phases prefill --seq-lens 128K --no-check \
         --ring-variants '{"chunk64K": {"ring_prefill_chunk": 65536}}' --repeats 2 --warmup 1 --out "$out/results.csv"
+    bench --strategies single,ring,tp --phases followup --cached-lens 128K --seq-lens 1K --no-followup-recompute \
+        --ring-variants '{"": {}, "pass_kv": {"ring_followup": "pass_kv"}, "pass_q": {"ring_followup": "pass_q"}}' \
+        --repeats 2 --warmup 1 --out "$out/results.csv"
     ;;
 followup)
     # ring's default (auto) rows are checked against single and come with the fresh P+T prefill;
