@@ -9,6 +9,7 @@
 # decode    32 greedy tokens at 32K and 128K: single, ring, tp; ring's 128K prefill in 64K-token
 #           chunks; a 1K-token follow-up on 128K cached
 # followup  T new tokens on P cached: single, tp, ring auto / pass_kv / pass_q, and ring's fresh P+T prefill
+# scaling   prefill at 128K: single, ring, tp, torch_cp (run on 4 GPUs)
 # fp32      the earlier project's setting: float32, 7000 tokens, single, ring, tp
 set -uo pipefail  # one bench's failed rows (e.g. out of memory) must not stop the next
 section=$1
@@ -52,9 +53,13 @@ followup)
         --ring-variants '{"pass_kv": {"ring_followup": "pass_kv"}, "pass_q": {"ring_followup": "pass_q"}}' \
         --no-check --no-followup-recompute --repeats 2 --warmup 1 --out "$out/results.csv"
     ;;
+scaling)
+    bench --strategies single,ring,tp,torch_cp --phases prefill --seq-lens 128K --repeats 2 --warmup 1 \
+        --out "$out/results.csv"
+    ;;
 fp32)
     bench --dtype float32 --strategies single,ring,tp --phases prefill --seq-lens 7000 \
-        --repeats 2 --warmup 1 --out "$out/results_fp32.csv"
+        --repeats 1 --warmup 1 --out "$out/results_fp32.csv"
     ;;
 *)
     echo "unknown section $section" >&2
