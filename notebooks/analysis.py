@@ -76,7 +76,9 @@ if len(scaling):
 accuracy = analysis.accuracy_table(df)
 if len(accuracy):
     print("exactness against single (tolerance: the dtype's, see fmsring.harness.schema.TOLERANCES)")
-    display(accuracy)
+    # errors in scientific notation: a fixed-point rendering of 1.99e-05 reads as 1.99
+    errors = {"max_abs_err": "{:.2e}", "rel_err": "{:.2e}", "tolerance": "{:.0e}", "ref_norm": "{:.4g}"}
+    display(accuracy.style.format(errors, na_rep="-"))
 followup = analysis.followup_table(df)
 if len(followup):
     print("follow-ups: cache_gain = fresh ring prefill of P+T / follow-up on the cache")

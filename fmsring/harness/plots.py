@@ -78,8 +78,12 @@ def readable_log_y(ax, values: Iterable[float]) -> None:
 
 
 def tokens_x(ax, values: Iterable[float], label: str = "prompt length (tokens)") -> None:
-    """A log2 x axis with a labelled tick at every measured length (and neighbours when fewer than 3)."""
-    ticks = sorted({float(v) for v in values if v and np.isfinite(v) and v > 0})
+    """A log2 x axis with a labelled tick at every measured length (and neighbours when fewer than 3),
+    but none within 30% of a smaller one: lengths like a follow-up's P+T would print over each other."""
+    ticks: list[float] = []
+    for v in sorted({float(v) for v in values if v and np.isfinite(v) and v > 0}):
+        if not ticks or v >= ticks[-1] * 1.3:
+            ticks.append(v)
     while 0 < len(ticks) < 3:
         ticks = sorted({ticks[0] / 2, *ticks, ticks[-1] * 2})
     ax.set_xscale("log", base=2)
