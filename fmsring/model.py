@@ -180,7 +180,12 @@ class LlamaRing(nn.Module):
             raise ValueError("only_last_token is deprecated in FMS; pass last_n_tokens=1")
 
     def _fit_rope(self, max_position: int, device: torch.device) -> None:
-        """Grow the RoPE tables to cover ``max_position`` (FMS never regrows them)."""
+        """Grow the RoPE tables to cover ``max_position`` (FMS never regrows them).
+
+        A table grows to at least twice its size: a generation past the table
+        then regrows it (and recaptures the decode graph, which reads it) a
+        logarithmic number of times, not at every token.
+        """
         for rot in self._rotaries:
             cached = rot.max_seq_len_cached.get(device.index, 0)
             if max_position < cached:
@@ -190,9 +195,9 @@ class LlamaRing(nn.Module):
                     f"position {max_position} is beyond the RoPE table ({cached}) and {rot.rope_type!r} "
                     "RoPE scaling depends on the table length; raise max_expected_seq_len when loading"
                 )
-            alpha = rot.rope_scaling.get_alpha(max_position + 1)
-            rot.cached_freqs.get(device.index, {}).pop(alpha, None)
-            rot.compute_freqs_cis(device, max_position + 1)
+            size = max(max_position + 1, 2 * cached)
+            rot.cached_freqs.get(device.index, {}).pop(rot.rope_scaling.get_alpha(size), None)
+            rot.compute_freqs_cis(device, size)
 
     def _positions(self, x: torch.Tensor, position_ids: torch.Tensor | None, start: int) -> torch.Tensor:
         """The tokens' positions (``start`` onwards unless given), with the RoPE tables grown to cover them."""
@@ -268,6 +273,7 @@ class LlamaRing(nn.Module):
             bounds[-2:] = [(bounds[-2][0], n)]
         fills = [sum(col) for col in zip(*(st.plan(e - s).local_lens for s, e in bounds))]
         capacity = capacity_for((0,) * st.world_size, fills, 0, self.cache_headroom)
+        self._fit_rope(n - 1 if position_ids is None else int(position_ids.max()), x.device)  # once, not per chunk
         n_out = n if last_n_tokens <= 0 else min(last_n_tokens, n)
         pieces, cache = [], None
         for s, e in bounds:

@@ -192,3 +192,25 @@ def test_unmasked_followup_runs_fused_kernels_without_a_dense_mask(checkpoints):
                 assert not c["bias"] and c["rows"] <= 24 // world, (mode, c)
                 assert select_kernel("cuda", torch.bfloat16, 16, c["rows"], c["causal"], c["bias"]) != "math"
                 assert select_kernel("cpu", torch.bfloat16, 16, c["rows"], c["causal"], c["bias"]) == "math"
+
+
+def _rope_sizes_while_decoding(rank, world, path, ids, steps):
+    ring = fms_model(path, torch.float32, "ring")
+    logits, cache = ring(ids, use_cache=True, last_n_tokens=1)
+    sizes = []
+    for _ in range(steps):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        logits, cache = ring(nxt, past_key_value_states=cache, use_cache=True, last_n_tokens=1)
+        sizes.append(ring._rope_table_sizes(nxt.device))
+    return sizes
+
+
+def test_decoding_past_the_rope_table_regrows_it_rarely(checkpoints):
+    """Past the checkpoint's table every step needs a longer one; growing by doubling regrows it (and
+    recaptures a decode graph) a few times, not at every token. Logits past the table: test_model."""
+    from tests.tiny_checkpoint import MAX_POS
+
+    ids = torch.randint(0, VOCAB, (1, MAX_POS - 2))
+    for sizes in run_ranks(2, _rope_sizes_while_decoding, checkpoints["gqa"], ids, 3 * MAX_POS):
+        assert sizes[-1][0] >= 4 * MAX_POS - 2
+        assert len(set(sizes)) <= 3, sorted(set(sizes))
