@@ -4,6 +4,7 @@ collectives fmsring needs (input check, RNG sync, padded gathers)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from datetime import timedelta
 
 import torch
@@ -90,11 +91,13 @@ def all_to_all(chunks: torch.Tensor, group: dist.ProcessGroup | None) -> torch.T
     return out.to(chunks.device)
 
 
-def check_same_on_all_ranks(tensors: list[torch.Tensor | None], group: dist.ProcessGroup | None) -> None:
-    """Raise if any rank was given different tensors (one tiny all-reduce).
+def check_same_on_all_ranks(tensors: list[torch.Tensor | None], groups: Sequence[dist.ProcessGroup | None]) -> None:
+    """Raise if any rank of ``groups`` was given different tensors (one tiny all-reduce per group).
 
     Ring attention silently computes garbage when ranks disagree on the prompt,
-    so every rank checksums what it got and compares the min and max.
+    so every rank checksums what it got and compares the min and max. The
+    groups of a mesh's rows and columns together cover it: ranks that agree
+    within every row and every column agree everywhere.
     """
     sums = []
     for t in tensors:
@@ -106,10 +109,13 @@ def check_same_on_all_ranks(tensors: list[torch.Tensor | None], group: dist.Proc
         weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64).remainder(9973)
         sums.append((flat * weights).sum() + t.numel())
     local = torch.stack(sums)
-    both = torch.cat([local, -local]).to(group_device(group))
-    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-    hi, neg_lo = both.chunk(2)
-    if not torch.equal(hi, -neg_lo):
+    agree = True
+    for group in groups:
+        both = torch.cat([local, -local]).to(group_device(group))
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+        hi, neg_lo = both.chunk(2)
+        agree = agree and torch.equal(hi, -neg_lo)
+    if not agree:
         raise ValueError(
             "ranks were given different inputs (input_ids, position_ids or mask differ); "
             "every rank must pass the same full tensors. If sampled tokens diverged, "
@@ -117,21 +123,27 @@ def check_same_on_all_ranks(tensors: list[torch.Tensor | None], group: dist.Proc
         )
 
 
-def sync_rng(group: dist.ProcessGroup | None, device: torch.device) -> None:
-    """Give every rank group-rank 0's RNG state, so sampling picks the same tokens."""
-    gdev = group_device(group)
-    states = [torch.get_rng_state()]
-    if device.type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
-    src = dist.get_global_rank(group if group is not None else dist.group.WORLD, 0)
-    synced = []
-    for state in states:
-        buf = state.to(gdev)
-        dist.broadcast(buf, src=src, group=group)
-        synced.append(buf.cpu())
-    torch.set_rng_state(synced[0])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(synced[1], device)
+def sync_rng(groups: Sequence[dist.ProcessGroup | None], device: torch.device) -> None:
+    """Give every rank the RNG state of rank 0 of each group in turn, so sampling picks the same tokens.
+
+    For a mesh, a row's groups then a column's: after the first broadcast every
+    row holds its first rank's state, after the second every rank holds the
+    first row's, which is the mesh's first rank's.
+    """
+    for group in groups:
+        gdev = group_device(group)
+        states = [torch.get_rng_state()]
+        if device.type == "cuda":
+            states.append(torch.cuda.get_rng_state(device))
+        src = dist.get_global_rank(group if group is not None else dist.group.WORLD, 0)
+        synced = []
+        for state in states:
+            buf = state.to(gdev)
+            dist.broadcast(buf, src=src, group=group)
+            synced.append(buf.cpu())
+        torch.set_rng_state(synced[0])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(synced[1], device)
 
 
 def all_gather_padded(t: torch.Tensor, dim: int, group: dist.ProcessGroup | None, max_len: int) -> list[torch.Tensor]:

@@ -94,7 +94,7 @@ class Conversation:
             return next_val, kwargs
 
         if self.do_sample:  # ranks may have drawn differently between turns; a follow-up has no prefill to align them
-            sync_rng(self.model.strategy.group, self.device)
+            sync_rng(self.model.strategy.model_groups, self.device)
         with torch.no_grad():
             out, times = generate(
                 self.model,

@@ -22,7 +22,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from fms.modules.feedforward import GatedLinearUnit
+from fms.distributed.tensorparallel import (
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
+from fms.modules.feedforward import GatedLinearUnit, TPGatedLinearUnit
 from fms.modules.layernorm import LayerNormParameterized
 from fms.modules.positions import RotaryEmbedding
 from torch import nn
@@ -64,6 +68,17 @@ class FusedGatedLinearUnit(GatedLinearUnit):
     forward = fused(GatedLinearUnit.forward)
 
 
+class FusedTPGatedLinearUnit(TPGatedLinearUnit):
+    """FMS's TP MLP: the same all-reduce around the fused local GLU (FMS calls
+    ``GatedLinearUnit.forward`` by name, so a subclass alone would not fuse it)."""
+
+    _local = staticmethod(fused(GatedLinearUnit.forward))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._local(self, copy_to_tensor_model_parallel_region(x, self.group))
+        return reduce_from_tensor_model_parallel_region(out, self.group)
+
+
 class FusedRotaryEmbedding(RotaryEmbedding):
     adjusted_qk = fused(RotaryEmbedding.adjusted_qk)
 
@@ -71,6 +86,7 @@ class FusedRotaryEmbedding(RotaryEmbedding):
 _SWAPS: dict[type, type] = {
     LayerNormParameterized: FusedLayerNorm,
     GatedLinearUnit: FusedGatedLinearUnit,
+    TPGatedLinearUnit: FusedTPGatedLinearUnit,
     RotaryEmbedding: FusedRotaryEmbedding,
 }
 

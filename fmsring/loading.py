@@ -8,17 +8,19 @@ import fms.models
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from fmsring.comm import broadcast_weights
 from fmsring.followup import FOLLOWUP_MODES
 from fmsring.layout import LAYOUTS
+from fmsring.mesh import build_mesh, mesh_groups
 from fmsring.model import LlamaRing
 from fmsring.strategy import RingAttentionStrategy
 
 STRATEGIES = ("ring", "replicated", None, "", "tp", "mp", "fsdp", "hsdp", "ddp")
 RING_OPTIONS = (
     "ring_layout", "ring_check_inputs", "ring_cache_headroom", "ring_ffn_chunk",
-    "ring_cuda_graphs", "ring_fuse", "ring_followup", "ring_prefill_chunk",
+    "ring_cuda_graphs", "ring_fuse", "ring_followup", "ring_prefill_chunk", "ring_tp", "ring_mesh",
 )  # fmt: skip
 
 def get_model(
@@ -39,6 +41,8 @@ def get_model(
     ring_fuse: bool = True,
     ring_followup: str = "auto",
     ring_prefill_chunk: int = 0,
+    ring_tp: int = 1,
+    ring_mesh: DeviceMesh | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """``fms.models.get_model`` that also accepts ``distributed_strategy="ring"``.
@@ -50,6 +54,14 @@ def get_model(
     models (no ``model_path``) get rank 0's weights on every rank. The
     ``ring_*`` options are :class:`LlamaRing`'s; an unknown one is an error
     (FMS would pass it on to the model config, where it is silently ignored).
+
+    ``ring_tp=T`` (or a ``ring_mesh`` with dims ("cp", "tp"), see
+    :mod:`fmsring.mesh`) runs ring x tensor parallel: the world is a cp x T
+    mesh, FMS's ``TensorParallelStrategy`` shards the weights over each group
+    of T contiguous ranks (checkpoints load sharded through FMS's loader;
+    random weights are FMS's per-shard draws, identical over the ring), and
+    the ring runs over cp on every TP rank's heads. ``ring_tp=1`` replicates
+    the weights over the ring.
     """
     if distributed_strategy not in STRATEGIES:
         raise ValueError(f"unknown distributed_strategy {distributed_strategy!r}; choose one of {STRATEGIES}")
@@ -61,24 +73,47 @@ def get_model(
         raise ValueError(f"unknown ring_layout {ring_layout!r}; choose one of {LAYOUTS}")
     if ring_followup not in FOLLOWUP_MODES:
         raise ValueError(f"unknown ring_followup {ring_followup!r}; choose one of {FOLLOWUP_MODES}")
-    strategy = RingAttentionStrategy(group=group, layout=ring_layout) if distributed_strategy == "ring" else None
-    # FMS treats a strategy name it does not know as replicated: every rank loads every weight.
-    model = fms.models.get_model(
-        architecture,
-        variant,
-        model_path,
-        source,
-        device_type,
-        data_type,
-        "replicated" if ours else distributed_strategy,
-        checkpoint_sharding,
-        group,
-        **kwargs,
+    if distributed_strategy != "ring" and (ring_tp != 1 or ring_mesh is not None):
+        raise ValueError(f"ring_tp and ring_mesh need distributed_strategy='ring', not {distributed_strategy!r}")
+    ring_group, tp_group = group, None
+    if distributed_strategy == "ring" and (ring_tp != 1 or ring_mesh is not None):
+        if ring_mesh is None:
+            ring_mesh = build_mesh(device_type, ring_tp, group)
+        elif group is not None or ring_tp not in (1, ring_mesh.size(1)):
+            raise ValueError("ring_mesh says the groups: pass neither group nor a different ring_tp with it")
+        ring_group, tp_group = mesh_groups(ring_mesh)
+        if dist.get_world_size(tp_group) == 1:
+            tp_group = None
+    strategy = (
+        RingAttentionStrategy(group=ring_group, layout=ring_layout, tp_group=tp_group)
+        if distributed_strategy == "ring"
+        else None
     )
+    # FMS treats a strategy name it does not know as replicated: every rank loads every weight.
+    fms_strategy = "tp" if tp_group is not None else "replicated" if ours else distributed_strategy
+    try:
+        model = fms.models.get_model(
+            architecture,
+            variant,
+            model_path,
+            source,
+            device_type,
+            data_type,
+            fms_strategy,
+            checkpoint_sharding,
+            tp_group if tp_group is not None else group,
+            **kwargs,
+        )
+    except AssertionError as exc:  # FMS's TP checks head and width divisibility with asserts
+        if tp_group is None:
+            raise
+        raise ValueError(
+            f"ring_tp={strategy.tp_size}: FMS cannot shard {architecture}/{variant} over that many ranks ({exc})"
+        ) from exc
     if not ours:
         return model
     if dist.is_initialized() and model_path is None and architecture != "hf_pretrained":
-        broadcast_weights(model, group)
+        broadcast_weights(model, ring_group)
     if strategy is None:
         return model
     return LlamaRing(

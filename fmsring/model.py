@@ -71,7 +71,9 @@ class LlamaRing(nn.Module):
     """Ring-attention (context-parallel) inference for an FMS decoder.
 
     Works for any FMS decoder whose attention is ``MultiHeadAttention`` with
-    rotary positions (LLaMA, Granite, Mistral, Qwen3 were tested). Call it like
+    rotary positions (LLaMA, Granite, Mistral, Qwen3 were tested), unsharded
+    or sharded by FMS's tensor parallelism over the strategy's TP group: the
+    ring then runs on each TP rank's heads and caches its kv-heads. Call it like
     the FMS model: ``model(ids, position_ids=..., mask=..., last_n_tokens=n,
     use_cache=..., past_key_value_states=...)``; every rank gets the logits the
     unsharded model would return. ``fms.utils.generation.generate`` works on
@@ -99,9 +101,14 @@ class LlamaRing(nn.Module):
     ):
         super().__init__()
         attns = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
-        if not attns or any(isinstance(m, TPMultiHeadAttention) for m in attns):
+        if not attns:
+            raise ValueError(f"{type(model).__name__} has no MultiHeadAttention: ring attention cannot drive it")
+        tp_sizes = {m.world_size if isinstance(m, TPMultiHeadAttention) else 1 for m in attns}
+        if tp_sizes != {strategy.tp_size}:
             raise ValueError(
-                f"{type(model).__name__} has no (unsharded) MultiHeadAttention: ring attention cannot drive it"
+                f"{type(model).__name__}'s attention is sharded over {sorted(tp_sizes)} tensor-parallel "
+                f"rank(s) but the strategy's TP group has {strategy.tp_size}: load it with "
+                "fmsring.get_model(..., ring_tp=...) so both come from one mesh"
             )
         if any(not isinstance(m.position_encoder, RotaryEmbedding) for m in attns):
             raise ValueError(f"{type(model).__name__}: ring attention supports rotary-position decoders only")
@@ -146,7 +153,7 @@ class LlamaRing(nn.Module):
         self._validate(x, position_ids, mask, attn_kwargs)
         attn_kwargs.pop("attn_name", None)
         if self.check_inputs:
-            check_same_on_all_ranks([x, position_ids, mask], self.strategy.group)
+            check_same_on_all_ranks([x, position_ids, mask], self.strategy.model_groups)
         if use_cache and past_key_value_states:
             return self._continue(x, position_ids, past_key_value_states, last_n_tokens, mask, attn_kwargs)
         if self.prefill_chunk and x.shape[1] > self.prefill_chunk and mask is None:
@@ -235,13 +242,13 @@ class LlamaRing(nn.Module):
         """
         st = self.strategy
         if x.shape[1] < st.world_size:
-            sync_rng(st.group, x.device)
+            sync_rng(st.model_groups, x.device)
             cache = self._empty_cache(x.shape[0], capacity or x.shape[1] + self.cache_headroom)
             logits, cache = self._replicated_step(x, position_ids, cache, last_n_tokens, mask, attn_kwargs)
             return (logits, cache) if use_cache else logits
         plan = st.plan(x.shape[1])
         positions = self._positions(x, position_ids, 0)
-        sync_rng(st.group, x.device)  # every generate() step after a prefill samples alike on all ranks
+        sync_rng(st.model_groups, x.device)  # every generate() step after a prefill samples alike on all ranks
         zeros = (0,) * st.world_size
         capacity = capacity or capacity_for(zeros, plan.local_lens, 0, self.cache_headroom)
         bias_blocks = self._bias_blocks(mask, plan) if mask is not None else None

@@ -11,14 +11,23 @@ from fmsring.layout import LAYOUTS, ShardPlan
 
 
 class RingAttentionStrategy(DistributedStrategy):
-    """Replicated weights, sharded tokens.
+    """Sharded tokens over the ring ``group``; weights replicated over it.
 
-    Every rank keeps the whole model (``_distribute_*`` leave modules as they
-    are) and a share of the sequence, laid out by ``layout``; attention
-    exchanges K/V around the ring of ``group``.
+    Every rank of the ring keeps the same weights (``_distribute_*`` leave
+    modules as they are) and a share of the sequence, laid out by ``layout``;
+    attention exchanges K/V around the ring. With ``tp_group`` (a 2-D mesh,
+    :mod:`fmsring.mesh`) the weights are also sharded over that group by FMS's
+    tensor parallelism, and the ring runs on each TP rank's own heads: the
+    ranks that must agree on inputs and sampling are then both groups'.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, layout: str = "zigzag", from_meta: bool = False):
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        layout: str = "zigzag",
+        from_meta: bool = False,
+        tp_group: dist.ProcessGroup | None = None,
+    ):
         super().__init__(from_meta)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
@@ -33,6 +42,13 @@ class RingAttentionStrategy(DistributedStrategy):
         self.world_size = dist.get_world_size(self.group)
         self.layout = layout
         self.comm = RingComm(self.group)
+        self.tp_group = tp_group
+        self.tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
+
+    @property
+    def model_groups(self) -> tuple[dist.ProcessGroup, ...]:
+        """The groups whose ranks run one model together: the TP group (a mesh row), then the ring (a column)."""
+        return (self.group,) if self.tp_size == 1 else (self.tp_group, self.group)
 
     def _distribute_module(self, module: nn.Module, final_layers: bool = False) -> nn.Module:
         return module
