@@ -51,6 +51,7 @@ from fmsring.harness.schema import (
     point,
     recomputed,
     row_provenance,
+    with_ring_tp,
 )
 from fmsring.harness.session import Session
 from fmsring.layout import LAYOUTS
@@ -73,6 +74,7 @@ class BenchConfig(ModelSpec):
     decode_tokens: int = 32
     ring_variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {"": {}})
     ring_kwargs: dict[str, Any] = field(default_factory=dict)  # merged into every ring variant
+    ring_tp: tuple[int, ...] = (1,)  # every ring variant at each TP size: the factorisations cp x tp of the world
     as_shipped: bool = False  # also measure the peers as FMS/PyTorch ship them
     followup_recompute: bool = True  # ring: a fresh prefill of P+T beside each follow-up
     out: str | None = None
@@ -90,7 +92,8 @@ class BenchConfig(ModelSpec):
         if ("followup" in self.phases) != bool(self.cached_lens):
             problems.append("--cached-lens and the followup phase go together: give both or neither")
         try:
-            self.ring_variants = parse_ring_variants(self.ring_variants)
+            self.ring_variants = with_ring_tp(parse_ring_variants(self.ring_variants), list(self.ring_tp))
+            self.ring_tp = (1,)
             parse_ring_variants({"": self.ring_kwargs})
         except ValueError as exc:
             problems.append(str(exc))
@@ -116,6 +119,16 @@ def _lengths(text: str) -> tuple[int, ...]:
         return tuple(parse_seq_lens(text))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated positive integers") from exc
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated positive integers")
+    return sizes
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -161,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_json_object,
         default=d.ring_variants,
         help='JSON {name: {fmsring.get_model ring_* options}}, e.g. \'{"": {}, "eager": {"ring_cuda_graphs": false}}\'',
+    )
+    p.add_argument(
+        "--ring-tp",
+        type=_sizes,
+        default=d.ring_tp,
+        help="TP sizes for ring, e.g. 1,2,4: each ring variant once per size (cp = world / tp), named 'tpT'",
     )
     p.add_argument(
         "--ring-kwargs", type=_json_object, default={}, help="JSON ring_* options merged into every ring variant"
@@ -297,7 +316,7 @@ def summarize(result: Measured, flops: float, gpus: int) -> dict[str, Any]:
     }
 
 
-def record(pt: Point, result: Measured, run: Run) -> dict[str, Any]:
+def record(pt: Point, variant: Variant, result: Measured, run: Run) -> dict[str, Any]:
     """Rank 0 turns a merged result into a row, judges it against `single`, appends it."""
     cfg = run.cfg
     key = run.ref_key(pt)
@@ -316,13 +335,14 @@ def record(pt: Point, result: Measured, run: Run) -> dict[str, Any]:
                 status, error = "mismatch", verdict
     errors.pop("top2_gap", None)
     flops = phase_flops(run.shape, pt.phase, cfg.batch, pt.seq_len, pt.cached_len, cfg.decode_tokens)
+    ident = point(pt.strategy, pt.world_size, pt.seq_len, pt.phase, batch=cfg.batch, dtype=cfg.dtype,
+                  layout=cfg.layout, variant=pt.variant, cached_len=pt.cached_len, ring_tp=variant.ring_tp)  # fmt: skip
     floor = floor_ms(
-        run.shape, run.rates, pt.strategy, pt.world_size, pt.phase, cfg.batch, pt.seq_len, pt.cached_len,
+        run.shape, run.rates, ident["cp_size"], ident["tp_size"], pt.phase, cfg.batch, pt.seq_len, pt.cached_len,
         cfg.decode_tokens,
     )  # fmt: skip
     row = {
-        **point(pt.strategy, pt.world_size, pt.seq_len, pt.phase, batch=cfg.batch, dtype=cfg.dtype,
-                layout=cfg.layout, variant=pt.variant, cached_len=pt.cached_len),
+        **ident,
         **summarize(result, flops, pt.world_size),
         "floor_ms": floor,
         "peak_mem_gib": result.peak_gib,
@@ -338,9 +358,11 @@ def record(pt: Point, result: Measured, run: Run) -> dict[str, Any]:
     err = "" if math.isnan(row["max_abs_err"]) else f" err={row['max_abs_err']:.2e}"
     label = f"{pt.strategy}{'/' + pt.variant if pt.variant else ''}"
     cached = f"P={pt.cached_len} " if pt.phase == "followup" else ""
+    latency = row["latency_ms"]
+    vs_floor = f"  floor {floor:.3f} ms ({latency / floor:.2f}x)" if floor > 0 and math.isfinite(latency) else ""
     print(
-        f"[bench] {label:<14} W={pt.world_size} {cached}L={pt.seq_len:<7} {pt.phase:<8} "
-        f"{row['latency_ms']:10.3f} ms  {status}{err} {error}",
+        f"[bench] {label:<14} {ident['cp_size']}x{ident['tp_size']} {cached}L={pt.seq_len:<7} {pt.phase:<8} "
+        f"{latency:10.3f} ms{vs_floor}  {status}{err} {error}",
         flush=True,
     )
     return row
@@ -379,7 +401,7 @@ def run_variant(variant: Variant, points: list[Point], run: Run, reference: bool
                 if result.status == "ok" and result.output is not None:
                     run.refs[run.ref_key(pt)] = result.output
             else:
-                record(pt, result, run)
+                record(pt, variant, result, run)
     session.close()
     free_memory()
 
@@ -412,6 +434,10 @@ def run(cfg: BenchConfig) -> list[dict[str, Any]]:
         for s in strategies:
             world = 1 if s == "single" else env.world
             for v in peers.variants(s, cfg):
+                if world % v.ring_tp:
+                    if env.rank == 0:
+                        print(f"[bench] ring variant {v.label!r}: ring_tp={v.ring_tp} does not divide {world} ranks; not run")
+                    continue
                 pts = planned_points(
                     s,
                     world,

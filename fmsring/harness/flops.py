@@ -20,13 +20,17 @@ NAN = float("nan")
 @dataclass(frozen=True)
 class FlopShape:
     """What the counts need: linear weights (head apart), sum over layers of heads*(dk+dv),
-    bytes of the weights a forward reads, and K/V bytes per cached token."""
+    bytes of the weights a forward reads (of which ``head_bytes`` are the LM head's,
+    which FMS's TP keeps whole on every rank), K/V bytes per cached token and the
+    kv-heads per layer (a TP rank holds at least one)."""
 
     linear_params: int
     head_params: int
     attn_width: int
     weight_bytes: int = 0
     kv_bytes_per_token: int = 0
+    head_bytes: int = 0
+    kv_heads: int = 0
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,11 @@ def flop_shape(model: nn.Module, element_size: int) -> FlopShape:
     embedded = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     params = {id(p): p for p in model.parameters()}
     weights = sum(p.numel() for i, p in params.items() if i not in embedded or i in read)
-    return FlopShape(linear, head_params, width, weights * element_size, kv_values * element_size)
+    kv_heads = max((m.kvheads for m in attns), default=0)
+    return FlopShape(
+        linear, head_params, width, weights * element_size, kv_values * element_size, head_params * element_size,
+        kv_heads,
+    )  # fmt: skip
 
 
 def flop_parts(
@@ -98,11 +106,20 @@ def phase_flops(
     return model_flops(shape, batch, seq_len, context=cached_len)
 
 
+def held_bytes(shape: FlopShape, cp: int, tp: int, cached_tokens: int) -> float:
+    """Bytes one GPU of a cp x tp mesh reads per forward: its 1/tp of the layer weights and
+    the whole LM head (FMS's TP replicates it), plus its share of ``cached_tokens`` K/V --
+    1/cp of the tokens and its kv-heads (1/tp of them, at least one)."""
+    weights = (shape.weight_bytes - shape.head_bytes) / tp + shape.head_bytes
+    kv_share = max(shape.kv_heads // tp, 1) / shape.kv_heads if shape.kv_heads else 1 / tp
+    return weights + cached_tokens * shape.kv_bytes_per_token * kv_share / cp
+
+
 def floor_ms(
     shape: FlopShape | None,
     rates: Rates | None,
-    strategy: str,
-    world: int,
+    cp: int,
+    tp: int,
     phase: str,
     batch: int,
     seq_len: int,
@@ -111,22 +128,21 @@ def floor_ms(
 ) -> float:
     """The least time this row's call can take on this hardware (ms); NaN without rates.
 
+    ``cp`` x ``tp`` is how the strategy splits the work (schema.mesh_sizes):
+    single 1 x 1, tp 1 x W, torch_cp W x 1, ring W/T x T.
     Prefill and followup: each GPU's share of the linear FLOPs at the matmul rate
-    plus its share of the attention FLOPs at the attention rate (`single` has it
-    all, ring, tp and torch_cp divide both over the world size), and never less
+    plus its share of the attention FLOPs at the attention rate, and never less
     than reading the weights the GPU holds once (what bounds a short follow-up).
-    Decode, per token: the bytes each GPU must read over the memory bandwidth --
-    ring reads all weights (it replicates them) and its cache shard, tp a 1/W share
-    of both, single all of both.
+    Decode, per token: the bytes each GPU must read (:func:`held_bytes`) over the
+    memory bandwidth.
     """
     if shape is None or rates is None:
         return NAN
-    gpus = 1 if strategy == "single" else max(world, 1)
-    weights = shape.weight_bytes / (gpus if strategy == "tp" else 1)
+    gpus = max(cp * tp, 1)
     if phase == "decode":
-        cache = batch * decode_context(seq_len, decode_tokens) * shape.kv_bytes_per_token
-        return (weights + cache / gpus) / (rates.memory_gbps * 1e9) * 1e3
+        held = held_bytes(shape, cp, tp, batch * decode_context(seq_len, decode_tokens))
+        return held / (rates.memory_gbps * 1e9) * 1e3
     linear, attention = flop_parts(shape, batch, seq_len, context=cached_len)
     compute = linear / gpus / (rates.matmul_tflops * 1e12) + attention / gpus / (rates.attention_tflops * 1e12)
-    seconds = max(compute, weights / (rates.memory_gbps * 1e9))
+    seconds = max(compute, held_bytes(shape, cp, tp, 0) / (rates.memory_gbps * 1e9))
     return seconds * 1e3 if math.isfinite(seconds) else NAN

@@ -27,10 +27,12 @@ from fmsring.harness.schema import (
     STRATEGIES,
     ModelSpec,
     Point,
+    fitting_ring_variants,
     parse_ring_variants,
     parse_seq_lens,
     planned_points,
     variant_labels,
+    with_ring_tp,
 )
 
 BENCH_MODULE = "fmsring.bench"
@@ -42,7 +44,7 @@ IDENTITY_FIELDS = (
 # bench flags the sweep sets from its own fields: in extra_args they would make the
 # bench write other rows than the sweep expects.
 OWNED_FLAGS = (
-    "--strategies", "--phases", "--seq-lens", "--cached-lens", "--ring-variants", "--ring-kwargs",
+    "--strategies", "--phases", "--seq-lens", "--cached-lens", "--ring-variants", "--ring-kwargs", "--ring-tp",
     "--as-shipped", "--no-as-shipped", "--followup-recompute", "--no-followup-recompute", "--out", "--resume",
     "--device", "--dtype", "--batch", "--layout", "--decode-tokens", "--model-kwargs", "--architecture", "--variant",
 )  # fmt: skip
@@ -81,6 +83,7 @@ class SweepConfig(ModelSpec):
     phases: list[str] = field(default_factory=lambda: ["prefill", "decode"])
     cached_lens: list[int] = field(default_factory=list)  # followup: tokens P already in the cache
     ring_variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {"": {}})  # {name: {ring_* options}}
+    ring_tp: list[int] = field(default_factory=lambda: [1])  # every ring variant at each TP size (cp = world / tp)
     as_shipped: bool = False  # also measure the peers as FMS/PyTorch ship them (variant as-shipped)
     followup_recompute: bool = True  # ring: a fresh prefill of P+T beside each follow-up
     decode_tokens: int = 32
@@ -107,7 +110,8 @@ class SweepConfig(ModelSpec):
         self.phases = _split_list(self.phases, str)
         self.seq_lens = parse_seq_lens(self.seq_lens)
         self.cached_lens = parse_seq_lens(self.cached_lens)
-        self.ring_variants = parse_ring_variants(self.ring_variants or {"": {}})
+        self.ring_variants = with_ring_tp(parse_ring_variants(self.ring_variants or {"": {}}), _split_list(self.ring_tp, int))
+        self.ring_tp = [1]  # expanded into ring_variants, so the config reloads as it is
         if isinstance(self.extra_args, str):
             self.extra_args = shlex.split(self.extra_args)
         self.extra_args = [str(a) for a in self.extra_args]
@@ -215,7 +219,7 @@ class SweepConfig(ModelSpec):
 
     def points(self, world: int, strategy: str) -> list[Point]:
         """The rows the launch of one group writes (see schema.planned_points)."""
-        variants = variant_labels(strategy, self.ring_variants, {}, self.as_shipped)
+        variants = variant_labels(strategy, fitting_ring_variants(self.ring_variants, world), {}, self.as_shipped)
         return planned_points(
             strategy, world, variants, self.seq_lens, self.phases, self.cached_lens, self.followup_recompute
         )

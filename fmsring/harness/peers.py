@@ -45,6 +45,11 @@ class Variant:
     ring_kwargs: dict[str, Any] = field(default_factory=dict)  # ring: fmsring.get_model ring_* options
     tuned: bool = True  # peers: fused elementwise work and the fastest SDPA backend
 
+    @property
+    def ring_tp(self) -> int:
+        """Ranks each ring replica's weights are sharded over (1 for the peers)."""
+        return int(self.ring_kwargs.get("ring_tp", 1))
+
 
 def variants(strategy: str, cfg: BenchConfig) -> list[Variant]:
     """The variants of ``strategy`` a run measures, in order.
@@ -97,9 +102,11 @@ def load_model(variant: Variant, cfg: BenchConfig, env: DistEnv) -> nn.Module:
             ring_check_inputs=False,
             **variant.ring_kwargs,
         )
+        if variant.ring_tp > 1 and cfg.model_path is None and cfg.check:
+            _copy_full_weights(model.model, cfg, env)
     elif variant.strategy == "tp":
         model = fms.models.get_model(**model_args(cfg), distributed_strategy="tp")
-        if cfg.model_path is None:
+        if cfg.model_path is None and cfg.check:
             _copy_full_weights(model, cfg, env)
     else:
         model = fms.models.get_model(**model_args(cfg), distributed_strategy="none")
@@ -109,10 +116,13 @@ def load_model(variant: Variant, cfg: BenchConfig, env: DistEnv) -> nn.Module:
 
 
 def _copy_full_weights(tp_model: nn.Module, cfg: BenchConfig, env: DistEnv) -> None:
-    """Give the TP model the unsharded model's random weights, sharded by FMS's own loader.
+    """Give a TP-sharded model (tp, or ring with ring_tp) the unsharded model's random
+    weights, sharded by FMS's own loader.
 
     FMS initialises each TP shard with its own random draw, so without this TP
     would run a different network and the exactness check would be meaningless.
+    Without the check (a model too large to build whole on one GPU) the shards
+    keep their own draws: the same shapes, the same time.
     """
     from fms.utils import serialization
 

@@ -25,6 +25,8 @@ COLUMNS = (
     "strategy",
     "variant",
     "world_size",
+    "cp_size",
+    "tp_size",
     "seq_len",
     "cached_len",
     "batch",
@@ -175,6 +177,34 @@ def variant_labels(strategy: str, ring_variants: dict[str, dict], ring_kwargs: d
     return ["", AS_SHIPPED] if as_shipped else [""]
 
 
+def with_ring_tp(variants: dict[str, dict[str, Any]], tps: list[int]) -> dict[str, dict[str, Any]]:
+    """Every ring variant once per TP size in ``tps`` (``--ring-tp 1,2,4``): one launch covers
+    every factorisation cp x tp of its world. tp 1 keeps a variant's name, tp T appends "tpT"."""
+    if not tps or list(tps) == [1]:
+        return variants
+    if any(not isinstance(t, int) or isinstance(t, bool) or t < 1 for t in tps):
+        raise ValueError(f"ring TP sizes are positive integers, got {tps}")
+    out: dict[str, dict[str, Any]] = {}
+    for name, kwargs in variants.items():
+        if "ring_tp" in kwargs:
+            raise ValueError(f"ring variant {name!r} sets ring_tp and --ring-tp expands it too: use one")
+        for t in dict.fromkeys(tps):
+            out[name if t == 1 else f"{name} tp{t}".strip()] = kwargs if t == 1 else {**kwargs, "ring_tp": t}
+    return out
+
+
+def fitting_ring_variants(variants: dict[str, dict[str, Any]], world: int) -> dict[str, dict[str, Any]]:
+    """The ring variants that exist at ``world`` ranks: those whose ring_tp divides it."""
+    return {name: kw for name, kw in variants.items() if world % int(kw.get("ring_tp", 1)) == 0}
+
+
+def mesh_sizes(strategy: str, world: int, ring_tp: int = 1) -> tuple[int, int]:
+    """(cp_size, tp_size) of a strategy at ``world`` ranks: the tokens' and the weights' split."""
+    if strategy == "ring":
+        return world // ring_tp, ring_tp
+    return {"single": (1, 1), "tp": (1, world), "torch_cp": (world, 1)}[strategy]
+
+
 def recomputed(seq_lens: list[int], phases: list[str], cached_lens: list[int]) -> dict[int, tuple[int, int]]:
     """Ring's fresh prefills beside the follow-ups: length P+T -> the first (P, T) that sums to it.
     A length the prefill phase measures anyway is left out (its prompt is that phase's)."""
@@ -224,12 +254,16 @@ def point(
     layout: str,
     variant: str = "",
     cached_len: int = 0,
+    ring_tp: int = 1,
 ) -> dict[str, Any]:
     """The columns that say which point a row measures (the sweep's failure rows use them too)."""
+    cp, tp = mesh_sizes(strategy, world, ring_tp)
     return {
         "strategy": strategy,
         "variant": variant,
         "world_size": world,
+        "cp_size": cp,
+        "tp_size": tp,
         "seq_len": seq_len,
         "cached_len": cached_len,
         "batch": batch,
