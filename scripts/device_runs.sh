@@ -11,6 +11,10 @@
 # followup  T new tokens on P cached: single, tp, ring auto / pass_kv / pass_q, and ring's fresh P+T prefill
 # scaling   prefill at 128K: single, ring, tp, torch_cp (run on 4 GPUs)
 # fp32      the earlier project's setting: float32, 7000 tokens, single, ring, tp
+# mesh      ring x tensor parallel, every factorisation cp x tp of the GPUs beside single, tp and
+#           torch_cp: prefill and decode at 8K (checked against single) and 128K
+# mesh70b   LLaMA-2-70B shapes (FMS llama/70b; NLAYERS=n to cut layers where 80 do not fit):
+#           ring 2x2 (and 1x4) against FMS TP at 32K and 128K, prefill and decode
 set -uo pipefail  # one bench's failed rows (e.g. out of memory) must not stop the next
 section=$1
 out=$2
@@ -18,8 +22,9 @@ mkdir -p "$out"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 nproc=$(python3 -c "import torch; print(torch.cuda.device_count())")
 status=0
+variant=3-8b
 bench() {
-    torchrun --standalone --nproc_per_node="$nproc" -m fmsring.bench --architecture llama --variant 3-8b \
+    torchrun --standalone --nproc_per_node="$nproc" -m fmsring.bench --architecture llama --variant "$variant" \
         --device cuda --dtype bfloat16 "$@" 2>&1 | grep -v "^W.*torch/distributed/run.py"
     local rc=${PIPESTATUS[0]}
     if [ "$rc" != 0 ]; then
@@ -60,6 +65,18 @@ scaling)
 fp32)
     bench --dtype float32 --strategies single,ring,tp --phases prefill --seq-lens 7000 \
         --repeats 1 --warmup 1 --out "$out/results_fp32.csv"
+    ;;
+mesh)
+    bench --strategies single,tp,torch_cp,ring --ring-tp 1,2,4 --phases prefill,decode --seq-lens 8K,128K \
+        --decode-tokens 32 --repeats 2 --warmup 1 --out "$out/results.csv"
+    ;;
+mesh70b)
+    # no `single` (the whole model does not fit one GPU), so nothing to check against: unchecked,
+    # every TP shard keeps its own random draw, which changes no shape and no time
+    variant=70b
+    layers=${NLAYERS:+--model-kwargs {\"nlayers\":$NLAYERS}}
+    bench --strategies ring,tp --ring-tp 2,4 --phases prefill,decode --seq-lens 32K,128K --no-check \
+        --decode-tokens 16 --repeats 1 --warmup 1 $layers --out "$out/results.csv"
     ;;
 *)
     echo "unknown section $section" >&2
