@@ -9,7 +9,7 @@ shapes every rank agrees on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -55,6 +55,7 @@ class DecodeStep:
     strategy: RingAttentionStrategy
     write_slot: torch.Tensor
     kv_lens: torch.Tensor
+    memo: dict = field(default_factory=dict)  # what every layer's attention shares (split-KV chunks)
 
     def store(self, keys, values, key_cache, value_cache):
         key_cache.index_copy_(1, self.write_slot, keys)
@@ -62,7 +63,9 @@ class DecodeStep:
         return key_cache, value_cache, key_cache, value_cache
 
     def attend(self, query, key_cache, value_cache, scale):
-        out, lse = decode_attention_with_lse(query.transpose(1, 2), key_cache, value_cache, self.kv_lens, scale)
+        out, lse = decode_attention_with_lse(
+            query.transpose(1, 2), key_cache, value_cache, self.kv_lens, scale, self.memo
+        )
         return merge_shards(out, lse, query, self.strategy)
 
 

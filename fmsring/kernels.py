@@ -7,6 +7,8 @@ results be combined exactly, in any order, in fp32.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fmsring.fusion import fused
@@ -74,55 +76,130 @@ def flash_attention_with_lse(
 
 
 def decode_attention_with_lse(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lens: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_lens: torch.Tensor,
+    scale: float,
+    memo: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a few query rows over the first ``kv_lens[i]`` slots of a
-    preallocated cache, returning (out [b, h, Lq, d], lse fp32 [b, h, Lq]).
+    preallocated cache, returning (out [b, h, Lq, d] fp32, lse fp32 [b, h, Lq]).
 
     q: [b, h, Lq, d]; caches: [b, capacity, kvh, d]; kv_lens: int32 [b] on the
     device. Shapes never depend on how full the cache is, so a decode step
     built on this can be captured once as a CUDA graph and replayed. On CUDA
-    with half-precision inputs it is :func:`flash_decode_with_lse`; otherwise
-    fp32 math with the unused slots masked.
+    with half-precision inputs it is :func:`split_kv_decode_with_lse`;
+    otherwise fp32 math with the unused slots masked. ``memo`` (one dict per
+    step, shared by its layers) keeps the chunk bookkeeping, which every
+    layer of a step shares, from being recomputed per layer.
     """
     b, cap = q.shape[0], k_cache.shape[1]
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256:
-        out, lse = flash_decode_with_lse(q, k_cache, v_cache, kv_lens, scale)
-        return out, lse.masked_fill(lse == float("inf"), float("-inf"))  # flash's "no key" is +inf
+    if q.is_cuda and q.dtype in FUSED_DTYPES and q.shape[-1] <= 256:
+        splits = decode_splits(b, k_cache.shape[2], cap, _sm_count(q.device))
+        return split_kv_decode_with_lse(q, k_cache, v_cache, kv_lens, scale, splits, memo)
     unused = torch.arange(cap, device=q.device).unsqueeze(0) >= kv_lens.unsqueeze(1)
     bias = torch.zeros(b, 1, cap, device=q.device).masked_fill_(unused.unsqueeze(1), float("-inf"))
     return math_attention_with_lse(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), scale, bias=bias)
 
 
-def flash_decode_with_lse(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lens: torch.Tensor, scale: float, **flash_kwargs
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+MIN_SPLIT_SLOTS = 512  # a chunk shorter than this costs more in its partial than it gains in parallelism
+BLOCKS_PER_SM = 2
+
+
+def decode_splits(batch: int, kv_heads: int, capacity: int, sms: int) -> int:
+    """How many chunks a decode step cuts each cache shard into.
+
+    Flash's decode grid is one thread block per (sequence, kv-head) once the
+    query heads of a kv-head are packed as rows: 16 blocks for LLaMA-3-8B at
+    batch 2, on a GPU of 132 SMs. Chunks multiply the blocks until every SM
+    has :data:`BLOCKS_PER_SM`, with no chunk under :data:`MIN_SPLIT_SLOTS`.
+    """
+    wanted = -(-BLOCKS_PER_SM * sms // max(batch * kv_heads, 1))
+    return max(1, min(wanted, capacity // MIN_SPLIT_SLOTS))
+
+
+def split_kv_chunks(kv_lens: torch.Tensor, capacity: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache of ``capacity`` slots per sequence cut into ``splits`` chunks of
+    ceil(capacity / splits): (cu_seqlens_k [b*splits + 1] int32, the chunks'
+    starts in the flattened cache, and seqused_k [b*splits] int32, how many of
+    a chunk's slots lie under its sequence's ``kv_lens``)."""
+    b = kv_lens.shape[0]
+    size = -(-capacity // splits)
+    offsets = torch.arange(splits, device=kv_lens.device, dtype=torch.int32) * size
+    room = (capacity - offsets).clamp(max=size)
+    used = (kv_lens.to(torch.int32).unsqueeze(1) - offsets).clamp(min=0).minimum(room)
+    starts = (torch.arange(b, device=kv_lens.device, dtype=torch.int32) * capacity).unsqueeze(1) + offsets
+    cu = torch.cat([starts.reshape(-1), starts.new_full((1,), b * capacity)])
+    return cu, used.reshape(-1)
+
+
+def split_kv_decode_with_lse(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_lens: torch.Tensor,
+    scale: float,
+    splits: int,
+    memo: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flash attention's varlen kernel reading ``seqused_k`` = kv_lens slots of
-    each [b, capacity, kvh, d] cache (GQA-native), returning (out, lse) with
-    flash's own +inf lse for a row that saw no key. ``flash_kwargs`` go to
-    the op as they are (e.g. ``num_splits`` where this torch has it).
+    """Flash decoding: each [b, capacity, kvh, d] cache read in ``splits`` chunks
+    by as many thread blocks, the chunks' partials merged exactly through their
+    log-sum-exp. Returns (out [b, h, Lq, d] fp32, lse fp32 [b, h, Lq]).
+
+    The h/kvh query heads that share a kv-head travel as rows of one
+    sequence (GQA packed), so each chunk of K/V is read once, not once per
+    query head; every chunk is a sequence of flash's varlen kernel
+    (``cu_seqlens_k`` = the chunks' starts, ``seqused_k`` = their used
+    slots), so no K/V is copied. The query rows are repeated per chunk, which
+    is tiny. ``splits=1`` is the unsplit kernel.
     """
     b, h, lq, d = q.shape
     cap, kvh = k_cache.shape[1], k_cache.shape[2]
-    step = torch.arange(b + 1, device=q.device, dtype=torch.int32)
+    g, rows = h // kvh, h // kvh * lq
+    memo = {} if memo is None else memo
+    key = (cap, splits, rows)
+    if key not in memo:
+        cu_q = torch.arange(b * splits + 1, device=q.device, dtype=torch.int32) * rows
+        memo[key] = (cu_q, *split_kv_chunks(kv_lens, cap, splits))
+    cu_q, cu_k, used = memo[key]
+    packed = q.view(b, kvh, g, lq, d).permute(0, 3, 2, 1, 4)  # [b, lq, g, kvh, d]: a kv-head's queries as rows
+    packed = packed.unsqueeze(1).expand(b, splits, lq, g, kvh, d).reshape(b * splits * rows, kvh, d)
     out, lse = torch.ops.aten._flash_attention_forward(
-        q.transpose(1, 2).reshape(b * lq, h, d),
+        packed,
         k_cache.view(b * cap, kvh, d),
         v_cache.view(b * cap, kvh, d),
-        step * lq,
-        step * cap,
-        lq,
-        cap,
+        cu_q,
+        cu_k,
+        rows,
+        -(-cap // splits),
         0.0,
         False,
         False,
         scale=scale,
-        seqused_k=kv_lens,
-        **flash_kwargs,
+        seqused_k=used,
     )[:2]
-    # lse is [h, b*Lq] (unpadded) or [b, h, Lq] depending on the build
-    lse = lse.view(h, b, lq).transpose(0, 1) if lse.dim() == 2 else lse.view(b, h, lq)
-    return out.view(b, lq, h, d).transpose(1, 2), lse
+    # chunks first, then [b, kvh, g, lq] = [b, h, lq]; lse is [kvh, rows total] or [b*splits, kvh, rows]
+    out = out.view(b, splits, lq, g, kvh, d).permute(1, 0, 4, 3, 2, 5)
+    if lse.dim() == 2:
+        lse = lse.view(kvh, b, splits, lq, g).permute(2, 1, 0, 4, 3)
+    else:
+        lse = lse.view(b, splits, kvh, lq, g).permute(1, 0, 2, 4, 3)
+    lse = lse.masked_fill(lse == float("inf"), float("-inf"))  # flash's "no key" (an empty chunk) is +inf
+    return merge_split_auto(out, lse)
+
+
+def merge_split(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunks' partials [S, b, kvh, g, lq, (d)] merged into fp32 (out [b, h, lq, d], lse [b, h, lq])."""
+    _, b, kvh, g, lq, d = outs.shape
+    total = torch.logsumexp(lses, dim=0)
+    out = (outs.float() * torch.exp(lses - _finite(total)).unsqueeze(-1)).sum(dim=0)
+    return out.reshape(b, kvh * g, lq, d), total.reshape(b, kvh * g, lq)
 
 
 def cudnn_attention_with_lse(
@@ -218,4 +295,5 @@ def pack_partial(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 # One fused kernel each on CUDA; a decode step is mostly one small kernel after another.
 merge_pair_auto = fused(merge_pair)
 merge_stacked_auto = fused(merge_stacked)
+merge_split_auto = fused(merge_split)
 pack_partial_auto = fused(pack_partial)

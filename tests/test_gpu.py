@@ -42,21 +42,29 @@ def test_fused_block_kernels_match_fp32_math(kvh, causal, token_major):
         assert (lse.float() - ref_lse).abs().max() < 1e-2
 
 
-def test_flash_decode_over_a_preallocated_cache_matches_fp32_math():
-    from fmsring.kernels import decode_attention_with_lse, math_attention_with_lse
+@pytest.mark.parametrize("h,kvh", [(32, 8), (8, 2), (4, 4)])
+def test_split_kv_decode_matches_the_unsplit_kernel_and_fp32_math(h, kvh):
+    """Flash decoding with the query heads of a kv-head packed as rows, at several chunk
+    counts (1 = unsplit), over a preallocated cache: a partly used, an empty and a full one."""
+    from fmsring.kernels import decode_attention_with_lse, math_attention_with_lse, split_kv_decode_with_lse
 
-    b, cap, kvh = 3, 4096, 8
+    b, cap = 3, 4096 + 37
     lens = torch.tensor([random.randrange(1, cap), 0, cap], dtype=torch.int32, device="cuda")
-    q = torch.randn(b, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(b, h, 1, 128, device="cuda", dtype=torch.bfloat16)
     kc, vc = (torch.randn(b, cap, kvh, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    out, lse = decode_attention_with_lse(q, kc, vc, lens, 128**-0.5)
-    for i, n in enumerate(lens.tolist()):
-        if n == 0:
-            assert torch.all(lse[i] == float("-inf"))
-            continue
-        k, v = kc[i : i + 1, :n].transpose(1, 2), vc[i : i + 1, :n].transpose(1, 2)
-        ref, _ = math_attention_with_lse(q[i : i + 1], k, v, 128**-0.5)
-        assert _rel(out[i : i + 1], ref) < 1e-2
+    unsplit = split_kv_decode_with_lse(q, kc, vc, lens, 128**-0.5, 1)
+    for splits in (1, 3, 8, 64):
+        out, lse = split_kv_decode_with_lse(q, kc, vc, lens, 128**-0.5, splits)
+        assert _rel(out, unsplit[0]) < 1e-2 and (lse - unsplit[1]).nan_to_num().abs().max() < 1e-3
+        for i, n in enumerate(lens.tolist()):
+            if n == 0:
+                assert torch.all(lse[i] == float("-inf")) and torch.all(out[i] == 0)
+                continue
+            k, v = kc[i : i + 1, :n].transpose(1, 2), vc[i : i + 1, :n].transpose(1, 2)
+            ref, ref_lse = math_attention_with_lse(q[i : i + 1], k, v, 128**-0.5)
+            assert _rel(out[i : i + 1], ref) < 1e-2 and (lse[i : i + 1] - ref_lse).abs().max() < 1e-2
+    auto = decode_attention_with_lse(q, kc, vc, lens, 128**-0.5)
+    assert _rel(auto[0], unsplit[0]) < 1e-2
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,17 @@ import random
 import pytest
 import torch
 
-from fmsring.kernels import attention_with_lse, decode_attention_with_lse, merge_into, merge_pair, merge_stacked
+from fmsring.kernels import (
+    attention_with_lse,
+    decode_attention_with_lse,
+    decode_splits,
+    math_attention_with_lse,
+    merge_into,
+    merge_pair,
+    merge_split,
+    merge_stacked,
+    split_kv_chunks,
+)
 
 
 def reference(q, k, v, scale, bias):
@@ -106,3 +116,45 @@ def test_decode_over_a_preallocated_cache_reads_only_the_used_slots(h, kvh):
         k_cache[i, n:], v_cache[i, n:] = 1e4, -1e4
     again = decode_attention_with_lse(q, k_cache, v_cache, lens, scale)
     torch.testing.assert_close(again[0], out)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 7])
+def test_split_kv_chunks_cover_exactly_the_used_slots_and_merge_to_the_unsplit_result(splits):
+    """The chunk bookkeeping of split-KV decoding: the chunks' used slots are exactly each
+    sequence's first kv_lens slots, disjoint; merging per-chunk partials (math here, flash on
+    GPUs: tests/test_gpu.py) gives the unsplit attention. Empty chunks and empty sequences
+    contribute nothing."""
+    b, h, kvh, d, cap = 3, 8, 2, 16, random.randint(splits, 60)
+    lens = torch.tensor([random.randint(1, cap), 0, cap], dtype=torch.int32)
+    cu, used = split_kv_chunks(lens, cap, splits)
+    assert cu.tolist() == sorted(cu.tolist()) and cu[-1] == b * cap and used.shape == (b * splits,)
+    for i in range(b):
+        chunks = [(int(cu[i * splits + c]), int(used[i * splits + c])) for c in range(splits)]
+        slots = [s for lo, n in chunks for s in range(lo, lo + n)]
+        assert slots == list(range(i * cap, i * cap + int(lens[i])))
+    q = torch.randn(b, h, 1, d)
+    k_cache, v_cache = torch.randn(b, cap, kvh, d) * 2, torch.randn(b, cap, kvh, d)
+    flat_k, flat_v = k_cache.reshape(b * cap, kvh, d), v_cache.reshape(b * cap, kvh, d)
+    outs, lses = [], []
+    for c in range(splits):  # each chunk attended alone, as flash does it, then merged
+        out_c, lse_c = torch.zeros(b, h, 1, d), torch.full((b, h, 1), float("-inf"))
+        for i in range(b):
+            lo, n = int(cu[i * splits + c]), int(used[i * splits + c])
+            if n:
+                k, v = (t[lo : lo + n].transpose(0, 1).unsqueeze(0) for t in (flat_k, flat_v))  # [1, kvh, n, d]
+                out_c[i : i + 1], lse_c[i : i + 1] = math_attention_with_lse(q[i : i + 1], k, v, d**-0.5)
+        outs.append(out_c.view(b, kvh, h // kvh, 1, d))
+        lses.append(lse_c.view(b, kvh, h // kvh, 1))
+    out, lse = merge_split(torch.stack(outs), torch.stack(lses))
+    ref, ref_lse = decode_attention_with_lse(q, k_cache, v_cache, lens, d**-0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_splits_fill_the_gpu_without_tiny_chunks():
+    assert decode_splits(1, 8, 131072, 132) == 33  # 33 x 8 blocks >= 2 per SM
+    assert decode_splits(1, 2, 131072, 132) == 132
+    assert decode_splits(4, 8, 131072, 132) == 9
+    assert decode_splits(1, 8, 2048, 132) == 4  # no chunk under MIN_SPLIT_SLOTS
+    assert decode_splits(64, 8, 131072, 132) == 1
+    assert decode_splits(1, 8, 100, 132) == 1
