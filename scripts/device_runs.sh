@@ -25,7 +25,7 @@ status=0
 variant=3-8b
 bench() {
     torchrun --standalone --nproc_per_node="$nproc" -m fmsring.bench --architecture llama --variant "$variant" \
-        --device cuda --dtype bfloat16 "$@" 2>&1 | grep -v "^W.*torch/distributed/run.py"
+        --device cuda --dtype bfloat16 "$@" 2>&1 | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log"
     local rc=${PIPESTATUS[0]}
     if [ "$rc" != 0 ]; then
         echo "[device_runs] a bench exited $rc: see the status and error columns of its rows"
