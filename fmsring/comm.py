@@ -95,9 +95,9 @@ def check_same_on_all_ranks(tensors: list[torch.Tensor | None], groups: Sequence
     """Raise if any rank of ``groups`` was given different tensors (one tiny all-reduce per group).
 
     Ring attention silently computes garbage when ranks disagree on the prompt,
-    so every rank checksums what it got and compares the min and max. The
-    groups of a mesh's rows and columns together cover it: ranks that agree
-    within every row and every column agree everywhere.
+    so every rank checksums what it got and compares the min and max. For a
+    mesh, the (max, -min) is reduced over its row then its column, which
+    gives every rank the whole mesh's, so all raise together or none does.
     """
     sums = []
     for t in tensors:
@@ -109,13 +109,12 @@ def check_same_on_all_ranks(tensors: list[torch.Tensor | None], groups: Sequence
         weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64).remainder(9973)
         sums.append((flat * weights).sum() + t.numel())
     local = torch.stack(sums)
-    agree = True
-    for group in groups:
-        both = torch.cat([local, -local]).to(group_device(group))
+    both = torch.cat([local, -local])
+    for group in groups:  # the max of the rows' maxima is the mesh's: every rank sees the same verdict
+        both = both.to(group_device(group))
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-        hi, neg_lo = both.chunk(2)
-        agree = agree and torch.equal(hi, -neg_lo)
-    if not agree:
+    hi, neg_lo = both.chunk(2)
+    if not torch.equal(hi, -neg_lo):
         raise ValueError(
             "ranks were given different inputs (input_ids, position_ids or mask differ); "
             "every rank must pass the same full tensors. If sampled tokens diverged, "
@@ -163,18 +162,22 @@ def all_gather_padded(t: torch.Tensor, dim: int, group: dist.ProcessGroup | None
     return [o.to(t.device) for o in outs]
 
 
-def broadcast_weights(model: torch.nn.Module, group: dist.ProcessGroup | None) -> None:
-    """Give every rank group-rank 0's parameters and buffers.
+def broadcast_weights(
+    model: torch.nn.Module, group: dist.ProcessGroup | None, skip: tuple[type, ...] = ()
+) -> None:
+    """Give every rank group-rank 0's parameters and buffers (but those inside modules of the ``skip`` types).
 
     Replicated random-init models must be identical on all ranks, or ring
     attention mixes K/V from different models; loading a checkpoint does not
-    need this.
+    need this. Over a TP group only the replicated tensors are made equal
+    (``skip`` the TP-sharded modules): each shard is its own draw, as in FMS.
     """
     src = dist.get_global_rank(group if group is not None else dist.group.WORLD, 0)
     gdev = group_device(group)
+    skipped = {id(t) for m in model.modules() if isinstance(m, skip) for t in [*m.parameters(), *m.buffers()]}
     seen: set[int] = set()
     for t in [*model.parameters(), *model.buffers()]:
-        if id(t) in seen:
+        if id(t) in seen or id(t) in skipped:
             continue
         seen.add(id(t))
         buf = t.data.to(gdev)

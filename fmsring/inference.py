@@ -63,6 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--distributed_strategy", default="ring", help="ring, replicated (one copy per rank), or any FMS strategy"
     )
     p.add_argument("--ring_layout", default="zigzag", choices=["zigzag", "contiguous"])
+    p.add_argument(
+        "--ring_tp",
+        type=int,
+        default=1,
+        help="ring x tensor parallel: weights sharded over groups of this many contiguous ranks (keep them "
+        "inside a node), the ring over world / ring_tp",
+    )
     p.add_argument("--max_new_tokens", type=int, default=32, help="per prompt, or per turn of a conversation")
     p.add_argument("--no_use_cache", action="store_true", help="re-run the whole prompt for every new token")
     p.add_argument("--do_sample", action="store_true")
@@ -111,6 +118,10 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--turns {args.turns} holds no text")
     if args.max_new_tokens < 1:
         p.error("--max_new_tokens must be at least 1")
+    if args.ring_tp != 1 and args.distributed_strategy != "ring":
+        p.error("--ring_tp shards the ring's weights: it needs --distributed_strategy ring")
+    if args.ring_tp < 1:
+        p.error("--ring_tp must be at least 1")
 
 
 def load_model(args: argparse.Namespace) -> nn.Module:
@@ -122,7 +133,7 @@ def load_model(args: argparse.Namespace) -> nn.Module:
         device_type=args.device_type,
         data_type=DTYPES[args.default_dtype] if args.default_dtype else None,
         distributed_strategy=args.distributed_strategy,
-        **({"ring_layout": args.ring_layout} if args.distributed_strategy == "ring" else {}),
+        **({"ring_layout": args.ring_layout, "ring_tp": args.ring_tp} if args.distributed_strategy == "ring" else {}),
     ).eval()
 
 

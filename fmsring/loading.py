@@ -6,6 +6,7 @@ from typing import Any
 
 import fms.models
 import torch
+from fms.modules.tp import TPModule
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -59,7 +60,8 @@ def get_model(
     :mod:`fmsring.mesh`) runs ring x tensor parallel: the world is a cp x T
     mesh, FMS's ``TensorParallelStrategy`` shards the weights over each group
     of T contiguous ranks (checkpoints load sharded through FMS's loader;
-    random weights are FMS's per-shard draws, identical over the ring), and
+    random weights: FMS's per-shard draws, identical over the ring, and TP
+    rank 0's replicated ones -- embedding, head, norms -- on every rank), and
     the ring runs over cp on every TP rank's heads. ``ring_tp=1`` replicates
     the weights over the ring.
     """
@@ -79,9 +81,11 @@ def get_model(
     if distributed_strategy == "ring" and (ring_tp != 1 or ring_mesh is not None):
         if ring_mesh is None:
             ring_mesh = build_mesh(device_type, ring_tp, group)
-        elif group is not None or ring_tp not in (1, ring_mesh.size(1)):
-            raise ValueError("ring_mesh says the groups: pass neither group nor a different ring_tp with it")
+        elif group is not None:
+            raise ValueError("ring_mesh says the groups: pass group or ring_mesh, not both")
         ring_group, tp_group = mesh_groups(ring_mesh)
+        if ring_tp not in (1, dist.get_world_size(tp_group)):
+            raise ValueError(f"ring_tp={ring_tp} but ring_mesh's tp dimension has {dist.get_world_size(tp_group)} ranks")
         if dist.get_world_size(tp_group) == 1:
             tp_group = None
     strategy = (
@@ -113,6 +117,8 @@ def get_model(
     if not ours:
         return model
     if dist.is_initialized() and model_path is None and architecture != "hf_pretrained":
+        if tp_group is not None:  # the replicated weights (embedding, head, norms) as TP rank 0 drew them
+            broadcast_weights(model, tp_group, skip=(TPModule,))
         broadcast_weights(model, ring_group)
     if strategy is None:
         return model

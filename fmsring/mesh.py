@@ -11,6 +11,9 @@ CP-across-nodes x TP-within-node (arXiv 2411.01783).
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -39,6 +42,13 @@ def build_mesh(device_type: str, tp: int, group: dist.ProcessGroup | None = None
     world = dist.get_world_size()
     if world % tp:
         raise ValueError(f"ring_tp={tp} does not divide the world size {world}: the mesh is cp x tp = world")
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if per_node % tp:
+        warnings.warn(
+            f"ring_tp={tp} does not divide the {per_node} ranks per node: TP groups cross nodes, and "
+            "their two all-reduces per layer go over the network",
+            stacklevel=3,
+        )
     return init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=MESH_DIMS)
 
 

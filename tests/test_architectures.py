@@ -1,7 +1,8 @@
 """Other FMS decoders with rotary MultiHeadAttention run through the same op.
 
 Each tiny HF checkpoint is written here, loaded through FMS's hf_pretrained
-path, and compared at world size 3 (odd lengths, GQA, both layouts) against
+path, and compared at world size 3 and as a 2x2 ring x TP mesh (odd
+lengths, GQA, both layouts) against
 HF transformers and the unsharded FMS model. FMS 1.13.1's own Qwen3 port
 differs from HF by ~8e-2 on such a config, so Qwen3 is held to the unsharded
 FMS model only.
@@ -39,7 +40,7 @@ ARCHS = {
 }
 
 
-def _errors(rank, world, path, ids):
+def _errors(rank, world, path, ids, ring_tp):
     import fmsring
 
     hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -56,6 +57,7 @@ def _errors(rank, world, path, ids):
                 data_type=torch.float32,
                 distributed_strategy="ring",
                 ring_layout=layout,
+                ring_tp=ring_tp,
             )
             got = ring(ids)
             out[layout] = (
@@ -66,12 +68,13 @@ def _errors(rank, world, path, ids):
     return out
 
 
+@pytest.mark.parametrize("world,ring_tp", [(3, 1), (4, 2)])  # the ring alone, and 2x2 with FMS's TP
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_architecture_matches_references(arch, tmp_path):
+def test_architecture_matches_references(arch, world, ring_tp, tmp_path):
     cfg_cls, model_cls, extra, vs_hf = ARCHS[arch]
     model_cls(cfg_cls(**COMMON, **extra)).eval().save_pretrained(tmp_path)
     ids = torch.randint(0, 96, (2, random.randrange(7, 60) | 1))
-    for layout, (err_hf, err_fms, name) in run_ranks(3, _errors, str(tmp_path), ids)[0].items():
+    for layout, (err_hf, err_fms, name) in run_ranks(world, _errors, str(tmp_path), ids, ring_tp)[0].items():
         assert name.lower() == arch
         assert err_fms <= 1e-4, (layout, err_fms)
         if vs_hf:

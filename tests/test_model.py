@@ -114,7 +114,7 @@ def test_bfloat16_logits_as_close_as_unsharded_bf16(world, checkpoints):
 # ---------------------------------------------------------------- generation
 
 
-def _generate(rank, world, path, ids, pad_kw, n_new, do_sample):
+def _generate(rank, world, path, ids, pad_kw, n_new, do_sample, ring_kw=None):
     from fms.utils.generation import generate
 
     from fmsring.layout import LAYOUTS
@@ -122,7 +122,7 @@ def _generate(rank, world, path, ids, pad_kw, n_new, do_sample):
     torch.manual_seed(1000 + rank)  # different streams per rank: ring must align them
     out = {}
     for layout in LAYOUTS:
-        ring = fms_model(path, torch.float32, "ring", ring_layout=layout, ring_cache_headroom=3)
+        ring = fms_model(path, torch.float32, "ring", ring_layout=layout, ring_cache_headroom=3, **(ring_kw or {}))
         for use_cache in (False, True):  # no-cache first: its prefills alone must align the RNG
             with torch.no_grad():
                 res = generate(
