@@ -2,6 +2,7 @@
 #
 #   make sweep                                  CPU smoke test (2-layer llama/micro, gloo, 1/2/4 processes)
 #   make sweep DEVICE=cuda MODEL=3-8b NPROC=2,4 SEQ_LENS=8K,32K DTYPE=bfloat16
+#   make sweep DEVICE=cuda MODEL=3-8b NPROC=4 RING_TP=1,2,4 STRATEGIES=ring,tp   every factorisation cp x tp
 #   make sweep PARAMS=my_sweep.yaml             any notebooks/run.ipynb parameters, from YAML
 #   make analysis                               one figure set per run folder under runs/ (and runs/local/)
 #   make analysis RUNS="runs/a runs/b"          compare runs, a panel per run
@@ -33,6 +34,7 @@ SEQ_LENS ?=
 PHASES ?=
 CACHED_LENS ?=
 RING_VARIANTS ?=
+RING_TP ?=
 AS_SHIPPED ?=
 DECODE_TOKENS ?=
 REPEATS ?=
@@ -62,6 +64,7 @@ SWEEP_PARAMS = $(if $(PARAMS),-f $(PARAMS)) \
 	$(if $(PHASES),-y 'phases: [$(PHASES)]') \
 	$(if $(CACHED_LENS),-y 'cached_lens: [$(CACHED_LENS)]') \
 	$(if $(RING_VARIANTS),-y 'ring_variants: $(RING_VARIANTS)') \
+	$(if $(RING_TP),-y 'ring_tp: [$(RING_TP)]') \
 	$(if $(AS_SHIPPED),-p as_shipped $(AS_SHIPPED)) \
 	$(if $(DECODE_TOKENS),-p decode_tokens $(DECODE_TOKENS)) \
 	$(if $(REPEATS),-p repeats $(REPEATS)) \
@@ -87,6 +90,7 @@ help: ## list the targets
 	@echo "  DTYPE=float32|bfloat16 NPROC=1,2,4 STRATEGIES=single,ring,tp,torch_cp SEQ_LENS=128,8K"
 	@echo "  PHASES=prefill,decode,followup CACHED_LENS=32K,128K (followup: tokens already cached; SEQ_LENS = new tokens)"
 	@echo "  RING_VARIANTS='{\"\": {}, \"eager\": {\"ring_cuda_graphs\": false}}' AS_SHIPPED=true (peers unfused too)"
+	@echo "  RING_TP=1,2,4 (every ring variant at each TP size: ring x tensor parallel, cp = NPROC / tp)"
 	@echo "  DECODE_TOKENS= REPEATS= WARMUP= BATCH= LAYOUT= LAUNCHER=torchrun|srun TIMEOUT=<s per launch>"
 	@echo "  NAME=<run folder> OUT_DIR=runs/local PARAMS=<file.yaml>   analysis: RUNS=\"runs/a runs/b\" ANALYSIS_DIR="
 

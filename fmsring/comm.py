@@ -11,9 +11,7 @@ import torch
 import torch.distributed as dist
 
 
-def maybe_init_dist(
-    device_type: str | None = None, timeout_s: float = 600.0, alone: bool = False
-) -> tuple[int, int]:
+def maybe_init_dist(device_type: str | None = None, timeout_s: float = 600.0, alone: bool = False) -> tuple[int, int]:
     """Join the process group that ``torchrun`` describes; return (rank, world).
 
     The backend follows ``device_type`` (NCCL for "cuda", gloo otherwise;
@@ -162,9 +160,7 @@ def all_gather_padded(t: torch.Tensor, dim: int, group: dist.ProcessGroup | None
     return [o.to(t.device) for o in outs]
 
 
-def broadcast_weights(
-    model: torch.nn.Module, group: dist.ProcessGroup | None, skip: tuple[type, ...] = ()
-) -> None:
+def broadcast_weights(model: torch.nn.Module, group: dist.ProcessGroup | None, skip: tuple[type, ...] = ()) -> None:
     """Give every rank group-rank 0's parameters and buffers (but those inside modules of the ``skip`` types).
 
     Replicated random-init models must be identical on all ranks, or ring

@@ -6,8 +6,8 @@ from typing import Any
 
 import fms.models
 import torch
-from fms.modules.tp import TPModule
 import torch.distributed as dist
+from fms.modules.tp import TPModule
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -23,6 +23,7 @@ RING_OPTIONS = (
     "ring_layout", "ring_check_inputs", "ring_cache_headroom", "ring_ffn_chunk",
     "ring_cuda_graphs", "ring_fuse", "ring_followup", "ring_prefill_chunk", "ring_tp", "ring_mesh",
 )  # fmt: skip
+
 
 def get_model(
     architecture: str,
@@ -85,7 +86,9 @@ def get_model(
             raise ValueError("ring_mesh says the groups: pass group or ring_mesh, not both")
         ring_group, tp_group = mesh_groups(ring_mesh)
         if ring_tp not in (1, dist.get_world_size(tp_group)):
-            raise ValueError(f"ring_tp={ring_tp} but ring_mesh's tp dimension has {dist.get_world_size(tp_group)} ranks")
+            raise ValueError(
+                f"ring_tp={ring_tp} but ring_mesh's tp dimension has {dist.get_world_size(tp_group)} ranks"
+            )
         if dist.get_world_size(tp_group) == 1:
             tp_group = None
     strategy = (

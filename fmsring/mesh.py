@@ -56,5 +56,7 @@ def mesh_groups(mesh: DeviceMesh) -> tuple[dist.ProcessGroup, dist.ProcessGroup]
     """(cp group, tp group) of this rank; the mesh must be 2-D with dims named ("cp", "tp")."""
     if not isinstance(mesh, DeviceMesh) or tuple(mesh.mesh_dim_names or ()) != MESH_DIMS:
         names = getattr(mesh, "mesh_dim_names", None)
-        raise ValueError(f"ring_mesh must be a DeviceMesh with dims named {MESH_DIMS}, got {type(mesh).__name__} {names}")
+        raise ValueError(
+            f"ring_mesh must be a DeviceMesh with dims named {MESH_DIMS}, got {type(mesh).__name__} {names}"
+        )
     return mesh.get_group("cp"), mesh.get_group("tp")

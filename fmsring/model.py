@@ -263,9 +263,7 @@ class LlamaRing(nn.Module):
         """A cache holding no token yet, with ``capacity`` zeroed slots per layer."""
         attn, param = self._attn, next(self.model.parameters())
         dims = (attn.emb_kq_per_head, attn.emb_v_per_head)
-        layers = [
-            tuple(param.new_zeros(batch, capacity, attn.kvheads, d) for d in dims) for _ in range(self._n_layers)
-        ]
+        layers = [tuple(param.new_zeros(batch, capacity, attn.kvheads, d) for d in dims) for _ in range(self._n_layers)]
         zeros = (0,) * self.strategy.world_size
         return RingCache(layers, RingCacheState(0, zeros, torch.empty(0, dtype=torch.long), capacity, new_cache_id()))
 

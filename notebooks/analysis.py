@@ -83,6 +83,10 @@ followup = analysis.followup_table(df)
 if len(followup):
     print("follow-ups: cache_gain = fresh ring prefill of P+T / follow-up on the cache")
     display(followup)
+tradeoff = analysis.tradeoff_table(df)
+if len(tradeoff[tradeoff["tp_size"] > 1]) and (tradeoff["strategy"] == "ring").any():
+    print("factorisations cp x tp of each world: prefill and decode against their floors")
+    display(tradeoff.drop(columns=["strategy", "variant"]).round(2))
 
 # %% [markdown]
 # ## Figures

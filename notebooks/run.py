@@ -52,6 +52,7 @@ seq_lens: list = [64, 128, 256]  # prompt lengths in tokens (followup: new token
 phases: list = ["prefill", "decode", "followup"]  # among prefill, decode, followup
 cached_lens: list = [256]  # followup: tokens P already in the cache; empty without the followup phase
 ring_variants: dict = {"": {}}  # ring configurations {name: {fmsring.get_model ring_* options}}; "" is the default
+ring_tp: list = [1]  # every ring variant at each TP size: ring x tensor parallel, cp = world size / tp
 as_shipped: bool = False  # also measure single/tp/torch_cp unfused with the default SDPA backend (as-shipped)
 decode_tokens: int = 8  # greedy steps timed per decode run
 repeats: int = 2  # timed runs per point
@@ -88,6 +89,7 @@ cfg = SweepConfig(
     phases=phases,
     cached_lens=cached_lens if "followup" in phases else [],
     ring_variants=ring_variants,
+    ring_tp=ring_tp,
     as_shipped=as_shipped,
     decode_tokens=decode_tokens,
     repeats=repeats,

@@ -366,3 +366,27 @@ def test_one_figure_set_per_run(gpu_run: Path, tmp_path: Path):
         assert all(len(f.axes[0].get_title().split("\n")) == 2 and run in f.axes[0].get_title() for f in figs.values())
         assert all(fig.saved_paths[0].parent == tmp_path / "out" / run for fig in figs.values())
     assert plots.figures_dir(df[df.run == "second"]) == gpu_run.parent / "second" / "figures"
+
+
+def test_tradeoff_table_and_plot_weigh_factorisations(tmp_path: Path):
+    """Every factorisation of 4 GPUs, prefill and decode with floors: one table row and one
+    point per configuration, labelled cp x tp; rows written before the mesh columns read as
+    ring = cp x 1."""
+    configs = [("ring", "", 4, 1, 100.0, 9.0), ("ring", "tp2", 2, 2, 110.0, 7.0), ("tp", "", 1, 4, 120.0, 70.0)]
+    rows = []
+    for s, v, cp, tp, pre, dec in configs:
+        mesh = {"variant": v, "cp_size": cp, "tp_size": tp}
+        rows.append(row(s, 4, 8192, "prefill", latency_ms=pre, floor_ms=pre / 2, **mesh))
+        rows.append(row(s, 4, 8192, "decode", latency_ms=dec, floor_ms=dec / 3, **mesh))
+    rows.append(row("ring", 2, 8192, "prefill", latency_ms=150.0))  # no mesh columns: an older row
+    df = analysis.load_runs(write_run(tmp_path, "r", rows))
+    assert df.loc[df["world_size"] == 2, ["cp_size", "tp_size"]].values.tolist() == [[2.0, 1.0]]
+    t = analysis.tradeoff_table(df)
+    four = t[t["world_size"] == 4].set_index("config")
+    assert sorted(four.index) == ["ring 4x1", "ring/tp2 2x2", "tp 1x4"]
+    assert four.loc["ring/tp2 2x2", ["prefill_ms", "decode_ms", "decode_floor_ms"]].tolist() == [110.0, 7.0, 7.0 / 3]
+    fig = plots.plot_tradeoff(df, tmp_path / "fig")
+    ax = fig.axes[0]
+    labels = [c.get_label() for c in ax.collections if not c.get_label().startswith("_")]
+    assert labels == ["ring 4x1", "ring/tp2 2x2", "tp 1x4"]
+    assert (tmp_path / "fig" / "tradeoff.png").exists()

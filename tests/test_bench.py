@@ -132,8 +132,7 @@ def test_followup_on_two_ranks(tmp_path: Path) -> None:
     shape = flop_shape(meta, 4)
     timed = df[df["status"] == "ok"]
     expected = [
-        floor_ms(shape, rates, r.cp_size, r.tp_size, r.phase, 1, r.seq_len, r.cached_len, 3)
-        for r in timed.itertuples()
+        floor_ms(shape, rates, r.cp_size, r.tp_size, r.phase, 1, r.seq_len, r.cached_len, 3) for r in timed.itertuples()
     ]
     assert timed["floor_ms"].tolist() == pytest.approx(expected)
     ring = timed[(timed["strategy"] == "ring") & (timed["phase"] == "followup")]

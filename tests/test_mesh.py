@@ -66,15 +66,28 @@ def _inputs(world):
     return inputs, prompts, random.randrange(world, lengths[-1] - world)
 
 
+def _mesh_errors_then_bad_tp(rank, world, *args):
+    """As :func:`_mesh_errors`, then a TP size that divides the world but not the 4 heads."""
+    errs = _mesh_errors(rank, world, *args)
+    try:
+        fms_model(args[0]["mha"], torch.float32, "ring", ring_tp=3)
+    except ValueError as exc:
+        return errs, str(exc)
+    return errs, ""
+
+
 @pytest.mark.parametrize("world,tps", [(4, (1, 2, 4)), (6, (2,))])
 def test_every_factorisation_matches_hf_and_unsharded_fms(world, tps, checkpoints):
     inputs, prompts, split = _inputs(world)
-    errs = run_ranks(world, _mesh_errors, checkpoints, tps, inputs, prompts, split)
+    res = run_ranks(world, _mesh_errors_then_bad_tp, checkpoints, tps, inputs, prompts, split)
+    errs = [e for e, _ in res]
     assert len(errs[0]) == 2 * len(tps) * 2 * (2 * len(inputs) + 2)
     for rank_errs in errs:
         for key, e in rank_errs.items():
             assert e <= 1e-4, (key, e)
     assert all(e == errs[0] for e in errs), "ranks returned different logits"
+    for _, msg in res:  # every rank refuses alike: 4 ranks are not 3 x anything, 6 are but 4 heads are not
+        assert ("does not divide the world size 4" if world == 4 else "ring_tp=3: FMS cannot shard") in msg, msg
 
 
 def test_greedy_and_sampled_generation_on_a_2x2_mesh(checkpoints):
@@ -141,19 +154,6 @@ def test_weights_shard_over_tp_random_init_agrees_over_the_ring_and_bad_meshes_a
         assert "need distributed_strategy='ring'" in problems["{'ring_tp': 2, 'distributed_strategy': 'replicated'}"]
         assert "DeviceMesh with dims named" in problems["{'ring_mesh': '2x2'}"]
         assert "ranks were given different inputs" in problems["inputs"], rank
-
-
-def _heads_not_divisible(rank, world, path):
-    try:
-        fms_model(path, torch.float32, "ring", ring_tp=3)  # 6 ranks as 2x3: 4 heads over 3
-    except ValueError as exc:
-        return str(exc)
-    return ""
-
-
-def test_tp_that_does_not_divide_the_heads_is_a_clear_error_on_every_rank(checkpoints):
-    for msg in run_ranks(6, _heads_not_divisible, checkpoints["mha"]):
-        assert "ring_tp=3: FMS cannot shard" in msg, msg
 
 
 NODE_SCRIPT = """

@@ -162,6 +162,27 @@ def test_config_parsing_and_groups(tmp_path: Path):
     assert parse_args(grid.bench_args(cfg, "tp", "r.csv")[2:]).as_shipped
 
 
+def test_ring_tp_sweeps_every_factorisation_that_exists():
+    """ring_tp expands every ring variant once per TP size; a world size gets the ones that divide it,
+    and the bench gets the expanded variants (its rows' cp_size x tp_size say which is which)."""
+    from fmsring.harness.bench import parse_args
+
+    cfg = SweepConfig(world_sizes=[1, 2, 4], strategies=["ring"], ring_tp="1,2,4",
+                      ring_variants={"": {}, "eager": {"ring_cuda_graphs": False}})  # fmt: skip
+    assert cfg.ring_variants["eager tp2"] == {"ring_cuda_graphs": False, "ring_tp": 2}
+    assert {p.variant for p in cfg.points(1, "ring")} == {"", "eager"}
+    assert {p.variant for p in cfg.points(2, "ring")} == {"", "eager", "tp2", "eager tp2"}
+    assert len({p.variant for p in cfg.points(4, "ring")}) == 6
+    assert (
+        SweepConfig.from_dict({**cfg.identity(), "ring_variants": cfg.ring_variants}).ring_variants == cfg.ring_variants
+    )
+    bench_cfg = parse_args(grid.bench_args(cfg, "ring", "r.csv")[2:])
+    assert bench_cfg.ring_variants == cfg.ring_variants
+    assert parse_args(["--ring-tp", "1,2"]).ring_variants == {"": {}, "tp2": {"ring_tp": 2}}
+    with pytest.raises(SystemExit):
+        parse_args(["--ring-tp", "0"])
+
+
 def _no_launch(*_args, **_kwargs):
     raise AssertionError("a launch started before the grid was checked")
 
@@ -177,6 +198,8 @@ def _no_launch(*_args, **_kwargs):
         (dict(extra_args="--seq-lens 64"), "extra_args"),
         (dict(device="cuda"), "torch sees no GPU"),
         (dict(world_sizes=[3], strategies=["single", "tp"]), "tp at world sizes [3]: 4 heads"),
+        (dict(world_sizes=[3], ring_tp=[1, 3]), "ring_tp [3]: 4 heads"),
+        (dict(world_sizes=[2], ring_tp=[1, 4]), "ring_tp [4] divides none of the world sizes [2]"),
         (dict(world_sizes=[4], seq_lens=[2, 64]), "ring at world size 4 needs prompts"),
         (dict(world_sizes=[4], phases=["followup"], cached_lens=[3], seq_lens=[1]), "ring at world size 4"),
     ],

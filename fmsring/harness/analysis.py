@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fmsring.harness.schema import AS_SHIPPED, STATUSES, TOLERANCES, judge
+from fmsring.harness.schema import AS_SHIPPED, STATUSES, TOLERANCES, judge, mesh_sizes
 
 NUMERIC = (
-    "world_size", "seq_len", "cached_len", "batch", "latency_ms", "latency_ms_min", "latency_ms_max", "ttft_ms",
-    "floor_ms", "peak_mem_gib", "tflops_per_gpu", "max_abs_err", "rel_err", "ref_norm", "repeats", "gpu_count",
+    "world_size", "cp_size", "tp_size", "seq_len", "cached_len", "batch", "latency_ms", "latency_ms_min",
+    "latency_ms_max", "ttft_ms", "floor_ms", "peak_mem_gib", "tflops_per_gpu", "max_abs_err", "rel_err", "ref_norm", "repeats", "gpu_count",
 )  # fmt: skip
 KEY = ("run", "strategy", "variant", "world_size", "seq_len", "cached_len", "batch", "phase")
 FAILED = ("oom", "timeout", "error")  # no timings: shown as markers with their status
@@ -123,6 +123,9 @@ def load_runs(paths: str | os.PathLike | Iterable[str | os.PathLike] = "runs", d
     for col in (*NUMERIC, "decode_tokens"):
         df[col] = pd.to_numeric(df[col].replace("", np.nan), errors="coerce") if col in df.columns else np.nan
     df = df[df["status"].isin(STATUSES)].copy()
+    legacy = df["cp_size"].isna() & df["world_size"].notna()  # rows from before ring x TP: ring was cp = world
+    for i in df.index[legacy]:
+        df.loc[i, ["cp_size", "tp_size"]] = mesh_sizes(df.at[i, "strategy"], int(df.at[i, "world_size"]))
     if "same_next_token" in df.columns:
         df["same_next_token"] = df["same_next_token"].map({"True": True, "true": True, "False": False, "false": False})
     df = _rejudge(df)
@@ -297,6 +300,38 @@ def followup_table(df: pd.DataFrame) -> pd.DataFrame:
     cols = ["run", "strategy", "variant", "world_size", "cached_len", "seq_len", "latency_ms", "floor_ms",
             "recompute_ms", "cache_gain", "status"]  # fmt: skip
     return d[cols].sort_values(cols[:6]).reset_index(drop=True)
+
+
+def mesh_label(strategy: str, variant: str, cp: float, tp: float) -> str:
+    """``ring 2x2``, ``tp 1x4``: a configuration with how it splits tokens (cp) and weights (tp)."""
+    return f"{config_label(strategy, variant)} {int(cp)}x{int(tp)}"
+
+
+def tradeoff_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (run, world size, prompt length) and configuration: prefill time, decode ms/token and
+    their floors, and the longest prompt the configuration ran in the run (``max_ok_seq_len``),
+    so every factorisation cp x tp of one world can be weighed against the others."""
+    if df.empty or "latency_ms" not in df.columns:
+        return pd.DataFrame()
+    ok = df[df["status"] == "ok"].dropna(subset=["seq_len", "world_size", "latency_ms"])
+    ok = ok[ok["cached_len"].fillna(0) == 0]
+    if ok.empty or not {"prefill", "decode"} & set(ok["phase"]):
+        return pd.DataFrame()
+    keys = ["run", "world_size", "seq_len", "strategy", "variant", "cp_size", "tp_size"]
+    wide = ok.pivot_table(index=keys, columns="phase", values=["latency_ms", "floor_ms"], aggfunc="first")
+    wide.columns = [f"{phase}_{'ms' if v == 'latency_ms' else 'floor_ms'}" for v, phase in wide.columns]
+    wide = wide.reset_index()
+    for col in ("prefill_ms", "prefill_floor_ms", "decode_ms", "decode_floor_ms"):
+        if col not in wide.columns:
+            wide[col] = np.nan
+    longest = ok.groupby(["run", "strategy", "variant", "world_size"])["seq_len"].max().rename("max_ok_seq_len")
+    wide = wide.join(longest, on=["run", "strategy", "variant", "world_size"])
+    wide["config"] = [
+        mesh_label(*k) for k in zip(wide["strategy"], wide["variant"], wide["cp_size"], wide["tp_size"], strict=True)
+    ]
+    cols = ["run", "world_size", "seq_len", "config", "strategy", "variant", "cp_size", "tp_size", "prefill_ms",
+            "prefill_floor_ms", "decode_ms", "decode_floor_ms", "max_ok_seq_len"]  # fmt: skip
+    return wide[cols].sort_values(["run", "world_size", "seq_len", "tp_size", "config"]).reset_index(drop=True)
 
 
 def gpu_capacity_gib(gpu_name: str | None) -> float | None:

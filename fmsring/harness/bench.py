@@ -436,7 +436,7 @@ def run(cfg: BenchConfig) -> list[dict[str, Any]]:
             for v in peers.variants(s, cfg):
                 if world % v.ring_tp:
                     if env.rank == 0:
-                        print(f"[bench] ring variant {v.label!r}: ring_tp={v.ring_tp} does not divide {world} ranks; not run")
+                        print(f"[bench] ring variant {v.label!r}: ring_tp={v.ring_tp} does not divide {world} ranks")
                     continue
                 pts = planned_points(
                     s,

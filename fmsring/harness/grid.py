@@ -110,7 +110,9 @@ class SweepConfig(ModelSpec):
         self.phases = _split_list(self.phases, str)
         self.seq_lens = parse_seq_lens(self.seq_lens)
         self.cached_lens = parse_seq_lens(self.cached_lens)
-        self.ring_variants = with_ring_tp(parse_ring_variants(self.ring_variants or {"": {}}), _split_list(self.ring_tp, int))
+        self.ring_variants = with_ring_tp(
+            parse_ring_variants(self.ring_variants or {"": {}}), _split_list(self.ring_tp, int)
+        )
         self.ring_tp = [1]  # expanded into ring_variants, so the config reloads as it is
         if isinstance(self.extra_args, str):
             self.extra_args = shlex.split(self.extra_args)
@@ -252,14 +254,23 @@ def validate(cfg: SweepConfig) -> None:
             if short:
                 problems.append(f"ring at world size {w} needs prompts (and cached_lens) of >= {w} tokens: {short}")
     tp_worlds = sorted({w for w, s in cfg.groups() if s == "tp"})
-    if tp_worlds:
-        problems += _tp_problems(cfg, tp_worlds)
+    ring_tps = sorted({int(kw.get("ring_tp", 1)) for kw in cfg.ring_variants.values()} - {1})
+    if "ring" in cfg.strategies:
+        ring_tps = [t for t in ring_tps if any(w % t == 0 for w in cfg.world_sizes)]
+        unused = sorted({int(kw.get("ring_tp", 1)) for kw in cfg.ring_variants.values()} - {1} - set(ring_tps))
+        if unused:
+            problems.append(f"ring_tp {unused} divides none of the world sizes {cfg.world_sizes}")
+    else:
+        ring_tps = []
+    if tp_worlds or ring_tps:
+        problems += _tp_problems(cfg, tp_worlds, ring_tps)
     if problems:
         raise ValueError("bad sweep grid: " + "; ".join(problems))
 
 
-def _tp_problems(cfg: SweepConfig, worlds: list[int]) -> list[str]:
-    """Tensor parallel splits the heads: FMS needs nheads % W == 0, and kvheads a multiple or divisor of W.
+def _tp_problems(cfg: SweepConfig, worlds: list[int], ring_tps: list[int]) -> list[str]:
+    """Tensor parallel splits the heads: FMS needs nheads % W == 0, and kvheads a multiple or divisor of W,
+    for tp at each of ``worlds`` and for ring x TP at each of ``ring_tps``.
 
     The heads are read from the model built on the meta device without weights, as the bench
     counts FLOPs; where FMS cannot build it that way (a checkpoint-only architecture) the check
@@ -278,14 +289,19 @@ def _tp_problems(cfg: SweepConfig, worlds: list[int]) -> list[str]:
             f"fmsring.sweep: tp's heads not checked (no meta model here: {type(exc).__name__}: {exc})", file=sys.stderr
         )
         return []
-    bad = [
-        w
-        for w in worlds
-        if attn.nheads % w or not (attn.kvheads % w == 0 if attn.kvheads >= w else w % attn.kvheads == 0)
-    ]
+
+    def splits(w: int) -> bool:
+        return attn.nheads % w == 0 and (attn.kvheads % w == 0 if attn.kvheads >= w else w % attn.kvheads == 0)
+
+    heads = f"{attn.nheads} heads / {attn.kvheads} kv-heads do not split over them"
+    problems = []
+    bad = [w for w in worlds if not splits(w)]
     if bad:
-        return [f"tp at world sizes {bad}: {attn.nheads} heads / {attn.kvheads} kv-heads do not split over them"]
-    return []
+        problems.append(f"tp at world sizes {bad}: {heads}")
+    bad = [t for t in ring_tps if not splits(t)]
+    if bad:
+        problems.append(f"ring_tp {bad}: {heads}")
+    return problems
 
 
 # ---------------------------------------------------------------------------

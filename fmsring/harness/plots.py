@@ -375,6 +375,46 @@ def plot_max_prompt(df: pd.DataFrame, out_dir=None, phase: str = "prefill") -> F
     return fig
 
 
+_TP_MARKERS = {1: "o", 2: "s", 4: "D", 8: "^", 16: "v"}  # tradeoff: the marker says how the weights are split
+
+
+def plot_tradeoff(df: pd.DataFrame, out_dir=None) -> Figure | None:
+    """Prefill time against decode ms/token, one point per configuration (``ring 2x2``: cp x tp),
+    one panel per (run, world size, prompt length) with at least two configurations measured in
+    both phases; each point's floor hollow, joined to it. Down and left is better: the panel shows
+    what a factorisation of the same GPUs buys in one phase and pays in the other. The marker
+    shape is the TP size."""
+    t = analysis.tradeoff_table(df)
+    if t.empty:
+        return None
+    t = t.dropna(subset=["prefill_ms", "decode_ms"])
+    t = t[t["world_size"] > 1]
+    panels = [(k, g) for k, g in t.groupby(["run", "world_size", "seq_len"], sort=True) if len(g) >= 2]
+    if not panels:
+        return None
+    fig, axes = _new_figure(1, len(panels), width=6.0)
+    for ax, ((run, world, seq_len), g) in zip(axes[0], panels, strict=True):
+        for r in g.itertuples():
+            color = _color(r.strategy, _variant_index(g, r.strategy, r.variant))
+            marker = _TP_MARKERS.get(int(r.tp_size), "P")
+            ax.scatter(r.prefill_ms, r.decode_ms, color=color, marker=marker, s=55, zorder=3, label=r.config)
+            if math.isfinite(r.prefill_floor_ms) and math.isfinite(r.decode_floor_ms):
+                ax.scatter(r.prefill_floor_ms, r.decode_floor_ms, facecolors="none", edgecolors=color, marker=marker,
+                           s=55, zorder=3)  # fmt: skip
+                ax.plot([r.prefill_floor_ms, r.prefill_ms], [r.decode_floor_ms, r.decode_ms], color=color, lw=0.8,
+                        ls=":", zorder=2)  # fmt: skip
+        ax.xaxis.set_major_formatter(FuncFormatter(_num))
+        ax.set_yscale("log")
+        readable_log_y(ax, [*g["decode_ms"], *g["decode_floor_ms"].dropna()])
+        ax.set_xlabel("prefill (ms)")
+        ax.set_ylabel("decode (ms/token)")
+        floor = Line2D([], [], marker="o", ls=":", color="gray", markerfacecolor="none", label="floor (hollow)")
+        _legend(ax, [floor])
+        _title(ax, f"{_tokens(seq_len)} tokens on {_count(world, unit(df[df['run'] == run]))}: prefill vs decode", run)
+    save_figure(fig, figures_dir(df, out_dir), "tradeoff")
+    return fig
+
+
 def plot_followup(df: pd.DataFrame, out_dir=None) -> Figure | None:
     """Follow-up latency vs new tokens T, one panel per cached length P (log-log): one line per
     strategy, variant and world size (marker: world size), its floor dashed, and ring's fresh
@@ -458,6 +498,7 @@ PLOTS = {
     "max_prompt_prefill": lambda df, out: plot_max_prompt(df, out, "prefill"),
     "decode_per_token": lambda df, out: plot_decode(df, out),
     "followup": lambda df, out: plot_followup(df, out),
+    "tradeoff": lambda df, out: plot_tradeoff(df, out),
     "accuracy": lambda df, out: plot_accuracy(df, out),
 }
 
