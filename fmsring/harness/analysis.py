@@ -24,7 +24,8 @@ from fmsring.harness.schema import AS_SHIPPED, STATUSES, TOLERANCES, judge, mesh
 
 NUMERIC = (
     "world_size", "cp_size", "tp_size", "seq_len", "cached_len", "batch", "latency_ms", "latency_ms_min",
-    "latency_ms_max", "ttft_ms", "floor_ms", "peak_mem_gib", "tflops_per_gpu", "max_abs_err", "rel_err", "ref_norm", "repeats", "gpu_count",
+    "latency_ms_max", "ttft_ms", "floor_ms", "peak_mem_gib", "tflops_per_gpu", "max_abs_err", "rel_err", "ref_norm",
+    "repeats", "gpu_count",
 )  # fmt: skip
 KEY = ("run", "strategy", "variant", "world_size", "seq_len", "cached_len", "batch", "phase")
 FAILED = ("oom", "timeout", "error")  # no timings: shown as markers with their status
