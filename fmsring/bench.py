@@ -2,7 +2,9 @@
 
 import sys
 
+from fmsring.allocator import configure_allocator
 from fmsring.harness.bench import main
 
 if __name__ == "__main__":
+    configure_allocator()
     sys.exit(main())

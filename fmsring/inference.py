@@ -27,6 +27,7 @@ from fms.utils.tokenizers import BaseTokenizer, get_tokenizer
 from torch import nn
 
 import fmsring
+from fmsring.allocator import configure_allocator
 from fmsring.conversation import Conversation
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -252,6 +253,7 @@ def converse(args: argparse.Namespace, model: nn.Module, tokenizer: BaseTokenize
 
 def main(argv: list[str] | None = None) -> list[str]:
     args = parse_args(argv)
+    configure_allocator()  # before CUDA allocates: no stall near the memory limit
     rank, _ = fmsring.maybe_init_dist(args.device_type, alone=args.distributed_strategy == "ring")
     torch.manual_seed(args.seed)
     tokenizer = get_tokenizer(args.tokenizer)  # before the weights: a bad path fails fast

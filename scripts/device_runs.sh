@@ -13,6 +13,8 @@
 # fp32      the earlier project's setting: float32, 7000 tokens, single, ring, tp
 # mesh      ring x tensor parallel, every factorisation cp x tp of the GPUs beside single, tp and
 #           torch_cp: prefill and decode at 8K (checked against single) and 128K
+# ladder    1M-token prompts generating 8 tokens, ring at every factorisation cp x tp of the GPUs
+#           (no allocator setting here: the bench sets expandable segments itself)
 # mesh70b   LLaMA-2-70B shapes (FMS llama/70b; NLAYERS=n to cut layers where 80 do not fit):
 #           ring 2x2 (and 1x4) against FMS TP at 32K and 128K, prefill and decode
 set -uo pipefail  # one bench's failed rows (e.g. out of memory) must not stop the next
@@ -69,6 +71,10 @@ fp32)
 mesh)
     bench --strategies single,tp,torch_cp,ring --ring-tp 1,2,4 --phases prefill,decode --seq-lens 8K,128K \
         --decode-tokens 32 --repeats 2 --warmup 1 --out "$out/results.csv"
+    ;;
+ladder)
+    bench --strategies ring --ring-tp 1,2,4 --phases decode --seq-lens 1M --decode-tokens 8 --repeats 1 \
+        --warmup 0 --no-check --timeout-s 900 --out "$out/results.csv"
     ;;
 mesh70b)
     # no `single` (the whole model does not fit one GPU), so nothing to check against: unchecked,

@@ -30,6 +30,7 @@ import torch
 from fms.modules.attention import MultiHeadAttention
 from torch import nn
 
+from fmsring.allocator import ALLOC_CONF
 from fmsring.harness import ceilings, peers
 from fmsring.harness.exactness import NOT_COMPARED, compare
 from fmsring.harness.flops import FlopShape, Rates, floor_ms, flop_shape, phase_flops
@@ -421,6 +422,8 @@ def run(cfg: BenchConfig) -> list[dict[str, Any]]:
     if int(os.environ.get("RANK", "0")) == 0:
         check_header(cfg.out)
     env = setup_dist(cfg.device, cfg.timeout_s)
+    if env.rank == 0 and cfg.device == "cuda":
+        print(f"[bench] {ALLOC_CONF}={os.environ.get(ALLOC_CONF, '')}", file=sys.stderr)
     try:
         info = row_provenance(cfg, cfg.repeats, env.device.index or 0) if env.rank == 0 else {}
         meta = meta_model(cfg)
