@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
 from typing import Any
 
 import fms.models
@@ -99,18 +102,19 @@ def get_model(
     # FMS treats a strategy name it does not know as replicated: every rank loads every weight.
     fms_strategy = "tp" if tp_group is not None else "replicated" if ours else distributed_strategy
     try:
-        model = fms.models.get_model(
-            architecture,
-            variant,
-            model_path,
-            source,
-            device_type,
-            data_type,
-            fms_strategy,
-            checkpoint_sharding,
-            tp_group if tp_group is not None else group,
-            **kwargs,
-        )
+        with _quiet_tp_banner(tp_group is not None):
+            model = fms.models.get_model(
+                architecture,
+                variant,
+                model_path,
+                source,
+                device_type,
+                data_type,
+                fms_strategy,
+                checkpoint_sharding,
+                tp_group if tp_group is not None else group,
+                **kwargs,
+            )
     except AssertionError as exc:  # FMS's TP checks head and width divisibility with asserts
         if tp_group is None:
             raise
@@ -136,3 +140,21 @@ def get_model(
         followup=ring_followup,
         prefill_chunk=ring_prefill_chunk,
     )
+
+
+@contextlib.contextmanager
+def _quiet_tp_banner(quiet: bool):
+    """FMS prints "using tensor parallel" on every rank when it builds a TP model: under ring_tp
+    that is fmsring's choice, not news, and it would land in every rank's output. Anything
+    else FMS prints is passed on."""
+    if not quiet:
+        yield
+        return
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        rest = buf.getvalue().replace("using tensor parallel\n", "")
+        if rest:
+            sys.stdout.write(rest)

@@ -25,8 +25,9 @@ from fmsring.inference import split_turns
 from tests.tiny_checkpoint import hf_conversation, hf_greedy, hf_model, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-# Which bash block each test runs, by a string only that block holds.
-COMMANDS = {"example": "example.py", "cli": "--prompt", "chat": "chat.py", "turns": "--turns"}
+# Which bash block each test runs, by a string it holds; a block holding several belongs to the
+# one listed last (the ring x TP command is a CLI command too).
+COMMANDS = {"example": "example.py", "cli": "--prompt", "chat": "chat.py", "turns": "--turns", "mesh": "--ring_tp"}
 
 
 def use_section() -> str:
@@ -50,8 +51,13 @@ def scripts() -> dict[str, str]:
     return named
 
 
+def owner(block: str) -> str | None:
+    """The test a bash block belongs to (see COMMANDS)."""
+    return next((name for name, key in reversed(COMMANDS.items()) if key in block), None)
+
+
 def command(name: str) -> str:
-    (block,) = [b for b in blocks("bash") if COMMANDS[name] in b]
+    (block,) = [b for b in blocks("bash") if owner(b) == name]
     return block
 
 
@@ -91,8 +97,8 @@ def run_block(block: str, ckpt: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_every_block_is_run():
     bash = blocks("bash")
     for name, key in COMMANDS.items():
-        assert sum(key in b for b in bash) == 1, f"one bash block in Use must hold {key!r} ({name})"
-    assert len(bash) == len(COMMANDS), "a bash block in Use that no test runs"
+        assert sum(owner(b) == name for b in bash) == 1, f"one bash block in Use must hold {key!r} ({name})"
+    assert all(owner(b) for b in bash), "a bash block in Use that no test runs"
     assert sorted(scripts()) == ["chat.py", "example.py"]
     assert all(any(name in b for b in bash) for name in scripts()), "a python block in Use that no command runs"
 
@@ -115,6 +121,16 @@ def test_cli(ckpt, references, tmp_path):
     assert lines[0] == f"{prompt!r} -> {want!r}"
     assert re.fullmatch(r"time to first token: [\d.]+ ms; per-token latency \(median\): [\d.]+ ms", lines[1])
     assert len(lines) == 2
+
+
+def test_mesh_cli(ckpt, references, tmp_path):
+    """The ring x tensor parallel command: its ranks as cp x ring_tp, HF's greedy tokens."""
+    hf, tok = references
+    block = command("mesh")
+    prompt, n_new = flag(block, "--prompt"), int(flag(block, "--max_new_tokens"))
+    assert int(re.search(r"--nproc_per_node=(\d+)", block).group(1)) > int(flag(block, "--ring_tp")) > 1
+    lines = run_block(block, ckpt, tmp_path).stdout.splitlines()
+    assert lines[0] == f"{prompt!r} -> {tok.decode(hf_greedy(hf, tok(prompt).input_ids, n_new))!r}"
 
 
 def test_multi_turn_python(ckpt, references, tmp_path):
