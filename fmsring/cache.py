@@ -48,7 +48,8 @@ class RingCacheState:
     the host so that a decode step copies nothing to the device;
     capacity: slots per layer preallocated on every rank;
     cache_id: which prefill made the cache (with capacity, it names the
-    buffers' allocation).
+    buffers' allocation); max_position: the largest position id cached (the
+    RoPE tables cover it), known without reading the device.
     """
 
     seq_len: int
@@ -56,6 +57,7 @@ class RingCacheState:
     slot_index: torch.Tensor
     capacity: int
     cache_id: int
+    max_position: int = -1
 
     @staticmethod
     def owned(owners: list[int], rank: int) -> slice | list[int]:

@@ -8,6 +8,7 @@ and only the logits the caller asked for are computed and gathered.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -85,6 +86,10 @@ class LlamaRing(nn.Module):
     on a cache are a sharded follow-up (``followup``: pass_kv, pass_q or
     auto), one token the static decode step (a CUDA graph on GPUs), and steps
     shorter than the world size or carrying a mask run replicated.
+
+    ``check_inputs`` compares every rank's inputs once per prompt or
+    follow-up; a one-token decode step makes no host sync at all, so the
+    host can queue the next step while the device runs this one.
     """
 
     def __init__(
@@ -152,7 +157,8 @@ class LlamaRing(nn.Module):
     ):
         self._validate(x, position_ids, mask, attn_kwargs)
         attn_kwargs.pop("attn_name", None)
-        if self.check_inputs:
+        one_step = use_cache and bool(past_key_value_states) and x.shape[1] == 1
+        if self.check_inputs and not one_step:  # once per prompt or follow-up; a decode step never syncs
             check_same_on_all_ranks([x, position_ids, mask], self.strategy.model_groups)
         if use_cache and past_key_value_states:
             return self._continue(x, position_ids, past_key_value_states, last_n_tokens, mask, attn_kwargs)
@@ -206,13 +212,28 @@ class LlamaRing(nn.Module):
             rot.cached_freqs.get(device.index, {}).pop(rot.rope_scaling.get_alpha(size), None)
             rot.compute_freqs_cis(device, size)
 
-    def _positions(self, x: torch.Tensor, position_ids: torch.Tensor | None, start: int) -> torch.Tensor:
-        """The tokens' positions (``start`` onwards unless given), with the RoPE tables grown to cover them."""
+    def _positions(
+        self, x: torch.Tensor, position_ids: torch.Tensor | None, start: int, last_max: int = -1
+    ) -> tuple[torch.Tensor, int]:
+        """The tokens' positions (``start`` onwards unless given) and the largest of them, with the
+        RoPE tables grown to cover it.
+
+        Given positions are read on the host (one sync) except for one token
+        on a non-empty cache: a decode step advances the largest position by
+        one (``last_max`` + 1), as FMS's ``generate`` does, so decoding never
+        waits for the device.
+        """
         n = x.shape[1]
-        self._fit_rope(start + n - 1 if position_ids is None else int(position_ids.max()), x.device)
+        if position_ids is None:
+            top = start + n - 1
+        elif n == 1 and start > 0:
+            top = last_max + 1
+        else:
+            top = int(position_ids.max())
+        self._fit_rope(top, x.device)
         if position_ids is not None:
-            return position_ids
-        return torch.arange(start, start + n, device=x.device).expand(x.shape[0], -1)
+            return position_ids, top
+        return torch.arange(start, start + n, device=x.device).expand(x.shape[0], -1), top
 
     def _sharded(self, x, positions, plan, last_n_tokens, use_cache, past, ctx, attn_kwargs):
         """Run the FMS model on this rank's tokens of ``plan``; (logits of the last
@@ -247,7 +268,7 @@ class LlamaRing(nn.Module):
             logits, cache = self._replicated_step(x, position_ids, cache, last_n_tokens, mask, attn_kwargs)
             return (logits, cache) if use_cache else logits
         plan = st.plan(x.shape[1])
-        positions = self._positions(x, position_ids, 0)
+        positions, top = self._positions(x, position_ids, 0)
         sync_rng(st.model_groups, x.device)  # every generate() step after a prefill samples alike on all ranks
         zeros = (0,) * st.world_size
         capacity = capacity or capacity_for(zeros, plan.local_lens, 0, self.cache_headroom)
@@ -256,7 +277,9 @@ class LlamaRing(nn.Module):
         logits, layers = self._sharded(x, positions, plan, last_n_tokens, use_cache, None, ctx, attn_kwargs)
         if not use_cache:
             return logits
-        state = RingCacheState(x.shape[1], tuple(plan.local_lens), plan.index_tensor(st.rank), capacity, new_cache_id())
+        state = RingCacheState(
+            x.shape[1], tuple(plan.local_lens), plan.index_tensor(st.rank), capacity, new_cache_id(), top
+        )
         return logits, RingCache(layers, state)
 
     def _empty_cache(self, batch: int, capacity: int) -> RingCache:
@@ -326,7 +349,8 @@ class LlamaRing(nn.Module):
         plan = st.plan(x.shape[1])
         new_indices = [[state.seq_len + i for i in plan.indices(r)] for r in range(st.world_size)]
         new_state = self._extend(cache, state.extended(st.rank, new_indices, self.cache_headroom))
-        positions = self._positions(x, position_ids, state.seq_len)
+        positions, top = self._positions(x, position_ids, state.seq_len, state.max_position)
+        new_state = replace(new_state, max_position=max(state.max_position, top))
         mode = self.followup
         if mode == "auto":
             attn = self._attn
@@ -356,7 +380,8 @@ class LlamaRing(nn.Module):
         n = x.shape[1]
         owners = state.place(n)
         new_state = self._extend(cache, state.advanced(st.rank, owners, self.cache_headroom))
-        positions = self._positions(x, position_ids, state.seq_len)
+        positions, top = self._positions(x, position_ids, state.seq_len, state.max_position)
+        new_state = replace(new_state, max_position=max(state.max_position, top))
         fill = state.fills[st.rank]
         end = new_state.fills[st.rank]
         if mask is not None:
@@ -388,7 +413,8 @@ class LlamaRing(nn.Module):
         """One unmasked token: the static step, captured as a CUDA graph where possible."""
         st, state = self.strategy, cache.state
         new_state = self._extend(cache, state.advanced(st.rank, state.place(1), self.cache_headroom))
-        positions = self._positions(x, position_ids, state.seq_len)
+        positions, top = self._positions(x, position_ids, state.seq_len, state.max_position)
+        new_state = replace(new_state, max_position=max(state.max_position, top))
         inputs = StepInputs(
             ids=x,
             positions=positions,

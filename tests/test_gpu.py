@@ -121,3 +121,24 @@ def test_chunked_prefill_on_one_gpu(one_rank_group):
     ids = torch.randint(0, 256, (1, random.randrange(400, 900)), device="cuda")
     with torch.no_grad():
         assert _rel(ring(ids), plain(ids, use_cache=True)[0]) < 2e-2
+
+
+def test_decode_steps_never_wait_for_the_device(one_rank_group):
+    """A captured decode step with the input check on and position ids given (as generate passes
+    them with padding) runs with CUDA's sync debug mode set to fail on any host sync."""
+    ring, _ = _models(ring_check_inputs=True)
+    ids = torch.randint(0, 256, (2, 300), device="cuda")
+    pos = torch.arange(300, device="cuda").expand(2, -1)
+    with torch.no_grad():
+        logits, cache = ring(ids, position_ids=pos, use_cache=True, last_n_tokens=1)
+        nxt, nxt_pos = logits[:, -1].argmax(-1, keepdim=True), pos[:, -1:] + 1
+        ring(nxt, position_ids=nxt_pos, past_key_value_states=cache, use_cache=True, last_n_tokens=1)  # captures
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(4):
+                logits, cache = ring(nxt, position_ids=nxt_pos, past_key_value_states=cache, use_cache=True,
+                                     last_n_tokens=1)  # fmt: skip
+                nxt, nxt_pos = logits[:, -1].argmax(-1, keepdim=True), nxt_pos + 1
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

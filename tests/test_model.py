@@ -242,3 +242,31 @@ def test_chunked_feedforward_is_exact_and_keeps_state_dict_keys(checkpoints):
     assert sum(isinstance(m, ChunkedFeedForward) for m in model.modules()) == 2
     assert list(model.state_dict()) == keys
     assert (got - want).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------- host syncs
+
+
+def _count_input_checks(rank, world, path, ids, pad_kw, n_new):
+    from fms.utils.generation import generate
+
+    import fmsring.model
+
+    calls = []
+    check = fmsring.model.check_same_on_all_ranks
+    fmsring.model.check_same_on_all_ranks = lambda *a: calls.append(1) or check(*a)
+    ring = fms_model(path, torch.float32, "ring", ring_check_inputs=True)
+    with torch.no_grad():
+        out = generate(ring, ids, max_new_tokens=n_new, use_cache=True, do_sample=False, extra_kwargs=dict(pad_kw))
+    return len(calls), out
+
+
+def test_input_check_runs_once_per_generate_not_per_token(checkpoints):
+    """The all-ranks input check (an all-reduce and a host sync) runs on the prompt, not on
+    every decoded token -- padding's position ids and mask included."""
+    from fms.utils.generation import pad_input_ids
+
+    prompts = [torch.randint(0, VOCAB, (n,)) for n in (random.randrange(6, 20), random.randrange(2, 6))]
+    ids, kw = pad_input_ids(prompts)
+    for calls, _ in run_ranks(2, _count_input_checks, checkpoints["gqa"], ids, kw, 6):
+        assert calls == 1
