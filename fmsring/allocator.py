@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
 STALL_FREE = "expandable_segments:True"
@@ -35,3 +40,43 @@ def configure_allocator() -> str:
         return ""
     os.environ[ALLOC_CONF] = STALL_FREE
     return STALL_FREE
+
+
+# Reserved-but-unallocated memory above this share of the card, with less than
+# it free, is the state in which the default allocator starts flushing and retrying.
+FRAGMENTED_SHARE = 0.05
+_warned: set[int] = set()
+
+
+def fragmentation_warning(reserved: int, allocated: int, free: int, total: int, conf: str) -> str:
+    """Why a CUDA device looks fragmented near its limit ("" if it does not).
+
+    Near the limit means less free than the allocator holds reserved but
+    unallocated; fragmented means that idle reserve is over
+    :data:`FRAGMENTED_SHARE` of the card. Expandable segments do not
+    fragment this way.
+    """
+    idle = reserved - allocated
+    if "expandable_segments:true" in conf.replace(" ", "").lower() or idle < FRAGMENTED_SHARE * total or free > idle:
+        return ""
+    return (
+        f"the CUDA allocator holds {idle / 2**30:.1f} GiB reserved but unused while {free / 2**30:.1f} GiB are "
+        f"free: near the memory limit the default allocator can stall for minutes. Set "
+        f"{ALLOC_CONF}={STALL_FREE} before the first CUDA allocation (fmsring's CLI and bench do)."
+    )
+
+
+def warn_if_fragmented(device: torch.device) -> None:
+    """Warn once per device when it looks fragmented near its limit (:func:`fragmentation_warning`)."""
+    if device.type != "cuda" or device.index in _warned:
+        return
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    message = fragmentation_warning(
+        torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device), free, total,
+        os.environ.get(ALLOC_CONF, ""),
+    )  # fmt: skip
+    if message:
+        _warned.add(device.index)
+        warnings.warn(message, stacklevel=3)

@@ -18,6 +18,7 @@ from fms.modules.positions import RotaryEmbedding
 from torch import nn
 
 from fmsring import ring_attention  # importing it registers the "ring" attention op with FMS
+from fmsring.allocator import warn_if_fragmented
 from fmsring.cache import RingCache, RingCacheState, capacity_for, new_cache_id
 from fmsring.comm import all_gather_padded, check_same_on_all_ranks, sync_rng
 from fmsring.decode import DecodeStep, ReplicatedStep
@@ -275,6 +276,7 @@ class LlamaRing(nn.Module):
         bias_blocks = self._bias_blocks(mask, plan) if mask is not None else None
         ctx = ring_attention.Prefill(st, plan, capacity, bias_blocks)
         logits, layers = self._sharded(x, positions, plan, last_n_tokens, use_cache, None, ctx, attn_kwargs)
+        warn_if_fragmented(x.device)  # once per prompt, on the host: the allocator's own counters
         if not use_cache:
             return logits
         state = RingCacheState(

@@ -167,6 +167,27 @@ def test_failed_points_make_the_exit_code(tmp_path: Path) -> None:
     assert "not every point succeeded" in proc.stderr
 
 
+def test_a_stalled_point_is_recorded_and_stops_the_launch(tmp_path: Path) -> None:
+    """A point far past its predicted time (here: a budget of a millisecond) becomes a timeout row
+    saying it stalled, and the bench exits at once with its own code instead of hanging."""
+    from fmsring.harness.watchdog import STALL_EXIT
+
+    out, alone = tmp_path / "stall.csv", tmp_path / "alone.csv"
+    rates = Rates(matmul_tflops=1.0, attention_tflops=1.0, memory_gbps=10.0)  # the floors need rates: given
+    for csv in (out, alone):
+        ceilings.ceilings_path(csv).write_text(
+            json.dumps({ceilings.rates_key("cpu", "float32", 4, 48): rates.__dict__})
+        )
+    flags = ["--no-check", "--stall-factor", "0.001", "--stall-min-s", "0.001", "--repeats", "50"]
+    proc = _bench(out, 2, "ring", flags, rc=1)  # torchrun reports the stopped rank as a failure
+    df = _read(out)
+    assert len(df) == 1 and df["status"].iloc[0] == "timeout"
+    assert df["error"].iloc[0].startswith("stalled: no result after"), df["error"].iloc[0]
+    assert f"exitcode: {STALL_EXIT}" in proc.stderr or f"exit code {STALL_EXIT}" in proc.stderr, proc.stderr[-2000:]
+    _bench(alone, None, "ring", flags, rc=STALL_EXIT)  # a plain process: the code itself
+    assert _read(alone)["status"].tolist() == ["timeout"]
+
+
 def test_cli_parsing() -> None:
     cfg = parse_args(
         ["--seq-lens", "8K,128k,100", "--strategies", "ring,tp", "--no-check", "--model-kwargs", '{"nlayers": 2}']

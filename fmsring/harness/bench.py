@@ -46,6 +46,7 @@ from fmsring.harness.schema import (
     check_header,
     done_points,
     judge,
+    mesh_sizes,
     parse_ring_variants,
     parse_seq_lens,
     planned_points,
@@ -55,6 +56,7 @@ from fmsring.harness.schema import (
     with_ring_tp,
 )
 from fmsring.harness.session import Session
+from fmsring.harness.watchdog import STALL_EXIT, StallGuard, predicted_s
 from fmsring.layout import LAYOUTS
 
 NAN = float("nan")
@@ -82,6 +84,8 @@ class BenchConfig(ModelSpec):
     resume: bool = False  # skip points that already have a finished row in ``out``
     check: bool = True
     timeout_s: float = 1800.0
+    stall_factor: float = 5.0  # a point past factor x its predicted time + stall_min_s is recorded as stalled
+    stall_min_s: float = 180.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -211,6 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--timeout-s", type=float, default=d.timeout_s, help="collective timeout; must exceed one point's run"
     )
+    p.add_argument(
+        "--stall-factor",
+        type=float,
+        default=d.stall_factor,
+        help="a point still running after this many times its predicted time (at its floors) plus "
+        "--stall-min-s is recorded as stalled (status timeout) and the launch stops; 0 turns it off",
+    )
+    p.add_argument("--stall-min-s", type=float, default=d.stall_min_s, help="see --stall-factor")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds weights and prompts (identical on every rank)")
     return p
 
@@ -392,11 +404,12 @@ def run_variant(variant: Variant, points: list[Point], run: Run, reference: bool
     if variant == Variant("single"):
         run.tried.update(run.ref_key(pt) for pt in points)
     for pt in points:
-        if all_ranks:
-            result = agree(session.measure(pt), env)
-        else:
-            result = session.measure(pt) if env.rank == 0 else None
-            barrier(env)
+        with _stall_guard(pt, variant, run, warmup + repeats):
+            if all_ranks:
+                result = agree(session.measure(pt), env)
+            else:
+                result = session.measure(pt) if env.rank == 0 else None
+                barrier(env)
         if env.rank == 0 and result is not None:
             if reference:
                 if result.status == "ok" and result.output is not None:
@@ -405,6 +418,30 @@ def run_variant(variant: Variant, points: list[Point], run: Run, reference: bool
                 record(pt, variant, result, run)
     session.close()
     free_memory()
+
+
+def _stall_guard(pt: Point, variant: Variant, run: Run, calls: int) -> StallGuard:
+    """Rank 0's guard around one point (see :mod:`fmsring.harness.watchdog`); a no-op elsewhere,
+    without rates, or with ``--stall-factor 0``."""
+    cfg = run.cfg
+    if run.env.rank != 0 or cfg.stall_factor <= 0:
+        return StallGuard(math.nan, lambda _s: None)
+    cp, tp = mesh_sizes(pt.strategy, pt.world_size, variant.ring_tp)
+    predicted = predicted_s(
+        run.shape, run.rates, cp, tp, pt.phase, cfg.batch, pt.seq_len, pt.cached_len, cfg.decode_tokens, calls
+    )
+
+    def stalled(budget_s: float) -> None:
+        error = (
+            f"stalled: no result after {budget_s:.0f} s, {cfg.stall_factor:g}x the predicted {predicted:.1f} s "
+            f"plus {cfg.stall_min_s:g} s; the launch stopped here (near the memory limit, check "
+            f"{ALLOC_CONF}={os.environ.get(ALLOC_CONF, '')!r})"
+        )
+        record(pt, variant, Measured(status="timeout", error=error), run)
+        print(f"[bench] {error}", file=sys.stderr, flush=True)
+        os._exit(STALL_EXIT)
+
+    return StallGuard(cfg.stall_factor * predicted + cfg.stall_min_s, stalled)
 
 
 def _reference_pass(plan: list[tuple[Variant, list[Point]]], run: Run) -> None:
