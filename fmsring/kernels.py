@@ -45,6 +45,8 @@ def attention_with_lse(
         return flash_attention_with_lse(q, k, v, scale)
     if kernel == "cudnn":
         return cudnn_attention_with_lse(q, k, v, scale, causal)
+    if kernel == "efficient":
+        return efficient_attention_with_lse(q, k, v, scale, causal)
     return math_attention_with_lse(q, k, v, scale, causal, bias)
 
 
@@ -53,16 +55,21 @@ FUSED_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def select_kernel(device_type: str, dtype: torch.dtype, head_dim: int, q_rows: int, causal: bool, bias: bool) -> str:
-    """Which kernel :func:`attention_with_lse` runs for a block: "cudnn", "flash" or "math".
+    """Which kernel :func:`attention_with_lse` runs for a block: "cudnn", "flash", "efficient" or "math".
 
-    On CUDA with half-precision inputs and no bias, a fused kernel that
-    returns the log-sum-exp and takes GQA K/V without expanding them: flash
-    for a few query rows against many keys (decode-like blocks), cuDNN for
-    everything else (the fastest measured for prefill blocks:
-    docs/performance.md). Otherwise the fp32 math path, which materialises
-    the block's scores.
+    On CUDA without a bias, a fused kernel that returns the log-sum-exp.
+    Half precision: flash for a few query rows against many keys
+    (decode-like blocks), cuDNN for everything else (the fastest measured
+    for prefill blocks: docs/performance.md); both take GQA K/V as they
+    are. float32: PyTorch's memory-efficient kernel, the only fused one
+    that takes fp32 (what FMS's own SDPA runs in fp32). Otherwise -- a
+    bias, a CPU -- the fp32 math path, which materialises the block's scores.
     """
-    if device_type != "cuda" or bias or dtype not in FUSED_DTYPES or head_dim > 128:
+    if device_type != "cuda" or bias or head_dim > 128:
+        return "math"
+    if dtype == torch.float32:
+        return "efficient"
+    if dtype not in FUSED_DTYPES:
         return "math"
     return "flash" if q_rows <= DECODE_ROWS and not causal else "cudnn"
 
@@ -200,6 +207,30 @@ def merge_split(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, t
     total = torch.logsumexp(lses, dim=0)
     out = (outs.float() * torch.exp(lses - _finite(total)).unsqueeze(-1)).sum(dim=0)
     return out.reshape(b, kvh * g, lq, d), total.reshape(b, kvh * g, lq)
+
+
+def efficient_attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's memory-efficient fused attention in fp32, returning (out, lse fp32).
+
+    The kernel takes no GQA. A block without the causal mask packs the
+    query heads of each kv-head as rows of one head (the math path's trick),
+    so K/V are read as they are; a causal block, whose mask follows the row
+    index, gets K/V expanded to every query head -- one block's worth, never
+    the whole ring's. Its lse is padded to a multiple of 32 rows: cut.
+    """
+    b, h, lq, d = q.shape
+    kvh = k.shape[1]
+    g = h // kvh
+    op = torch.ops.aten._scaled_dot_product_efficient_attention
+    if g > 1 and not causal:
+        out, lse = op(q.reshape(b, kvh, g * lq, d), k, v, None, True, 0.0, False, scale=scale)[:2]
+        return out.view(b, h, lq, d), lse[..., : g * lq].reshape(b, h, lq)
+    if g > 1:
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    out, lse = op(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+    return out, lse[..., :lq]
 
 
 def cudnn_attention_with_lse(

@@ -52,7 +52,7 @@ seq_lens: list = [64, 128, 256]  # prompt lengths in tokens (followup: new token
 phases: list = ["prefill", "decode", "followup"]  # among prefill, decode, followup
 cached_lens: list = [256]  # followup: tokens P already in the cache; empty without the followup phase
 ring_variants: dict = {"": {}}  # ring configurations {name: {fmsring.get_model ring_* options}}; "" is the default
-ring_tp: list = [1]  # every ring variant at each TP size: ring x tensor parallel, cp = world size / tp
+ring_tp: list = [1]  # every ring variant at each TP size (ring x tensor parallel; the ring gets world size / tp)
 as_shipped: bool = False  # also measure single/tp/torch_cp unfused with the default SDPA backend (as-shipped)
 decode_tokens: int = 8  # greedy steps timed per decode run
 repeats: int = 2  # timed runs per point

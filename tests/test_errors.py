@@ -21,7 +21,9 @@ def test_unknown_names_are_clear_errors():
         fmsring.get_model("llama", "micro", distributed_strategy="rng")
     with pytest.raises(ValueError, match="unknown ring_layout 'spiral'"):
         fmsring.get_model("llama", "micro", distributed_strategy="ring", ring_layout="spiral")
-    with pytest.raises(ValueError, match=r"unknown ring option\(s\) \['ring_tp'\]"):
+    with pytest.raises(ValueError, match=r"unknown ring option\(s\) \['ring_pp'\]"):
+        fmsring.get_model("llama", "micro", distributed_strategy="ring", ring_pp=2)
+    with pytest.raises(RuntimeError, match="ring_tp needs an initialised torch.distributed process group"):
         fmsring.get_model("llama", "micro", distributed_strategy="ring", ring_tp=2)
     with pytest.raises(ValueError, match="unknown ring_followup 'pass_x'"):
         fmsring.get_model("llama", "micro", distributed_strategy="ring", ring_followup="pass_x")

@@ -26,20 +26,23 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("kvh", [8, 32])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("token_major", [False, True])
-def test_fused_block_kernels_match_fp32_math(kvh, causal, token_major):
-    """cuDNN and flash blocks (heads-major K/V as the ring sends them, token-major as pass-Q reads the cache)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_block_kernels_match_fp32_math(kvh, causal, token_major, dtype):
+    """cuDNN and flash blocks in bf16, memory-efficient ones in fp32 (GQA packed or expanded), with
+    heads-major K/V as the ring sends them and token-major as pass-Q reads the cache."""
     from fmsring.kernels import attention_with_lse, math_attention_with_lse, select_kernel
 
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
     for lq in (random.randrange(1, 16), random.randrange(100, 700)):
         lk = lq if causal else random.randrange(lq, 2000)
-        q = torch.randn(2, 32, lq, 128, device="cuda", dtype=torch.bfloat16)
-        kv = torch.randn(2, 2, lk, kvh, 128, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(2, 32, lq, 128, device="cuda", dtype=dtype)
+        kv = torch.randn(2, 2, lk, kvh, 128, device="cuda", dtype=dtype)
         k, v = (kv[i].transpose(1, 2) if token_major else kv[i].transpose(1, 2).contiguous() for i in range(2))
         out, lse = attention_with_lse(q, k, v, 128**-0.5, causal)
         ref_out, ref_lse = math_attention_with_lse(q, k, v, 128**-0.5, causal)
         assert select_kernel("cuda", q.dtype, 128, lq, causal, False) != "math"
-        assert _rel(out, ref_out) < 1e-2, (lq, lk)
-        assert (lse.float() - ref_lse).abs().max() < 1e-2
+        assert _rel(out, ref_out) < tol, (lq, lk)
+        assert (lse.float() - ref_lse).abs().max() < tol
 
 
 @pytest.mark.parametrize("h,kvh", [(32, 8), (8, 2), (4, 4)])

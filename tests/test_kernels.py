@@ -18,6 +18,7 @@ from fmsring.kernels import (
     merge_pair,
     merge_split,
     merge_stacked,
+    select_kernel,
     split_kv_chunks,
 )
 
@@ -158,3 +159,18 @@ def test_decode_splits_fill_the_gpu_without_tiny_chunks():
     assert decode_splits(1, 8, 2048, 132) == 4  # no chunk under MIN_SPLIT_SLOTS
     assert decode_splits(64, 8, 131072, 132) == 1
     assert decode_splits(1, 8, 100, 132) == 1
+
+
+def test_kernel_selection():
+    """Which kernel a block runs: fused on CUDA (fp32 included) unless a bias or a head dim past 128
+    asks for the math path; a CPU always runs the math path."""
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    assert select_kernel("cuda", bf16, 128, 4096, True, False) == "cudnn"
+    assert select_kernel("cuda", fp16, 128, 8, False, False) == "flash"  # decode-like: few rows, no mask
+    assert select_kernel("cuda", bf16, 128, 8, True, False) == "cudnn"
+    assert select_kernel("cuda", fp32, 128, 7000, True, False) == "efficient"
+    assert select_kernel("cuda", fp32, 128, 1, False, False) == "efficient"
+    assert select_kernel("cuda", fp32, 128, 7000, False, True) == "math"  # a padding mask
+    assert select_kernel("cuda", bf16, 256, 4096, True, False) == "math"
+    assert select_kernel("cuda", torch.float64, 128, 4096, True, False) == "math"
+    assert select_kernel("cpu", bf16, 128, 4096, True, False) == "math"
