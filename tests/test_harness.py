@@ -246,3 +246,17 @@ def test_fms_followup_matches_a_prefill_of_the_whole_prompt():
     assert (naive[:, -1] - whole).abs().max() > 1e-3  # what the mask is for
     mask = peers.followup_mask(1, 2, 3, torch.device("cpu"))[0]
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+
+
+def test_torch_cp_runs_any_length_padded_to_whole_chunks():
+    """torch_cp is timed at the next multiple of 2 x world x 128 tokens (its load-balancing chunks
+    failed otherwise); lengths already there are untouched."""
+    from fmsring.harness.peers import CP_CHUNK_ALIGN, torch_cp_length
+
+    assert CP_CHUNK_ALIGN == 128
+    assert torch_cp_length(7000, 4) == 7168 and torch_cp_length(6998, 2) == 7168
+    assert torch_cp_length(8192, 4) == 8192 and torch_cp_length(131072, 2) == 131072
+    for _ in range(20):
+        n, w = random.randrange(1, 10**6), random.choice([1, 2, 3, 4, 8])
+        padded = torch_cp_length(n, w)
+        assert padded % (2 * w * 128) == 0 and n <= padded < n + 2 * w * 128

@@ -214,18 +214,35 @@ def make_cp_mesh(env: DistEnv) -> Any:
     return init_device_mesh(env.device.type, (env.world,))
 
 
+# torch's context_parallel cuts the sequence into 2 x world load-balancing chunks; a chunk
+# that is not a multiple of this many tokens failed with a shape mismatch between SDPA's
+# padded outputs (7000 tokens on 4 GPUs: chunks of 875, "size of tensor a (896) must
+# match the size of tensor b (880)"). Prompts are padded up to it.
+CP_CHUNK_ALIGN = 128
+
+
+def torch_cp_length(seq_len: int, world: int) -> int:
+    """The length torch_cp runs a ``seq_len``-token prompt at: the next multiple of 2 x world x
+    :data:`CP_CHUNK_ALIGN`."""
+    unit = 2 * world * CP_CHUNK_ALIGN
+    return -(-seq_len // unit) * unit
+
+
 def torch_cp_prefill(model: nn.Module, ids: torch.Tensor, mesh: Any) -> torch.Tensor:
     """PyTorch's context_parallel around the plain FMS model's ``base_model``, then the
-    head on the last token, which one rank holds; a sum all-reduce gives it to all.
+    head on the prompt's last token, which one rank holds; a sum all-reduce gives it to all.
 
     position_ids travel as a CP buffer, so each rank's RoPE angles and its share
-    of the last token follow CP's (load-balanced) token order whatever it is.
+    of the last token follow CP's (load-balanced) token order whatever it is. The
+    prompt is padded on the right to :func:`torch_cp_length`: attention is causal, so
+    the padding changes no logit of a real token, and it costs its share of the time.
     """
     from torch.distributed.tensor.experimental import context_parallel
 
     batch, seq_len = ids.shape
-    x = ids.clone()
-    pos = torch.arange(seq_len, device=ids.device).repeat(batch, 1)
+    padded = torch_cp_length(seq_len, mesh.size())
+    x = torch.nn.functional.pad(ids, (0, padded - seq_len))
+    pos = torch.arange(padded, device=ids.device).repeat(batch, 1)
     restore_plain_sdpa()
     try:
         with context_parallel(mesh, buffers=[x, pos], buffer_seq_dims=[1, 1], no_restore_buffers={x, pos}):

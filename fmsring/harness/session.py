@@ -97,8 +97,6 @@ class Session:
             return ""
         if device != "cuda":
             return "torch_cp needs CUDA SDPA (flash/efficient/cudnn)"
-        if pt.seq_len % (2 * self.env.world):
-            return f"torch_cp needs seq_len divisible by 2*world ({2 * self.env.world})"
         return ""
 
     def _prompt(self, pt: Point, vocab: int) -> torch.Tensor:
@@ -165,6 +163,9 @@ class Session:
                 elif pt.phase == "prefill":
                     fn = peers.prefill_fn(strategy, self.model, self.mesh)
                     result = time_prefill(fn, self._prompt(pt, vocab), self.warmup, self.repeats, env, self.all_ranks)
+                    padded = peers.torch_cp_length(pt.seq_len, env.world) if strategy == "torch_cp" else pt.seq_len
+                    if padded != pt.seq_len:  # an ok row that says what it timed
+                        result.error = f"timed at {padded} tokens, padded on the right (peers.torch_cp_length)"
                 else:
                     ids = self._prompt(pt, vocab)
                     steps = self.cfg.decode_tokens
