@@ -226,7 +226,7 @@ def efficient_attention_with_lse(
     op = torch.ops.aten._scaled_dot_product_efficient_attention
     if g > 1 and not causal:
         out, lse = op(q.reshape(b, kvh, g * lq, d), k, v, None, True, 0.0, False, scale=scale)[:2]
-        return out.view(b, h, lq, d), lse[..., : g * lq].reshape(b, h, lq)
+        return out.reshape(b, h, lq, d), lse[..., : g * lq].reshape(b, h, lq)
     if g > 1:
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     out, lse = op(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
