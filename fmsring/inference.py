@@ -12,6 +12,7 @@ Prompts start with the tokenizer's BOS token, as in FMS's script.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import sys
@@ -134,8 +135,18 @@ def load_model(args: argparse.Namespace) -> nn.Module:
         device_type=args.device_type,
         data_type=DTYPES[args.default_dtype] if args.default_dtype else None,
         distributed_strategy=args.distributed_strategy,
-        **({"ring_layout": args.ring_layout, "ring_tp": args.ring_tp} if args.distributed_strategy == "ring" else {}),
+        **(ring_options(args) if args.distributed_strategy == "ring" else {}),
     ).eval()
+
+
+def ring_options(args: argparse.Namespace) -> dict:
+    """The ring's options from the flags. The generation length is known here, so the cache is
+    sized once for the prompt plus every new token -- each rank gets its share of them and one
+    slot of slack -- instead of growing (a full copy of the cache) mid-generation; a
+    conversation still grows when its turns outrun it."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    share = -(-args.max_new_tokens // max(world // max(args.ring_tp, 1), 1)) + 1
+    return {"ring_layout": args.ring_layout, "ring_tp": args.ring_tp, "ring_cache_headroom": max(share, 256)}
 
 
 def tokenizer_size(tokenizer: BaseTokenizer) -> int:
