@@ -10,7 +10,9 @@
 #           chunks; a 1K-token follow-up on 128K cached
 # followup  T new tokens on P cached: single, tp, ring auto / pass_kv / pass_q, and ring's fresh P+T prefill
 # scaling   prefill at 128K: single, ring, tp, torch_cp (run on 4 GPUs)
-# fp32      the earlier project's setting: float32, 7000 tokens, single, ring, tp
+# fp32      the earlier project's setting: float32, 6998 tokens and 32K, single, ring, tp, torch_cp
+# interconnect  prefill 32K and 128K, every peer, over NVLink and then with NCCL_P2P_DISABLE=1
+#           (NCCL through host memory: a PCIe-class link); rows say which in `interconnect`
 # mesh      ring x tensor parallel, every factorisation cp x tp of the GPUs beside single, tp and
 #           torch_cp: prefill and decode at 8K (checked against single) and 128K
 # ladder    1M-token prompts generating 8 tokens, ring at every factorisation cp x tp of the GPUs
@@ -65,8 +67,14 @@ scaling)
         --out "$out/results.csv"
     ;;
 fp32)
-    bench --dtype float32 --strategies single,ring,tp --phases prefill --seq-lens 7000 \
-        --repeats 1 --warmup 1 --out "$out/results_fp32.csv"
+    bench --dtype float32 --strategies single,ring,tp,torch_cp --phases prefill --seq-lens 6998,32K \
+        --repeats 2 --warmup 1 --out "$out/results_fp32.csv"
+    ;;
+interconnect)
+    bench --strategies single,ring,tp,torch_cp --phases prefill --seq-lens 32K,128K --repeats 2 --warmup 1 \
+        --out "$out/results.csv"
+    NCCL_P2P_DISABLE=1 bench --strategies ring,tp,torch_cp --phases prefill --seq-lens 32K,128K --repeats 2 \
+        --warmup 1 --no-check --out "$out/results_pcie_like.csv"
     ;;
 mesh)
     bench --strategies single,tp,torch_cp,ring --ring-tp 1,2,4 --phases prefill,decode --seq-lens 8K,128K \

@@ -260,3 +260,22 @@ def test_torch_cp_runs_any_length_padded_to_whole_chunks():
         n, w = random.randrange(1, 10**6), random.choice([1, 2, 3, 4, 8])
         padded = torch_cp_length(n, w)
         assert padded % (2 * w * 128) == 0 and n <= padded < n + 2 * w * 128
+
+
+TOPO = """\
+\tGPU0\tGPU1\tGPU2\tCPU Affinity
+GPU0\t X \t{link}\tSYS\t0-31
+GPU1\t{link}\t X \tSYS\t0-31
+"""
+
+
+def test_interconnect_is_named_per_run(monkeypatch: pytest.MonkeyPatch):
+    """NVLink or PCIe from nvidia-smi's matrix; "pcie-like" whenever NCCL_P2P_DISABLE sends NCCL
+    through host memory; nothing for CPUs or one GPU."""
+    assert ceilings.topo_link(TOPO.format(link="NV18")) == "nvlink"
+    assert ceilings.topo_link(TOPO.format(link="PXB")) == "pcie"
+    assert ceilings.topo_link("no matrix here") == ""
+    monkeypatch.setenv("NCCL_P2P_DISABLE", "1")
+    assert ceilings.interconnect("cuda", 4) == "pcie-like"
+    assert ceilings.interconnect("cuda", 1) == "" and ceilings.interconnect("cpu", 0) == ""
+    assert math.isnan(ceilings.measure_ring_shift_gbps())  # no NCCL group here

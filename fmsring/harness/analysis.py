@@ -25,7 +25,7 @@ from fmsring.harness.schema import AS_SHIPPED, STATUSES, TOLERANCES, judge, mesh
 NUMERIC = (
     "world_size", "cp_size", "tp_size", "seq_len", "cached_len", "batch", "latency_ms", "latency_ms_min",
     "latency_ms_max", "ttft_ms", "floor_ms", "peak_mem_gib", "tflops_per_gpu", "max_abs_err", "rel_err", "ref_norm",
-    "repeats", "gpu_count",
+    "repeats", "gpu_count", "link_gbps",
 )  # fmt: skip
 KEY = ("run", "strategy", "variant", "world_size", "seq_len", "cached_len", "batch", "phase")
 FAILED = ("oom", "timeout", "error")  # no timings: shown as markers with their status
@@ -119,7 +119,7 @@ def load_runs(paths: str | os.PathLike | Iterable[str | os.PathLike] = "runs", d
     if not frames:
         return pd.DataFrame(columns=["run", "run_dir", *KEY[1:], "status"])
     df = pd.concat(frames, ignore_index=True)
-    for col, fill in (("cached_len", "0"), ("variant", ""), ("dtype", "")):
+    for col, fill in (("cached_len", "0"), ("variant", ""), ("dtype", ""), ("interconnect", "")):
         df[col] = df[col].fillna(fill) if col in df.columns else fill
     for col in (*NUMERIC, "decode_tokens"):
         df[col] = pd.to_numeric(df[col].replace("", np.nan), errors="coerce") if col in df.columns else np.nan

@@ -462,7 +462,12 @@ def run(cfg: BenchConfig) -> list[dict[str, Any]]:
     if env.rank == 0 and cfg.device == "cuda":
         print(f"[bench] {ALLOC_CONF}={os.environ.get(ALLOC_CONF, '')}", file=sys.stderr)
     try:
+        link = ceilings.measure_ring_shift_gbps() if cfg.device == "cuda" else NAN  # every rank takes part
         info = row_provenance(cfg, cfg.repeats, env.device.index or 0) if env.rank == 0 else {}
+        info["link_gbps"] = link
+        if env.rank == 0 and math.isfinite(link):
+            kind = info["interconnect"] or "interconnect unknown"
+            print(f"[bench] ring shift {link:.0f} GB/s per direction ({kind})")
         meta = meta_model(cfg)
         shape = flop_shape(meta, getattr(torch, cfg.dtype).itemsize) if meta is not None else None
         cfg = fit_rope_table(cfg, meta)

@@ -124,3 +124,59 @@ def _describe(r: Rates) -> str:
         f"matmul {r.matmul_tflops:.0f} TFLOP/s, causal attention {r.attention_tflops:.0f} TFLOP/s, "
         f"copy {r.memory_gbps:.0f} GB/s"
     )
+
+
+RING_SHIFT_BYTES = 256 * 2**20  # a K/V block of LLaMA-3-8B at 128K on 2 GPUs is 256 MiB
+
+
+def measure_ring_shift_gbps(group: "torch.distributed.ProcessGroup | None" = None) -> float:
+    """GB/s per direction of one ring shift (send to the next rank, receive from the previous),
+    all ranks at once, as the ring's K/V exchange runs; NaN off CUDA or on one rank. Collective:
+    every rank of ``group`` calls it."""
+    import torch.distributed as dist
+
+    from fmsring.comm import RingComm
+
+    if not dist.is_initialized() or dist.get_world_size(group) < 2 or dist.get_backend(group) != "nccl":
+        return float("nan")
+    comm = RingComm(group)
+    device = torch.device("cuda", torch.cuda.current_device())
+    send = torch.empty(RING_SHIFT_BYTES, dtype=torch.uint8, device=device)
+    recv = torch.empty_like(send)
+
+    def shift() -> None:
+        comm.send_recv(send, recv)
+        comm.wait()
+
+    dist.barrier(group)
+    return RING_SHIFT_BYTES / (_time_ms(shift, 10) * 1e-3) / 1e9
+
+
+def interconnect(device_type: str, gpu_count: int) -> str:
+    """How the GPUs of this run talk: "pcie-like" when ``NCCL_P2P_DISABLE`` sends NCCL through
+    host memory, else "nvlink" or "pcie" as ``nvidia-smi topo -m`` links GPU 0 and GPU 1; ""
+    for CPUs, one GPU, or when nvidia-smi cannot tell."""
+    if device_type != "cuda" or gpu_count < 2:
+        return ""
+    if os.environ.get("NCCL_P2P_DISABLE", "0").strip().lower() in ("1", "true", "yes"):
+        return "pcie-like"
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return topo_link(out)
+
+
+def topo_link(topo: str) -> str:
+    """GPU 0's link to GPU 1 in ``nvidia-smi topo -m``'s matrix: "nvlink" (NV#), "pcie" (PIX, PXB,
+    PHB, NODE, SYS), "" when the matrix has no such cell."""
+    for line in topo.splitlines():
+        cells = line.split()
+        if line.startswith("GPU0") and len(cells) > 2:  # GPU0's row, not the header that names it
+            link = cells[2]
+            if link.startswith("NV"):
+                return "nvlink"
+            return "pcie" if link in ("PIX", "PXB", "PHB", "NODE", "SYS") else ""
+    return ""

@@ -51,6 +51,8 @@ COLUMNS = (
     "repeats",
     "gpu_name",
     "gpu_count",
+    "interconnect",
+    "link_gbps",
     "git_sha",
     "torch_version",
     "cuda_version",
@@ -381,13 +383,17 @@ def row_provenance(spec: ModelSpec, repeats: int, device_index: int = 0) -> dict
     """Columns that describe the model, machine and code, identical on every row of a launch."""
     import torch
 
+    from fmsring.harness.ceilings import interconnect
+
     cuda = spec.device == "cuda" and torch.cuda.is_available()
+    gpus = torch.cuda.device_count() if cuda else 0
     return {
         "model": model_label(spec),
         "device": spec.device,
         "repeats": repeats,
         "gpu_name": torch.cuda.get_device_name(device_index) if cuda else ("cpu" if spec.device == "cpu" else ""),
-        "gpu_count": torch.cuda.device_count() if cuda else 0,
+        "gpu_count": gpus,
+        "interconnect": interconnect(spec.device if cuda else "cpu", gpus),
         "git_sha": git_sha(),
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda or "",
