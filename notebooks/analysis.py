@@ -40,7 +40,7 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import display
 
-from fmsring.harness import analysis, plots
+from fmsring.harness import analysis, plots, seed
 from fmsring.harness.sweep import repo_root
 
 ROOT = repo_root()
@@ -83,6 +83,10 @@ followup = analysis.followup_table(df)
 if len(followup):
     print("follow-ups: cache_gain = fresh ring prefill of P+T / follow-up on the cache")
     display(followup)
+earlier = seed.seed_comparison(df)
+if len(earlier):
+    print("the earlier FMS-Ring project's setting (fp32, 6998 tokens): this run beside what it reported")
+    display(earlier)
 tradeoff = analysis.tradeoff_table(df)
 if len(tradeoff[tradeoff["tp_size"] > 1]) and (tradeoff["strategy"] == "ring").any():
     print("factorisations cp x tp of each world: prefill and decode against their floors")

@@ -342,7 +342,7 @@ def test_accuracy_plot(tmp_path: Path):
 def test_every_plot_and_missing_data(gpu_run: Path, tmp_path: Path):
     df = analysis.load_runs(gpu_run)
     figs = plots.plot_all(df)
-    assert set(figs) == set(plots.PLOTS) - {"followup"}  # no follow-up rows in this run
+    assert set(figs) == set(plots.PLOTS) - {"followup", "seed_comparison"}  # no follow-ups, no fp32 at 6998
     assert all((gpu_run / "figures" / f"{name}.png").exists() for name in figs)
     caps = lines_by_label(figs["memory_prefill"].axes[0])
     assert np.allclose(caps["card capacity 79 GiB"].get_ydata(), [80 * 0.99] * 2)
@@ -390,3 +390,24 @@ def test_tradeoff_table_and_plot_weigh_factorisations(tmp_path: Path):
     labels = [c.get_label() for c in ax.collections if not c.get_label().startswith("_")]
     assert labels == ["ring 4x1", "ring/tp2 2x2", "tp 1x4"]
     assert (tmp_path / "fig" / "tradeoff.png").exists()
+
+
+def test_seed_comparison_sets_the_earlier_project_beside_a_run_labelled_as_theirs(tmp_path: Path):
+    from fmsring.harness import seed
+    from fmsring.harness.grid import SweepConfig
+
+    preset = Path(__file__).resolve().parents[1] / "notebooks" / "presets" / "seed.yaml"
+    cfg = SweepConfig.from_yaml(str(preset))
+    assert cfg.dtype == "float32" and seed.SEED_LENGTH in cfg.seq_lens and max(cfg.seq_lens) > 32000
+    rows = [row("single", 1, 6998, dtype="float32", latency_ms=2250.0),
+            row("ring", 4, 6998, dtype="float32", latency_ms=600.0),
+            row("ring", 4, 6998, dtype="float32", latency_ms=650.0, variant="slow"),
+            row("ring", 4, 4096, dtype="float32", latency_ms=300.0),  # another length
+            row("ring", 4, 6998, latency_ms=200.0, variant="bf16")]  # fmt: skip  # not the project's dtype
+    t = seed.seed_comparison(analysis.load_runs(write_run(tmp_path, "s", rows)))
+    assert t["config"].tolist() == ["ring x4", "single x1", *[r["config"] for r in seed.REPORTED]]
+    assert t["latency_ms"].tolist()[:2] == [600.0, 2250.0]
+    assert (t["source"] == seed.SOURCE).sum() == 2
+    fig = plots.plot_seed_comparison(analysis.load_runs(tmp_path / "s"), tmp_path / "fig")
+    assert seed.SOURCE in [h.get_label() for h in fig.axes[0].get_legend().legend_handles]
+    assert plots.plot_seed_comparison(analysis.load_runs(write_run(tmp_path, "b", rows[-1:]))) is None

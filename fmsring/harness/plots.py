@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-from fmsring.harness import analysis
+from fmsring.harness import analysis, seed
 from fmsring.harness.analysis import FAILED, _tokens, config_label, unit
 from fmsring.harness.schema import STRATEGIES, TOLERANCES
 
@@ -415,6 +415,31 @@ def plot_tradeoff(df: pd.DataFrame, out_dir=None) -> Figure | None:
     return fig
 
 
+def plot_seed_comparison(df: pd.DataFrame, out_dir=None) -> Figure | None:
+    """fp32 prefill at the earlier project's 6998 tokens, per strategy and GPU count, beside the
+    numbers that project reported on its own cards (hatched, labelled as reported)."""
+    t = seed.seed_comparison(df)
+    if t.empty:
+        return None
+    fig, axes = _new_figure(1, 1, width=max(6.0, 0.8 * len(t) + 2))
+    ax = axes[0][0]
+    theirs = t["source"] == seed.SOURCE
+    x = np.arange(len(t))
+    colors = [_color(c.split()[0]) if not r else (0.6, 0.6, 0.6) for c, r in zip(t["config"], theirs, strict=True)]
+    bars = ax.bar(x, t["latency_ms"], color=colors)
+    for bar, reported in zip(bars, theirs, strict=True):
+        if reported:
+            bar.set_hatch("//")
+            bar.set_label(seed.SOURCE)
+    ax.set_xticks(x, t["config"], rotation=30, ha="right")
+    ax.set_ylabel("prefill (ms)")
+    handles = [bars[i] for i in np.flatnonzero(theirs.to_numpy())[:1]]
+    _legend(ax, handles)
+    _title(ax, f"fp32, {seed.SEED_LENGTH} tokens: this run and the earlier project's report", "")
+    save_figure(fig, figures_dir(df, out_dir), "seed_comparison")
+    return fig
+
+
 def plot_followup(df: pd.DataFrame, out_dir=None) -> Figure | None:
     """Follow-up latency vs new tokens T, one panel per cached length P (log-log): one line per
     strategy, variant and world size (marker: world size), its floor dashed, and ring's fresh
@@ -499,6 +524,7 @@ PLOTS = {
     "decode_per_token": lambda df, out: plot_decode(df, out),
     "followup": lambda df, out: plot_followup(df, out),
     "tradeoff": lambda df, out: plot_tradeoff(df, out),
+    "seed_comparison": lambda df, out: plot_seed_comparison(df, out),
     "accuracy": lambda df, out: plot_accuracy(df, out),
 }
 
