@@ -29,8 +29,8 @@ def configure_allocator() -> str:
     """Use expandable segments unless ``PYTORCH_CUDA_ALLOC_CONF`` is set; return the configuration in force.
 
     Call it before the first CUDA allocation. Once CUDA is initialised the
-    allocator has read its configuration: then nothing changes and a warning
-    says so, rather than claiming a setting that is not in effect.
+    allocator has read its configuration: then nothing changes and a line on
+    stderr says so, rather than claiming a setting that is not in effect.
     """
     if ALLOC_CONF in os.environ:
         return os.environ[ALLOC_CONF]
