@@ -132,18 +132,19 @@ def decode_splits(batch: int, kv_heads: int, capacity: int, sms: int) -> int:
 
 
 def split_kv_chunks(kv_lens: torch.Tensor, capacity: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cache of ``capacity`` slots per sequence cut into ``splits`` chunks of
-    ceil(capacity / splits): (cu_seqlens_k [b*splits + 1] int32, the chunks'
-    starts in the flattened cache, and seqused_k [b*splits] int32, how many of
-    a chunk's slots lie under its sequence's ``kv_lens``)."""
+    """The cache of ``capacity`` slots per sequence cut into ``splits`` (<= capacity) chunks whose
+    sizes differ by at most one: (cu_seqlens_k [b*splits + 1] int32, the chunks' starts in the
+    flattened cache, and seqused_k [b*splits] int32, how many of a chunk's slots lie under its
+    sequence's ``kv_lens``)."""
+    if not 1 <= splits <= capacity:
+        raise ValueError(f"cannot cut {capacity} cache slots into {splits} chunks")
     b = kv_lens.shape[0]
-    size = -(-capacity // splits)
-    offsets = torch.arange(splits, device=kv_lens.device, dtype=torch.int32) * size
-    room = (capacity - offsets).clamp(max=size)
-    used = (kv_lens.to(torch.int32).unsqueeze(1) - offsets).clamp(min=0).minimum(room)
-    starts = (torch.arange(b, device=kv_lens.device, dtype=torch.int32) * capacity).unsqueeze(1) + offsets
+    bounds = torch.arange(splits + 1, device=kv_lens.device, dtype=torch.int64) * capacity // splits
+    offsets, room = bounds[:-1], bounds[1:] - bounds[:-1]
+    used = (kv_lens.to(torch.int64).unsqueeze(1) - offsets).clamp(min=0).minimum(room)
+    starts = (torch.arange(b, device=kv_lens.device, dtype=torch.int64) * capacity).unsqueeze(1) + offsets
     cu = torch.cat([starts.reshape(-1), starts.new_full((1,), b * capacity)])
-    return cu, used.reshape(-1)
+    return cu.to(torch.int32), used.reshape(-1).to(torch.int32)
 
 
 def split_kv_decode_with_lse(

@@ -152,6 +152,16 @@ def test_split_kv_chunks_cover_exactly_the_used_slots_and_merge_to_the_unsplit_r
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-6)
 
 
+def test_split_kv_chunks_stay_inside_their_sequence():
+    """29 slots in 7 chunks: ceil-sized chunks would start the last one at slot 30, past the end
+    (what a random draw caught); balanced chunks of 4 and 5 slots tile the 29 exactly."""
+    cu, used = split_kv_chunks(torch.tensor([29, 3], dtype=torch.int32), 29, 7)
+    assert cu.tolist() == [0, 4, 8, 12, 16, 20, 24, 29, 33, 37, 41, 45, 49, 53, 58]
+    assert used.tolist() == [4, 4, 4, 4, 4, 4, 5, 3, 0, 0, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="cannot cut 5 cache slots into 6 chunks"):
+        split_kv_chunks(torch.tensor([5], dtype=torch.int32), 5, 6)
+
+
 def test_decode_splits_fill_the_gpu_without_tiny_chunks():
     assert decode_splits(1, 8, 131072, 132) == 33  # 33 x 8 blocks >= 2 per SM
     assert decode_splits(1, 2, 131072, 132) == 132
