@@ -52,13 +52,14 @@ def get_model(
 ) -> nn.Module:
     """``fms.models.get_model`` that also accepts ``distributed_strategy="ring"``.
 
-    With ``"ring"`` the weights are loaded whole on every rank and wrapped in
-    :class:`LlamaRing`. ``"replicated"`` loads the plain, unsharded FMS model
-    on every rank (FMS itself turns ``None`` into tensor parallel under
-    torchrun). Any other strategy is passed to FMS unchanged. Random-init
-    models (no ``model_path``) get rank 0's weights on every rank. The
-    ``ring_*`` options are :class:`LlamaRing`'s; an unknown one is an error
-    (FMS would pass it on to the model config, where it is silently ignored).
+    With ``"ring"`` the model is wrapped in :class:`LlamaRing`; its weights
+    are loaded whole on every rank unless ``ring_tp`` shards them (below).
+    ``"replicated"`` loads the plain, unsharded FMS model on every rank (FMS
+    itself turns ``None`` into tensor parallel under torchrun). Any other
+    strategy is passed to FMS unchanged. Random-init models (no
+    ``model_path``) get rank 0's weights on every rank. The ``ring_*``
+    options are :class:`LlamaRing`'s; an unknown one is an error (FMS would
+    pass it on to the model config, where it is silently ignored).
 
     ``ring_tp=T`` (or a ``ring_mesh`` with dims ("cp", "tp"), see
     :mod:`fmsring.mesh`) runs ring x tensor parallel: the world is a cp x T
@@ -119,7 +120,8 @@ def get_model(
         if tp_group is None:
             raise
         raise ValueError(
-            f"ring_tp={strategy.tp_size}: FMS cannot shard {architecture}/{variant} over that many ranks ({exc})"
+            f"ring_tp={strategy.tp_size}: FMS cannot shard {variant or model_path or architecture} over that many "
+            f"ranks ({exc})"
         ) from exc
     if not ours:
         return model
