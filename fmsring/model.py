@@ -236,6 +236,13 @@ class LlamaRing(nn.Module):
             return position_ids, top
         return torch.arange(start, start + n, device=x.device).expand(x.shape[0], -1), top
 
+    def _positions_on(
+        self, x: torch.Tensor, position_ids: torch.Tensor | None, state: RingCacheState, new_state: RingCacheState
+    ) -> tuple[torch.Tensor, RingCacheState]:
+        """New tokens' positions on a cache of ``state``, and ``new_state`` carrying the largest position."""
+        positions, top = self._positions(x, position_ids, state.seq_len, state.max_position)
+        return positions, replace(new_state, max_position=max(state.max_position, top))
+
     def _sharded(self, x, positions, plan, last_n_tokens, use_cache, past, ctx, attn_kwargs):
         """Run the FMS model on this rank's tokens of ``plan``; (logits of the last
         ``last_n_tokens`` tokens, in order, on every rank; the model's cache list)."""
@@ -351,8 +358,7 @@ class LlamaRing(nn.Module):
         plan = st.plan(x.shape[1])
         new_indices = [[state.seq_len + i for i in plan.indices(r)] for r in range(st.world_size)]
         new_state = self._extend(cache, state.extended(st.rank, new_indices, self.cache_headroom))
-        positions, top = self._positions(x, position_ids, state.seq_len, state.max_position)
-        new_state = replace(new_state, max_position=max(state.max_position, top))
+        positions, new_state = self._positions_on(x, position_ids, state, new_state)
         mode = self.followup
         if mode == "auto":
             attn = self._attn
@@ -382,8 +388,7 @@ class LlamaRing(nn.Module):
         n = x.shape[1]
         owners = state.place(n)
         new_state = self._extend(cache, state.advanced(st.rank, owners, self.cache_headroom))
-        positions, top = self._positions(x, position_ids, state.seq_len, state.max_position)
-        new_state = replace(new_state, max_position=max(state.max_position, top))
+        positions, new_state = self._positions_on(x, position_ids, state, new_state)
         fill = state.fills[st.rank]
         end = new_state.fills[st.rank]
         if mask is not None:
@@ -415,8 +420,7 @@ class LlamaRing(nn.Module):
         """One unmasked token: the static step, captured as a CUDA graph where possible."""
         st, state = self.strategy, cache.state
         new_state = self._extend(cache, state.advanced(st.rank, state.place(1), self.cache_headroom))
-        positions, top = self._positions(x, position_ids, state.seq_len, state.max_position)
-        new_state = replace(new_state, max_position=max(state.max_position, top))
+        positions, new_state = self._positions_on(x, position_ids, state, new_state)
         inputs = StepInputs(
             ids=x,
             positions=positions,

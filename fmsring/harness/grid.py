@@ -31,6 +31,7 @@ from fmsring.harness.schema import (
     parse_ring_variants,
     parse_seq_lens,
     planned_points,
+    ring_tp_of,
     variant_labels,
     with_ring_tp,
 )
@@ -254,14 +255,11 @@ def validate(cfg: SweepConfig) -> None:
             if short:
                 problems.append(f"ring at world size {w} needs prompts (and cached_lens) of >= {w} tokens: {short}")
     tp_worlds = sorted({w for w, s in cfg.groups() if s == "tp"})
-    ring_tps = sorted({int(kw.get("ring_tp", 1)) for kw in cfg.ring_variants.values()} - {1})
-    if "ring" in cfg.strategies:
-        ring_tps = [t for t in ring_tps if any(w % t == 0 for w in cfg.world_sizes)]
-        unused = sorted({int(kw.get("ring_tp", 1)) for kw in cfg.ring_variants.values()} - {1} - set(ring_tps))
-        if unused:
-            problems.append(f"ring_tp {unused} divides none of the world sizes {cfg.world_sizes}")
-    else:
-        ring_tps = []
+    ring_tps = sorted({ring_tp_of(kw) for kw in cfg.ring_variants.values()} - {1}) if "ring" in cfg.strategies else []
+    unused = [t for t in ring_tps if all(w % t for w in cfg.world_sizes)]
+    if unused:
+        problems.append(f"ring_tp {unused} divides none of the world sizes {cfg.world_sizes}")
+        ring_tps = [t for t in ring_tps if t not in unused]
     if tp_worlds or ring_tps:
         problems += _tp_problems(cfg, tp_worlds, ring_tps)
     if problems:

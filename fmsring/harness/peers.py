@@ -27,7 +27,7 @@ import fmsring
 from fmsring.fusion import fuse_elementwise
 from fmsring.harness.ceilings import FASTEST_SDPA
 from fmsring.harness.ranks import DistEnv, free_memory
-from fmsring.harness.schema import AS_SHIPPED, ring_variant_label
+from fmsring.harness.schema import AS_SHIPPED, ring_tp_of, ring_variant_label
 
 if TYPE_CHECKING:
     from fmsring.harness.bench import BenchConfig
@@ -48,7 +48,7 @@ class Variant:
     @property
     def ring_tp(self) -> int:
         """Ranks each ring replica's weights are sharded over (1 for the peers)."""
-        return int(self.ring_kwargs.get("ring_tp", 1))
+        return ring_tp_of(self.ring_kwargs)
 
 
 def variants(strategy: str, cfg: BenchConfig) -> list[Variant]:

@@ -195,9 +195,14 @@ def with_ring_tp(variants: dict[str, dict[str, Any]], tps: list[int]) -> dict[st
     return out
 
 
+def ring_tp_of(ring_kwargs: dict[str, Any]) -> int:
+    """The TP size a ring variant's options ask for (1: weights replicated)."""
+    return int(ring_kwargs.get("ring_tp", 1))
+
+
 def fitting_ring_variants(variants: dict[str, dict[str, Any]], world: int) -> dict[str, dict[str, Any]]:
     """The ring variants that exist at ``world`` ranks: those whose ring_tp divides it."""
-    return {name: kw for name, kw in variants.items() if world % int(kw.get("ring_tp", 1)) == 0}
+    return {name: kw for name, kw in variants.items() if world % ring_tp_of(kw) == 0}
 
 
 def mesh_sizes(strategy: str, world: int, ring_tp: int = 1) -> tuple[int, int]:
