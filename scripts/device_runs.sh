@@ -19,6 +19,10 @@
 #           (no allocator setting here: the bench sets expandable segments itself)
 # mesh70b   LLaMA-2-70B shapes (FMS llama/70b; NLAYERS=n to cut layers where 80 do not fit):
 #           ring 2x2 (and 1x4) against FMS TP at 32K and 128K, prefill and decode
+#
+# fp32 and interconnect take PEERS=ring,tp,torch_cp to leave out `single` (and the check against
+# it): the same section on fewer GPUs of the same machine (CUDA_VISIBLE_DEVICES=0,1) appending to
+# the same CSV, whose `single` rows are then the one-GPU baseline of both world sizes
 set -uo pipefail  # one bench's failed rows (e.g. out of memory) must not stop the next
 section=$1
 out=$2
@@ -27,6 +31,8 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 nproc=$(python3 -c "import torch; print(torch.cuda.device_count())")
 status=0
 variant=3-8b
+peers=${PEERS:-single,ring,tp,torch_cp}
+unchecked=$([[ $peers == *single* ]] || echo --no-check)
 bench() {
     torchrun --standalone --nproc_per_node="$nproc" -m fmsring.bench --architecture llama --variant "$variant" \
         --device cuda --dtype bfloat16 "$@" 2>&1 | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log"
@@ -67,11 +73,11 @@ scaling)
         --out "$out/results.csv"
     ;;
 fp32)
-    bench --dtype float32 --strategies single,ring,tp,torch_cp --phases prefill --seq-lens 6998,32K \
-        --repeats 2 --warmup 1 --out "$out/results_fp32.csv"
+    bench --dtype float32 --strategies "$peers" --phases prefill --seq-lens 6998,32K \
+        --repeats 2 --warmup 1 $unchecked --out "$out/results_fp32.csv"
     ;;
 interconnect)
-    bench --strategies single,ring,tp,torch_cp --phases prefill --seq-lens 32K,128K --repeats 2 --warmup 1 \
+    bench --strategies "$peers" --phases prefill --seq-lens 32K,128K --repeats 2 --warmup 1 $unchecked \
         --out "$out/results.csv"
     NCCL_P2P_DISABLE=1 bench --strategies ring,tp,torch_cp --phases prefill --seq-lens 32K,128K --repeats 2 \
         --warmup 1 --no-check --out "$out/results_pcie_like.csv"
