@@ -9,12 +9,14 @@ shapes every rank agrees on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 
 from fmsring.kernels import (
+    SplitKV,
     attention_with_lse,
     decode_attention_with_lse,
     empty_partial,
@@ -50,21 +52,28 @@ class DecodeStep:
     ``write_slot`` (the owner's next slot; elsewhere a free slot that no
     length covers) and attends over its first ``kv_lens`` slots. Both are
     device tensors and every shape is fixed by the cache's capacity, so the
-    step can be captured once as a CUDA graph and replayed."""
+    step can be captured once as a CUDA graph and replayed. ``split_kv`` is
+    the split-KV plan every layer's attention shares (None: fp32 math).
 
+    With no Python branch on data and static shapes, a decoder layer running
+    this step can also be compiled whole (``whole_layer``:
+    :class:`fmsring.fusion.FusedDecoderBlock`)."""
+
+    whole_layer: ClassVar[bool] = True
     strategy: RingAttentionStrategy
     write_slot: torch.Tensor
     kv_lens: torch.Tensor
-    memo: dict = field(default_factory=dict)  # what every layer's attention shares (split-KV chunks)
+    split_kv: SplitKV | None = None
 
     def store(self, keys, values, key_cache, value_cache):
-        key_cache.index_copy_(1, self.write_slot, keys)
-        value_cache.index_copy_(1, self.write_slot, values)
+        # an indexed assignment (index_put_), which the compiler writes in place into the cache
+        key_cache[:, self.write_slot] = keys
+        value_cache[:, self.write_slot] = values
         return key_cache, value_cache, key_cache, value_cache
 
     def attend(self, query, key_cache, value_cache, scale):
         out, lse = decode_attention_with_lse(
-            query.transpose(1, 2), key_cache, value_cache, self.kv_lens, scale, self.memo
+            query.transpose(1, 2), key_cache, value_cache, self.kv_lens, scale, self.split_kv
         )
         return merge_shards(out, lse, query, self.strategy)
 

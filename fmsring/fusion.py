@@ -26,6 +26,7 @@ from fms.distributed.tensorparallel import (
     copy_to_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
 )
+from fms.modules.attention import MultiHeadAttention
 from fms.modules.feedforward import GatedLinearUnit, TPGatedLinearUnit
 from fms.modules.layernorm import LayerNormParameterized
 from fms.modules.positions import RotaryEmbedding
@@ -36,15 +37,19 @@ from torch import nn
 FUSE_DEVICES: set[str] = {"cuda"}
 
 
-def fused(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` compiled (torch.compile, dynamic shapes) when its first tensor
-    argument is on one of :data:`FUSE_DEVICES`, eager otherwise. A machine
-    where the compiler cannot build it (no Triton for the GPU, no C++
-    compiler) gets an error that says how to run without fusion."""
-    compiled = torch.compile(fn, dynamic=True)
+def fused(fn: Callable[..., Any], dynamic: bool = True) -> Callable[..., Any]:
+    """``fn`` compiled (torch.compile; ``dynamic`` shapes or each shape its own
+    kernels) when its first tensor argument is on one of :data:`FUSE_DEVICES`,
+    eager otherwise. Inside code being compiled it is plain ``fn``, for the
+    outer compilation to fuse with its neighbours. A machine where the
+    compiler cannot build it (no Triton for the GPU, no C++ compiler) gets an
+    error that says how to run without fusion."""
+    compiled = torch.compile(fn, dynamic=dynamic)
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
         first = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
         if first.device.type not in FUSE_DEVICES:
             return fn(*args, **kwargs)
@@ -81,6 +86,48 @@ class FusedTPGatedLinearUnit(TPGatedLinearUnit):
 
 class FusedRotaryEmbedding(RotaryEmbedding):
     adjusted_qk = fused(RotaryEmbedding.adjusted_qk)
+
+
+class FusedDecoderBlock(nn.Module):
+    """Mixin for FMS decoder blocks: a layer whose attention mode says it can
+    be compiled whole (``whole_layer``: fmsring's one-token decode step) runs
+    as one compiled graph, so norm, RoPE, cache write, attention bookkeeping,
+    the merge's packing, SiLU and residual adds fuse with each other instead
+    of only within each module, and one decode step launches about half the
+    kernels (docs/performance.md). Every other call -- prefills, follow-ups --
+    runs FMS's own forward.
+
+    Static shapes: a decode step's shapes change only with the cache, so each
+    cache capacity compiles once (one graph serves every layer: their
+    parameters are the graph's inputs), and its kernels are tuned to the
+    shape.
+    """
+
+    _whole_layer: Callable[..., Any]
+
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> Any:
+        if getattr(kwargs.get("ring"), "whole_layer", False):
+            return self._whole_layer(self, x, **kwargs)
+        return super().forward(x, **kwargs)
+
+
+_BLOCKS: dict[type, type] = {}
+
+
+def fuse_decoder_blocks(model: nn.Module) -> nn.Module:
+    """Make every block that holds one of ``model``'s attention layers a
+    :class:`FusedDecoderBlock` of its own FMS class, in place; returns ``model``."""
+    names = {name.rpartition(".")[0] for name, m in model.named_modules() if isinstance(m, MultiHeadAttention)}
+    for name in names:
+        block = model.get_submodule(name)
+        cls = type(block)
+        if isinstance(block, FusedDecoderBlock) or block is model:
+            continue
+        if cls not in _BLOCKS:
+            whole = staticmethod(fused(cls.forward, dynamic=False))
+            _BLOCKS[cls] = type(f"Fused{cls.__name__}", (FusedDecoderBlock, cls), {"_whole_layer": whole})
+        block.__class__ = _BLOCKS[cls]
+    return model
 
 
 _SWAPS: dict[type, type] = {

@@ -8,6 +8,7 @@ results be combined exactly, in any order, in fp32.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -88,7 +89,7 @@ def decode_attention_with_lse(
     v_cache: torch.Tensor,
     kv_lens: torch.Tensor,
     scale: float,
-    memo: dict | None = None,
+    plan: SplitKV | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a few query rows over the first ``kv_lens[i]`` slots of a
     preallocated cache, returning (out [b, h, Lq, d] fp32, lse fp32 [b, h, Lq]).
@@ -96,15 +97,15 @@ def decode_attention_with_lse(
     q: [b, h, Lq, d]; caches: [b, capacity, kvh, d]; kv_lens: int32 [b] on the
     device. Shapes never depend on how full the cache is, so a decode step
     built on this can be captured once as a CUDA graph and replayed. On CUDA
-    with half-precision inputs it is :func:`split_kv_decode_with_lse`;
-    otherwise fp32 math with the unused slots masked. ``memo`` (one dict per
-    step, shared by its layers) keeps the chunk bookkeeping, which every
-    layer of a step shares, from being recomputed per layer.
+    with half-precision inputs it is :func:`split_kv_decode_with_lse` along
+    ``plan`` (every layer of a step shares one: pass it, or it is made here);
+    otherwise fp32 math with the unused slots masked.
     """
-    b, cap = q.shape[0], k_cache.shape[1]
-    if q.is_cuda and q.dtype in FUSED_DTYPES and q.shape[-1] <= 256:
-        splits = decode_splits(b, k_cache.shape[2], cap, _sm_count(q.device))
-        return split_kv_decode_with_lse(q, k_cache, v_cache, kv_lens, scale, splits, memo)
+    b, h, lq, _ = q.shape
+    plan = plan if plan is not None else decode_split_kv(kv_lens, k_cache, h, lq)
+    if plan is not None:
+        return split_kv_decode_with_lse(q, k_cache, v_cache, scale, plan)
+    cap = k_cache.shape[1]
     unused = torch.arange(cap, device=q.device).unsqueeze(0) >= kv_lens.unsqueeze(1)
     bias = torch.zeros(b, 1, cap, device=q.device).masked_fill_(unused.unsqueeze(1), float("-inf"))
     return math_attention_with_lse(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), scale, bias=bias)
@@ -147,18 +148,46 @@ def split_kv_chunks(kv_lens: torch.Tensor, capacity: int, splits: int) -> tuple[
     return cu.to(torch.int32), used.reshape(-1).to(torch.int32)
 
 
+class SplitKV(NamedTuple):
+    """How split-KV decoding reads a cache: ``splits`` chunks per sequence, ``rows`` query rows
+    per (sequence, kv-head), and flash varlen's bookkeeping for them (``cu_q``, and
+    :func:`split_kv_chunks`' ``cu_k`` and ``used``). Every layer of a decode step has the same
+    cache shape and fill, so one plan, made before the layers, serves them all."""
+
+    splits: int
+    rows: int
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    used: torch.Tensor
+
+
+def split_kv(kv_lens: torch.Tensor, k_cache: torch.Tensor, heads: int, q_len: int, splits: int) -> SplitKV:
+    """The plan for ``heads`` query heads of ``q_len`` rows each over caches shaped like ``k_cache``,
+    cut into ``splits`` chunks."""
+    b, cap, kvh = k_cache.shape[:3]
+    if heads % kvh:
+        raise ValueError(f"{heads} query heads do not share {kvh} kv-heads evenly")
+    rows = heads // kvh * q_len
+    cu_q = torch.arange(b * splits + 1, device=k_cache.device, dtype=torch.int32) * rows
+    return SplitKV(splits, rows, cu_q, *split_kv_chunks(kv_lens, cap, splits))
+
+
+def decode_split_kv(kv_lens: torch.Tensor, k_cache: torch.Tensor, heads: int, q_len: int = 1) -> SplitKV | None:
+    """The split-KV plan a decode step over caches like ``k_cache`` runs, chunked by
+    :func:`decode_splits`; None where the step attends in fp32 math instead (not CUDA, not
+    half precision, or a head dim flash does not take)."""
+    if not (k_cache.is_cuda and k_cache.dtype in FUSED_DTYPES and k_cache.shape[-1] <= 256):
+        return None
+    b, cap, kvh = k_cache.shape[:3]
+    return split_kv(kv_lens, k_cache, heads, q_len, decode_splits(b, kvh, cap, _sm_count(k_cache.device)))
+
+
 def split_kv_decode_with_lse(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    kv_lens: torch.Tensor,
-    scale: float,
-    splits: int,
-    memo: dict | None = None,
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, plan: SplitKV
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flash decoding: each [b, capacity, kvh, d] cache read in ``splits`` chunks
-    by as many thread blocks, the chunks' partials merged exactly through their
-    log-sum-exp. Returns (out [b, h, Lq, d] fp32, lse fp32 [b, h, Lq]).
+    """Flash decoding: each [b, capacity, kvh, d] cache read in ``plan.splits``
+    chunks by as many thread blocks, the chunks' partials merged exactly through
+    their log-sum-exp. Returns (out [b, h, Lq, d] fp32, lse fp32 [b, h, Lq]).
 
     The h/kvh query heads that share a kv-head travel as rows of one
     sequence (GQA packed), so each chunk of K/V is read once, not once per
@@ -169,28 +198,27 @@ def split_kv_decode_with_lse(
     """
     b, h, lq, d = q.shape
     cap, kvh = k_cache.shape[1], k_cache.shape[2]
-    g, rows = h // kvh, h // kvh * lq
-    memo = {} if memo is None else memo
-    key = (cap, splits, rows)
-    if key not in memo:
-        cu_q = torch.arange(b * splits + 1, device=q.device, dtype=torch.int32) * rows
-        memo[key] = (cu_q, *split_kv_chunks(kv_lens, cap, splits))
-    cu_q, cu_k, used = memo[key]
+    splits, g = plan.splits, h // kvh
+    if plan.rows != g * lq or plan.used.shape[0] != b * splits:
+        raise ValueError(
+            f"split-KV plan for {plan.rows} rows x {plan.used.shape[0]} chunks does not fit queries {tuple(q.shape)} "
+            f"over caches {tuple(k_cache.shape)} in {splits} chunks"
+        )
     packed = q.view(b, kvh, g, lq, d).permute(0, 3, 2, 1, 4)  # [b, lq, g, kvh, d]: a kv-head's queries as rows
-    packed = packed.unsqueeze(1).expand(b, splits, lq, g, kvh, d).reshape(b * splits * rows, kvh, d)
+    packed = packed.unsqueeze(1).expand(b, splits, lq, g, kvh, d).reshape(b * splits * plan.rows, kvh, d)
     out, lse = torch.ops.aten._flash_attention_forward(
         packed,
         k_cache.view(b * cap, kvh, d),
         v_cache.view(b * cap, kvh, d),
-        cu_q,
-        cu_k,
-        rows,
+        plan.cu_q,
+        plan.cu_k,
+        plan.rows,
         -(-cap // splits),
         0.0,
         False,
         False,
         scale=scale,
-        seqused_k=used,
+        seqused_k=plan.used,
     )[:2]
     # chunks first, then [b, kvh, g, lq] = [b, h, lq]; lse is [kvh, rows total] or [b*splits, kvh, rows]
     out = out.view(b, splits, lq, g, kvh, d).permute(1, 0, 4, 3, 2, 5)

@@ -24,7 +24,8 @@ from fmsring.comm import all_gather_padded, check_same_on_all_ranks, sync_rng
 from fmsring.decode import DecodeStep, ReplicatedStep
 from fmsring.decode_graph import DecodeGraphs, StepInputs
 from fmsring.followup import FOLLOWUP_MODES, Followup, FollowupShape, choose_followup
-from fmsring.fusion import fuse_elementwise, position_encoders
+from fmsring.fusion import fuse_decoder_blocks, fuse_elementwise, position_encoders
+from fmsring.kernels import decode_split_kv
 from fmsring.layout import ShardPlan
 from fmsring.strategy import RingAttentionStrategy
 
@@ -138,6 +139,7 @@ class LlamaRing(nn.Module):
         self._rotaries = position_encoders(model)
         if fuse:
             fuse_elementwise(model)
+            fuse_decoder_blocks(model)
         if ffn_chunk > 0:
             chunk_feedforward(model, ffn_chunk)
 
@@ -428,8 +430,10 @@ class LlamaRing(nn.Module):
             kv_lens=torch.full((x.shape[0],), new_state.fills[st.rank], dtype=torch.int32, device=x.device),
         )
         layers = list(cache)
+        heads = self._attn.nheads  # this TP rank's
 
         def step(inp: StepInputs) -> torch.Tensor:
+            split = decode_split_kv(inp.kv_lens, layers[0][0], heads)  # once per step, not per layer
             return self.model(
                 inp.ids,
                 position_ids=inp.positions,
@@ -437,7 +441,7 @@ class LlamaRing(nn.Module):
                 use_cache=True,
                 last_n_tokens=last_n_tokens,
                 attn_name=ring_attention.ATTN_NAME,
-                ring=DecodeStep(st, inp.write_slot, inp.kv_lens),
+                ring=DecodeStep(st, inp.write_slot, inp.kv_lens, split),
                 **attn_kwargs,
             )[0]
 

@@ -12,6 +12,7 @@ import torch
 from fmsring.kernels import (
     attention_with_lse,
     decode_attention_with_lse,
+    decode_split_kv,
     decode_splits,
     math_attention_with_lse,
     merge_into,
@@ -19,7 +20,9 @@ from fmsring.kernels import (
     merge_split,
     merge_stacked,
     select_kernel,
+    split_kv,
     split_kv_chunks,
+    split_kv_decode_with_lse,
 )
 
 
@@ -184,3 +187,18 @@ def test_kernel_selection():
     assert select_kernel("cuda", bf16, 256, 4096, True, False) == "math"
     assert select_kernel("cuda", torch.float64, 128, 4096, True, False) == "math"
     assert select_kernel("cpu", bf16, 128, 4096, True, False) == "math"
+
+
+def test_split_kv_plans_refuse_what_they_do_not_fit():
+    """A decode step's one split-KV plan serves every layer; one made for other shapes is an
+    error, not a wrong read. The plan exists only where flash runs (CUDA, half precision)."""
+    lens = torch.tensor([5, 9], dtype=torch.int32)
+    k_cache = torch.zeros(2, 16, 2, 8)
+    assert decode_split_kv(lens, k_cache, 8) is None  # CPU: the fp32 math path
+    with pytest.raises(ValueError, match="7 query heads do not share 2 kv-heads"):
+        split_kv(lens, k_cache, 7, 1, 2)
+    plan = split_kv(lens, k_cache, 8, 1, 2)
+    assert plan.rows == 4 and plan.cu_q.tolist() == [0, 4, 8, 12, 16]
+    q = torch.zeros(2, 4, 1, 8)  # 4 query heads: 2 rows per kv-head, not the plan's 4
+    with pytest.raises(ValueError, match="does not fit queries"):
+        split_kv_decode_with_lse(q, k_cache, k_cache, 1.0, plan)
