@@ -89,6 +89,11 @@ class LlamaRing(nn.Module):
     auto), one token the static decode step (a CUDA graph on GPUs), and steps
     shorter than the world size or carrying a mask run replicated.
 
+    ``fuse`` compiles FMS's norms, gated MLPs and RoPE (on CUDA), and with
+    ``fuse_layers`` every decoder layer of a decode step as one graph
+    (:class:`fmsring.fusion.FusedDecoderBlock`; off, the first step of a new
+    cache compiles faster and launches more kernels).
+
     ``check_inputs`` compares every rank's inputs once per prompt or
     follow-up; a one-token decode step makes no host sync at all, so the
     host can queue the next step while the device runs this one.
@@ -103,6 +108,7 @@ class LlamaRing(nn.Module):
         ffn_chunk: int = 16384,
         cuda_graphs: bool = True,
         fuse: bool = True,
+        fuse_layers: bool = True,
         followup: str = "auto",
         prefill_chunk: int = 0,
     ):
@@ -139,6 +145,7 @@ class LlamaRing(nn.Module):
         self._rotaries = position_encoders(model)
         if fuse:
             fuse_elementwise(model)
+        if fuse and fuse_layers:
             fuse_decoder_blocks(model)
         if ffn_chunk > 0:
             chunk_feedforward(model, ffn_chunk)

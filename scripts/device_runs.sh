@@ -17,6 +17,10 @@
 #           torch_cp: prefill and decode at 8K (checked against single) and 128K
 # ladder    1M-token prompts generating 8 tokens, ring at every factorisation cp x tp of the GPUs
 #           (no allocator setting here: the bench sets expandable segments itself)
+# layers    decode with whole decoder layers compiled (the default) against modules compiled one by
+#           one (ring_fuse_layers=false): the 32K step profiled (kernels, kernel time) on all GPUs;
+#           every factorisation cp x tp checked against single at 8K; 32 tokens at 128K for every
+#           factorisation, and modules-only for 4x1 and 1x4
 # mesh70b   LLaMA-2-70B shapes (FMS llama/70b; NLAYERS=n to cut layers where 80 do not fit):
 #           ring 2x2 (and 1x4) against FMS TP at 32K and 128K, prefill and decode
 #
@@ -89,6 +93,16 @@ mesh)
 ladder)
     bench --strategies ring --ring-tp 1,2,4 --phases decode --seq-lens 1M --decode-tokens 8 --repeats 1 \
         --warmup 0 --no-check --timeout-s 900 --out "$out/results.csv"
+    ;;
+layers)
+    torchrun --standalone --nproc_per_node="$nproc" scripts/profile_decode.py "$out" 32768 2 2>&1 \
+        | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log" | grep -v '^ *"' || status=1
+    bench --strategies single,ring --ring-tp 1,2,4 --phases decode --seq-lens 8K --decode-tokens 8 \
+        --repeats 1 --warmup 0 --out "$out/results.csv"
+    bench --strategies ring --ring-tp 1,2,4 --phases decode --seq-lens 128K --decode-tokens 32 --no-check \
+        --repeats 2 --warmup 1 --out "$out/results.csv"
+    bench --strategies ring --ring-tp 1,4 --phases decode --seq-lens 128K --decode-tokens 32 --no-check \
+        --ring-variants '{"modules": {"ring_fuse_layers": false}}' --repeats 2 --warmup 1 --out "$out/results.csv"
     ;;
 mesh70b)
     # no `single` (the whole model does not fit one GPU), so nothing to check against: unchecked,

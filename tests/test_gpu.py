@@ -93,8 +93,9 @@ def _models(**ring_kw):
 
 
 def test_ring_prefill_followups_and_captured_decode_on_one_gpu(one_rank_group):
-    """Prefill, a pass-KV and a pass-Q follow-up, and captured decode steps: the plain FMS model's
-    logits within bf16 tolerance, and the captured step's tokens equal to the eager step's."""
+    """Prefill, a pass-KV and a pass-Q follow-up, and decode steps (whole layers compiled, captured
+    and eager): the plain FMS model's logits within bf16 tolerance, and the captured step's tokens
+    equal to the eager step's."""
     ring, plain = _models()
     ids = torch.randint(0, 256, (1, random.randrange(300, 700)), device="cuda")
     with torch.no_grad():
@@ -110,11 +111,14 @@ def test_ring_prefill_followups_and_captured_decode_on_one_gpu(one_rank_group):
         ring.cuda_graphs = graphs
         with torch.no_grad():
             logits, step_cache = ring(ids, use_cache=True, last_n_tokens=1)
+            ref_cache = plain(ids, use_cache=True)[1]
             out = []
             for _ in range(8):
                 nxt = logits[:, -1].argmax(-1, keepdim=True)
                 out.append(nxt)
                 logits, step_cache = ring(nxt, past_key_value_states=step_cache, use_cache=True, last_n_tokens=1)
+                ref, ref_cache = plain(nxt, past_key_value_states=ref_cache, use_cache=True)
+                assert _rel(logits[:, -1], ref[:, -1]) < 2e-2, graphs
         tokens[graphs] = torch.cat(out, dim=1)
     assert torch.equal(tokens[True], tokens[False])
 
