@@ -108,9 +108,10 @@ mesh70b)
     # no `single` (the whole model does not fit one GPU), so nothing to check against: unchecked,
     # every TP shard keeps its own random draw, which changes no shape and no time
     variant=70b
-    layers=${NLAYERS:+--model-kwargs {\"nlayers\":$NLAYERS}}
+    layers=()
+    [ -n "${NLAYERS:-}" ] && layers=(--model-kwargs "{\"nlayers\": $NLAYERS}")
     bench --strategies ring,tp --ring-tp 2,4 --phases prefill,decode --seq-lens 32K,128K --no-check \
-        --decode-tokens 16 --repeats 1 --warmup 1 $layers --out "$out/results.csv"
+        --decode-tokens 16 --repeats 1 --warmup 1 "${layers[@]}" --out "$out/results.csv"
     ;;
 *)
     echo "unknown section $section" >&2
