@@ -87,6 +87,10 @@ earlier = seed.seed_comparison(df)
 if len(earlier):
     print("the earlier FMS-Ring project's setting (fp32, 6998 tokens): this run beside what it reported")
     display(earlier)
+links = analysis.interconnect_table(df)
+if len(links):
+    print("each peer's speedup over one GPU over NVLink and with NCCL through host memory (kept = pcie-like / nvlink)")
+    display(links.drop(columns=["run"]).round(3))
 tradeoff = analysis.tradeoff_table(df)
 if len(tradeoff[tradeoff["tp_size"] > 1]) and (tradeoff["strategy"] == "ring").any():
     print("factorisations cp x tp of each world: prefill and decode against their floors")

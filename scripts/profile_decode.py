@@ -73,7 +73,9 @@ def main() -> None:
     rank, world, args, ids = llama3_8b(seq_len, seq_len + 512)
     bw = hbm_gbps()
     result: dict = {"gpu": torch.cuda.get_device_name(), "world_size": world, "seq_len": seq_len, "hbm_gbps": bw}
-    for name, fuse, layers in (("whole_layer", True, True), ("fused", True, False), ("unfused", False, False))[:variants]:
+    for name, fuse, layers in (("whole_layer", True, True), ("fused", True, False), ("unfused", False, False))[
+        :variants
+    ]:
         torch.manual_seed(0)
         model = fmsring.get_model(
             **args, distributed_strategy="ring", ring_check_inputs=False, ring_fuse=fuse, ring_fuse_layers=layers

@@ -405,9 +405,30 @@ def test_seed_comparison_sets_the_earlier_project_beside_a_run_labelled_as_their
             row("ring", 4, 4096, dtype="float32", latency_ms=300.0),  # another length
             row("ring", 4, 6998, latency_ms=200.0, variant="bf16")]  # fmt: skip  # not the project's dtype
     t = seed.seed_comparison(analysis.load_runs(write_run(tmp_path, "s", rows)))
-    assert t["config"].tolist() == ["ring x4", "single x1", *[r["config"] for r in seed.REPORTED]]
-    assert t["latency_ms"].tolist()[:2] == [600.0, 2250.0]
+    assert t["config"].tolist() == ["single x1", "ring x4", *[r["config"] for r in seed.REPORTED]]  # by GPU count
+    assert t["latency_ms"].tolist()[:2] == [2250.0, 600.0]
     assert (t["source"] == seed.SOURCE).sum() == 2
     fig = plots.plot_seed_comparison(analysis.load_runs(tmp_path / "s"), tmp_path / "fig")
     assert seed.SOURCE in [h.get_label() for h in fig.axes[0].get_legend().legend_handles]
     assert plots.plot_seed_comparison(analysis.load_runs(write_run(tmp_path, "b", rows[-1:]))) is None
+
+
+def test_interconnect_table_pairs_each_peer_over_both_links(tmp_path: Path):
+    """A run folder whose pcie-like rows live in a second CSV: read by name, kept apart from the
+    NVLink rows of the same points (not deduplicated away), and each peer's speedup over the
+    run's single compared across the two links."""
+    nv = [row("single", 1, 4096, latency_ms=400.0, interconnect="nvlink"),
+          row("ring", 4, 4096, latency_ms=100.0, interconnect="nvlink"),
+          row("tp", 4, 4096, latency_ms=125.0, interconnect="nvlink")]  # fmt: skip
+    pcie = [row("ring", 4, 4096, latency_ms=125.0, interconnect="pcie-like", link_gbps=22.0),
+            row("tp", 4, 4096, latency_ms=400.0, interconnect="pcie-like", link_gbps=22.0)]  # fmt: skip
+    run = write_run(tmp_path, "r", nv)
+    pd.DataFrame(pcie, columns=list(COLUMNS)).to_csv(run / "results_pcie_like.csv", index=False)
+    assert len(analysis.load_runs(run)) == 3  # a folder is its results.csv
+    df = analysis.load_runs([run / "results.csv", run / "results_pcie_like.csv"])
+    assert len(df) == 5 and set(df["run"]) == {"r"}
+    t = analysis.interconnect_table(df).set_index("strategy")
+    assert t.loc["ring", ["speedup_nvlink", "speedup_pcie_like", "kept"]].tolist() == [4.0, 3.2, 0.8]
+    assert t.loc["tp", ["speedup_nvlink", "speedup_pcie_like", "kept"]].tolist() == [3.2, 1.0, 0.3125]
+    assert t.loc["ring", "link_gbps_pcie_like"] == 22.0
+    assert analysis.interconnect_table(analysis.load_runs(run)).empty  # one link only: nothing to pair

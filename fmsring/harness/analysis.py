@@ -27,7 +27,7 @@ NUMERIC = (
     "latency_ms_max", "ttft_ms", "floor_ms", "peak_mem_gib", "tflops_per_gpu", "max_abs_err", "rel_err", "ref_norm",
     "repeats", "gpu_count", "link_gbps",
 )  # fmt: skip
-KEY = ("run", "strategy", "variant", "world_size", "seq_len", "cached_len", "batch", "phase")
+KEY = ("run", "strategy", "variant", "world_size", "seq_len", "cached_len", "batch", "phase", "interconnect")
 FAILED = ("oom", "timeout", "error")  # no timings: shown as markers with their status
 
 
@@ -44,6 +44,7 @@ def find_runs(root: str | os.PathLike = "runs") -> list[Path]:
 
 
 def _expand(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """The CSV files to read: a file as given (``results_fp32.csv`` too), a run folder's ``results.csv``."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out: list[Path] = []
@@ -52,11 +53,9 @@ def _expand(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path
         hits = [Path(h) for h in sorted(glob.glob(s))] if any(c in s for c in "*?[") else [Path(s)]
         for h in hits:
             if h.is_file():
-                out.append(h.parent)
-            elif (h / "results.csv").exists():
                 out.append(h)
             elif h.is_dir():
-                out.extend(find_runs(h))
+                out.extend(run / "results.csv" for run in find_runs(h))
             else:
                 raise FileNotFoundError(f"no run folder or results.csv at {h}")
     return list(dict.fromkeys(p.resolve() for p in out))
@@ -94,17 +93,20 @@ def _rejudge(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def load_runs(paths: str | os.PathLike | Iterable[str | os.PathLike] = "runs", dedupe: bool = True) -> pd.DataFrame:
-    """All rows of the given run folders (or results.csv files, or folders of runs).
+    """All rows of the given run folders (their ``results.csv``), CSV files (any
+    name: ``results_fp32.csv``), or folders of runs.
 
-    Adds ``run`` (the folder's name), ``run_dir`` and ``decode_tokens`` (from
+    Adds ``run`` (the folder's name: a folder's CSVs are one run, so a
+    ``single`` row in one is the baseline of the others), ``run_dir`` and ``decode_tokens`` (from
     params.json); fills the columns older CSVs lack. With ``dedupe`` a point
     measured more than once (a failed point retried on resume) keeps its ``ok``
     row, or else its latest row.
     """
     frames = []
-    for run_dir in _expand(paths):
+    for csv in _expand(paths):
+        run_dir = csv.parent
         try:
-            df = pd.read_csv(run_dir / "results.csv", dtype=str, keep_default_na=False, on_bad_lines="skip")
+            df = pd.read_csv(csv, dtype=str, keep_default_na=False, on_bad_lines="skip")
         except pd.errors.EmptyDataError:
             continue
         if df.empty:
@@ -333,6 +335,33 @@ def tradeoff_table(df: pd.DataFrame) -> pd.DataFrame:
     cols = ["run", "world_size", "seq_len", "config", "strategy", "variant", "cp_size", "tp_size", "prefill_ms",
             "prefill_floor_ms", "decode_ms", "decode_floor_ms", "max_ok_seq_len"]  # fmt: skip
     return wide[cols].sort_values(["run", "world_size", "seq_len", "tp_size", "config"]).reset_index(drop=True)
+
+
+def interconnect_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Prefill speedup over the run's one-GPU ``single`` per peer, world size and length, over
+    NVLink and over the PCIe-like link (NCCL through host memory), and what share of its NVLink
+    speedup each peer keeps there (``kept``)."""
+    d = _ok(df, "prefill", "latency_ms")
+    d = d[d["interconnect"].isin(["nvlink", "pcie-like"])] if "interconnect" in d.columns else d.iloc[0:0]
+    single = d[(d["strategy"] == "single") & (d["world_size"] == 1)].groupby(["run", "seq_len"])["latency_ms"].min()
+    cols = ["run", "strategy", "variant", "world_size", "seq_len", "single_ms", "nvlink_ms", "pcie_like_ms",
+            "speedup_nvlink", "speedup_pcie_like", "kept", "link_gbps_pcie_like"]  # fmt: skip
+    multi = d[d["world_size"] > 1]
+    if multi.empty or single.empty:
+        return pd.DataFrame(columns=cols)
+    keys = ["run", "strategy", "variant", "world_size", "seq_len"]
+    wide = multi.pivot_table(index=keys, columns="interconnect", values="latency_ms", aggfunc="min")
+    if not {"nvlink", "pcie-like"} <= set(wide.columns):
+        return pd.DataFrame(columns=cols)
+    t = wide.dropna(subset=["nvlink", "pcie-like"]).reset_index()
+    t = t.rename(columns={"nvlink": "nvlink_ms", "pcie-like": "pcie_like_ms"})
+    t["single_ms"] = [single.get((r, s), np.nan) for r, s in zip(t["run"], t["seq_len"], strict=True)]
+    t["speedup_nvlink"] = t["single_ms"] / t["nvlink_ms"]
+    t["speedup_pcie_like"] = t["single_ms"] / t["pcie_like_ms"]
+    t["kept"] = t["speedup_pcie_like"] / t["speedup_nvlink"]
+    link = multi[multi["interconnect"] == "pcie-like"].groupby(keys)["link_gbps"].median()
+    t["link_gbps_pcie_like"] = [link.get(tuple(r), np.nan) for r in t[keys].itertuples(index=False)]
+    return t[cols].sort_values(["run", "world_size", "seq_len", "strategy"]).reset_index(drop=True)
 
 
 def gpu_capacity_gib(gpu_name: str | None) -> float | None:

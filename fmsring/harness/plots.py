@@ -28,6 +28,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from fmsring.harness import analysis, seed
@@ -430,10 +431,11 @@ def plot_seed_comparison(df: pd.DataFrame, out_dir=None) -> Figure | None:
     for bar, reported in zip(bars, theirs, strict=True):
         if reported:
             bar.set_hatch("//")
-            bar.set_label(seed.SOURCE)
     ax.set_xticks(x, t["config"], rotation=30, ha="right")
     ax.set_ylabel("prefill (ms)")
-    handles = [bars[i] for i in np.flatnonzero(theirs.to_numpy())[:1]]
+    measured = sorted(set(t.loc[~theirs, "source"]))
+    handles = [Patch(facecolor="white", edgecolor="black", label=m) for m in measured]
+    handles += [Patch(facecolor=(0.6, 0.6, 0.6), hatch="//", label=seed.SOURCE)] if theirs.any() else []
     _legend(ax, handles)
     _title(ax, f"fp32, {seed.SEED_LENGTH} tokens: this run and the earlier project's report", "")
     save_figure(fig, figures_dir(df, out_dir), "seed_comparison")

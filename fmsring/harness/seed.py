@@ -31,6 +31,7 @@ def seed_comparison(df: pd.DataFrame, tolerance: int = 64) -> pd.DataFrame:
     if d.empty:
         return pd.DataFrame()
     best = d.sort_values("latency_ms").groupby(["run", "strategy", "world_size"], as_index=False).first()
+    best = best.sort_values(["run", "world_size", "strategy"])
     gpu = best["gpu_name"].fillna("") if "gpu_name" in best.columns else ""
     measured = pd.DataFrame({
         "config": [f"{s} x{int(w)}" for s, w in zip(best["strategy"], best["world_size"], strict=True)],
