@@ -93,14 +93,15 @@ class FusedDecoderBlock(nn.Module):
     be compiled whole (``whole_layer``: fmsring's one-token decode step) runs
     as one compiled graph, so norm, RoPE, cache write, attention bookkeeping,
     the merge's packing, SiLU and residual adds fuse with each other instead
-    of only within each module, and one decode step launches about half the
-    kernels (docs/performance.md). Every other call -- prefills, follow-ups --
-    runs FMS's own forward.
+    of only within each module: a decode step is bound by bytes but pays per
+    kernel, and this launches fewer (docs/performance.md). Every other call
+    -- prefills, follow-ups -- runs FMS's own forward.
 
     Static shapes: a decode step's shapes change only with the cache, so each
     cache capacity compiles once (one graph serves every layer: their
     parameters are the graph's inputs), and its kernels are tuned to the
-    shape.
+    shape. Past dynamo's recompile limit a new capacity runs the modules
+    compiled one by one, which is slower, not wrong.
     """
 
     _whole_layer: Callable[..., Any]
