@@ -21,6 +21,8 @@
 #           one (ring_fuse_layers=false): the 32K step profiled (kernels, kernel time) on all GPUs;
 #           every factorisation cp x tp checked against single at 8K; 32 tokens at 128K for every
 #           factorisation, and modules-only for 4x1 and 1x4
+# decodefloor  the decode-at-the-floor targets: ring at 32K and 128K, ring at batch 4 and 32K, then
+#           single and tp at 32K and 128K (32 tokens, unchecked: the layers section checks)
 # mesh70b   LLaMA-2-70B shapes (FMS llama/70b; NLAYERS=n to cut layers where 80 do not fit):
 #           ring 2x2 (and 1x4) against FMS TP at 32K and 128K, prefill and decode
 #
@@ -103,6 +105,12 @@ layers)
         --repeats 2 --warmup 1 --out "$out/results.csv"
     bench --strategies ring --ring-tp 1,4 --phases decode --seq-lens 128K --decode-tokens 32 --no-check \
         --ring-variants '{"modules": {"ring_fuse_layers": false}}' --repeats 2 --warmup 1 --out "$out/results.csv"
+    ;;
+decodefloor)
+    steps=(--phases decode --decode-tokens 32 --repeats 1 --warmup 1 --no-check --out "$out/results.csv")
+    bench --strategies ring --seq-lens 32K,128K "${steps[@]}"
+    bench --strategies ring --seq-lens 32K --batch 4 "${steps[@]}"
+    bench --strategies single,tp --seq-lens 32K,128K "${steps[@]}"
     ;;
 mesh70b)
     # no `single` (the whole model does not fit one GPU), so nothing to check against: unchecked,
