@@ -12,7 +12,8 @@
 # scaling   prefill at 128K: single, ring, tp, torch_cp (run on 4 GPUs)
 # fp32      the earlier project's setting: float32, 6998 tokens and 32K, single, ring, tp, torch_cp
 # interconnect  prefill 32K and 128K, every peer, over NVLink and then with NCCL_P2P_DISABLE=1
-#           (NCCL through host memory: a PCIe-class link); rows say which in `interconnect`
+#           (NCCL through host memory: a PCIe-class link); rows say which in `interconnect`; then ring
+#           through host memory with TORCH_NCCL_HIGH_PRIORITY=1 (results_pcie_like_high_priority.csv)
 # mesh      ring x tensor parallel, every factorisation cp x tp of the GPUs beside single, tp and
 #           torch_cp: prefill and decode at 8K (checked against single) and 128K
 # ladder    1M-token prompts generating 8 tokens, ring at every factorisation cp x tp of the GPUs
@@ -87,6 +88,9 @@ interconnect)
         --out "$out/results.csv"
     NCCL_P2P_DISABLE=1 bench --strategies ring,tp,torch_cp --phases prefill --seq-lens 32K,128K --repeats 2 \
         --warmup 1 --no-check --out "$out/results_pcie_like.csv"
+    # is the ring's overlap over host memory lost to SM starvation? NCCL's kernels at high priority
+    NCCL_P2P_DISABLE=1 TORCH_NCCL_HIGH_PRIORITY=1 bench --strategies ring --phases prefill --seq-lens 32K,128K \
+        --repeats 2 --warmup 1 --no-check --out "$out/results_pcie_like_high_priority.csv"
     ;;
 mesh)
     bench --strategies single,tp,torch_cp,ring --ring-tp 1,2,4 --phases prefill,decode --seq-lens 8K,128K \

@@ -6,9 +6,9 @@ module's elementwise work fused (``ring_fuse_layers=False``), and unfused
 (``ring_fuse=False``) -- the first VARIANTS of these (default all three):
 a cached prefill of SEQ_LEN tokens (LLaMA-3-8B shapes, random weights,
 bf16), then one-token steps. The captured (CUDA-graph) step is timed with
-CUDA events, median of 20; one eager step is profiled for its kernel count
-and kernel time by kind (a graph replays the same kernels without the
-launch gaps). The floor is what a step must read -- every weight but the
+CUDA events, median of 20; one eager step is profiled for its kernel count,
+kernel time by kind and the most launched kernels by name (a graph replays
+the same kernels without the launch gaps). The floor is what a step must read -- every weight but the
 embedding table, plus this rank's cache shard -- over the HBM bandwidth measured here by a large copy.
 Writes decode_profile_rank<r>.json.
 """
@@ -20,7 +20,7 @@ import sys
 
 import torch
 from gpu_probe import cuda_times
-from profile_prefill import kernel_ms_by_kind, llama3_8b, write_rank_json
+from profile_prefill import kernel_ms_by_kind, kernels_by_name, llama3_8b, write_rank_json
 from torch.profiler import ProfilerActivity, profile
 
 import fmsring
@@ -62,6 +62,7 @@ def profile_steps(model, ids) -> dict:
         "graph_step_ms_max": max(times),
         "eager_kernels": count,
         "eager_kernel_ms": kernel_ms,
+        "eager_kernels_by_name": kernels_by_name(prof),
         "weight_bytes": weight_bytes,
         "cache_shard_bytes": cache_bytes,
     }
@@ -83,7 +84,7 @@ def main() -> None:
         res = profile_steps(model.eval(), ids)
         res["floor_ms"] = (res["weight_bytes"] + res["cache_shard_bytes"]) / bw / 1e6
         result[name] = res
-        print(rank, name, {k: v for k, v in res.items() if k != "eager_kernel_ms"}, flush=True)
+        print(rank, name, {k: v for k, v in res.items() if not k.startswith("eager_kernel")}, flush=True)
         del model
         torch.cuda.empty_cache()
     write_rank_json(result, out_dir, f"decode_profile_rank{rank}.json")

@@ -61,6 +61,17 @@ def idle_spans(trace_path: str, top: int = 8) -> dict:
     return {k: {"ms": round(v[0], 2), "count": v[1]} for k, v in ranked}
 
 
+def kernels_by_name(prof: profile, top: int = 40) -> list[dict]:
+    """The ``top`` kernels by launch count (then time): name (cut to 90 characters), kind, count
+    per profiled call, total ms -- what a step's kernel count is made of."""
+    rows = []
+    for evt in prof.key_averages():
+        ms = getattr(evt, "device_time_total", getattr(evt, "cuda_time_total", 0.0)) / 1e3
+        if ms > 0 and str(evt.device_type).endswith("CUDA"):
+            rows.append({"name": evt.key[:90], "kind": kind_of(evt.key), "count": evt.count, "ms": round(ms, 4)})
+    return sorted(rows, key=lambda r: (-r["count"], -r["ms"]))[:top]
+
+
 def kernel_ms_by_kind(prof: profile) -> tuple[dict[str, float], int]:
     """A profile's CUDA kernel time (ms) summed by kind, and how many kernels ran."""
     totals: dict[str, float] = {}
