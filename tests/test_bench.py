@@ -39,7 +39,8 @@ def _bench(out: Path, nproc: int | None, strategies: str, extra: list[str] = (),
                       "--strategies", strategies, "--phases", "prefill,decode", "--seq-lens", lens,
                       "--repeats", "2", "--warmup", "1", "--decode-tokens", "3", "--timeout-s", "60",
                       "--out", str(out), *extra]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
+           "TORCH_NCCL_HIGH_PRIORITY": "1"}  # fmt: skip  # no effect on gloo; the rows must record it
     proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == rc, f"bench exit {proc.returncode} != {rc}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
@@ -89,6 +90,7 @@ def test_two_ranks_rows_and_columns(two_rank_csv: pd.DataFrame) -> None:
         ("single", "", 1), ("single", AS_SHIPPED, 1), ("ring", "", 2), ("tp", "", 2), ("tp", AS_SHIPPED, 2),
     }  # fmt: skip
     assert (df["cached_len"] == 0).all() and df["floor_ms"].isna().all()  # no floor on a CPU
+    assert df["env"].str.contains("TORCH_NCCL_HIGH_PRIORITY=1", regex=False).all()
     assert (df.loc[df["strategy"] == "ring", "layout"] == "zigzag").all()
     assert df.loc[df["strategy"] != "ring", "layout"].isna().all()
     ref = df[(df["strategy"] == "single") & (df["variant"] == "")]

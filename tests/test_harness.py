@@ -279,3 +279,13 @@ def test_interconnect_is_named_per_run(monkeypatch: pytest.MonkeyPatch):
     assert ceilings.interconnect("cuda", 4) == "pcie-like"
     assert ceilings.interconnect("cuda", 1) == "" and ceilings.interconnect("cpu", 0) == ""
     assert math.isnan(ceilings.measure_ring_shift_gbps())  # no NCCL group here
+
+
+def test_rows_record_the_environment_that_changes_a_measurement(monkeypatch):
+    for name in schema.PERFORMANCE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert schema.launch_env() == ""
+    monkeypatch.setenv("NCCL_P2P_DISABLE", "1")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    monkeypatch.setenv("HOME", "/elsewhere")  # not one that changes a measurement
+    assert schema.launch_env() == "NCCL_P2P_DISABLE=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"

@@ -57,6 +57,7 @@ COLUMNS = (
     "torch_version",
     "cuda_version",
     "nccl_version",
+    "env",
     "timestamp",
 )
 STRATEGIES = ("single", "ring", "tp", "torch_cp")
@@ -384,6 +385,20 @@ def _nccl_version() -> str:
         return ""
 
 
+# Environment variables that change what a launch measures without changing its code: which
+# GPUs, how NCCL moves data and at what priority, the allocator. A row records those set.
+PERFORMANCE_ENV = (
+    "CUDA_VISIBLE_DEVICES", "NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE", "NCCL_IB_DISABLE", "NCCL_NVLS_ENABLE",
+    "NCCL_ALGO", "NCCL_PROTO", "NCCL_MIN_NCHANNELS", "NCCL_MAX_NCHANNELS", "TORCH_NCCL_HIGH_PRIORITY",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS", "PYTORCH_CUDA_ALLOC_CONF",
+)  # fmt: skip
+
+
+def launch_env() -> str:
+    """The :data:`PERFORMANCE_ENV` variables set in this process, as ``NAME=value`` joined by spaces."""
+    return " ".join(f"{k}={os.environ[k]}" for k in PERFORMANCE_ENV if k in os.environ)
+
+
 def row_provenance(spec: ModelSpec, repeats: int, device_index: int = 0) -> dict[str, Any]:
     """Columns that describe the model, machine and code, identical on every row of a launch."""
     import torch
@@ -403,6 +418,7 @@ def row_provenance(spec: ModelSpec, repeats: int, device_index: int = 0) -> dict
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda or "",
         "nccl_version": _nccl_version() if cuda else "",
+        "env": launch_env(),
     }
 
 
