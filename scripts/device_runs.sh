@@ -24,6 +24,9 @@
 #           factorisation, and modules-only for 4x1 and 1x4
 # decodefloor  the decode-at-the-floor targets: ring at 32K and 128K, ring at batch 4 and 32K, then
 #           single and tp at 32K and 128K (32 tokens, unchecked: the layers section checks)
+# oneshot   the decode step's collectives one-shot through symmetric memory (the default) against
+#           NCCL's: the 32K step of 4x1 profiled both ways; every factorisation cp x tp checked
+#           against single at 8K; 32 tokens at 128K, both ways, for 4x1 and 1x4
 # mesh70b   LLaMA-2-70B shapes (FMS llama/70b; NLAYERS=n to cut layers where 80 do not fit):
 #           ring 2x2 (and 1x4) against FMS TP at 32K and 128K, prefill and decode
 #
@@ -109,6 +112,15 @@ layers)
         --repeats 2 --warmup 1 --out "$out/results.csv"
     bench --strategies ring --ring-tp 1,4 --phases decode --seq-lens 128K --decode-tokens 32 --no-check \
         --ring-variants '{"modules": {"ring_fuse_layers": false}}' --repeats 2 --warmup 1 --out "$out/results.csv"
+    ;;
+oneshot)
+    torchrun --standalone --nproc_per_node="$nproc" scripts/profile_decode.py "$out" 32768 2 2>&1 \
+        | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log" | grep -v '^ *"' || status=1
+    bench --strategies single,ring --ring-tp 1,2,4 --phases decode --seq-lens 8K --decode-tokens 8 \
+        --repeats 1 --warmup 0 --out "$out/results.csv"
+    bench --strategies ring --ring-tp 1,4 --phases decode --seq-lens 128K --decode-tokens 32 --no-check \
+        --ring-variants '{"": {}, "nccl": {"ring_symmetric_memory": false}}' --repeats 2 --warmup 1 \
+        --out "$out/results.csv"
     ;;
 decodefloor)
     steps=(--phases decode --decode-tokens 32 --repeats 1 --warmup 1 --no-check --out "$out/results.csv")
