@@ -213,7 +213,11 @@ def enable_symmetric_memory(groups: Sequence[dist.ProcessGroup]) -> bool:
 
     A one-token decode step makes dozens of collectives of a few KiB, each
     paying NCCL's launch-and-handshake latency; a one-shot all-reduce reads
-    every peer's buffer directly over NVLink in one kernel. It needs NCCL
+    every peer's buffer directly over NVLink in one kernel. fmsring enables
+    it for the ring's group only: with it on a TP group as well, torch 2.11
+    failed to capture the step ("empty_strided_p2p_persistent: requested
+    allocation size ... is different from the size of a previous allocation
+    with the same alloc_id"; docs/performance.md). It needs NCCL
     groups whose ranks share a node with peer access (torchrun numbers a
     node's ranks contiguously) and no ``NCCL_P2P_DISABLE``. The verdict is
     agreed on by all ranks of each group: a rank that ran NCCL against a

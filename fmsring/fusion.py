@@ -98,7 +98,7 @@ class FusedDecoderBlock(nn.Module):
     -- prefills, follow-ups -- runs FMS's own forward.
 
     Its collectives are traced in too: FMS TP's all-reduces and the ring's
-    gather, which run one-shot through symmetric memory where the groups have
+    gather, which runs one-shot through symmetric memory where its group has
     it (``ONE_SHOT_OPTIONS``).
 
     Static shapes: a decode step's shapes change only with the cache, so each

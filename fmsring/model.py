@@ -93,9 +93,10 @@ class LlamaRing(nn.Module):
     ``fuse_layers`` every decoder layer of a decode step as one graph
     (:class:`fmsring.fusion.FusedDecoderBlock`; off, the first step of a new
     cache compiles faster and launches more kernels). Within those layers,
-    ``symmetric_memory`` runs the collectives one-shot through symmetric
-    memory where every rank of a group shares a node with peer access
-    (:func:`fmsring.comm.enable_symmetric_memory`); elsewhere NCCL runs them.
+    ``symmetric_memory`` runs the ring's gather one-shot through symmetric
+    memory where its ranks share a node with peer access
+    (:func:`fmsring.comm.enable_symmetric_memory`); elsewhere, and for FMS
+    TP's all-reduces, NCCL runs it.
 
     ``check_inputs`` compares every rank's inputs once per prompt or
     follow-up; a one-token decode step makes no host sync at all, so the
@@ -151,8 +152,8 @@ class LlamaRing(nn.Module):
             fuse_elementwise(model)
         if fuse and fuse_layers:
             fuse_decoder_blocks(model)
-            if symmetric_memory:
-                strategy.symmetric_memory = enable_symmetric_memory(strategy.model_groups)
+            if symmetric_memory:  # the ring's group only: see enable_symmetric_memory
+                strategy.symmetric_memory = enable_symmetric_memory([strategy.group])
         if ffn_chunk > 0:
             chunk_feedforward(model, ffn_chunk)
 

@@ -27,7 +27,8 @@
 #           unchecked: the layers and oneshot sections check)
 # oneshot   the decode step's collectives one-shot through symmetric memory (the default) against
 #           NCCL's: the 32K step of the ring alone profiled both ways; every factorisation cp x tp
-#           checked against single at 8K; 32 tokens at 128K, both ways, for W x 1 and 1 x W
+#           checked against single at 8K; 32 tokens at 128K, both ways, for the ring alone (TP's
+#           all-reduces stay NCCL's)
 # mesh70b   LLaMA-2-70B shapes (FMS llama/70b; NLAYERS=n to cut layers where 80 do not fit):
 #           ring 2x2 (and 1x4) against FMS TP at 32K and 128K, prefill and decode
 #
@@ -121,7 +122,7 @@ oneshot)
         | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log" | grep -v '^ *"' || status=1
     bench --strategies single,ring --ring-tp "$factors" --phases decode --seq-lens 8K --decode-tokens 8 \
         --repeats 1 --warmup 0 --out "$out/results.csv"
-    bench --strategies ring --ring-tp "1,$nproc" --phases decode --seq-lens 128K --decode-tokens 32 --no-check \
+    bench --strategies ring --phases decode --seq-lens 128K --decode-tokens 32 --no-check \
         --ring-variants "$nccl_too" --repeats 2 --warmup 1 --out "$out/results.csv"
     ;;
 decodefloor)
