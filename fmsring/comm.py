@@ -1,20 +1,14 @@
 """Process-group plumbing: the ring's point-to-point exchange and the few
-collectives fmsring needs (input check, RNG sync, padded gathers, the decode
-step's gather)."""
+collectives fmsring needs (input check, RNG sync, padded gathers)."""
 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
-
-# torch >= 2.13 renamed all_gather_into_tensor; the GPU image still has 2.11.
-_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
 
 def maybe_init_dist(device_type: str | None = None, timeout_s: float = 600.0, alone: bool = False) -> tuple[int, int]:
@@ -185,65 +179,3 @@ def broadcast_weights(model: torch.nn.Module, group: dist.ProcessGroup | None, s
         buf = t.data.to(gdev)
         dist.broadcast(buf, src=src, group=group)
         t.data.copy_(buf)
-
-
-def gather_stacked(t: torch.Tensor, group: dist.ProcessGroup, via_all_reduce: bool = False) -> torch.Tensor:
-    """Every rank's ``t`` stacked on a new dim 0, in group-rank order, on every rank.
-
-    ``via_all_reduce`` gathers as the sum of each rank's zero-padded slot --
-    exact, since adding zeros is -- because an all-reduce is what compiled
-    code runs one-shot through symmetric memory
-    (:func:`enable_symmetric_memory`), and a decode step's gathers are small
-    enough that latency, not bytes, is their cost.
-    """
-    world = dist.get_world_size(group)
-    if via_all_reduce:
-        slots = t.new_zeros((world, *t.shape))
-        slots[dist.get_rank(group)] = t
-        return funcol.wait_tensor(funcol.all_reduce(slots, "sum", group))
-    stacked = t.new_empty((world * t.shape[0], *t.shape[1:]))
-    _all_gather_single(stacked, t, group=group)
-    return stacked.view(world, *t.shape)
-
-
-def enable_symmetric_memory(groups: Sequence[dist.ProcessGroup]) -> bool:
-    """Let compiled code run these groups' small all-reduces as one-shot
-    all-reduces through symmetric memory, where every group can; returns
-    whether it did.
-
-    A one-token decode step makes dozens of collectives of a few KiB, each
-    paying NCCL's launch-and-handshake latency; a one-shot all-reduce reads
-    every peer's buffer directly over NVLink in one kernel. fmsring enables
-    it for the ring's group only: with it on a TP group as well, torch 2.11
-    failed to capture the step ("empty_strided_p2p_persistent: requested
-    allocation size ... is different from the size of a previous allocation
-    with the same alloc_id"; docs/performance.md). It needs NCCL
-    groups whose ranks share a node with peer access (torchrun numbers a
-    node's ranks contiguously) and no ``NCCL_P2P_DISABLE``. The verdict is
-    agreed on by all ranks of each group: a rank that ran NCCL against a
-    peer running one-shot would hang.
-    """
-    groups = [g for g in groups if dist.get_world_size(g) > 1]
-    if not groups or any(dist.get_backend(g) != "nccl" for g in groups):
-        return False
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
-    device = torch.cuda.current_device()
-    ranks = {r for g in groups for r in dist.get_process_group_ranks(g)}
-    local = (
-        per_node > 0
-        and os.environ.get("NCCL_P2P_DISABLE", "0") == "0"
-        and all(len({r // per_node for r in dist.get_process_group_ranks(g)}) == 1 for g in groups)
-        and all(r % per_node == device or torch.cuda.can_device_access_peer(device, r % per_node) for r in ranks)
-    )
-    verdict = torch.tensor(float(local), device="cuda")
-    for group in groups:  # the min over a row, then over a column, is the mesh's: all ranks agree
-        dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=group)
-    if not verdict.item():
-        return False
-    from torch.distributed import _symmetric_memory as symm_mem
-
-    with warnings.catch_warnings():  # deprecated in torch 2.13 (no longer needed there), required in 2.11
-        warnings.simplefilter("ignore", FutureWarning)
-        for group in groups:
-            symm_mem.enable_symm_mem_for_group(group.group_name)
-    return True

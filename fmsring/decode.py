@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 
-from fmsring.comm import gather_stacked
 from fmsring.kernels import (
     SplitKV,
     attention_with_lse,
@@ -27,17 +27,21 @@ from fmsring.kernels import (
 from fmsring.ring_attention import to_query_layout
 from fmsring.strategy import RingAttentionStrategy
 
+# torch >= 2.13 renamed all_gather_into_tensor; the GPU image still has 2.11.
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
 
 def merge_shards(out: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, strategy: RingAttentionStrategy):
     """Every rank's partial (out [b, h, n, d], lse) merged on every rank, [b, n, h, d] in query's dtype.
 
     Every rank merges the same stack in the same order, so all ranks get
-    bit-identical results. With symmetric memory the gather is an all-reduce,
-    which a compiled step runs one-shot.
+    bit-identical results.
     """
     if strategy.world_size > 1:
         packed = pack_partial_auto(out, lse)
-        stacked = gather_stacked(packed, strategy.group, via_all_reduce=strategy.symmetric_memory)
+        stacked = packed.new_empty((strategy.world_size * packed.shape[0], *packed.shape[1:]))
+        _all_gather_single(stacked, packed, group=strategy.group)
+        stacked = stacked.view(strategy.world_size, *packed.shape)
         out = merge_stacked_auto(stacked[..., :-1], stacked[..., -1], query.dtype)
     return to_query_layout(out, query)
 

@@ -37,14 +37,14 @@ from torch import nn
 FUSE_DEVICES: set[str] = {"cuda"}
 
 
-def fused(fn: Callable[..., Any], dynamic: bool = True, options: dict[str, Any] | None = None) -> Callable[..., Any]:
+def fused(fn: Callable[..., Any], dynamic: bool = True) -> Callable[..., Any]:
     """``fn`` compiled (torch.compile; ``dynamic`` shapes or each shape its own
-    kernels; inductor ``options``) when its first tensor argument is on one of :data:`FUSE_DEVICES`,
+    kernels) when its first tensor argument is on one of :data:`FUSE_DEVICES`,
     eager otherwise. Inside code being compiled it is plain ``fn``, for the
     outer compilation to fuse with its neighbours. A machine where the
     compiler cannot build it (no Triton for the GPU, no C++ compiler) gets an
     error that says how to run without fusion."""
-    compiled = torch.compile(fn, dynamic=dynamic, options=options)
+    compiled = torch.compile(fn, dynamic=dynamic)
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -97,10 +97,6 @@ class FusedDecoderBlock(nn.Module):
     kernel, and this launches fewer (docs/performance.md). Every other call
     -- prefills, follow-ups -- runs FMS's own forward.
 
-    Its collectives are traced in too: FMS TP's all-reduces and the ring's
-    gather, which runs one-shot through symmetric memory where its group has
-    it (``ONE_SHOT_OPTIONS``).
-
     Static shapes: a decode step's shapes change only with the cache, so each
     cache capacity compiles once (one graph serves every layer: their
     parameters are the graph's inputs), and its kernels are tuned to the
@@ -118,11 +114,6 @@ class FusedDecoderBlock(nn.Module):
 
 _BLOCKS: dict[type, type] = {}
 
-# Inductor lowers an all-reduce of at most this many bytes on a group with
-# symmetric memory (fmsring.comm.enable_symmetric_memory) to a one-shot
-# all-reduce: a batch-4 decode step's merge on 2 ranks is ~130 KiB.
-ONE_SHOT_OPTIONS = {"_collective.auto_select": True, "_collective.one_shot_all_reduce_threshold_bytes": 256 * 1024}
-
 
 def fuse_decoder_blocks(model: nn.Module) -> nn.Module:
     """Make every block that holds one of ``model``'s attention layers a
@@ -134,7 +125,7 @@ def fuse_decoder_blocks(model: nn.Module) -> nn.Module:
         if isinstance(block, FusedDecoderBlock) or block is model:
             continue
         if cls not in _BLOCKS:
-            whole = staticmethod(fused(cls.forward, dynamic=False, options=ONE_SHOT_OPTIONS))
+            whole = staticmethod(fused(cls.forward, dynamic=False))
             _BLOCKS[cls] = type(f"Fused{cls.__name__}", (FusedDecoderBlock, cls), {"_whole_layer": whole})
         block.__class__ = _BLOCKS[cls]
     return model

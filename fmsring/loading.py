@@ -24,8 +24,8 @@ from fmsring.strategy import RingAttentionStrategy
 STRATEGIES = ("ring", "replicated", None, "", "tp", "mp", "fsdp", "hsdp", "ddp")
 RING_OPTIONS = (
     "ring_layout", "ring_check_inputs", "ring_cache_headroom", "ring_ffn_chunk",
-    "ring_cuda_graphs", "ring_fuse", "ring_fuse_layers", "ring_symmetric_memory", "ring_followup",
-    "ring_prefill_chunk", "ring_tp", "ring_mesh",
+    "ring_cuda_graphs", "ring_fuse", "ring_fuse_layers", "ring_followup", "ring_prefill_chunk", "ring_tp",
+    "ring_mesh",
 )  # fmt: skip
 
 
@@ -46,7 +46,6 @@ def get_model(
     ring_cuda_graphs: bool = True,
     ring_fuse: bool = True,
     ring_fuse_layers: bool = True,
-    ring_symmetric_memory: bool = True,
     ring_followup: str = "auto",
     ring_prefill_chunk: int = 0,
     ring_tp: int = 1,
@@ -143,7 +142,6 @@ def get_model(
         cuda_graphs=ring_cuda_graphs,
         fuse=ring_fuse,
         fuse_layers=ring_fuse_layers,
-        symmetric_memory=ring_symmetric_memory,
         followup=ring_followup,
         prefill_chunk=ring_prefill_chunk,
     )

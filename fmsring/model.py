@@ -20,7 +20,7 @@ from torch import nn
 from fmsring import ring_attention  # importing it registers the "ring" attention op with FMS
 from fmsring.allocator import warn_if_fragmented
 from fmsring.cache import RingCache, RingCacheState, capacity_for, new_cache_id
-from fmsring.comm import all_gather_padded, check_same_on_all_ranks, enable_symmetric_memory, sync_rng
+from fmsring.comm import all_gather_padded, check_same_on_all_ranks, sync_rng
 from fmsring.decode import DecodeStep, ReplicatedStep
 from fmsring.decode_graph import DecodeGraphs, StepInputs
 from fmsring.followup import FOLLOWUP_MODES, Followup, FollowupShape, choose_followup
@@ -92,11 +92,7 @@ class LlamaRing(nn.Module):
     ``fuse`` compiles FMS's norms, gated MLPs and RoPE (on CUDA), and with
     ``fuse_layers`` every decoder layer of a decode step as one graph
     (:class:`fmsring.fusion.FusedDecoderBlock`; off, the first step of a new
-    cache compiles faster and launches more kernels). Within those layers,
-    ``symmetric_memory`` runs the ring's gather one-shot through symmetric
-    memory where its ranks share a node with peer access
-    (:func:`fmsring.comm.enable_symmetric_memory`); elsewhere, and for FMS
-    TP's all-reduces, NCCL runs it.
+    cache compiles faster and launches more kernels).
 
     ``check_inputs`` compares every rank's inputs once per prompt or
     follow-up; a one-token decode step makes no host sync at all, so the
@@ -113,7 +109,6 @@ class LlamaRing(nn.Module):
         cuda_graphs: bool = True,
         fuse: bool = True,
         fuse_layers: bool = True,
-        symmetric_memory: bool = True,
         followup: str = "auto",
         prefill_chunk: int = 0,
     ):
@@ -152,8 +147,6 @@ class LlamaRing(nn.Module):
             fuse_elementwise(model)
         if fuse and fuse_layers:
             fuse_decoder_blocks(model)
-            if symmetric_memory:  # the ring's group only: see enable_symmetric_memory
-                strategy.symmetric_memory = enable_symmetric_memory([strategy.group])
         if ffn_chunk > 0:
             chunk_feedforward(model, ffn_chunk)
 

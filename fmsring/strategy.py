@@ -44,8 +44,6 @@ class RingAttentionStrategy(DistributedStrategy):
         self.comm = RingComm(self.group)
         self.tp_group = tp_group
         self.tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
-        # set by LlamaRing once every rank agrees (fmsring.comm.enable_symmetric_memory)
-        self.symmetric_memory = False
 
     @property
     def model_groups(self) -> tuple[dist.ProcessGroup, ...]:

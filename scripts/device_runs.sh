@@ -22,13 +22,8 @@
 #           one (ring_fuse_layers=false): the 32K step profiled (kernels, kernel time) on all GPUs;
 #           every factorisation cp x tp checked against single at 8K; 32 tokens at 128K for every
 #           factorisation, and modules-only for 4x1 and 1x4
-# decodefloor  the decode-at-the-floor targets: ring at 32K and 128K, ring at batch 4 and 32K (each
-#           with one-shot and with NCCL's collectives), then single and tp at 32K and 128K (32 tokens,
-#           unchecked: the layers and oneshot sections check)
-# oneshot   the decode step's collectives one-shot through symmetric memory (the default) against
-#           NCCL's: the 32K step of the ring alone profiled both ways; every factorisation cp x tp
-#           checked against single at 8K; 32 tokens at 128K, both ways, for the ring alone (TP's
-#           all-reduces stay NCCL's)
+# decodefloor  the decode-at-the-floor targets: ring at 32K and 128K, ring at batch 4 and 32K, then
+#           single and tp at 32K and 128K (32 tokens, unchecked: the layers section checks)
 # mesh70b   LLaMA-2-70B shapes (FMS llama/70b; NLAYERS=n to cut layers where 80 do not fit):
 #           ring 2x2 (and 1x4) against FMS TP at 32K and 128K, prefill and decode
 #
@@ -46,7 +41,6 @@ variant=3-8b
 peers=${PEERS:-single,ring,tp,torch_cp}
 unchecked=$([[ $peers == *single* ]] || echo --no-check)
 factors=$(python3 -c "print(','.join(str(t) for t in range(1, $nproc + 1) if $nproc % t == 0))")  # every cp x tp
-nccl_too='{"": {}, "nccl": {"ring_symmetric_memory": false}}'  # the default, and NCCL's collectives
 bench() {
     torchrun --standalone --nproc_per_node="$nproc" -m fmsring.bench --architecture llama --variant "$variant" \
         --device cuda --dtype bfloat16 "$@" 2>&1 | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log"
@@ -117,18 +111,10 @@ layers)
     bench --strategies ring --ring-tp "1,$nproc" --phases decode --seq-lens 128K --decode-tokens 32 --no-check \
         --ring-variants '{"modules": {"ring_fuse_layers": false}}' --repeats 2 --warmup 1 --out "$out/results.csv"
     ;;
-oneshot)
-    torchrun --standalone --nproc_per_node="$nproc" scripts/profile_decode.py "$out" 32768 2 2>&1 \
-        | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log" | grep -v '^ *"' || status=1
-    bench --strategies single,ring --ring-tp "$factors" --phases decode --seq-lens 8K --decode-tokens 8 \
-        --repeats 1 --warmup 0 --out "$out/results.csv"
-    bench --strategies ring --phases decode --seq-lens 128K --decode-tokens 32 --no-check \
-        --ring-variants "$nccl_too" --repeats 2 --warmup 1 --out "$out/results.csv"
-    ;;
 decodefloor)
     steps=(--phases decode --decode-tokens 32 --repeats 1 --warmup 1 --no-check --out "$out/results.csv")
-    bench --strategies ring --seq-lens 32K,128K --ring-variants "$nccl_too" "${steps[@]}"
-    bench --strategies ring --seq-lens 32K --batch 4 --ring-variants "$nccl_too" "${steps[@]}"
+    bench --strategies ring --seq-lens 32K,128K "${steps[@]}"
+    bench --strategies ring --seq-lens 32K --batch 4 "${steps[@]}"
     bench --strategies single,tp --seq-lens 32K,128K "${steps[@]}"
     ;;
 mesh70b)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import torch
 import torch.distributed as dist
 
@@ -54,28 +52,3 @@ def test_all_to_all_delivers_chunk_r_to_rank_r():
     world = 3
     for rank, got in enumerate(run_ranks(world, _a2a)):
         assert got.tolist() == [[src, rank] for src in range(world)]
-
-
-def _gathers(rank, world, seed):
-    from fmsring.comm import enable_symmetric_memory, gather_stacked
-
-    gen = torch.Generator().manual_seed(seed + rank)
-    t = torch.randn(2, 3, 5, generator=gen)
-    t[0, 0, 0] = float("-inf")  # an lse of a shard that saw no key survives the sum of zeros
-    t[0, 0, 1] = -0.0
-    return (
-        t,
-        gather_stacked(t, dist.group.WORLD),
-        gather_stacked(t, dist.group.WORLD, via_all_reduce=True),
-        (enable_symmetric_memory([dist.group.WORLD])),
-    )
-
-
-def test_gather_stacked_as_an_all_reduce_is_the_all_gather_bit_for_bit():
-    seed, world = random.randrange(2**31), 3
-    results = run_ranks(world, _gathers, seed)
-    want = torch.stack([r[0] for r in results])
-    for _, gathered, summed, symmetric in results:
-        assert torch.equal(gathered, want), f"seed {seed}"
-        assert torch.equal(summed, want), f"seed {seed}"
-        assert not symmetric  # gloo has no symmetric memory: NCCL-only
