@@ -24,6 +24,8 @@
 #           factorisation, and modules-only for 4x1 and 1x4
 # decodefloor  the decode-at-the-floor targets: ring at 32K and 128K, ring at batch 4 and 32K, then
 #           single and tp at 32K and 128K (32 tokens, unchecked: the layers section checks)
+# ttft1m    a 1M-token prompt on the ring alone: its no-cache prefill and its generation (time to first
+#           token, then 8 tokens) in one launch; 8K rows first, so the 1M rows run compiled code warm
 # mesh70b   LLaMA-2-70B shapes (FMS llama/70b; NLAYERS=n to cut layers where 80 do not fit):
 #           ring 2x2 (and 1x4) against FMS TP at 32K and 128K, prefill and decode
 #
@@ -116,6 +118,10 @@ decodefloor)
     bench --strategies ring --seq-lens 32K,128K "${steps[@]}"
     bench --strategies ring --seq-lens 32K --batch 4 "${steps[@]}"
     bench --strategies single,tp --seq-lens 32K,128K "${steps[@]}"
+    ;;
+ttft1m)
+    bench --strategies ring --phases prefill,decode --seq-lens 8K,1M --decode-tokens 8 --repeats 1 --warmup 0 \
+        --no-check --timeout-s 900 --out "$out/results.csv"
     ;;
 mesh70b)
     # no `single` (the whole model does not fit one GPU), so nothing to check against: unchecked,
