@@ -97,11 +97,14 @@ class FusedDecoderBlock(nn.Module):
     kernel, and this launches fewer (docs/performance.md). Every other call
     -- prefills, follow-ups -- runs FMS's own forward.
 
-    Static shapes: a decode step's shapes change only with the cache, so each
-    cache capacity compiles once (one graph serves every layer: their
-    parameters are the graph's inputs), and its kernels are tuned to the
-    shape. Past dynamo's recompile limit a new capacity runs the modules
-    compiled one by one, which is slower, not wrong.
+    Shapes: a decode step's shapes change only with the cache, and one
+    compilation serves every layer (their parameters are the graph's
+    inputs). The first cache capacity compiles with static shapes, its
+    kernels tuned to them; a second capacity compiles once more with the
+    capacity dynamic (dynamo's automatic dynamic shapes), and that graph
+    serves every later one, so a conversation or a server seeing many prompt
+    lengths compiles twice, not once per length into dynamo's recompile
+    limit (past which the modules would run one by one: slower, not wrong).
     """
 
     _whole_layer: Callable[..., Any]
@@ -125,7 +128,7 @@ def fuse_decoder_blocks(model: nn.Module) -> nn.Module:
         if isinstance(block, FusedDecoderBlock) or block is model:
             continue
         if cls not in _BLOCKS:
-            whole = staticmethod(fused(cls.forward, dynamic=False))
+            whole = staticmethod(fused(cls.forward, dynamic=None))
             _BLOCKS[cls] = type(f"Fused{cls.__name__}", (FusedDecoderBlock, cls), {"_whole_layer": whole})
         block.__class__ = _BLOCKS[cls]
     return model

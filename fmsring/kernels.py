@@ -149,16 +149,25 @@ def split_kv_chunks(kv_lens: torch.Tensor, capacity: int, splits: int) -> tuple[
 
 
 class SplitKV(NamedTuple):
-    """How split-KV decoding reads a cache: ``splits`` chunks per sequence, ``rows`` query rows
-    per (sequence, kv-head), and flash varlen's bookkeeping for them (``cu_q``, and
-    :func:`split_kv_chunks`' ``cu_k`` and ``used``). Every layer of a decode step has the same
-    cache shape and fill, so one plan, made before the layers, serves them all."""
+    """How split-KV decoding reads the caches of ``batch`` sequences: ``rows`` query rows per
+    (sequence, kv-head), and flash varlen's bookkeeping for the chunks (``cu_q``, and
+    :func:`split_kv_chunks`' ``cu_k`` and ``used``, one entry per chunk of every sequence).
+    Every layer of a decode step has the same cache shape and fill, so one plan, made before
+    the layers, serves them all.
 
-    splits: int
+    The chunk count is no field of its own but the length of ``used`` per sequence: a
+    compiled decoder layer then sees it as a tensor size, which dynamic shapes may vary,
+    instead of a Python int that every new value recompiles."""
+
+    batch: int
     rows: int
     cu_q: torch.Tensor
     cu_k: torch.Tensor
     used: torch.Tensor
+
+    @property
+    def splits(self) -> int:
+        return self.used.shape[0] // self.batch
 
 
 def split_kv(kv_lens: torch.Tensor, k_cache: torch.Tensor, heads: int, q_len: int, splits: int) -> SplitKV:
@@ -169,7 +178,7 @@ def split_kv(kv_lens: torch.Tensor, k_cache: torch.Tensor, heads: int, q_len: in
         raise ValueError(f"{heads} query heads do not share {kvh} kv-heads evenly")
     rows = heads // kvh * q_len
     cu_q = torch.arange(b * splits + 1, device=k_cache.device, dtype=torch.int32) * rows
-    return SplitKV(splits, rows, cu_q, *split_kv_chunks(kv_lens, cap, splits))
+    return SplitKV(b, rows, cu_q, *split_kv_chunks(kv_lens, cap, splits))
 
 
 def decode_split_kv(kv_lens: torch.Tensor, k_cache: torch.Tensor, heads: int, q_len: int = 1) -> SplitKV | None:
@@ -185,7 +194,7 @@ def decode_split_kv(kv_lens: torch.Tensor, k_cache: torch.Tensor, heads: int, q_
 def split_kv_decode_with_lse(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, plan: SplitKV
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flash decoding: each [b, capacity, kvh, d] cache read in ``plan.splits``
+    """Flash decoding: each [b, capacity, kvh, d] cache read in the plan's
     chunks by as many thread blocks, the chunks' partials merged exactly through
     their log-sum-exp. Returns (out [b, h, Lq, d] fp32, lse fp32 [b, h, Lq]).
 
@@ -199,10 +208,10 @@ def split_kv_decode_with_lse(
     b, h, lq, d = q.shape
     cap, kvh = k_cache.shape[1], k_cache.shape[2]
     splits, g = plan.splits, h // kvh
-    if plan.rows != g * lq or plan.used.shape[0] != b * splits:
+    if plan.batch != b or plan.rows != g * lq:
         raise ValueError(
-            f"split-KV plan for {plan.rows} rows x {plan.used.shape[0]} chunks does not fit queries {tuple(q.shape)} "
-            f"over caches {tuple(k_cache.shape)} in {splits} chunks"
+            f"split-KV plan for {plan.batch} sequences x {plan.rows} rows does not fit queries "
+            f"{tuple(q.shape)} over caches {tuple(k_cache.shape)}"
         )
     packed = q.view(b, kvh, g, lq, d).permute(0, 3, 2, 1, 4)  # [b, lq, g, kvh, d]: a kv-head's queries as rows
     packed = packed.unsqueeze(1).expand(b, splits, lq, g, kvh, d).reshape(b * splits * plan.rows, kvh, d)

@@ -101,44 +101,48 @@ def test_a_machine_that_cannot_compile_gets_a_way_out(fused_on_cpu):
     torch.testing.assert_close(pack_partial_auto(q, q[:, 0]), pack_partial(q, q[:, 0]))
 
 
-def _fused_decode(rank, world, path, ids, n_new, ring_tp):
-    """Greedy decode on the ring with every layer of a decode step compiled whole (forced onto
-    CPU); the logits of the prompt's last token and of each step, and what dynamo compiled."""
+def _fused_decode(rank, world, path, prompts, n_new, ring_tp):
+    """Greedy decode of each prompt in turn on the ring, every layer of a decode step compiled
+    whole (forced onto CPU); per prompt, the logits of its last token and of each step, and how
+    many graphs dynamo holds for the decoder block after it; then the graph breaks."""
     fusion.FUSE_DEVICES.add("cpu")
     model = fms_model(path, torch.float32, "ring", ring_tp=ring_tp)
     assert all(isinstance(b, fusion.FusedDecoderBlock) for b in model.model.base_model.layers)
-    logits, frames = [], []
-    with torch.no_grad():
-        out, cache = model(ids, use_cache=True, last_n_tokens=1)
-        for _ in range(n_new):
-            logits.append(out[:, -1])
-            frames.append(counters["frames"]["ok"])
-            out, cache = model(out[:, -1:].argmax(-1), past_key_value_states=cache, use_cache=True, last_n_tokens=1)
-        logits.append(out[:, -1])
     block_forward = LLaMABlock.forward.__code__
-    return (
-        torch.stack(logits, 1),
-        frames,
-        dict(counters["graph_break"]),
-        len(_debug_get_cache_entry_list(block_forward)),
-    )
+    per_prompt = []
+    with torch.no_grad():
+        for ids in prompts:
+            logits = []
+            out, cache = model(ids, use_cache=True, last_n_tokens=1)
+            for _ in range(n_new):
+                logits.append(out[:, -1])
+                out, cache = model(out[:, -1:].argmax(-1), past_key_value_states=cache, use_cache=True, last_n_tokens=1)
+            logits.append(out[:, -1])
+            per_prompt.append((torch.stack(logits, 1), len(_debug_get_cache_entry_list(block_forward))))
+    return per_prompt, dict(counters["graph_break"])
 
 
 @pytest.mark.parametrize("world,ring_tp", [(2, 1), (2, 2)])
 def test_decode_step_compiled_whole_matches_hf(checkpoints, world, ring_tp):
-    """A decode step whose decoder layers each run as one compiled graph (the ring's all-gather
-    and FMS's TP all-reduce inside it) gives HF's logits for the greedy continuation; the
-    layers share one compilation (no compile after the first step: a graph per layer would hit
-    dynamo's recompile limit on 32 layers) and nothing breaks the graph."""
+    """Decode steps whose decoder layers each run as one compiled graph (the ring's all-gather
+    and FMS's TP all-reduce inside it) give HF's logits for the greedy continuation of prompts
+    of three lengths, so three cache capacities. The layers share one compilation (a graph per
+    layer would hit dynamo's recompile limit on 32 layers), a second capacity compiles once
+    more with the capacity dynamic and a third none (one per capacity would hit the limit
+    after 8 prompt lengths), and nothing breaks the graph."""
     path = checkpoints["gqa"]
     n_new = 4
-    ids = torch.randint(0, VOCAB, (2, random.randrange(9, 30)))
-    results = run_ranks(world, _fused_decode, path, ids, n_new, ring_tp)
-    tokens = torch.cat([ids, results[0][0][:, :-1].argmax(-1)], dim=1)
-    with torch.no_grad():
-        want = hf_model(path)(tokens).logits[:, ids.shape[1] - 1 :]
-    for got, frames, breaks, block_graphs in results:
-        assert (got - want).abs().max() <= 1e-4
-        assert block_graphs == 1  # the whole layer compiled, once for every layer
-        assert frames[-1] == frames[1], frames  # nothing compiled after the first step
+    lens = [random.randrange(9, 14)]
+    lens += [lens[-1] + random.randrange(4, 9) for _ in range(2)]
+    prompts = [torch.randint(0, VOCAB, (2, n)) for n in lens]
+    results = run_ranks(world, _fused_decode, path, prompts, n_new, ring_tp)
+    hf = hf_model(path)
+    for i, ids in enumerate(prompts):
+        tokens = torch.cat([ids, results[0][0][i][0][:, :-1].argmax(-1)], dim=1)
+        with torch.no_grad():
+            want = hf(tokens).logits[:, ids.shape[1] - 1 :]
+        for per_prompt, _ in results:
+            assert (per_prompt[i][0] - want).abs().max() <= 1e-4, f"prompt of {lens[i]} tokens"
+    for per_prompt, breaks in results:
+        assert [graphs for _, graphs in per_prompt] == [1, 2, 2], lens
         assert not breaks

@@ -123,6 +123,30 @@ def test_ring_prefill_followups_and_captured_decode_on_one_gpu(one_rank_group):
     assert torch.equal(tokens[True], tokens[False])
 
 
+def test_decode_on_many_cache_sizes_compiles_the_layer_twice(one_rank_group):
+    """Prompts of three lengths, so three cache capacities and split-KV chunk counts: the captured
+    steps match the plain FMS model, and the decoder layer compiled whole holds two graphs (the
+    first capacity's static one, then one with the capacity dynamic), not one per capacity."""
+    from fms.models.llama import LLaMABlock
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    torch._dynamo.reset()
+    ring, plain = _models()
+    graphs = []
+    for n in sorted(random.sample(range(200, 3000), 3)):
+        ids = torch.randint(0, 256, (1, n), device="cuda")
+        with torch.no_grad():
+            logits, cache = ring(ids, use_cache=True, last_n_tokens=1)
+            ref_cache = plain(ids, use_cache=True)[1]
+            for _ in range(3):
+                nxt = logits[:, -1].argmax(-1, keepdim=True)
+                logits, cache = ring(nxt, past_key_value_states=cache, use_cache=True, last_n_tokens=1)
+                ref, ref_cache = plain(nxt, past_key_value_states=ref_cache, use_cache=True)
+                assert _rel(logits[:, -1], ref[:, -1]) < 2e-2, n
+        graphs.append(len(_debug_get_cache_entry_list(LLaMABlock.forward.__code__)))
+    assert graphs == [1, 2, 2]
+
+
 def test_chunked_prefill_on_one_gpu(one_rank_group):
     ring, plain = _models(ring_prefill_chunk=128)
     ids = torch.randint(0, 256, (1, random.randrange(400, 900)), device="cuda")

@@ -198,7 +198,11 @@ def test_split_kv_plans_refuse_what_they_do_not_fit():
     with pytest.raises(ValueError, match="7 query heads do not share 2 kv-heads"):
         split_kv(lens, k_cache, 7, 1, 2)
     plan = split_kv(lens, k_cache, 8, 1, 2)
-    assert plan.rows == 4 and plan.cu_q.tolist() == [0, 4, 8, 12, 16]
+    assert plan.rows == 4 and plan.splits == 2 and plan.cu_q.tolist() == [0, 4, 8, 12, 16]
+    assert plan.cu_k.tolist() == [0, 8, 16, 24, 32] and plan.used.tolist() == [5, 0, 8, 1]
     q = torch.zeros(2, 4, 1, 8)  # 4 query heads: 2 rows per kv-head, not the plan's 4
     with pytest.raises(ValueError, match="does not fit queries"):
         split_kv_decode_with_lse(q, k_cache, k_cache, 1.0, plan)
+    q = torch.zeros(1, 8, 1, 8)  # one sequence: the plan's two would read past its cache
+    with pytest.raises(ValueError, match="does not fit queries"):
+        split_kv_decode_with_lse(q, k_cache[:1], k_cache[:1], 1.0, plan)
