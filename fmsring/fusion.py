@@ -100,11 +100,12 @@ class FusedDecoderBlock(nn.Module):
     Shapes: a decode step's shapes change only with the cache, and one
     compilation serves every layer (their parameters are the graph's
     inputs). The first cache capacity compiles with static shapes, its
-    kernels tuned to them; a second capacity compiles once more with the
-    capacity dynamic (dynamo's automatic dynamic shapes), and that graph
-    serves every later one, so a conversation or a server seeing many prompt
-    lengths compiles twice, not once per length into dynamo's recompile
-    limit (past which the modules would run one by one: slower, not wrong).
+    kernels tuned to them; after that each shape that changes compiles once
+    more and stays dynamic (dynamo's automatic dynamic shapes): the capacity,
+    and the split-KV chunk count once it first leaves 1. So a conversation or
+    a server seeing many prompt lengths compiles at most three times, not
+    once per length into dynamo's recompile limit (past which the modules
+    would run one by one: slower, not wrong).
     """
 
     _whole_layer: Callable[..., Any]

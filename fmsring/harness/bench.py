@@ -506,10 +506,14 @@ def run(cfg: BenchConfig) -> list[dict[str, Any]]:
         rates = _rates(cfg, env, meta) if plan else None
         del meta
         state = Run(cfg, env, info, shape, rates, recompute)
-        for variant, points in plan:
-            if variant != Variant("single") and cfg.check:
-                _reference_pass(plan, state)
-            run_variant(variant, points, state)
+        # Every length runs the graphs a process's first generation at that length compiles
+        # (static shapes), not the dynamic one a process reaches after decoding at another length,
+        # which is ~2% slower per step (docs/performance.md): rows stay one user's first prompt.
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+            for variant, points in plan:
+                if variant != Variant("single") and cfg.check:
+                    _reference_pass(plan, state)
+                run_variant(variant, points, state)
         return state.rows
     finally:
         if env.owns_group:
