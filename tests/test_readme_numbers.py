@@ -31,7 +31,7 @@ def measured_values() -> list[float]:
     for path in (ROOT / "runs").rglob("*.csv"):
         df = pd.read_csv(path)
         for col in df.columns:
-            if col.endswith("ms"):
+            if col.endswith("ms") or "_ms_" in col:  # latency_ms, ttft_ms, latency_ms_max, ...
                 values += pd.to_numeric(df[col], errors="coerce").dropna().tolist()
     for path in (ROOT / "runs").rglob("*.json"):
         values += _numbers(json.loads(path.read_text()))
