@@ -50,13 +50,24 @@ def predicted_s(
 
 class StallGuard:
     """``with StallGuard(budget_s, on_stall):`` calls ``on_stall(budget_s)`` from a timer thread if
-    the block is still running after ``budget_s`` seconds (no guard for a NaN or non-positive budget)."""
+    the block is still running after ``budget_s`` seconds (no guard for a NaN or non-positive budget).
+
+    The block's end and the timer race for one lock: a block that ends as the timer fires either
+    ends first (the timer then does nothing) or waits while ``on_stall`` runs -- which exits the
+    process in the bench -- so a point never gets both its own row and a stall row."""
 
     def __init__(self, budget_s: float, on_stall: Callable[[float], Any]):
         armed = math.isfinite(budget_s) and budget_s > 0
-        self.timer = threading.Timer(budget_s, on_stall, args=(budget_s,)) if armed else None
+        self.timer = threading.Timer(budget_s, self._fire, args=(on_stall, budget_s)) if armed else None
         if self.timer is not None:
             self.timer.daemon = True
+        self._lock = threading.Lock()
+        self._ended = False
+
+    def _fire(self, on_stall: Callable[[float], Any], budget_s: float) -> None:
+        with self._lock:
+            if not self._ended:
+                on_stall(budget_s)
 
     def __enter__(self) -> StallGuard:
         if self.timer is not None:
@@ -64,5 +75,7 @@ class StallGuard:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._ended = True
         if self.timer is not None:
             self.timer.cancel()
