@@ -1,9 +1,11 @@
 """Where a ring decode step's time goes, against its memory floor.
 
-Run: torchrun --nproc_per_node=2 scripts/profile_decode.py OUT_DIR [SEQ_LEN [VARIANTS]]
+Run: torchrun --nproc_per_node=2 scripts/profile_decode.py OUT_DIR [SEQ_LEN [VARIANTS [RING_TP]]]
 For ring with whole decoder layers compiled (the default), with only each
 module's elementwise work fused (``ring_fuse_layers=False``), and unfused
-(``ring_fuse=False``) -- the first VARIANTS of these (default all three):
+(``ring_fuse=False``) -- the first VARIANTS of these (default all three), on
+the mesh of ``ring_tp=RING_TP`` (default 1: the ring alone; with TP, FMS's
+all-reduces are among the kernels):
 a cached prefill of SEQ_LEN tokens (LLaMA-3-8B shapes, random weights,
 bf16), then one-token steps. The captured (CUDA-graph) step is timed with
 CUDA events, median of 20; one eager step is profiled for its kernel count,
@@ -71,15 +73,27 @@ def profile_steps(model, ids) -> dict:
 def main() -> None:
     out_dir, seq_len = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 32768
     variants = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    ring_tp = int(sys.argv[4]) if len(sys.argv) > 4 else 1
     rank, world, args, ids = llama3_8b(seq_len, seq_len + 512)
     bw = hbm_gbps()
-    result: dict = {"gpu": torch.cuda.get_device_name(), "world_size": world, "seq_len": seq_len, "hbm_gbps": bw}
+    result: dict = {
+        "gpu": torch.cuda.get_device_name(),
+        "world_size": world,
+        "ring_tp": ring_tp,
+        "seq_len": seq_len,
+        "hbm_gbps": bw,
+    }
     for name, fuse, layers in (("whole_layer", True, True), ("fused", True, False), ("unfused", False, False))[
         :variants
     ]:
         torch.manual_seed(0)
         model = fmsring.get_model(
-            **args, distributed_strategy="ring", ring_check_inputs=False, ring_fuse=fuse, ring_fuse_layers=layers
+            **args,
+            distributed_strategy="ring",
+            ring_tp=ring_tp,
+            ring_check_inputs=False,
+            ring_fuse=fuse,
+            ring_fuse_layers=layers,
         )
         res = profile_steps(model.eval(), ids)
         res["floor_ms"] = (res["weight_bytes"] + res["cache_shard_bytes"]) / bw / 1e6
