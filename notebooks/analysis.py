@@ -19,7 +19,8 @@
 # Loads the `results.csv` of one or more run folders (made by `notebooks/run.ipynb` or
 # `python -m fmsring.sweep`) and shows, per run: points per status, latency tables, speedup against the
 # fastest one-GPU row (super-linear points are warned about by name), an accuracy table (every row
-# compared with `single`), follow-up latency against the fresh prefill of the same tokens, and figures:
+# compared with `single`), follow-up latency against the fresh prefill of the same tokens, a profiled
+# decode step's time by part against its bytes (where the run holds one), and figures:
 # latency, speedup, parallel efficiency, peak memory, longest prompt before OOM, decode latency per
 # token, follow-ups and exactness. Every figure is saved as PNG and PDF. A figure whose data is missing
 # (a phase or strategy that was not run, memory on CPU) is skipped.
@@ -95,6 +96,11 @@ tradeoff = analysis.tradeoff_table(df)
 if len(tradeoff[tradeoff["tp_size"] > 1]) and (tradeoff["strategy"] == "ring").any():
     print("factorisations cp x tp of each world: prefill and decode against their floors")
     display(tradeoff.drop(columns=["strategy", "variant"]).round(2))
+for run_dir in dirs:
+    profile = analysis.decode_profile_table(run_dir)
+    if len(profile):
+        print(f"{run_dir.name}: the profiled decode step (scripts/profile_decode.py) against its bytes, ms")
+        display(profile.pivot_table(index="part", columns="rank", values=["ms", "over_ms"], sort=False, dropna=False).round(3))
 
 # %% [markdown]
 # ## Figures

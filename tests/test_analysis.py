@@ -432,3 +432,40 @@ def test_interconnect_table_pairs_each_peer_over_both_links(tmp_path: Path):
     assert t.loc["tp", ["speedup_nvlink", "speedup_pcie_like", "kept"]].tolist() == [3.2, 1.0, 0.3125]
     assert t.loc["ring", "link_gbps_pcie_like"] == 22.0
     assert analysis.interconnect_table(analysis.load_runs(run)).empty  # one link only: nothing to pair
+
+
+def _profile(step: float, matmul: float, attention: float, other: float, comm: float) -> dict:
+    return {
+        "graph_step_ms_median": step,
+        "eager_kernel_ms": {"matmul": matmul, "attention": attention, "elementwise and other": other,
+                            "communication": comm},
+        "weight_bytes": 6e9,
+        "cache_shard_bytes": 1.5e9,
+        "floor_ms": 2.5,
+    }  # fmt: skip
+
+
+def test_decode_profile_table_against_the_bytes_by_hand(tmp_path: Path):
+    """Each part against its bytes at the measured bandwidth (3 TB/s: 6 GB of weights take 2 ms,
+    1.5 GB of cache 0.5 ms); the collective's own time is the rank that waited least in it; where
+    every rank waited longer than the step leaves, communication and gaps are not told apart."""
+    run = tmp_path / "run"
+    run.mkdir()
+    ranks = {0: _profile(4.0, 2.5, 0.75, 0.25, 0.1), 1: _profile(4.1, 2.5, 0.8, 0.2, 9.0)}
+    for rank, res in ranks.items():
+        doc = {"gpu": "H", "hbm_gbps": 3000.0, "whole_layer": res, "fused": _profile(5.0, 2.5, 0.75, 0.25, 7.0)}
+        (run / f"decode_profile_rank{rank}.json").write_text(json.dumps(doc))
+    t = analysis.decode_profile_table(run).set_index(["rank", "part"])
+    assert t.loc[(0, "matmul"), "at_bandwidth_ms"] == pytest.approx(2.0)
+    assert t.loc[(0, "matmul"), "over_ms"] == pytest.approx(0.5)
+    assert t.loc[(1, "attention"), "over_ms"] == pytest.approx(0.3)
+    assert t.loc[(0, "communication and gaps"), "ms"] == pytest.approx(0.5)
+    assert t.loc[(1, "communication"), "ms"] == pytest.approx(0.1)  # rank 0's: rank 1 waited
+    assert t.loc[(1, "gaps"), "ms"] == pytest.approx(0.6 - 0.1)
+    assert t.loc[(0, "step"), "over_ms"] == pytest.approx(1.5)
+    both_waited = analysis.decode_profile_table(run, "fused").set_index(["rank", "part"])
+    assert both_waited.loc[(0, "communication and gaps"), "ms"] == pytest.approx(1.5)
+    assert math.isnan(both_waited.loc[(0, "communication"), "ms"])
+    assert math.isnan(both_waited.loc[(0, "gaps"), "ms"])
+    assert analysis.decode_profile_table(run, "unfused").empty
+    assert analysis.decode_profile_table(tmp_path).empty

@@ -364,6 +364,49 @@ def interconnect_table(df: pd.DataFrame) -> pd.DataFrame:
     return t[cols].sort_values(["run", "world_size", "seq_len", "strategy"]).reset_index(drop=True)
 
 
+PROFILE_KERNELS = ("matmul", "attention", "elementwise and other")
+
+
+def decode_profile_table(run_dir: str | os.PathLike, config: str = "whole_layer") -> pd.DataFrame:
+    """Where a profiled decode step's time goes (``scripts/profile_decode.py``'s
+    ``decode_profile_rank*.json`` in ``run_dir``), per rank, against the bytes each part must read.
+
+    One row per rank and part: its time (``ms``), what its bytes take at the copy bandwidth
+    measured in the same process (``at_bandwidth_ms``: the weights held for the matmuls, the cache
+    shard for attention, nothing for the rest) and the excess (``over_ms``). Kernel times come
+    from one eager step; ``communication and gaps`` is the rest of the captured step (``step``,
+    against its floor). In that eager step a rank waits inside its collectives for slower peers,
+    so a collective's own time is the least any rank spent in it; where even that exceeds the
+    rest (every rank waited), ``communication`` and ``gaps`` cannot be told apart and are NaN."""
+    cols = ["rank", "gpu", "part", "ms", "at_bandwidth_ms", "over_ms"]
+    files = sorted(Path(run_dir).glob("decode_profile_rank*.json"))
+    found = [(f, json.loads(f.read_text())) for f in files]
+    found = [(f, r) for f, r in found if config in r]
+    if not found:
+        return pd.DataFrame(columns=cols)
+    comm = min(r[config]["eager_kernel_ms"].get("communication", 0.0) for _, r in found)
+    rows = []
+    for f, r in found:
+        res, gbps = r[config], r["hbm_gbps"]
+        kernels = {part: res["eager_kernel_ms"].get(part, 0.0) for part in PROFILE_KERNELS}
+        step = res["graph_step_ms_median"]
+        rest = step - sum(kernels.values())
+        apart = comm <= rest
+        needed = {"matmul": res["weight_bytes"] / gbps / 1e6, "attention": res["cache_shard_bytes"] / gbps / 1e6}
+        parts = [
+            *kernels.items(),
+            ("communication and gaps", rest),
+            ("communication", comm if apart else math.nan),
+            ("gaps", rest - comm if apart else math.nan),
+            ("step", step),
+        ]
+        for part, ms in parts:
+            at_bw = res["floor_ms"] if part == "step" else needed.get(part, 0.0)
+            rows.append({"rank": int(f.stem.removeprefix("decode_profile_rank")), "gpu": r["gpu"], "part": part,
+                         "ms": ms, "at_bandwidth_ms": at_bw, "over_ms": ms - at_bw})  # fmt: skip
+    return pd.DataFrame(rows, columns=cols)
+
+
 def gpu_capacity_gib(gpu_name: str | None) -> float | None:
     """Memory of one card, from its name ("NVIDIA H100 80GB HBM3" -> 79.2); None for CPUs or unknown cards."""
     import re
