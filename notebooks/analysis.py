@@ -100,7 +100,8 @@ for run_dir in dirs:
     profile = analysis.decode_profile_table(run_dir)
     if len(profile):
         print(f"{run_dir.name}: the profiled decode step (scripts/profile_decode.py) against its bytes, ms")
-        display(profile.pivot_table(index="part", columns="rank", values=["ms", "over_ms"], sort=False, dropna=False).round(3))
+        table = profile.pivot_table(index="part", columns="rank", values=["ms", "over_ms"], sort=False, dropna=False)
+        display(table.round(3))
 
 # %% [markdown]
 # ## Figures
