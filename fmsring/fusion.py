@@ -37,9 +37,9 @@ from torch import nn
 FUSE_DEVICES: set[str] = {"cuda"}
 
 
-def fused(fn: Callable[..., Any], dynamic: bool = True) -> Callable[..., Any]:
-    """``fn`` compiled (torch.compile; ``dynamic`` shapes or each shape its own
-    kernels) when its first tensor argument is on one of :data:`FUSE_DEVICES`,
+def fused(fn: Callable[..., Any], dynamic: bool | None = True) -> Callable[..., Any]:
+    """``fn`` compiled (torch.compile's ``dynamic``: True dynamic shapes, None
+    static until a shape changes) when its first tensor argument is on one of :data:`FUSE_DEVICES`,
     eager otherwise. Inside code being compiled it is plain ``fn``, for the
     outer compilation to fuse with its neighbours. A machine where the
     compiler cannot build it (no Triton for the GPU, no C++ compiler) gets an

@@ -22,7 +22,7 @@ import sys
 
 import torch
 from gpu_probe import cuda_times
-from profile_prefill import kernel_ms_by_kind, kernels_by_name, llama3_8b, write_rank_json
+from profile_prefill import cuda_kernels, kernel_ms_by_kind, kernels_by_name, llama3_8b, write_rank_json
 from torch.profiler import ProfilerActivity, profile
 
 import fmsring
@@ -52,7 +52,8 @@ def profile_steps(model, ids) -> dict:
             step()
             torch.cuda.synchronize()
         model.cuda_graphs = True
-    kernel_ms, count = kernel_ms_by_kind(prof)
+    kernels = cuda_kernels(prof)
+    kernel_ms, count = kernel_ms_by_kind(kernels)
     fill = cache.state.fills[model.strategy.rank]
     k0 = cache[0][0]
     cache_bytes = 2 * len(cache) * fill * k0[0, 0].numel() * k0.element_size()
@@ -64,7 +65,7 @@ def profile_steps(model, ids) -> dict:
         "graph_step_ms_max": max(times),
         "eager_kernels": count,
         "eager_kernel_ms": kernel_ms,
-        "eager_kernels_by_name": kernels_by_name(prof),
+        "eager_kernels_by_name": kernels_by_name(kernels),
         "weight_bytes": weight_bytes,
         "cache_shard_bytes": cache_bytes,
     }

@@ -61,27 +61,29 @@ def idle_spans(trace_path: str, top: int = 8) -> dict:
     return {k: {"ms": round(v[0], 2), "count": v[1]} for k, v in ranked}
 
 
-def kernels_by_name(prof: profile, top: int = 40) -> list[dict]:
-    """The ``top`` kernels by launch count (then time): name (cut to 90 characters), kind, count
-    per profiled call, total ms -- what a step's kernel count is made of."""
-    rows = []
+def cuda_kernels(prof: profile) -> list[tuple[str, int, float]]:
+    """(name, launches, total ms) of every CUDA kernel a profile recorded."""
+    kernels = []
     for evt in prof.key_averages():
         ms = getattr(evt, "device_time_total", getattr(evt, "cuda_time_total", 0.0)) / 1e3
         if ms > 0 and str(evt.device_type).endswith("CUDA"):
-            rows.append({"name": evt.key[:90], "kind": kind_of(evt.key), "count": evt.count, "ms": round(ms, 4)})
+            kernels.append((evt.key, evt.count, ms))
+    return kernels
+
+
+def kernels_by_name(kernels: list[tuple[str, int, float]], top: int = 40) -> list[dict]:
+    """The ``top`` of :func:`cuda_kernels` by launch count (then time): name (cut to 90
+    characters), kind, count per profiled call, total ms -- what a step's kernel count is made of."""
+    rows = [{"name": name[:90], "kind": kind_of(name), "count": n, "ms": round(ms, 4)} for name, n, ms in kernels]
     return sorted(rows, key=lambda r: (-r["count"], -r["ms"]))[:top]
 
 
-def kernel_ms_by_kind(prof: profile) -> tuple[dict[str, float], int]:
-    """A profile's CUDA kernel time (ms) summed by kind, and how many kernels ran."""
+def kernel_ms_by_kind(kernels: list[tuple[str, int, float]]) -> tuple[dict[str, float], int]:
+    """:func:`cuda_kernels`' time (ms) summed by kind, and how many kernels ran."""
     totals: dict[str, float] = {}
-    count = 0
-    for evt in prof.key_averages():
-        ms = getattr(evt, "device_time_total", getattr(evt, "cuda_time_total", 0.0)) / 1e3
-        if ms > 0 and str(evt.device_type).endswith("CUDA"):
-            totals[kind_of(evt.key)] = totals.get(kind_of(evt.key), 0.0) + ms
-            count += evt.count
-    return totals, count
+    for name, _, ms in kernels:
+        totals[kind_of(name)] = totals.get(kind_of(name), 0.0) + ms
+    return totals, sum(n for _, n, _ in kernels)
 
 
 def llama3_8b(seq_len: int, table_len: int) -> tuple[int, int, dict, torch.Tensor]:
@@ -117,7 +119,7 @@ def profiled_forward(model, ids) -> dict:
             model(ids, last_n_tokens=1)
             end.record()
             torch.cuda.synchronize()
-    totals, _ = kernel_ms_by_kind(prof)
+    totals, _ = kernel_ms_by_kind(cuda_kernels(prof))
     compute = sum(v for k, v in totals.items() if k != "communication")
     wall = start.elapsed_time(end)
     with tempfile.NamedTemporaryFile(suffix=".json") as trace:
