@@ -8,11 +8,17 @@ results be combined exactly, in any order, in fp32.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from typing import NamedTuple
 
 import torch
 
 from fmsring.fusion import fused
+
+# fmsring's decode kernel is Triton's; without Triton (a CPU-only torch) decode attends in fp32 math.
+split_kv_decode = None
+if importlib.util.find_spec("triton") is not None:
+    from fmsring.decode_kernel import split_kv_decode
 
 
 def empty_partial(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,11 +107,10 @@ def decode_attention_with_lse(
     ``plan`` (every layer of a step shares one: pass it, or it is made here);
     otherwise fp32 math with the unused slots masked.
     """
-    b, h, lq, _ = q.shape
-    plan = plan if plan is not None else decode_split_kv(kv_lens, k_cache, h, lq)
+    plan = plan if plan is not None else decode_split_kv(kv_lens, k_cache)
     if plan is not None:
         return split_kv_decode_with_lse(q, k_cache, v_cache, scale, plan)
-    cap = k_cache.shape[1]
+    b, cap = k_cache.shape[:2]
     unused = torch.arange(cap, device=q.device).unsqueeze(0) >= kv_lens.unsqueeze(1)
     bias = torch.zeros(b, 1, cap, device=q.device).masked_fill_(unused.unsqueeze(1), float("-inf"))
     return math_attention_with_lse(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), scale, bias=bias)
@@ -117,52 +122,48 @@ def _sm_count(device: torch.device) -> int:
 
 
 MIN_SPLIT_SLOTS = 512  # a chunk shorter than this costs more in its partial than it gains in parallelism
-BLOCKS_PER_SM = 2
+BLOCKS_PER_SM = 1
+TILE_SLOTS = 64  # the decode kernel's tile of cache slots (decode_kernel.BLOCK_N): chunks are whole tiles
 
 
 def decode_splits(batch: int, kv_heads: int, capacity: int, sms: int) -> int:
     """How many chunks a decode step cuts each cache shard into.
 
-    Flash's decode grid is one thread block per (sequence, kv-head) once the
-    query heads of a kv-head are packed as rows: 16 blocks for LLaMA-3-8B at
-    batch 2, on a GPU of 132 SMs. Chunks multiply the blocks until every SM
-    has :data:`BLOCKS_PER_SM`, with no chunk under :data:`MIN_SPLIT_SLOTS`.
+    The decode kernel's grid is one program per (sequence, kv-head) and
+    chunk: 8 programs for LLaMA-3-8B at batch 1 without chunks, on a GPU of
+    132 SMs. Chunks multiply the programs until every SM has
+    :data:`BLOCKS_PER_SM`, with no chunk under :data:`MIN_SPLIT_SLOTS` of the capacity.
     """
     wanted = -(-BLOCKS_PER_SM * sms // max(batch * kv_heads, 1))
     return max(1, min(wanted, capacity // MIN_SPLIT_SLOTS))
 
 
-def split_kv_chunks(kv_lens: torch.Tensor, capacity: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cache of ``capacity`` slots per sequence cut into ``splits`` (<= capacity) chunks whose
-    sizes differ by at most one: (cu_seqlens_k [b*splits + 1] int32, the chunks' starts in the
-    flattened cache, and seqused_k [b*splits] int32, how many of a chunk's slots lie under its
-    sequence's ``kv_lens``)."""
-    if not 1 <= splits <= capacity:
-        raise ValueError(f"cannot cut {capacity} cache slots into {splits} chunks")
-    b = kv_lens.shape[0]
-    bounds = torch.arange(splits + 1, device=kv_lens.device, dtype=torch.int64) * capacity // splits
-    offsets, room = bounds[:-1], bounds[1:] - bounds[:-1]
-    used = (kv_lens.to(torch.int64).unsqueeze(1) - offsets).clamp(min=0).minimum(room)
-    starts = (torch.arange(b, device=kv_lens.device, dtype=torch.int64) * capacity).unsqueeze(1) + offsets
-    cu = torch.cat([starts.reshape(-1), starts.new_full((1,), b * capacity)])
-    return cu.to(torch.int32), used.reshape(-1).to(torch.int32)
+def split_kv_chunks(kv_lens: torch.Tensor, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's first ``kv_lens[i]`` cache slots cut into ``splits`` chunks of whole
+    :data:`TILE_SLOTS` tiles, as equal as that allows: (starts [b*splits], a chunk's first slot in
+    its sequence's cache, and used [b*splits], how many slots it reads), both int32. Chunks follow
+    the fill, not the capacity, so every chunk has work until the last tiles run out; the ones past
+    them have nothing to read (used 0)."""
+    if splits < 1:
+        raise ValueError(f"cannot cut a cache into {splits} chunks")
+    lens = kv_lens.to(torch.int64).unsqueeze(1)
+    chunk = (lens + splits * TILE_SLOTS - 1) // (splits * TILE_SLOTS) * TILE_SLOTS
+    starts = torch.arange(splits, device=kv_lens.device, dtype=torch.int64) * chunk
+    used = (lens - starts).clamp(min=0).minimum(chunk)
+    return starts.reshape(-1).to(torch.int32), used.reshape(-1).to(torch.int32)
 
 
 class SplitKV(NamedTuple):
-    """How split-KV decoding reads the caches of ``batch`` sequences: ``rows`` query rows per
-    (sequence, kv-head), and flash varlen's bookkeeping for the chunks (``cu_q``, and
-    :func:`split_kv_chunks`' ``cu_k`` and ``used``, one entry per chunk of every sequence).
-    Every layer of a decode step has the same cache shape and fill, so one plan, made before
-    the layers, serves them all.
+    """How split-KV decoding reads the caches of ``batch`` sequences: each sequence's chunks,
+    :func:`split_kv_chunks`' ``starts`` and ``used``. Every layer of a decode step has the same
+    cache fill, so one plan, made before the layers, serves them all.
 
     The chunk count is no field of its own but the length of ``used`` per sequence: a
     compiled decoder layer then sees it as a tensor size, which dynamic shapes may vary,
     instead of a Python int that every new value recompiles."""
 
     batch: int
-    rows: int
-    cu_q: torch.Tensor
-    cu_k: torch.Tensor
+    starts: torch.Tensor
     used: torch.Tensor
 
     @property
@@ -170,73 +171,43 @@ class SplitKV(NamedTuple):
         return self.used.shape[0] // self.batch
 
 
-def split_kv(kv_lens: torch.Tensor, k_cache: torch.Tensor, heads: int, q_len: int, splits: int) -> SplitKV:
-    """The plan for ``heads`` query heads of ``q_len`` rows each over caches shaped like ``k_cache``,
-    cut into ``splits`` chunks."""
-    b, cap, kvh = k_cache.shape[:3]
-    if heads % kvh:
-        raise ValueError(f"{heads} query heads do not share {kvh} kv-heads evenly")
-    rows = heads // kvh * q_len
-    cu_q = torch.arange(b * splits + 1, device=k_cache.device, dtype=torch.int32) * rows
-    return SplitKV(b, rows, cu_q, *split_kv_chunks(kv_lens, cap, splits))
+def split_kv(kv_lens: torch.Tensor, splits: int) -> SplitKV:
+    """The plan for caches filled to ``kv_lens`` [b], cut into ``splits`` chunks each."""
+    return SplitKV(kv_lens.shape[0], *split_kv_chunks(kv_lens, splits))
 
 
-def decode_split_kv(kv_lens: torch.Tensor, k_cache: torch.Tensor, heads: int, q_len: int = 1) -> SplitKV | None:
-    """The split-KV plan a decode step over caches like ``k_cache`` runs, chunked by
-    :func:`decode_splits`; None where the step attends in fp32 math instead (not CUDA, not
-    half precision, or a head dim flash does not take)."""
-    if not (k_cache.is_cuda and k_cache.dtype in FUSED_DTYPES and k_cache.shape[-1] <= 256):
+def decode_split_kv(kv_lens: torch.Tensor, k_cache: torch.Tensor) -> SplitKV | None:
+    """The split-KV plan a decode step over caches like ``k_cache`` [b, capacity, kvh, d] runs,
+    chunked by :func:`decode_splits`; None where the step attends in fp32 math instead (not
+    CUDA, not half precision, a head dim over 256, or no Triton)."""
+    if not (k_cache.is_cuda and k_cache.dtype in FUSED_DTYPES and k_cache.shape[-1] <= 256 and split_kv_decode):
         return None
     b, cap, kvh = k_cache.shape[:3]
-    return split_kv(kv_lens, k_cache, heads, q_len, decode_splits(b, kvh, cap, _sm_count(k_cache.device)))
+    return split_kv(kv_lens, decode_splits(b, kvh, cap, _sm_count(k_cache.device)))
 
 
 def split_kv_decode_with_lse(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, plan: SplitKV
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash decoding: each [b, capacity, kvh, d] cache read in the plan's
-    chunks by as many thread blocks, the chunks' partials merged exactly through
+    chunks by as many programs of fmsring's decode kernel
+    (:mod:`fmsring.decode_kernel`), the chunks' partials merged exactly through
     their log-sum-exp. Returns (out [b, h, Lq, d] fp32, lse fp32 [b, h, Lq]).
 
-    The h/kvh query heads that share a kv-head travel as rows of one
-    sequence (GQA packed), so each chunk of K/V is read once, not once per
-    query head; every chunk is a sequence of flash's varlen kernel
-    (``cu_seqlens_k`` = the chunks' starts, ``seqused_k`` = their used
-    slots), so no K/V is copied. The query rows are repeated per chunk, which
-    is tiny. ``splits=1`` is the unsplit kernel.
+    The h/kvh query heads that share a kv-head are rows of one program, so
+    each chunk of K/V is read once, not once per query head. ``splits=1`` is
+    the unsplit kernel.
     """
     b, h, lq, d = q.shape
-    cap, kvh = k_cache.shape[1], k_cache.shape[2]
-    splits, g = plan.splits, h // kvh
-    if plan.batch != b or plan.rows != g * lq:
+    kvh = k_cache.shape[2]
+    if plan.batch != b or k_cache.shape[0] != b or h % kvh:
         raise ValueError(
-            f"split-KV plan for {plan.batch} sequences x {plan.rows} rows does not fit queries "
-            f"{tuple(q.shape)} over caches {tuple(k_cache.shape)}"
+            f"split-KV plan for {plan.batch} sequences does not fit queries {tuple(q.shape)} "
+            f"over caches {tuple(k_cache.shape)}"
         )
-    packed = q.view(b, kvh, g, lq, d).permute(0, 3, 2, 1, 4)  # [b, lq, g, kvh, d]: a kv-head's queries as rows
-    packed = packed.unsqueeze(1).expand(b, splits, lq, g, kvh, d).reshape(b * splits * plan.rows, kvh, d)
-    out, lse = torch.ops.aten._flash_attention_forward(
-        packed,
-        k_cache.view(b * cap, kvh, d),
-        v_cache.view(b * cap, kvh, d),
-        plan.cu_q,
-        plan.cu_k,
-        plan.rows,
-        -(-cap // splits),
-        0.0,
-        False,
-        False,
-        scale=scale,
-        seqused_k=plan.used,
-    )[:2]
-    # chunks first, then [b, kvh, g, lq] = [b, h, lq]; lse is [kvh, rows total] or [b*splits, kvh, rows]
-    out = out.view(b, splits, lq, g, kvh, d).permute(1, 0, 4, 3, 2, 5)
-    if lse.dim() == 2:
-        lse = lse.view(kvh, b, splits, lq, g).permute(2, 1, 0, 4, 3)
-    else:
-        lse = lse.view(b, splits, kvh, lq, g).permute(1, 0, 2, 4, 3)
-    lse = lse.masked_fill(lse == float("inf"), float("-inf"))  # flash's "no key" (an empty chunk) is +inf
-    return merge_split_auto(out, lse)
+    out, lse = split_kv_decode(q, k_cache, v_cache, plan.starts, plan.used, scale)
+    splits, g = plan.splits, h // kvh
+    return merge_split_auto(out.view(splits, b, kvh, g, lq, d), lse.view(splits, b, kvh, g, lq))
 
 
 def merge_split(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

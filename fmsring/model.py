@@ -437,10 +437,9 @@ class LlamaRing(nn.Module):
             kv_lens=torch.full((x.shape[0],), new_state.fills[st.rank], dtype=torch.int32, device=x.device),
         )
         layers = list(cache)
-        heads = self._attn.nheads  # this TP rank's
 
         def step(inp: StepInputs) -> torch.Tensor:
-            split = decode_split_kv(inp.kv_lens, layers[0][0], heads)  # once per step, not per layer
+            split = decode_split_kv(inp.kv_lens, layers[0][0])  # once per step, not per layer
             return self.model(
                 inp.ids,
                 position_ids=inp.positions,

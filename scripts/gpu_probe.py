@@ -1,7 +1,7 @@
 """Measure the floors and the per-block attention kernels on this machine.
 
 Run: torchrun --nproc_per_node=2 scripts/gpu_probe.py OUT_DIR [SECTION ...]
-(sections: shift backends matmul; all by default). Decode kernels: scripts/decode_kernels.py.
+(sections: shift backends matmul; all by default). Decode attention: scripts/decode_kernel_sweep.py.
 Rank 0 probes kernels (which SDPA backends return the log-sum-exp, accept
 GQA without expansion, and how fast each is per block shape); both ranks
 time the NCCL ring shift. Writes probe.json; prints a short table.

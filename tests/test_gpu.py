@@ -47,17 +47,18 @@ def test_fused_block_kernels_match_fp32_math(kvh, causal, token_major, dtype):
 
 @pytest.mark.parametrize("h,kvh", [(32, 8), (8, 2), (4, 4)])
 def test_split_kv_decode_matches_the_unsplit_kernel_and_fp32_math(h, kvh):
-    """Flash decoding with the query heads of a kv-head packed as rows, at several chunk
-    counts (1 = unsplit), over a preallocated cache: a partly used, an empty and a full one."""
+    """The decode kernel at LLaMA-3-8B's head dim and GQA shapes at several chunk counts (1 =
+    unsplit), over a preallocated cache: a partly used, an empty and a full one; and the plan a
+    decode step makes for itself (tests/test_decode_kernel.py covers odd shapes)."""
     from fmsring.kernels import decode_attention_with_lse, math_attention_with_lse, split_kv, split_kv_decode_with_lse
 
     b, cap = 3, 4096 + 37
     lens = torch.tensor([random.randrange(1, cap), 0, cap], dtype=torch.int32, device="cuda")
     q = torch.randn(b, h, 1, 128, device="cuda", dtype=torch.bfloat16)
     kc, vc = (torch.randn(b, cap, kvh, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    unsplit = split_kv_decode_with_lse(q, kc, vc, 128**-0.5, split_kv(lens, kc, h, 1, 1))
+    unsplit = split_kv_decode_with_lse(q, kc, vc, 128**-0.5, split_kv(lens, 1))
     for splits in (1, 3, 8, 64):
-        out, lse = split_kv_decode_with_lse(q, kc, vc, 128**-0.5, split_kv(lens, kc, h, 1, splits))
+        out, lse = split_kv_decode_with_lse(q, kc, vc, 128**-0.5, split_kv(lens, splits))
         assert _rel(out, unsplit[0]) < 1e-2 and (lse - unsplit[1]).nan_to_num().abs().max() < 1e-3
         for i, n in enumerate(lens.tolist()):
             if n == 0:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fmsring.kernels import (
+    TILE_SLOTS,
     attention_with_lse,
     decode_attention_with_lse,
     decode_split_kv,
@@ -125,27 +126,26 @@ def test_decode_over_a_preallocated_cache_reads_only_the_used_slots(h, kvh):
 @pytest.mark.parametrize("splits", [1, 2, 3, 7])
 def test_split_kv_chunks_cover_exactly_the_used_slots_and_merge_to_the_unsplit_result(splits):
     """The chunk bookkeeping of split-KV decoding: the chunks' used slots are exactly each
-    sequence's first kv_lens slots, disjoint; merging per-chunk partials (math here, flash on
-    GPUs: tests/test_gpu.py) gives the unsplit attention. Empty chunks and empty sequences
-    contribute nothing."""
-    b, h, kvh, d, cap = 3, 8, 2, 16, random.randint(splits, 60)
+    sequence's first kv_lens slots, in order, disjoint, in whole tiles but the last; merging
+    per-chunk partials (math here, the decode kernel in tests/test_decode_kernel.py) gives the
+    unsplit attention. Empty chunks and empty sequences contribute nothing."""
+    b, h, kvh, d, cap = 3, 8, 2, 16, random.randint(splits, 700)
     lens = torch.tensor([random.randint(1, cap), 0, cap], dtype=torch.int32)
-    cu, used = split_kv_chunks(lens, cap, splits)
-    assert cu.tolist() == sorted(cu.tolist()) and cu[-1] == b * cap and used.shape == (b * splits,)
+    starts, used = split_kv_chunks(lens, splits)
+    assert starts.shape == used.shape == (b * splits,)
     for i in range(b):
-        chunks = [(int(cu[i * splits + c]), int(used[i * splits + c])) for c in range(splits)]
-        slots = [s for lo, n in chunks for s in range(lo, lo + n)]
-        assert slots == list(range(i * cap, i * cap + int(lens[i])))
+        chunks = [(int(starts[i * splits + c]), int(used[i * splits + c])) for c in range(splits)]
+        assert [s for lo, n in chunks for s in range(lo, lo + n)] == list(range(int(lens[i])))
+        assert all(n % TILE_SLOTS == 0 for lo, n in chunks if lo + n < lens[i])
     q = torch.randn(b, h, 1, d)
     k_cache, v_cache = torch.randn(b, cap, kvh, d) * 2, torch.randn(b, cap, kvh, d)
-    flat_k, flat_v = k_cache.reshape(b * cap, kvh, d), v_cache.reshape(b * cap, kvh, d)
     outs, lses = [], []
-    for c in range(splits):  # each chunk attended alone, as flash does it, then merged
+    for c in range(splits):  # each chunk attended alone, as the kernel does it, then merged
         out_c, lse_c = torch.zeros(b, h, 1, d), torch.full((b, h, 1), float("-inf"))
         for i in range(b):
-            lo, n = int(cu[i * splits + c]), int(used[i * splits + c])
+            lo, n = int(starts[i * splits + c]), int(used[i * splits + c])
             if n:
-                k, v = (t[lo : lo + n].transpose(0, 1).unsqueeze(0) for t in (flat_k, flat_v))  # [1, kvh, n, d]
+                k, v = (t[i : i + 1, lo : lo + n].transpose(1, 2) for t in (k_cache, v_cache))
                 out_c[i : i + 1], lse_c[i : i + 1] = math_attention_with_lse(q[i : i + 1], k, v, d**-0.5)
         outs.append(out_c.view(b, kvh, h // kvh, 1, d))
         lses.append(lse_c.view(b, kvh, h // kvh, 1))
@@ -155,20 +155,21 @@ def test_split_kv_chunks_cover_exactly_the_used_slots_and_merge_to_the_unsplit_r
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-6)
 
 
-def test_split_kv_chunks_stay_inside_their_sequence():
-    """29 slots in 7 chunks: ceil-sized chunks would start the last one at slot 30, past the end
-    (what a random draw caught); balanced chunks of 4 and 5 slots tile the 29 exactly."""
-    cu, used = split_kv_chunks(torch.tensor([29, 3], dtype=torch.int32), 29, 7)
-    assert cu.tolist() == [0, 4, 8, 12, 16, 20, 24, 29, 33, 37, 41, 45, 49, 53, 58]
-    assert used.tolist() == [4, 4, 4, 4, 4, 4, 5, 3, 0, 0, 0, 0, 0, 0]
-    with pytest.raises(ValueError, match="cannot cut 5 cache slots into 6 chunks"):
-        split_kv_chunks(torch.tensor([5], dtype=torch.int32), 5, 6)
+def test_split_kv_chunks_follow_the_fill_in_whole_tiles():
+    """200 filled slots in 3 chunks: tiles of 64, so chunks of 128, 72 and nothing -- not the
+    capacity's thirds, which would leave chunks past the fill with nothing to read while the
+    others read more."""
+    starts, used = split_kv_chunks(torch.tensor([200, 64, 0], dtype=torch.int32), 3)
+    assert starts.tolist() == [0, 128, 256, 0, 64, 128, 0, 0, 0]
+    assert used.tolist() == [128, 72, 0, 64, 0, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="cannot cut a cache into 0 chunks"):
+        split_kv_chunks(torch.tensor([5], dtype=torch.int32), 0)
 
 
 def test_decode_splits_fill_the_gpu_without_tiny_chunks():
-    assert decode_splits(1, 8, 131072, 132) == 33  # 33 x 8 blocks >= 2 per SM
-    assert decode_splits(1, 2, 131072, 132) == 132
-    assert decode_splits(4, 8, 131072, 132) == 9
+    assert decode_splits(1, 8, 131072, 132) == 17  # 17 x 8 programs >= 1 per SM
+    assert decode_splits(1, 2, 131072, 132) == 66
+    assert decode_splits(4, 8, 131072, 132) == 5
     assert decode_splits(1, 8, 2048, 132) == 4  # no chunk under MIN_SPLIT_SLOTS
     assert decode_splits(64, 8, 131072, 132) == 1
     assert decode_splits(1, 8, 100, 132) == 1
@@ -190,19 +191,17 @@ def test_kernel_selection():
 
 
 def test_split_kv_plans_refuse_what_they_do_not_fit():
-    """A decode step's one split-KV plan serves every layer; one made for other shapes is an
-    error, not a wrong read. The plan exists only where flash runs (CUDA, half precision)."""
+    """A decode step's one split-KV plan serves every layer; one made for another batch is an
+    error, not a wrong read. The plan exists only where the decode kernel runs (CUDA, half
+    precision, Triton)."""
     lens = torch.tensor([5, 9], dtype=torch.int32)
     k_cache = torch.zeros(2, 16, 2, 8)
-    assert decode_split_kv(lens, k_cache, 8) is None  # CPU: the fp32 math path
-    with pytest.raises(ValueError, match="7 query heads do not share 2 kv-heads"):
-        split_kv(lens, k_cache, 7, 1, 2)
-    plan = split_kv(lens, k_cache, 8, 1, 2)
-    assert plan.rows == 4 and plan.splits == 2 and plan.cu_q.tolist() == [0, 4, 8, 12, 16]
-    assert plan.cu_k.tolist() == [0, 8, 16, 24, 32] and plan.used.tolist() == [5, 0, 8, 1]
-    q = torch.zeros(2, 4, 1, 8)  # 4 query heads: 2 rows per kv-head, not the plan's 4
-    with pytest.raises(ValueError, match="does not fit queries"):
-        split_kv_decode_with_lse(q, k_cache, k_cache, 1.0, plan)
+    assert decode_split_kv(lens, k_cache) is None  # CPU: the fp32 math path
+    plan = split_kv(lens, 2)
+    assert plan.batch == 2 and plan.splits == 2 and plan.used.tolist() == [5, 0, 9, 0]
     q = torch.zeros(1, 8, 1, 8)  # one sequence: the plan's two would read past its cache
     with pytest.raises(ValueError, match="does not fit queries"):
         split_kv_decode_with_lse(q, k_cache[:1], k_cache[:1], 1.0, plan)
+    q = torch.zeros(2, 7, 1, 8)  # 7 query heads do not share 2 kv-heads
+    with pytest.raises(ValueError, match="does not fit queries"):
+        split_kv_decode_with_lse(q, k_cache, k_cache, 1.0, plan)

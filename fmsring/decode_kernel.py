@@ -1,0 +1,133 @@
+"""fmsring's own split-KV decode attention: a Triton kernel for a few query rows against a long cache.
+
+Why a kernel of our own: a decode step reads its cache shard once, so attention
+should run at the copy bandwidth. Flash's varlen kernel, fed the shard as a
+batch of chunks, does not (docs/performance.md): its tile is 128 query rows,
+of which a GQA kv-head's decode step fills 4, and every chunk must be a
+sequence of its own. Here one program reads one chunk of one kv-head's cache
+for every query row that shares it (GQA packed: the K/V bytes are read once),
+keeps a 16-row tile, and writes that chunk's (out, lse); fmsring's one merge
+(:func:`fmsring.kernels.merge_split`) combines the chunks exactly.
+
+The chunks are whatever the caller's plan says -- where each starts in its
+sequence's cache and how many slots it uses -- so they follow the cache's fill,
+not its capacity, and every shape is fixed by the capacity and the chunk
+count: the call can be captured in a CUDA graph and replayed as the cache grows.
+
+Registered as the custom op ``fmsring::split_kv_decode`` so a compiled decoder
+layer calls it as it is (inductor neither traces nor re-tunes it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# The tile and launch configuration, measured per shape by scripts/decode_kernel_sweep.py.
+BLOCK_N = 64  # cache slots per tile (fmsring.kernels.TILE_SLOTS: plans cut chunks in whole tiles)
+NUM_WARPS = 4
+NUM_STAGES = 3
+
+
+@triton.jit
+def _split_kv_decode_kernel(
+    Q, K, V, Starts, Used, Out, Lse,
+    scale_log2, batch, kv_heads, rows, q_len, head_dim,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    chunk = tl.program_id(0)
+    seq_head = tl.program_id(1)
+    b = seq_head // kv_heads
+    kv_head = seq_head % kv_heads
+    splits = tl.num_programs(0)
+    start = tl.load(Starts + b * splits + chunk)
+    used = tl.load(Used + b * splits + chunk)
+
+    # row r: query head kv_head * (rows // q_len) + r // q_len, token r % q_len
+    r = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    row_ok = (r < rows)[:, None] & (d < head_dim)[None, :]
+    q_head = kv_head * (rows // q_len) + r // q_len
+    q_ptrs = Q + b * stride_qb + q_head[:, None] * stride_qh + (r % q_len)[:, None] * stride_ql + d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok, other=0.0)
+
+    n = tl.arange(0, BLOCK_N)
+    k_ptrs = K + b.to(tl.int64) * stride_kb + kv_head * stride_kh + (start + n)[:, None].to(tl.int64) * stride_kn
+    v_ptrs = V + b.to(tl.int64) * stride_vb + kv_head * stride_vh + (start + n)[:, None].to(tl.int64) * stride_vn
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, in log2 units (exp2 is the fast one)
+    l = tl.zeros([BLOCK_M], tl.float32)  # noqa: E741 - flash's name for the running sum
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for lo in range(0, used, BLOCK_N):
+        valid = lo + n < used
+        slot_ok = valid[:, None] & (d < head_dim)[None, :]
+        k = tl.load(k_ptrs + lo * stride_kn + d[None, :], mask=slot_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile the loop reaches has a used slot
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)  # noqa: E741
+        v = tl.load(v_ptrs + lo * stride_vn + d[None, :], mask=slot_ok, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+
+    # a chunk with no used slot: out 0, lse -inf ("no contribution" to the merge)
+    seen = tl.where(l > 0, l, 1.0)
+    out = acc / seen[:, None]
+    lse = tl.where(l > 0, (m + tl.log2(seen)) * 0.6931471805599453, float("-inf"))  # back to natural log
+    row0 = ((chunk * batch + b) * kv_heads + kv_head) * rows
+    tl.store(Out + (row0 + r)[:, None].to(tl.int64) * head_dim + d[None, :], out, mask=row_ok)
+    tl.store(Lse + row0 + r, lse, mask=r < rows)
+
+
+@torch.library.custom_op("fmsring::split_kv_decode", mutates_args=())
+def split_kv_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    starts: torch.Tensor,
+    used: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each chunk's partial attention: q [b, h, Lq, d] over caches [b, capacity, kvh, d] (half
+    precision, the head dim contiguous), chunk c of sequence i being ``used[i*S + c]`` slots from
+    slot ``starts[i*S + c]`` (S chunks per sequence: ``used.numel() // b``). Returns fp32
+    (out [S, b, kvh, h/kvh*Lq, d], lse [S, b, kvh, h/kvh*Lq]), a kv-head's rows in (query head,
+    token) order; an unused chunk gives out 0 and lse -inf."""
+    if not q.stride(-1) == k_cache.stride(-1) == v_cache.stride(-1) == 1:
+        raise ValueError("split_kv_decode reads the head dim of q and the caches as contiguous")
+    b, h, lq, d = q.shape
+    kvh = k_cache.shape[2]
+    rows = h // kvh * lq
+    out, lse = _empty_partials(q, k_cache, used)
+    guard = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+    with guard:
+        _split_kv_decode_kernel[(used.numel() // b, b * kvh)](
+            q, k_cache, v_cache, starts, used, out, lse,
+            scale * math.log2(math.e), b, kvh, rows, lq, d,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)),
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        )  # fmt: skip
+    return out, lse
+
+
+def _empty_partials(q: torch.Tensor, k_cache: torch.Tensor, used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, lq, d = q.shape
+    kvh = k_cache.shape[2]
+    shape = (used.shape[0] // b, b, kvh, h // kvh * lq)
+    return q.new_empty((*shape, d), dtype=torch.float32), q.new_empty(shape, dtype=torch.float32)
+
+
+@split_kv_decode.register_fake
+def _(q, k_cache, v_cache, starts, used, scale):
+    return _empty_partials(q, k_cache, used)

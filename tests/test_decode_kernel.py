@@ -1,0 +1,86 @@
+"""fmsring's Triton decode kernel against fp32 math: on a GPU as it runs there (bf16, fp16), and on a
+CPU through Triton's interpreter (fp16, fp32: the interpreter has no bf16), so every CI run
+checks the kernel's indexing -- GQA rows, several query tokens, chunks, empty ones, a head dim
+that is no power of two -- and not only the GPU runs."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("triton")  # a CPU without it has no kernel to test; tests/conftest.py interprets it
+
+from fmsring import decode_kernel  # noqa: E402
+from fmsring.kernels import (  # noqa: E402
+    TILE_SLOTS,
+    math_attention_with_lse,
+    split_kv,
+    split_kv_decode_with_lse,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.float16, torch.float32]
+
+
+def test_the_plans_cut_chunks_in_the_kernels_tiles():
+    assert TILE_SLOTS == decode_kernel.BLOCK_N
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("h,kvh,d,lq", [(8, 2, 64, 1), (4, 4, 32, 1), (6, 2, 80, 3)])
+def test_each_chunk_partial_is_attention_over_its_slots(dtype, h, kvh, d, lq):
+    """Every chunk's (out, lse) against fp32 math over exactly its slots; a chunk with no slot
+    gives out 0 and lse -inf. Caches of odd capacity, chunks of odd starts and lengths."""
+    b, cap, splits = 2, random.randrange(200, 257), 3
+    q = torch.randn(b, h, lq, d, device=DEVICE, dtype=dtype)
+    kc, vc = (torch.randn(b, cap, kvh, d, device=DEVICE, dtype=dtype) for _ in range(2))
+    chunks = [(0, 70), (70, 1), (100, cap - 100), (5, 0), (cap - 9, 9), (0, cap)]  # (start, used), seq-major
+    starts, used = (torch.tensor(col, dtype=torch.int32, device=DEVICE) for col in zip(*chunks))
+    out, lse = decode_kernel.split_kv_decode(q, kc, vc, starts, used, d**-0.5)
+    g = h // kvh
+    assert out.shape == (splits, b, kvh, g * lq, d) and lse.shape == (splits, b, kvh, g * lq)
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    for i in range(b):
+        for c in range(splits):
+            lo, n = chunks[i * splits + c]
+            got_out, got_lse = out[c, i].view(kvh, g, lq, d), lse[c, i].view(kvh, g, lq)
+            if n == 0:
+                assert torch.all(got_out == 0) and torch.all(got_lse == float("-inf"))
+                continue
+            k, v = (t[i : i + 1, lo : lo + n].transpose(1, 2) for t in (kc, vc))
+            ref, ref_lse = math_attention_with_lse(q[i : i + 1], k, v, d**-0.5)
+            torch.testing.assert_close(got_out.cpu(), ref.view(kvh, g, lq, d).cpu(), rtol=tol, atol=tol)
+            torch.testing.assert_close(got_lse.cpu(), ref_lse.view(kvh, g, lq).cpu(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_kv_decode_merges_to_attention_over_the_filled_slots(dtype):
+    """The whole path a decode step takes -- plan, kernel, merge -- at several chunk counts against
+    fp32 math over each sequence's first kv_lens slots: a partly filled, an empty and a full cache."""
+    b, h, kvh, d, cap = 3, 8, 2, 64, random.randrange(300, 341)
+    lens = torch.tensor([random.randrange(1, cap), 0, cap], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(b, h, 1, d, device=DEVICE, dtype=dtype)
+    kc, vc = (torch.randn(b, cap, kvh, d, device=DEVICE, dtype=dtype) for _ in range(2))
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    for splits in (1, 2, 5):
+        out, lse = split_kv_decode_with_lse(q, kc, vc, d**-0.5, split_kv(lens, splits))
+        for i, n in enumerate(lens.tolist()):
+            if n == 0:
+                assert torch.all(lse[i] == float("-inf")) and torch.all(out[i] == 0)
+                continue
+            k, v = kc[i : i + 1, :n].transpose(1, 2), vc[i : i + 1, :n].transpose(1, 2)
+            ref, ref_lse = math_attention_with_lse(q[i : i + 1], k, v, d**-0.5)
+            torch.testing.assert_close(out[i : i + 1].cpu(), ref.cpu(), rtol=tol, atol=tol, msg=f"{splits} chunks")
+            torch.testing.assert_close(lse[i : i + 1].cpu(), ref_lse.cpu(), rtol=tol, atol=tol)
+
+
+def test_the_kernel_refuses_a_strided_head_dim():
+    q = torch.zeros(1, 2, 1, 32, device=DEVICE, dtype=torch.float16)
+    cache = torch.zeros(1, 64, 2, 32, device=DEVICE, dtype=torch.float16)
+    starts, used = (torch.zeros(1, dtype=torch.int32, device=DEVICE) for _ in range(2))
+    with pytest.raises(ValueError, match="head dim"):
+        decode_kernel.split_kv_decode(
+            q, cache.transpose(-1, -2).contiguous().transpose(-1, -2), cache, starts, used, 1.0
+        )
