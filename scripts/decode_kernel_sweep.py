@@ -113,7 +113,8 @@ def main(path: str) -> None:
             ms = graph_ms(fn)
             rows.append(dict(
                 gpu=torch.cuda.get_device_name(), shape=name, batch=batch, heads=heads, kv_heads=kv_heads,
-                tokens=tokens, kernel=kernel, splits=splits, chosen=kernel == "fmsring" and splits == auto and cfg == default,
+                tokens=tokens, kernel=kernel, splits=splits,
+                chosen=kernel == "fmsring" and splits == auto and cfg == default,
                 block_n=cfg and cfg[0], warps=cfg and cfg[1], stages=cfg and cfg[2], ms=round(ms, 4),
                 gbps=round(2 * kc.numel() * kc.element_size() / ms / 1e6, 1),
                 rel_err=f"{((out[:1] - ref).norm() / ref.norm()).item():.2e}",
