@@ -29,7 +29,7 @@ from fmsring.comm import maybe_init_dist
 
 KINDS = (  # first match wins; matched against lower-cased kernel names
     ("communication", ("nccl",)),
-    ("attention", ("cudnn", "fmha", "flash", "attention", "sdpa")),
+    ("attention", ("cudnn", "fmha", "flash", "attention", "sdpa", "split_kv_decode")),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
 )
 
