@@ -64,19 +64,21 @@ def _split_kv_decode_kernel(
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, in log2 units (exp2 is the fast one)
     l = tl.zeros([BLOCK_M], tl.float32)  # noqa: E741 - flash's name for the running sum
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for lo in range(0, used, BLOCK_N):
+    for lo in range(0, used, BLOCK_N):  # the pointers advance a tile at a time: 64-bit, whatever the shard's length
         valid = lo + n < used
         slot_ok = valid[:, None] & (d < head_dim)[None, :]
-        k = tl.load(k_ptrs + lo * stride_kn + d[None, :], mask=slot_ok, other=0.0)
+        k = tl.load(k_ptrs + d[None, :], mask=slot_ok, other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale_log2
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile the loop reaches has a used slot
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)  # noqa: E741
-        v = tl.load(v_ptrs + lo * stride_vn + d[None, :], mask=slot_ok, other=0.0)
+        v = tl.load(v_ptrs + d[None, :], mask=slot_ok, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
 
     # a chunk with no used slot: out 0, lse -inf ("no contribution" to the merge)
     seen = tl.where(l > 0, l, 1.0)

@@ -22,8 +22,8 @@
 #           one (ring_fuse_layers=false): the 32K step profiled (kernels, kernel time) on all GPUs;
 #           every factorisation cp x tp checked against single at 8K; 32 tokens at 128K for every
 #           factorisation, and modules-only for 4x1 and 1x4
-# decodefloor  the decode-at-the-floor targets: ring at 32K and 128K, ring at batch 4 and 32K, then
-#           single and tp at 32K and 128K (32 tokens, unchecked: the layers section checks)
+# decodefloor  the decode-at-the-floor targets: ring at every factorisation cp x tp at 32K and 128K and
+#           at batch 4 and 32K, then single and tp at 32K and 128K (32 tokens, unchecked: layers checks)
 # ttft1m    a 1M-token prompt on the ring alone: its no-cache prefill and its generation (time to first
 #           token, then 8 tokens) in one launch; 8K rows first, so the 1M rows run compiled code warm
 # mesh70b   LLaMA-2-70B shapes (FMS llama/70b; NLAYERS=n to cut layers where 80 do not fit):
@@ -115,8 +115,8 @@ layers)
     ;;
 decodefloor)
     steps=(--phases decode --decode-tokens 32 --repeats 1 --warmup 1 --no-check --out "$out/results.csv")
-    bench --strategies ring --seq-lens 32K,128K "${steps[@]}"
-    bench --strategies ring --seq-lens 32K --batch 4 "${steps[@]}"
+    bench --strategies ring --ring-tp "$factors" --seq-lens 32K,128K "${steps[@]}"
+    bench --strategies ring --ring-tp "$factors" --seq-lens 32K --batch 4 "${steps[@]}"
     bench --strategies single,tp --seq-lens 32K,128K "${steps[@]}"
     ;;
 ttft1m)
