@@ -108,8 +108,9 @@ def allocate_layer(tokens: torch.Tensor, capacity: int) -> torch.Tensor:
     """A [b, capacity, kvh, d] cache buffer holding ``tokens`` [b, L, kvh, d] in
     its first L slots and zeros after them.
 
-    Tokens along dim 1 with kv-heads inside is the layout flash attention
-    reads directly, and prefill's K/V are stored without a transpose. The
+    Tokens along dim 1 with kv-heads inside is the layout fmsring's decode
+    kernel and the fused attention kernels read directly, and prefill's K/V
+    are stored without a transpose. The
     unused slots are zeroed, not left as they were: a masked read of them
     must give 0 x weight 0, which NaN garbage would not.
     """

@@ -97,9 +97,12 @@ if len(tradeoff[tradeoff["tp_size"] > 1]) and (tradeoff["strategy"] == "ring").a
     print("factorisations cp x tp of each world: prefill and decode against their floors")
     display(tradeoff.drop(columns=["strategy", "variant"]).round(2))
 for run_dir in dirs:
-    profile = analysis.decode_profile_table(run_dir)
-    if len(profile):
-        print(f"{run_dir.name}: the profiled decode step (scripts/profile_decode.py) against its bytes, ms")
+    for profile_dir in sorted({p.parent for p in run_dir.rglob("decode_profile_rank*.json")}):  # one per folder
+        profile = analysis.decode_profile_table(profile_dir)
+        if not len(profile):
+            continue
+        where = profile_dir.relative_to(run_dir.parent)
+        print(f"{where}: the profiled decode step (scripts/profile_decode.py) against its bytes, ms")
         table = profile.pivot_table(index="part", columns="rank", values=["ms", "over_ms"], sort=False, dropna=False)
         display(table.round(3))
 
