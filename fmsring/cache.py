@@ -110,9 +110,9 @@ def allocate_layer(tokens: torch.Tensor, capacity: int) -> torch.Tensor:
 
     Tokens along dim 1 with kv-heads inside is the layout fmsring's decode
     kernel and the fused attention kernels read directly, and prefill's K/V
-    are stored without a transpose. The
-    unused slots are zeroed, not left as they were: a masked read of them
-    must give 0 x weight 0, which NaN garbage would not.
+    are stored without a transpose. The unused slots are zeroed, not left as
+    they were: a masked read of them must give 0 x weight 0, which NaN
+    garbage would not.
     """
     b, n, kvh, d = tokens.shape
     buf = tokens.new_empty(b, capacity, kvh, d)

@@ -180,7 +180,7 @@ def decode_split_kv(kv_lens: torch.Tensor, k_cache: torch.Tensor) -> SplitKV | N
     """The split-KV plan a decode step over caches like ``k_cache`` [b, capacity, kvh, d] runs,
     chunked by :func:`decode_splits`; None where the step attends in fp32 math instead (not
     CUDA, not half precision, a head dim over 256, or no Triton)."""
-    if not (k_cache.is_cuda and k_cache.dtype in FUSED_DTYPES and k_cache.shape[-1] <= 256 and split_kv_decode):
+    if not (k_cache.is_cuda and k_cache.dtype in FUSED_DTYPES and k_cache.shape[-1] <= 256 and split_kv_decode is not None):
         return None
     b, cap, kvh = k_cache.shape[:3]
     return split_kv(kv_lens, decode_splits(b, kvh, cap, _sm_count(k_cache.device)))
