@@ -180,7 +180,9 @@ def decode_split_kv(kv_lens: torch.Tensor, k_cache: torch.Tensor) -> SplitKV | N
     """The split-KV plan a decode step over caches like ``k_cache`` [b, capacity, kvh, d] runs,
     chunked by :func:`decode_splits`; None where the step attends in fp32 math instead (not
     CUDA, not half precision, a head dim over 256, or no Triton)."""
-    if not (k_cache.is_cuda and k_cache.dtype in FUSED_DTYPES and k_cache.shape[-1] <= 256 and split_kv_decode is not None):
+    if split_kv_decode is None or not k_cache.is_cuda:
+        return None
+    if k_cache.dtype not in FUSED_DTYPES or k_cache.shape[-1] > 256:
         return None
     b, cap, kvh = k_cache.shape[:3]
     return split_kv(kv_lens, decode_splits(b, kvh, cap, _sm_count(k_cache.device)))
