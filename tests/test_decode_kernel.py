@@ -84,3 +84,26 @@ def test_the_kernel_refuses_a_strided_head_dim():
         decode_kernel.split_kv_decode(
             q, cache.transpose(-1, -2).contiguous().transpose(-1, -2), cache, starts, used, 1.0
         )
+
+
+def test_the_op_passes_torchs_custom_op_checks():
+    """torch.library.opcheck: the schema, the fake (meta) function a compiled layer traces with --
+    shapes from the plan's tensor lengths -- and dynamic shapes through AOT dispatch."""
+    q = torch.randn(2, 4, 1, 32, device=DEVICE, dtype=DTYPES[0])
+    kc, vc = (torch.randn(2, 130, 2, 32, device=DEVICE, dtype=DTYPES[0]) for _ in range(2))
+    plan = split_kv(torch.tensor([130, 7], dtype=torch.int32, device=DEVICE), 3)
+    torch.library.opcheck(decode_kernel.split_kv_decode, (q, kc, vc, plan.starts, plan.used, 32**-0.5))
+
+
+def test_a_compiled_caller_follows_new_cache_sizes_and_chunk_counts():
+    """What the whole-layer decode compile does with the op: traced through its fake function, the
+    cache's capacity and the chunk count become dynamic, and the compiled call keeps matching
+    the eager one."""
+    torch._dynamo.reset()
+    compiled = torch.compile(split_kv_decode_with_lse, fullgraph=True, dynamic=None)
+    for cap, splits in ((96, 2), (160, 3), (224, 5)):
+        q = torch.randn(1, 4, 1, 32, device=DEVICE, dtype=DTYPES[0])
+        kc, vc = (torch.randn(1, cap, 2, 32, device=DEVICE, dtype=DTYPES[0]) for _ in range(2))
+        plan = split_kv(torch.tensor([cap - 5], dtype=torch.int32, device=DEVICE), splits)
+        for got, want in zip(compiled(q, kc, vc, 32**-0.5, plan), split_kv_decode_with_lse(q, kc, vc, 32**-0.5, plan)):
+            torch.testing.assert_close(got, want, msg=f"capacity {cap}, {splits} chunks")
