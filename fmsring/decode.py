@@ -50,10 +50,12 @@ def merge_shards(out: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, stra
 class DecodeStep:
     """The static one-token step: every rank writes the token's K/V at
     ``write_slot`` (the owner's next slot; elsewhere a free slot that no
-    length covers) and attends over its first ``kv_lens`` slots. Both are
-    device tensors and every shape is fixed by the cache's capacity, so the
-    step can be captured once as a CUDA graph and replayed. ``split_kv`` is
-    the split-KV plan every layer's attention shares (None: fp32 math).
+    length covers) and attends over its first ``kv_lens`` slots, plus
+    ``slot_bias`` [b, capacity] where the step has a padding mask (the
+    user's mask read at each slot's token). All are device tensors and every
+    shape is fixed by the cache's capacity, so the step can be captured once
+    as a CUDA graph and replayed. ``split_kv`` is the split-KV plan every
+    layer's attention shares (None: fp32 math).
 
     With no Python branch on data and static shapes, a decoder layer running
     this step can also be compiled whole (``whole_layer``:
@@ -64,6 +66,7 @@ class DecodeStep:
     write_slot: torch.Tensor
     kv_lens: torch.Tensor
     split_kv: SplitKV | None = None
+    slot_bias: torch.Tensor | None = None
 
     def store(self, keys, values, key_cache, value_cache):
         # an indexed assignment (index_put_), which the compiler writes in place into the cache
@@ -73,7 +76,7 @@ class DecodeStep:
 
     def attend(self, query, key_cache, value_cache, scale):
         out, lse = decode_attention_with_lse(
-            query.transpose(1, 2), key_cache, value_cache, self.kv_lens, scale, self.split_kv
+            query.transpose(1, 2), key_cache, value_cache, self.kv_lens, scale, self.split_kv, self.slot_bias
         )
         return merge_shards(out, lse, query, self.strategy)
 
@@ -81,12 +84,13 @@ class DecodeStep:
 @dataclass
 class ReplicatedStep:
     """A step of n new tokens that every rank computes: fewer tokens than ranks
-    (too few to shard), or a user mask (padding). Each rank stores the new
-    tokens it owns (``owned``, after its ``fill`` valid slots) and attends
-    over its slots in ``blocks``: (first slot, end slot, additive bias or
-    None). Without a mask that is the old slots unmasked -- every cached
-    token precedes every new one -- and the owned new slots with a causal
-    bias of n x owned; with one, every slot under the user's mask."""
+    (too few to shard), or several with a user mask (padding). Each rank
+    stores the new tokens it owns (``owned``, after its ``fill`` valid
+    slots) and attends over its slots in ``blocks``: (first slot, end slot,
+    additive bias or None). Without a mask that is the old slots unmasked --
+    every cached token precedes every new one -- and the owned new slots
+    with a causal bias of n x owned; with one, every slot under the user's
+    mask."""
 
     strategy: RingAttentionStrategy
     fill: int

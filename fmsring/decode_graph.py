@@ -24,10 +24,11 @@ class StepInputs:
     positions: torch.Tensor  # [b, 1] global positions
     write_slot: torch.Tensor  # [1] int64: this rank's slot for the new K/V
     kv_lens: torch.Tensor  # [b] int32: this rank's valid slots after the write
+    slot_bias: torch.Tensor | None = None  # [b, capacity] fp32: a padding mask at this rank's slots
 
     def tensors(self) -> list[torch.Tensor]:
-        """The fields themselves (``dataclasses.astuple`` would deep-copy them)."""
-        return [getattr(self, f.name) for f in fields(self)]
+        """The fields themselves that are set (``dataclasses.astuple`` would deep-copy them)."""
+        return [t for f in fields(self) if (t := getattr(self, f.name)) is not None]
 
     def copy_(self, other: StepInputs) -> None:
         """Write ``other``'s values into these tensors, the ones a captured graph reads."""
@@ -35,7 +36,7 @@ class StepInputs:
             dst.copy_(src, non_blocking=True)
 
     def clone(self) -> StepInputs:
-        return replace(self, **{f.name: getattr(self, f.name).clone() for f in fields(self)})
+        return replace(self, **{f.name: t.clone() for f in fields(self) if (t := getattr(self, f.name)) is not None})
 
 
 class CapturedStep:

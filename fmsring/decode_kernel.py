@@ -35,12 +35,13 @@ NUM_STAGES = 3
 
 @triton.jit
 def _split_kv_decode_kernel(
-    Q, K, V, Starts, Used, Out, Lse,
+    Q, K, V, Starts, Used, Bias, Out, Lse,
     scale_log2, batch, kv_heads, rows, q_len, head_dim,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_bias_b,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
     chunk = tl.program_id(0)
     seq_head = tl.program_id(1)
@@ -61,6 +62,7 @@ def _split_kv_decode_kernel(
     n = tl.arange(0, BLOCK_N)
     k_ptrs = K + b.to(tl.int64) * stride_kb + kv_head * stride_kh + (start + n)[:, None].to(tl.int64) * stride_kn
     v_ptrs = V + b.to(tl.int64) * stride_vb + kv_head * stride_vh + (start + n)[:, None].to(tl.int64) * stride_vn
+    bias_ptrs = Bias + b.to(tl.int64) * stride_bias_b + start + n
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, in log2 units (exp2 is the fast one)
     l = tl.zeros([BLOCK_M], tl.float32)  # noqa: E741 - flash's name for the running sum
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -69,10 +71,14 @@ def _split_kv_decode_kernel(
         slot_ok = valid[:, None] & (d < head_dim)[None, :]
         k = tl.load(k_ptrs + d[None, :], mask=slot_ok, other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale_log2
+        if HAS_BIAS:  # a padding mask, additive per slot, natural log: -inf hides a slot
+            s += tl.load(bias_ptrs, mask=valid, other=0.0)[None, :] * 1.4426950408889634
+            bias_ptrs += BLOCK_N
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile the loop reaches has a used slot
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # every slot so far hidden: nothing to rescale
+        alpha = tl.exp2(m - m_use)
+        p = tl.exp2(s - m_use[:, None])
         l = l * alpha + tl.sum(p, 1)  # noqa: E741
         v = tl.load(v_ptrs + d[None, :], mask=slot_ok, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -97,14 +103,18 @@ def split_kv_decode(
     starts: torch.Tensor,
     used: torch.Tensor,
     scale: float,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each chunk's partial attention: q [b, h, Lq, d] over caches [b, capacity, kvh, d] (half
     precision, the head dim contiguous), chunk c of sequence i being ``used[i*S + c]`` slots from
-    slot ``starts[i*S + c]`` (S chunks per sequence: ``used.numel() // b``). Returns fp32
-    (out [S, b, kvh, h/kvh*Lq, d], lse [S, b, kvh, h/kvh*Lq]), a kv-head's rows in (query head,
-    token) order; an unused chunk gives out 0 and lse -inf."""
+    slot ``starts[i*S + c]`` (S chunks per sequence: ``used.numel() // b``), plus ``bias``
+    [b, capacity] fp32 on every query row where given (a padding mask: -inf hides a slot).
+    Returns fp32 (out [S, b, kvh, h/kvh*Lq, d], lse [S, b, kvh, h/kvh*Lq]), a kv-head's rows in
+    (query head, token) order; a chunk with no slot to see gives out 0 and lse -inf."""
     if not q.stride(-1) == k_cache.stride(-1) == v_cache.stride(-1) == 1:
         raise ValueError("split_kv_decode reads the head dim of q and the caches as contiguous")
+    if bias is not None and (bias.shape != k_cache.shape[:2] or bias.dtype != torch.float32 or bias.stride(-1) != 1):
+        raise ValueError(f"a decode bias is fp32 [batch, capacity] = {tuple(k_cache.shape[:2])}, contiguous per row")
     b, h, lq, d = q.shape
     kvh = k_cache.shape[2]
     rows = h // kvh * lq
@@ -112,12 +122,14 @@ def split_kv_decode(
     guard = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
     with guard:
         _split_kv_decode_kernel[(used.numel() // b, b * kvh)](
-            q, k_cache, v_cache, starts, used, out, lse,
+            q, k_cache, v_cache, starts, used, used if bias is None else bias, out, lse,
             scale * math.log2(math.e), b, kvh, rows, lq, d,
             q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            0 if bias is None else bias.stride(0),
             BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)),
+            HAS_BIAS=bias is not None,
             num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )  # fmt: skip
     return out, lse
@@ -131,5 +143,5 @@ def _empty_partials(q: torch.Tensor, k_cache: torch.Tensor, used: torch.Tensor) 
 
 
 @split_kv_decode.register_fake
-def _(q, k_cache, v_cache, starts, used, scale):
+def _(q, k_cache, v_cache, starts, used, scale, bias=None):
     return _empty_partials(q, k_cache, used)

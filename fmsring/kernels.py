@@ -96,23 +96,27 @@ def decode_attention_with_lse(
     kv_lens: torch.Tensor,
     scale: float,
     plan: SplitKV | None = None,
+    slot_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a few query rows over the first ``kv_lens[i]`` slots of a
     preallocated cache, returning (out [b, h, Lq, d] fp32, lse fp32 [b, h, Lq]).
 
     q: [b, h, Lq, d]; caches: [b, capacity, kvh, d]; kv_lens: int32 [b] on the
-    device. Shapes never depend on how full the cache is, so a decode step
-    built on this can be captured once as a CUDA graph and replayed. On CUDA
-    with half-precision inputs it is :func:`split_kv_decode_with_lse` along
-    ``plan`` (every layer of a step shares one: pass it, or it is made here);
-    otherwise fp32 math with the unused slots masked.
+    device; ``slot_bias``: an additive fp32 [b, capacity] on every query row,
+    e.g. a padding mask (-inf hides a slot). Shapes never depend on how full
+    the cache is, so a decode step built on this can be captured once as a
+    CUDA graph and replayed. On CUDA with half-precision inputs it is
+    :func:`split_kv_decode_with_lse` along ``plan`` (every layer of a step
+    shares one: pass it, or it is made here); otherwise fp32 math with the
+    unused slots masked.
     """
     plan = plan if plan is not None else decode_split_kv(kv_lens, k_cache)
     if plan is not None:
-        return split_kv_decode_with_lse(q, k_cache, v_cache, scale, plan)
+        return split_kv_decode_with_lse(q, k_cache, v_cache, scale, plan, slot_bias)
     b, cap = k_cache.shape[:2]
     unused = torch.arange(cap, device=q.device).unsqueeze(0) >= kv_lens.unsqueeze(1)
-    bias = torch.zeros(b, 1, cap, device=q.device).masked_fill_(unused.unsqueeze(1), float("-inf"))
+    bias = torch.zeros(b, cap, device=q.device) if slot_bias is None else slot_bias.float()
+    bias = bias.masked_fill(unused, float("-inf")).unsqueeze(1)
     return math_attention_with_lse(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), scale, bias=bias)
 
 
@@ -189,12 +193,18 @@ def decode_split_kv(kv_lens: torch.Tensor, k_cache: torch.Tensor) -> SplitKV | N
 
 
 def split_kv_decode_with_lse(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, plan: SplitKV
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    scale: float,
+    plan: SplitKV,
+    slot_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash decoding: each [b, capacity, kvh, d] cache read in the plan's
     chunks by as many programs of fmsring's decode kernel
     (:mod:`fmsring.decode_kernel`), the chunks' partials merged exactly through
-    their log-sum-exp. Returns (out [b, h, Lq, d] fp32, lse fp32 [b, h, Lq]).
+    their log-sum-exp, ``slot_bias`` [b, capacity] added to every row's scores.
+    Returns (out [b, h, Lq, d] fp32, lse fp32 [b, h, Lq]).
 
     The h/kvh query heads that share a kv-head are rows of one program, so
     each chunk of K/V is read once, not once per query head. ``splits=1`` is
@@ -207,7 +217,7 @@ def split_kv_decode_with_lse(
             f"split-KV plan for {plan.batch} sequences does not fit queries {tuple(q.shape)} "
             f"over caches {tuple(k_cache.shape)}"
         )
-    out, lse = split_kv_decode(q, k_cache, v_cache, plan.starts, plan.used, scale)
+    out, lse = split_kv_decode(q, k_cache, v_cache, plan.starts, plan.used, scale, slot_bias)
     splits, g = plan.splits, h // kvh
     return merge_split_auto(out.view(splits, b, kvh, g, lq, d), lse.view(splits, b, kvh, g, lq))
 

@@ -86,7 +86,8 @@ class LlamaRing(nn.Module):
     Each call is one attention mode (``fmsring.ring_attention``): a prompt is
     a ring prefill (in chunks of ``prefill_chunk`` tokens if set); new tokens
     on a cache are a sharded follow-up (``followup``: pass_kv, pass_q or
-    auto), one token the static decode step (a CUDA graph on GPUs), and steps
+    auto), one token the static decode step (a CUDA graph on GPUs; a padding
+    mask rides along as a bias per cache slot), and steps of several tokens
     shorter than the world size or carrying a mask run replicated.
 
     ``fuse`` compiles FMS's norms, gated MLPs and RoPE (on CUDA), and with
@@ -355,8 +356,8 @@ class LlamaRing(nn.Module):
                 "(generate(..., contiguous_cache=True) rebuilds it as a plain list: leave it off)"
             )
         n = x.shape[1]
-        if n == 1 and mask is None:
-            return self._decode_step(x, position_ids, cache, last_n_tokens, attn_kwargs)
+        if n == 1:
+            return self._decode_step(x, position_ids, cache, last_n_tokens, mask, attn_kwargs)
         if mask is not None or n < self.strategy.world_size:
             return self._replicated_step(x, position_ids, cache, last_n_tokens, mask, attn_kwargs)
         return self._followup(x, position_ids, cache, last_n_tokens, attn_kwargs)
@@ -401,12 +402,7 @@ class LlamaRing(nn.Module):
         fill = state.fills[st.rank]
         end = new_state.fills[st.rank]
         if mask is not None:
-            if mask.shape[-1] != new_state.seq_len:
-                raise ValueError(
-                    f"decode mask covers {mask.shape[-1]} keys; the cache plus new tokens hold {new_state.seq_len}"
-                )
-            bias = _query_rows(mask, n).index_select(2, new_state.slot_index.to(mask.device))
-            blocks = [(0, end, bias)]
+            blocks = [(0, end, _mask_at_slots(mask, n, new_state))]
         else:  # cached tokens all precede the new ones; among the owned new ones, causal by global index
             query_index = torch.arange(state.seq_len, state.seq_len + n, device=x.device)
             owned_index = new_state.slot_index[fill:].to(x.device)
@@ -425,16 +421,23 @@ class LlamaRing(nn.Module):
         )
         return logits, RingCache(cache, new_state)
 
-    def _decode_step(self, x, position_ids, cache, last_n_tokens, attn_kwargs):
-        """One unmasked token: the static step, captured as a CUDA graph where possible."""
+    def _decode_step(self, x, position_ids, cache, last_n_tokens, mask, attn_kwargs):
+        """One token: the static step, captured as a CUDA graph where possible. A padding mask
+        becomes a bias per cache slot, an input of the step like the lengths."""
         st, state = self.strategy, cache.state
         new_state = self._extend(cache, state.advanced(st.rank, state.place(1), self.cache_headroom))
         positions, new_state = self._positions_on(x, position_ids, state, new_state)
+        slot_bias = None
+        if mask is not None:
+            at_slots = _mask_at_slots(mask, 1, new_state)[:, 0]
+            slot_bias = at_slots.new_zeros(x.shape[0], new_state.capacity)
+            slot_bias[:, : at_slots.shape[1]] = at_slots
         inputs = StepInputs(
             ids=x,
             positions=positions,
             write_slot=torch.full((1,), state.fills[st.rank], device=x.device),
             kv_lens=torch.full((x.shape[0],), new_state.fills[st.rank], dtype=torch.int32, device=x.device),
+            slot_bias=slot_bias,
         )
         layers = list(cache)
 
@@ -447,12 +450,13 @@ class LlamaRing(nn.Module):
                 use_cache=True,
                 last_n_tokens=last_n_tokens,
                 attn_name=ring_attention.ATTN_NAME,
-                ring=DecodeStep(st, inp.write_slot, inp.kv_lens, split),
+                ring=DecodeStep(st, inp.write_slot, inp.kv_lens, split, inp.slot_bias),
                 **attn_kwargs,
             )[0]
 
         if self.cuda_graphs and x.is_cuda and not attn_kwargs:
-            key = (x.shape[0], last_n_tokens, new_state.cache_id, new_state.capacity, self._rope_table_sizes(x.device))
+            rope = self._rope_table_sizes(x.device)
+            key = (x.shape[0], last_n_tokens, new_state.cache_id, new_state.capacity, rope, mask is not None)
             logits = self._graphs.run(key, inputs, step)
         else:
             logits = step(inputs)
@@ -472,6 +476,14 @@ class LlamaRing(nn.Module):
         rows = torch.cat([p[:, : counts[r]] for r, p in enumerate(parts)], dim=1)
         order = torch.tensor(sorted(range(len(index)), key=index.__getitem__), device=rows.device)
         return rows.index_select(1, order)
+
+
+def _mask_at_slots(mask: torch.Tensor, n_queries: int, state: RingCacheState) -> torch.Tensor:
+    """The user's mask for ``n_queries`` new tokens read at this rank's cache slots: additive fp32
+    [b, n_queries, slots filled], a decode step's mask covering every cached token and the new ones."""
+    if mask.shape[-1] != state.seq_len:
+        raise ValueError(f"decode mask covers {mask.shape[-1]} keys; the cache plus new tokens hold {state.seq_len}")
+    return _query_rows(mask, n_queries).index_select(2, state.slot_index.to(mask.device))
 
 
 def _query_rows(mask: torch.Tensor, n_queries: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ pytest.importorskip("triton")  # a CPU without it has no kernel to test; tests/c
 from fmsring import decode_kernel  # noqa: E402
 from fmsring.kernels import (  # noqa: E402
     TILE_SLOTS,
+    decode_attention_with_lse,
     math_attention_with_lse,
     split_kv,
     split_kv_decode_with_lse,
@@ -74,6 +75,28 @@ def test_split_kv_decode_merges_to_attention_over_the_filled_slots(dtype):
             ref, ref_lse = math_attention_with_lse(q[i : i + 1], k, v, d**-0.5)
             torch.testing.assert_close(out[i : i + 1].cpu(), ref.cpu(), rtol=tol, atol=tol, msg=f"{splits} chunks")
             torch.testing.assert_close(lse[i : i + 1].cpu(), ref_lse.cpu(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_padding_bias_hides_slots_exactly(dtype):
+    """A per-slot additive bias (what a padded batch's mask becomes): finite values and -inf,
+    a whole first tile of one sequence hidden (the kernel's running max starts at -inf there), and
+    a sequence with every slot hidden (out 0, lse -inf) -- against fp32 math with the same bias,
+    through the decode step's entry point, at several chunk counts."""
+    b, h, kvh, d, cap = 3, 8, 2, 64, random.randrange(200, 260)
+    lens = torch.tensor([cap - 3, random.randrange(70, cap), 40], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(b, h, 1, d, device=DEVICE, dtype=dtype)
+    kc, vc = (torch.randn(b, cap, kvh, d, device=DEVICE, dtype=dtype) for _ in range(2))
+    bias = torch.randn(b, cap, device=DEVICE).masked_fill(torch.rand(b, cap, device=DEVICE) < 0.3, float("-inf"))
+    bias[1, :70] = float("-inf")
+    bias[2] = float("-inf")
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    ref, ref_lse = decode_attention_with_lse(q.float(), kc.float(), vc.float(), lens, d**-0.5, None, bias)
+    assert torch.all(ref_lse[2] == float("-inf")) and torch.all(ref[2] == 0)
+    for splits in (1, 3, 4):
+        out, lse = split_kv_decode_with_lse(q, kc, vc, d**-0.5, split_kv(lens, splits), bias)
+        torch.testing.assert_close(out.cpu(), ref.cpu(), rtol=tol, atol=tol, msg=f"{splits} chunks")
+        torch.testing.assert_close(lse.cpu(), ref_lse.cpu(), rtol=tol, atol=tol, msg=f"{splits} chunks")
 
 
 def test_the_kernel_refuses_a_strided_head_dim():

@@ -124,6 +124,31 @@ def test_ring_prefill_followups_and_captured_decode_on_one_gpu(one_rank_group):
     assert torch.equal(tokens[True], tokens[False])
 
 
+def test_padded_batch_decodes_on_the_captured_step(one_rank_group):
+    """Prompts of different lengths, left-padded as FMS's generate pads them: each decode step
+    carries the padding mask (extended as FMS extends it), which the step reads at its cache
+    slots and the decode kernel adds to the scores -- captured as a CUDA graph like an unpadded
+    step. The plain FMS model given the same tokens and mask agrees at every step."""
+    from fms.utils.generation import pad_input_ids
+
+    ring, plain = _models()
+    lens = (random.randrange(300, 500), random.randrange(20, 200))
+    ids, kw = pad_input_ids([torch.randint(0, 256, (n,), device="cuda") for n in lens])
+    mask, pos = kw["mask"], kw["position_ids"]
+    with torch.no_grad():
+        logits, cache = ring(ids, position_ids=pos, mask=mask, use_cache=True, last_n_tokens=1)
+        ref, ref_cache = plain(ids, position_ids=pos, mask=mask, use_cache=True)
+        for _ in range(6):
+            nxt = ref[:, -1].argmax(-1, keepdim=True)  # both models get the same tokens
+            mask = torch.cat([mask[:, -1:], torch.zeros(mask.shape[0], 1, 1, device="cuda")], dim=2)
+            pos = pos[:, -1:] + 1
+            logits, cache = ring(nxt, position_ids=pos, mask=mask, past_key_value_states=cache, use_cache=True,
+                                 last_n_tokens=1)  # fmt: skip
+            ref, ref_cache = plain(nxt, position_ids=pos, mask=mask, past_key_value_states=ref_cache, use_cache=True)
+            assert _rel(logits[:, -1], ref[:, -1]) < 2e-2, lens
+    assert ring._graphs.current is not None and ring._graphs.current.inputs.slot_bias is not None
+
+
 def test_decode_on_many_cache_sizes_compiles_a_bounded_number_of_times(one_rank_group):
     """Prompts of four lengths, so four cache capacities and two split-KV chunk counts: the
     captured steps match the plain FMS model, and the decoder layer compiled whole holds one
