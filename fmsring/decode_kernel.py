@@ -86,7 +86,7 @@ def _split_kv_decode_kernel(
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
 
-    # a chunk with no used slot: out 0, lse -inf ("no contribution" to the merge)
+    # a chunk with no slot to see (none used, or all hidden): out 0, lse -inf ("no contribution" to the merge)
     seen = tl.where(l > 0, l, 1.0)
     out = acc / seen[:, None]
     lse = tl.where(l > 0, (m + tl.log2(seen)) * 0.6931471805599453, float("-inf"))  # back to natural log
