@@ -45,7 +45,8 @@ class RingCacheState:
 
     seq_len: tokens cached in total; fills[r]: tokens rank r holds;
     slot_index: this rank's slots' global sequence indices (for masks), on
-    the host so that a decode step copies nothing to the device;
+    the host so that an unmasked decode step copies nothing to the device
+    (a masked one copies it without a host sync: :meth:`slot_index_on`);
     capacity: slots per layer preallocated on every rank;
     cache_id: which prefill made the cache (with capacity, it names the
     buffers' allocation); max_position: the largest position id cached (the
@@ -71,6 +72,15 @@ class RingCacheState:
         if mine == list(range(mine[0], mine[-1] + 1, step)):
             return slice(mine[0], mine[-1] + 1, step)
         return mine
+
+    def slot_index_on(self, device: torch.device, start: int = 0) -> torch.Tensor:
+        """``slot_index[start:]`` on ``device``. To a GPU through pinned memory and asynchronously:
+        a copy from pageable memory would make the host wait for every kernel queued before it,
+        and a masked decode step reads this every step."""
+        index = self.slot_index[start:]
+        if torch.device(device).type == "cuda":
+            return index.pin_memory().to(device, non_blocking=True)
+        return index.to(device)
 
     def place(self, n_new: int) -> list[int]:
         """Owner rank of each of ``n_new`` appended tokens: the least-filled rank,

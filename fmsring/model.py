@@ -405,7 +405,7 @@ class LlamaRing(nn.Module):
             blocks = [(0, end, _mask_at_slots(mask, n, new_state))]
         else:  # cached tokens all precede the new ones; among the owned new ones, causal by global index
             query_index = torch.arange(state.seq_len, state.seq_len + n, device=x.device)
-            owned_index = new_state.slot_index[fill:].to(x.device)
+            owned_index = new_state.slot_index_on(x.device, fill)
             causal = _additive((owned_index.unsqueeze(0) <= query_index.unsqueeze(1)).unsqueeze(0))
             blocks = [(0, fill, None), (fill, end, causal)]
         ctx = ReplicatedStep(st, fill, RingCacheState.owned(owners, st.rank), blocks)
@@ -483,7 +483,7 @@ def _mask_at_slots(mask: torch.Tensor, n_queries: int, state: RingCacheState) ->
     [b, n_queries, slots filled], a decode step's mask covering every cached token and the new ones."""
     if mask.shape[-1] != state.seq_len:
         raise ValueError(f"decode mask covers {mask.shape[-1]} keys; the cache plus new tokens hold {state.seq_len}")
-    return _query_rows(mask, n_queries).index_select(2, state.slot_index.to(mask.device))
+    return _query_rows(mask, n_queries).index_select(2, state.slot_index_on(mask.device))
 
 
 def _query_rows(mask: torch.Tensor, n_queries: int) -> torch.Tensor:
