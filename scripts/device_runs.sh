@@ -28,6 +28,8 @@
 #           token, then 8 tokens) in one launch; 8K rows first, so the 1M rows run compiled code warm
 # mesh70b   LLaMA-2-70B shapes (FMS llama/70b; NLAYERS=n to cut layers where 80 do not fit):
 #           ring 2x2 (and 1x4) against FMS TP at 32K and 128K, prefill and decode
+# ladder70b the longest prompt that generates, LLaMA-2-70B shapes: FMS TP at 256K (past its limit
+#           as its 32K/128K peaks extrapolate) and ring 2x2 at 512K, twice that rung, 8 tokens each
 #
 # fp32 and interconnect take PEERS=ring,tp,torch_cp to leave out `single` (and the check against
 # it): the same section on fewer GPUs of the same machine (CUDA_VISIBLE_DEVICES=0,1) appending to
@@ -131,6 +133,12 @@ mesh70b)
     [ -n "${NLAYERS:-}" ] && layers=(--model-kwargs "{\"nlayers\": $NLAYERS}")
     bench --strategies ring,tp --ring-tp 2,4 --phases prefill,decode --seq-lens 32K,128K --no-check \
         --decode-tokens 16 --repeats 1 --warmup 1 "${layers[@]}" --out "$out/results.csv"
+    ;;
+ladder70b)
+    variant=70b
+    rung=(--phases decode --decode-tokens 8 --repeats 1 --warmup 0 --no-check --timeout-s 900 --out "$out/results.csv")
+    bench --strategies tp --seq-lens 256K "${rung[@]}"
+    bench --strategies ring --ring-tp 2 --seq-lens 512K "${rung[@]}"
     ;;
 *)
     echo "unknown section $section" >&2
