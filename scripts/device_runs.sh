@@ -28,6 +28,8 @@
 #           token, then 8 tokens) in one launch; 8K rows first, so the 1M rows run compiled code warm
 # mesh70b   LLaMA-2-70B shapes (FMS llama/70b; NLAYERS=n to cut layers where 80 do not fit):
 #           ring 2x2 (and 1x4) against FMS TP at 32K and 128K, prefill and decode
+# padded    a padded batch on the captured decode step: ring at every factorisation cp x tp, batch 4 at
+#           32K, unpadded and then left-padded (--padding 0.5: the 4 prompts keep 100%, 83%, 67%, 50%)
 # ladder70b the longest prompt that generates, LLaMA-2-70B shapes: FMS TP at 256K (past its limit
 #           as its 32K/128K peaks extrapolate) and ring 2x2 at 512K, twice that rung, 8 tokens each
 #
@@ -133,6 +135,12 @@ mesh70b)
     [ -n "${NLAYERS:-}" ] && layers=(--model-kwargs "{\"nlayers\": $NLAYERS}")
     bench --strategies ring,tp --ring-tp 2,4 --phases prefill,decode --seq-lens 32K,128K --no-check \
         --decode-tokens 16 --repeats 1 --warmup 1 "${layers[@]}" --out "$out/results.csv"
+    ;;
+padded)
+    steps=(--phases decode --seq-lens 32K --batch 4 --decode-tokens 32 --repeats 1 --warmup 1 --no-check
+        --out "$out/results.csv")
+    bench --strategies ring --ring-tp "$factors" "${steps[@]}"
+    bench --strategies ring --ring-tp "$factors" --padding 0.5 "${steps[@]}"
     ;;
 ladder70b)
     variant=70b

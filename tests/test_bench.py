@@ -190,6 +190,19 @@ def test_a_stalled_point_is_recorded_and_stops_the_launch(tmp_path: Path) -> Non
     assert _read(alone)["status"].tolist() == ["timeout"]
 
 
+def test_padded_batch_decodes_on_two_ranks_as_on_one(tmp_path: Path) -> None:
+    """--padding: a left-padded batch of unequal prompts decodes on the ring and with TP as
+    `single` decodes it (the check), at an odd and an even length; the rows say the fraction."""
+    out = tmp_path / "padded.csv"
+    flags = ["--phases", "decode", "--batch", "3", "--padding", "0.5", "--seq-lens", "13,40"]
+    _bench(out, 2, "single,ring,tp", flags)
+    df = _read(out)
+    _check_common(df)
+    assert len(df) == 6 and (df["padding"] == 0.5).all() and (df["batch"] == 3).all()
+    _check_exact(df[df["strategy"] == "ring"], 2)
+    _check_exact(df[df["strategy"] == "tp"], 2)
+
+
 def test_cli_parsing() -> None:
     cfg = parse_args(
         ["--seq-lens", "8K,128k,100", "--strategies", "ring,tp", "--no-check", "--model-kwargs", '{"nlayers": 2}']
@@ -206,7 +219,9 @@ def test_cli_parsing() -> None:
     assert [v.label for v in variants("tp", cfg)] == [""]
     assert [v.label for v in variants("tp", parse_args(["--as-shipped"]))] == ["", AS_SHIPPED]
     for bad in (["--strategies", "ring,bogus"], ["--cached-lens", "64"], ["--phases", "followup"],
-                ["--ring-variants", '{"x": {"ring_bogus": 1}}'], ["--seq-lens", "0"]):  # fmt: skip
+                ["--ring-variants", '{"x": {"ring_bogus": 1}}'], ["--seq-lens", "0"],
+                ["--padding", "0.5", "--phases", "decode"], ["--padding", "0.5", "--batch", "2"],
+                ["--padding", "1", "--batch", "2", "--phases", "decode"]):  # fmt: skip
         with pytest.raises(SystemExit):
             parse_args(bad)
 

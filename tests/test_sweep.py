@@ -196,6 +196,8 @@ def _no_launch(*_args, **_kwargs):
         (dict(phases=["followup"]), "cached_lens and the followup phase"),
         (dict(ring_variants={"x": {"ring_bogus": 1}}), "unknown option"),
         (dict(extra_args="--seq-lens 64"), "extra_args"),
+        (dict(padding=0.5, phases=["decode"]), "padding needs a batch of >= 2"),
+        (dict(padding=-0.1), "padding is a fraction"),
         (dict(device="cuda"), "torch sees no GPU"),
         (dict(world_sizes=[3], strategies=["single", "tp"]), "tp at world sizes [3]: 4 heads"),
         (dict(world_sizes=[3], ring_tp=[1, 3]), "ring_tp [3]: 4 heads"),

@@ -23,11 +23,12 @@ import pandas as pd
 from fmsring.harness.schema import AS_SHIPPED, STATUSES, TOLERANCES, judge, mesh_sizes
 
 NUMERIC = (
-    "world_size", "cp_size", "tp_size", "seq_len", "cached_len", "batch", "latency_ms", "latency_ms_min",
+    "world_size", "cp_size", "tp_size", "seq_len", "cached_len", "batch", "padding", "latency_ms",
+    "latency_ms_min",
     "latency_ms_max", "ttft_ms", "floor_ms", "peak_mem_gib", "tflops_per_gpu", "max_abs_err", "rel_err", "ref_norm",
     "repeats", "gpu_count", "link_gbps",
 )  # fmt: skip
-KEY = ("run", "strategy", "variant", "world_size", "seq_len", "cached_len", "batch", "phase", "interconnect")
+KEY = ("run", "strategy", "variant", "world_size", "seq_len", "cached_len", "batch", "padding", "phase", "interconnect")
 FAILED = ("oom", "timeout", "error")  # no timings: shown as markers with their status
 
 
@@ -121,8 +122,8 @@ def load_runs(paths: str | os.PathLike | Iterable[str | os.PathLike] = "runs", d
     if not frames:
         return pd.DataFrame(columns=["run", "run_dir", *KEY[1:], "status"])
     df = pd.concat(frames, ignore_index=True)
-    for col, fill in (("cached_len", "0"), ("variant", ""), ("dtype", ""), ("interconnect", "")):
-        df[col] = df[col].fillna(fill) if col in df.columns else fill
+    for col, fill in (("cached_len", "0"), ("padding", "0"), ("variant", ""), ("dtype", ""), ("interconnect", "")):
+        df[col] = df[col].fillna(fill).replace("", fill) if col in df.columns else fill
     for col in (*NUMERIC, "decode_tokens"):
         df[col] = pd.to_numeric(df[col].replace("", np.nan), errors="coerce") if col in df.columns else np.nan
     df = df[df["status"].isin(STATUSES)].copy()
@@ -199,10 +200,10 @@ def scaling_table(df: pd.DataFrame, phase: str = "prefill", warn: bool = True) -
     rows = d[d["strategy"] != "single"].copy()
     if rows.empty:
         return rows.assign(**{c: [] for c in cols})
-    point = ["run", "seq_len", "cached_len", "batch"]
+    point = ["run", "seq_len", "cached_len", "batch", "padding"]
     singles = d[(d["strategy"] == "single") & (d["world_size"] == 1)].sort_values("latency_ms")
     best = singles.groupby(point, dropna=False).head(1).set_index(point)
-    own = ["run", "strategy", "variant", "seq_len", "cached_len", "batch"]
+    own = ["run", "strategy", "variant", "seq_len", "cached_len", "batch", "padding"]
     smallest = rows.sort_values("world_size").groupby(own, dropna=False).head(1).set_index(own)
 
     def reference(r: pd.Series) -> tuple[str, float, float]:

@@ -47,6 +47,7 @@ from fmsring.harness.schema import (
     done_points,
     judge,
     mesh_sizes,
+    padding_problem,
     parse_ring_variants,
     parse_seq_lens,
     planned_points,
@@ -71,6 +72,7 @@ class BenchConfig(ModelSpec):
     seq_lens: tuple[int, ...] = (128, 256)  # prompt lengths; for followup, the new tokens T
     cached_lens: tuple[int, ...] = ()  # followup: tokens P already in the cache
     batch: int = 1
+    padding: float = 0.0  # decode: sequence i of b left-padded by padding * i / (b - 1) of the prompt
     layout: str = "zigzag"
     repeats: int = 3
     warmup: int = 1
@@ -94,6 +96,9 @@ class BenchConfig(ModelSpec):
             problems.append("--repeats, --batch and --decode-tokens must be >= 1 and --warmup >= 0")
         if not self.seq_lens:
             problems.append("--seq-lens is empty")
+        padding = padding_problem(self.padding, self.batch, self.phases)
+        if padding:
+            problems.append(f"--{padding}")
         if ("followup" in self.phases) != bool(self.cached_lens):
             problems.append("--cached-lens and the followup phase go together: give both or neither")
         try:
@@ -170,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--cached-lens", type=_lengths, default=d.cached_lens, help="followup: cached tokens P, e.g. 32K,128K"
     )
     p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument(
+        "--padding",
+        type=float,
+        default=d.padding,
+        help="decode a batch of unequal prompts: sequence i of b keeps its last 1 - F*i/(b-1) of the prompt, "
+        "left-padded with FMS's mask and position ids as FMS's generate pads them (the last is F padding)",
+    )
     p.add_argument("--layout", choices=LAYOUTS, default=d.layout, help="ring token layout")
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed runs per point")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed runs per point")
@@ -349,7 +361,8 @@ def record(pt: Point, variant: Variant, result: Measured, run: Run) -> dict[str,
     errors.pop("top2_gap", None)
     flops = phase_flops(run.shape, pt.phase, cfg.batch, pt.seq_len, pt.cached_len, cfg.decode_tokens)
     ident = point(pt.strategy, pt.world_size, pt.seq_len, pt.phase, batch=cfg.batch, dtype=cfg.dtype,
-                  layout=cfg.layout, variant=pt.variant, cached_len=pt.cached_len, ring_tp=variant.ring_tp)  # fmt: skip
+                  layout=cfg.layout, variant=pt.variant, cached_len=pt.cached_len, ring_tp=variant.ring_tp,
+                  padding=cfg.padding)  # fmt: skip
     floor = floor_ms(
         run.shape, run.rates, ident["cp_size"], ident["tp_size"], pt.phase, cfg.batch, pt.seq_len, pt.cached_len,
         cfg.decode_tokens,

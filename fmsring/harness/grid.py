@@ -28,6 +28,7 @@ from fmsring.harness.schema import (
     ModelSpec,
     Point,
     fitting_ring_variants,
+    padding_problem,
     parse_ring_variants,
     parse_seq_lens,
     planned_points,
@@ -40,14 +41,14 @@ BENCH_MODULE = "fmsring.bench"
 # Fields that change what a point measures: a run folder holds one value of each.
 IDENTITY_FIELDS = (
     "architecture", "variant", "model_path", "source", "model_kwargs",
-    "device", "dtype", "batch", "layout", "decode_tokens",
+    "device", "dtype", "batch", "padding", "layout", "decode_tokens",
 )  # fmt: skip
 # bench flags the sweep sets from its own fields: in extra_args they would make the
 # bench write other rows than the sweep expects.
 OWNED_FLAGS = (
     "--strategies", "--phases", "--seq-lens", "--cached-lens", "--ring-variants", "--ring-kwargs", "--ring-tp",
     "--as-shipped", "--no-as-shipped", "--followup-recompute", "--no-followup-recompute", "--out", "--resume",
-    "--device", "--dtype", "--batch", "--layout", "--decode-tokens", "--model-kwargs", "--architecture", "--variant",
+    "--device", "--dtype", "--batch", "--padding", "--layout", "--decode-tokens", "--model-kwargs", "--architecture", "--variant",
 )  # fmt: skip
 
 
@@ -91,6 +92,7 @@ class SweepConfig(ModelSpec):
     repeats: int = 3
     warmup: int = 1
     batch: int = 1
+    padding: float = 0.0  # decode a left-padded batch of unequal prompts (fmsring.bench --padding)
     layout: str = "zigzag"
     # where and how
     out_dir: str = "runs/local"  # git-ignored; committed runs go directly under runs/ (runs/README.md)
@@ -127,7 +129,7 @@ class SweepConfig(ModelSpec):
                 setattr(self, attr, None)
         for attr in ("decode_tokens", "repeats", "warmup", "batch", "rdzv_port"):
             setattr(self, attr, int(getattr(self, attr)))
-        self.timeout_s = float(self.timeout_s)
+        self.timeout_s, self.padding = float(self.timeout_s), float(self.padding)
         self.check, self.as_shipped = _flag(self.check), _flag(self.as_shipped)
         self.followup_recompute = _flag(self.followup_recompute)
         self.bench_timeout_s = _optional(self.bench_timeout_s, float)
@@ -161,6 +163,9 @@ class SweepConfig(ModelSpec):
             problems.append("timeout_s must be > 0")
         if self.repeats < 1 or self.warmup < 0 or self.batch < 1 or self.decode_tokens < 1:
             problems.append("repeats, batch and decode_tokens must be >= 1 and warmup >= 0")
+        padding = padding_problem(self.padding, self.batch, self.phases)
+        if padding:
+            problems.append(padding)
         if not self.variant and not self.model_path:
             problems.append("give a variant or a model_path")
         owned = [a for a in self.extra_args if a.split("=")[0] in OWNED_FLAGS]
@@ -324,6 +329,7 @@ def bench_args(cfg: SweepConfig, strategy: str, out: str | os.PathLike) -> list[
         "--phases", ",".join(cfg.phases),
         "--seq-lens", ",".join(str(n) for n in cfg.seq_lens),
         "--batch", str(cfg.batch),
+        "--padding", launch.num(cfg.padding),
         "--layout", cfg.layout,
         "--repeats", str(cfg.repeats),
         "--warmup", str(cfg.warmup),

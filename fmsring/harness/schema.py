@@ -30,6 +30,7 @@ COLUMNS = (
     "seq_len",
     "cached_len",
     "batch",
+    "padding",
     "dtype",
     "layout",
     "phase",
@@ -263,6 +264,7 @@ def point(
     variant: str = "",
     cached_len: int = 0,
     ring_tp: int = 1,
+    padding: float = 0.0,
 ) -> dict[str, Any]:
     """The columns that say which point a row measures (the sweep's failure rows use them too)."""
     cp, tp = mesh_sizes(strategy, world, ring_tp)
@@ -275,10 +277,21 @@ def point(
         "seq_len": seq_len,
         "cached_len": cached_len,
         "batch": batch,
+        "padding": padding,
         "dtype": dtype,
         "layout": layout if strategy == "ring" else "",
         "phase": phase,
     }
+
+
+def padding_problem(padding: float, batch: int, phases: Any) -> str:
+    """Why a padding fraction cannot be measured as asked ("" if it can): it pads a batch's
+    prompts to unequal lengths, so it needs two of them, and only decode rows take it."""
+    if not 0 <= padding < 1:
+        return f"padding is a fraction of the prompt in [0, 1), got {padding}"
+    if padding and (batch < 2 or set(phases) != {"decode"}):
+        return "padding needs a batch of >= 2 and the decode phase alone (a padded batch's generation)"
+    return ""
 
 
 def row_key(row: dict[str, Any]) -> Point | None:

@@ -35,6 +35,18 @@ def followup_ids(seed: int, batch: int, cached_len: int, new: int, vocab: int, d
     return torch.randint(0, vocab, (batch, new), generator=gen).to(device)
 
 
+def left_pad(ids: torch.Tensor, fraction: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``ids`` [b, n] as b prompts of unequal length, padded as FMS's ``generate`` users pad them:
+    sequence i keeps its last ``n - round(fraction * n * i / (b - 1))`` tokens, left-padded back
+    to n by FMS's ``pad_input_ids``, which also gives the ``mask`` and ``position_ids`` to pass."""
+    from fms.utils.generation import pad_input_ids
+
+    b, n = ids.shape
+    prompts = [ids[i, round(fraction * n * i / (b - 1)) :] for i in range(b)]
+    padded, kwargs = pad_input_ids(prompts, min_pad_length=n)
+    return padded, dict(kwargs)
+
+
 def vocab_size(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     vocab = getattr(config, "src_vocab_size", None)
@@ -167,9 +179,13 @@ class Session:
                     if padded != pt.seq_len:  # an ok row that says what it timed
                         result.error = f"timed at {padded} tokens, padded on the right (peers.torch_cp_length)"
                 else:
-                    ids = self._prompt(pt, vocab)
+                    ids, padding = self._prompt(pt, vocab), {}
+                    if self.cfg.padding:
+                        ids, padding = left_pad(ids, self.cfg.padding)
                     steps = self.cfg.decode_tokens
-                    result = time_decode(self.model, ids, steps, self.warmup, self.repeats, env, self.all_ranks)
+                    result = time_decode(
+                        self.model, ids, steps, self.warmup, self.repeats, env, self.all_ranks, padding
+                    )
             except Exception as exc:  # noqa: BLE001 - one point's failure must not end the run
                 result = classify(exc)
         free_memory()

@@ -201,7 +201,7 @@ def _run_group(cfg: SweepConfig, world: int, strategy: str, results: Path, logs:
 def _failure_row(cfg: SweepConfig, p: Point, status: str, error: str) -> dict[str, Any]:
     ring_tp = ring_tp_of(cfg.ring_variants.get(p.variant, {})) if p.strategy == "ring" else 1
     row = point(p.strategy, p.world_size, p.seq_len, p.phase, batch=cfg.batch, dtype=cfg.dtype, layout=cfg.layout,
-                variant=p.variant, cached_len=p.cached_len, ring_tp=ring_tp)  # fmt: skip
+                variant=p.variant, cached_len=p.cached_len, ring_tp=ring_tp, padding=cfg.padding)  # fmt: skip
     return {**row, "status": status, "error": error, **row_provenance(cfg, cfg.repeats), "timestamp": _now()}
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from fms.modules.attention import get_attention_type
 from torch import nn
 
 from fmsring.harness.ranks import DistEnv, Measured, align, sync
@@ -88,18 +89,31 @@ def time_followup(
     return _timed(lambda: fn(ids, cache, cached_len), warmup, repeats, env, all_ranks)
 
 
+def next_step_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A padded batch's ``mask`` and ``position_ids`` for the next one-token step, as FMS's
+    ``generate`` extends them (its attention op's update, then the next position)."""
+    if not kwargs:
+        return kwargs
+    kwargs = get_attention_type(**kwargs)["update_attn_kwargs"](**kwargs)
+    kwargs["position_ids"] = kwargs["position_ids"][:, -1:] + 1
+    return kwargs
+
+
 def greedy_decode(
-    model: nn.Module, ids: torch.Tensor, steps: int, clock: Clock
+    model: nn.Module, ids: torch.Tensor, steps: int, clock: Clock, padding: dict[str, Any] | None = None
 ) -> tuple[list, list, torch.Tensor, torch.Tensor]:
     """Prefill with a cache, then ``steps`` greedy one-token steps, FMS's calling convention
-    (which LlamaRing follows). Returns (prefill span, step spans, logits [1+steps, b, V], tokens).
+    (which LlamaRing follows); ``padding``: a left-padded batch's ``mask`` and ``position_ids``
+    (:func:`fmsring.harness.session.left_pad`), extended every step inside its timed span, as
+    ``generate`` does. Returns (prefill span, step spans, logits [1+steps, b, V], tokens).
 
     The device is drained after every step, as a generator streaming tokens must,
     so a step's time includes its launch overhead instead of hiding it behind the
     previous step's (or the prefill's) GPU work.
     """
+    kwargs = dict(padding or {})
     start = clock.mark()
-    logits, cache = model(ids, use_cache=True, last_n_tokens=1)
+    logits, cache = model(ids, use_cache=True, last_n_tokens=1, **kwargs)
     prefill_span = (start, clock.mark())
     clock.sync()
     rows = [logits[:, -1]]
@@ -107,7 +121,8 @@ def greedy_decode(
     tokens, spans = [next_ids], []
     for _ in range(steps):
         start = clock.mark()
-        logits, cache = model(next_ids, past_key_value_states=cache, use_cache=True, last_n_tokens=1)
+        kwargs = next_step_kwargs(kwargs)
+        logits, cache = model(next_ids, past_key_value_states=cache, use_cache=True, last_n_tokens=1, **kwargs)
         spans.append((start, clock.mark()))
         clock.sync()
         rows.append(logits[:, -1])
@@ -117,14 +132,21 @@ def greedy_decode(
 
 
 def time_decode(
-    model: nn.Module, ids: torch.Tensor, steps: int, warmup: int, repeats: int, env: DistEnv, all_ranks: bool
+    model: nn.Module,
+    ids: torch.Tensor,
+    steps: int,
+    warmup: int,
+    repeats: int,
+    env: DistEnv,
+    all_ranks: bool,
+    padding: dict[str, Any] | None = None,
 ) -> Measured:
     """Per-token step times of every timed run (flattened) plus each run's cached-prefill time."""
     clock, step_spans, ttfts, out = Clock(env.device), [], [], None
     for i in range(warmup + repeats):
         out = None
         align(env, all_ranks)
-        prefill, spans, logits, tokens = greedy_decode(model, ids, steps, clock)
+        prefill, spans, logits, tokens = greedy_decode(model, ids, steps, clock, padding)
         out = (logits, tokens)
         if i >= warmup:
             ttfts += prefill
