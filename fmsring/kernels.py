@@ -266,6 +266,11 @@ def cudnn_attention_with_lse(
     return res[0], res[1].view(q.shape[:-1])
 
 
+# The fp32 scores one call of the math path holds at once: a longer block (a padded prefill's,
+# whose mask sends it here) runs in query-row chunks instead of materialising all of its scores.
+MATH_SCORES_BYTES = 1 << 30
+
+
 def math_attention_with_lse(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -280,21 +285,50 @@ def math_attention_with_lse(
     done by grouping the h/kvh query heads of each kv head into the row
     dimension, so K/V are never expanded. ``causal`` masks key j > query i
     (top-left aligned: used for a block against itself). ``bias`` is an
-    additive mask broadcastable to [b, Lq, Lk]. Rows with no visible key get
-    out = 0 and lse = -inf, which the merge treats as "no contribution".
+    additive mask [b, Lq, Lk] (or [b, 1, Lk] for every row). Rows with no
+    visible key get out = 0 and lse = -inf, which the merge treats as "no
+    contribution". Rows are independent, so the block runs in chunks of rows
+    whose scores fit :data:`MATH_SCORES_BYTES`: exact, and memory that grows
+    with Lq x Lk / chunks instead of Lq x Lk (a 32K-token padded prefill's
+    block would otherwise hold over 100 GiB of scores).
     """
+    b, h, lq, _ = q.shape
+    rows = max(1, MATH_SCORES_BYTES // (4 * b * h * k.shape[2]))
+    if lq <= rows:
+        return _math_rows(q, k, v, scale, causal, bias, 0)
+    parts = [
+        _math_rows(q[:, :, r : r + rows], k, v, scale, causal, _bias_rows(bias, r, r + rows), r)
+        for r in range(0, lq, rows)
+    ]
+    return torch.cat([o for o, _ in parts], dim=2), torch.cat([lse for _, lse in parts], dim=2)
+
+
+def _bias_rows(bias: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    return bias if bias is None or bias.shape[-2] == 1 else bias[:, start:stop]
+
+
+def _math_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    causal: bool,
+    bias: torch.Tensor | None,
+    first_row: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`math_attention_with_lse` for query rows ``first_row`` onwards of the block."""
     b, h, lq, d = q.shape
     kvh, lk = k.shape[1], k.shape[2]
     g = h // kvh
     qg = q.float().reshape(b, kvh, g * lq, d)
     scores = torch.matmul(qg, k.float().transpose(-1, -2)).mul_(scale).view(b, kvh, g, lq, lk)
     if causal:
-        hidden = torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu_(1)
+        hidden = torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu_(1 + first_row)
         scores.masked_fill_(hidden, float("-inf"))
     if bias is not None:
-        scores = scores + bias.float().view(bias.shape[0], 1, 1, lq, lk)
+        scores.add_(bias.float().unsqueeze(1).unsqueeze(1))
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - _finite(lse).unsqueeze(-1))
+    probs = scores.sub_(_finite(lse).unsqueeze(-1)).exp_()
     out = torch.matmul(probs.view(b, kvh, g * lq, lk), v.float()).view(b, h, lq, d)
     return out, lse.view(b, h, lq)
 

@@ -77,6 +77,34 @@ def test_fully_masked_rows_contribute_nothing():
     assert torch.isfinite(acc).all()
 
 
+@pytest.mark.parametrize("bias_rows", ["every row", "one for all"])
+def test_math_path_in_row_chunks_equals_the_whole_block(monkeypatch: pytest.MonkeyPatch, bias_rows: str):
+    """A block whose scores exceed MATH_SCORES_BYTES runs in query-row chunks (a long padded
+    prefill); causal rows, GQA, a bias per row or one for all, rows that see nothing: all
+    exact against the float64 reference, the lse included."""
+    import fmsring.kernels as kernels
+
+    b, h, kvh, lq, d = 2, 6, 2, random.randint(20, 60), 16
+    q, k, v = random_case(h, kvh, lq, lq, b=b, d=d)
+    bias = torch.where(torch.rand(b, lq, lq) < 0.3, float("-inf"), torch.randn(b, lq, lq))
+    bias[..., 0] = 0.0
+    bias[:, 3] = float("-inf")  # a row that sees no key
+    if bias_rows == "one for all":
+        bias = bias[:, :1]
+    causal = torch.zeros(lq, lq).masked_fill_(torch.ones(lq, lq, dtype=torch.bool).triu(1), float("-inf"))
+    rows = random.randint(1, 7)
+    monkeypatch.setattr(kernels, "MATH_SCORES_BYTES", 4 * b * h * lq * rows)  # chunks of `rows` query rows
+    out, lse = math_attention_with_lse(q, k, v, 0.3, causal=True, bias=bias)
+    full = (causal + bias).expand(b, lq, lq)
+    seen = torch.isfinite(full).any(-1)  # [b, lq]
+    ref = reference(q, k, v, 0.3, full.masked_fill(~seen.unsqueeze(-1), 0.0))
+    assert (out.double() - ref).abs()[seen.unsqueeze(1).expand(b, h, lq)].max() < 1e-5, f"{rows=}"
+    assert (out[~seen.unsqueeze(1).expand(b, h, lq)] == 0).all()
+    g = h // kvh
+    s = q.double() @ k.double().repeat_interleave(g, 1).transpose(-1, -2) * 0.3 + full.double().unsqueeze(1)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-6, atol=1e-6)
+
+
 def test_merge_stacked_matches_sequential_merge():
     W = random.randint(2, 5)
     q, k, v = random_case(4, 2, 1, 8 * W)
