@@ -48,7 +48,8 @@ IDENTITY_FIELDS = (
 OWNED_FLAGS = (
     "--strategies", "--phases", "--seq-lens", "--cached-lens", "--ring-variants", "--ring-kwargs", "--ring-tp",
     "--as-shipped", "--no-as-shipped", "--followup-recompute", "--no-followup-recompute", "--out", "--resume",
-    "--device", "--dtype", "--batch", "--padding", "--layout", "--decode-tokens", "--model-kwargs", "--architecture", "--variant",
+    "--device", "--dtype", "--batch", "--padding", "--layout", "--decode-tokens", "--model-kwargs", "--architecture",
+    "--variant",
 )  # fmt: skip
 
 
