@@ -34,6 +34,10 @@
 #           at 32K and batch 4 are 128 GiB a block (run _al)
 # ladder70b the longest prompt that generates, LLaMA-2-70B shapes: FMS TP at 256K (past its limit
 #           as its 32K/128K peaks extrapolate) and ring 2x2 at 512K, twice that rung, 8 tokens each
+# same-prefill, same-decode, same-followup  one GPU's speed before and after a change, single and ring
+#           at world 1: prefill 8K/32K/128K, decode 8K/32K/128K (32 greedy tokens), follow-ups 32K+1K
+#           and 128K+8K. Run each section in the old tree and the new one on one machine (cd OLD &&
+#           bash NEW/scripts/device_runs.sh same-prefill OUT/old) and compare the two CSVs
 #
 # fp32 and interconnect take PEERS=ring,tp,torch_cp to leave out `single` (and the check against
 # it): the same section on fewer GPUs of the same machine (CUDA_VISIBLE_DEVICES=0,1) appending to
@@ -142,6 +146,20 @@ padded)
     steps=(--phases decode --seq-lens 8K --batch 4 --decode-tokens 32 --repeats 1 --warmup 1 --out "$out/results.csv")
     bench --strategies ring --ring-tp "$factors" --no-check "${steps[@]}"
     bench --strategies single,ring --ring-tp "$factors" --padding 0.5 "${steps[@]}"
+    ;;
+same-prefill)
+    bench --strategies single,ring --phases prefill --seq-lens 8K,32K,128K --no-check --repeats 3 --warmup 1 \
+        --out "$out/results.csv"
+    ;;
+same-decode)
+    bench --strategies single,ring --phases decode --seq-lens 8K,32K,128K --decode-tokens 32 --no-check \
+        --repeats 2 --warmup 1 --out "$out/results.csv"
+    ;;
+same-followup)
+    for pair in 32K:1K 128K:8K; do
+        bench --strategies single,ring --phases followup --cached-lens "${pair%%:*}" --seq-lens "${pair##*:}" \
+            --no-followup-recompute --no-check --repeats 3 --warmup 1 --out "$out/results.csv"
+    done
     ;;
 ladder70b)
     variant=70b
