@@ -33,8 +33,8 @@ from fmsring.allocator import ALLOC_CONF
 from fmsring.harness import ceilings
 from fmsring.harness.exactness import NOT_COMPARED, compare, judge
 from fmsring.harness.flops import FlopShape, Rates, floor_ms, flop_shape, phase_flops
-from fmsring.harness.peers import Variant, make_peer, model_args, variants
-from fmsring.harness.plan import planned_points, point, recomputed
+from fmsring.harness.peers import make_peer, model_args
+from fmsring.harness.plan import Variant, planned_points, point, recomputed, variants
 from fmsring.harness.provenance import row_provenance
 from fmsring.harness.ranks import DistEnv, Measured, agree, barrier, broadcast, free_memory, setup_dist
 from fmsring.harness.schema import Phase, Point, Strategy, append_rows, check_header, done_points
@@ -258,7 +258,8 @@ def _reference_pass(plan: list[tuple[Variant, list[Point]]], run: Run) -> None:
     missing = [k for k in needed if k not in run.tried]
     if missing:
         run.tried.update(missing)
-        run_variant(Variant(Strategy.SINGLE), [Point(Strategy.SINGLE.value, "", 1, n, c, ph) for n, c, ph in missing], run, reference=True)
+        single = [Point(Strategy.SINGLE.value, "", 1, n, c, ph) for n, c, ph in missing]
+        run_variant(Variant(Strategy.SINGLE), single, run, reference=True)
 
 
 def run(cfg: BenchConfig) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fmsring.harness import launch
-from fmsring.harness.plan import fitting_ring_variants, planned_points, ring_tp_of, variant_labels
+from fmsring.harness.plan import fitting_ring_variants, planned_points, ring_tp_of, variants
 from fmsring.harness.schema import Point, Strategy
 from fmsring.harness.settings import BenchConfig, Settings, json_object, one_of, optional, redefault, setting, sizes, text
 
@@ -93,8 +93,8 @@ class SweepConfig(Settings):
 
     def points(self, world: int, strategy: str) -> list[Point]:
         """The rows the launch of one group writes (see plan.planned_points)."""
-        ring = fitting_ring_variants(self.ring_variants, world)
-        labels = variant_labels(strategy, ring, self.ring_kwargs, self.as_shipped)
+        fitting = dataclasses.replace(self, ring_variants=fitting_ring_variants(self.ring_variants, world))
+        labels = [v.label for v in variants(strategy, fitting)]
         return planned_points(
             strategy, world, labels, self.seq_lens, self.phases, self.cached_lens, self.followup_recompute
         )

@@ -28,13 +28,8 @@ _SOURCE_ROOT = Path(os.path.abspath(__file__)).parents[2]
 
 
 def torchrun_command(
-    nproc_per_node: int,
-    *,
-    nnodes: int = 1,
-    rdzv_endpoint: str | None = None,
-    rdzv_id: str | None = None,
-    node_rank: int | None = None,
-    python: str | None = None,
+    nproc_per_node: int, *, nnodes: int = 1, rdzv_endpoint: str | None = None, rdzv_id: str | None = None,
+    node_rank: int | None = None, python: str | None = None,
 ) -> list[str]:
     """``python -m torch.distributed.run`` with a standalone or a c10d rendezvous."""
     cmd = [python or sys.executable, "-m", "torch.distributed.run"]
@@ -81,11 +76,7 @@ def node_split(world_size: int, gpus_per_node: int) -> tuple[int, int]:
 
 
 def launch_command(
-    launcher: str,
-    world_size: int,
-    args: list[str],
-    tag: str = "0",
-    gpus_per_node: int | None = None,
+    launcher: str, world_size: int, args: list[str], tag: str = "0", gpus_per_node: int | None = None,
     rdzv_port: int = 29500,
 ) -> list[str]:
     """The full command line of one launch of ``python args...`` on ``world_size`` ranks."""
@@ -120,12 +111,7 @@ class Outcome:
 
 
 def run_launch(
-    cmd: list[str],
-    env: dict[str, str],
-    out_log: Path,
-    err_log: Path,
-    timeout_s: float,
-    grace_s: float,
+    cmd: list[str], env: dict[str, str], out_log: Path, err_log: Path, timeout_s: float, grace_s: float,
     poll: Callable[[], None] = lambda: None,
 ) -> Outcome:
     """Run ``cmd`` with its output in the logs, ``poll()`` about once a second; past

@@ -15,7 +15,6 @@ Decode goes through FMS's calling convention, which every peer follows
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import fms.models
@@ -26,54 +25,11 @@ from torch.nn.attention import sdpa_kernel
 import fmsring
 from fmsring.fusion import fuse_elementwise
 from fmsring.harness.ceilings import FASTEST_SDPA
-from fmsring.harness.plan import ring_tp_of, ring_variant_label
+from fmsring.harness.plan import Variant
 from fmsring.harness.ranks import DistEnv, free_memory
-from fmsring.harness.schema import AS_SHIPPED, Phase, Strategy
+from fmsring.harness.schema import Strategy
 from fmsring.harness.settings import BenchConfig
 from fmsring.harness.torch_cp import make_cp_mesh, torch_cp_length, torch_cp_prefill
-
-FOLLOWUP_MARGIN = 64  # ring cache slots kept free beyond the longest follow-up and the decode steps
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One configuration of a strategy: ``label`` is its ``variant`` column."""
-
-    strategy: str
-    label: str = ""
-    ring_kwargs: dict[str, Any] = field(default_factory=dict)  # ring: fmsring.get_model ring_* options
-    tuned: bool = True  # peers: fused elementwise work and the fastest SDPA backend
-
-    @property
-    def ring_tp(self) -> int:
-        """Ranks each ring replica's weights are sharded over (1 for the peers)."""
-        return ring_tp_of(self.ring_kwargs)
-
-
-def variants(strategy: str, cfg: BenchConfig) -> list[Variant]:
-    """The variants of ``strategy`` a run measures, in order.
-
-    Ring: one per ``cfg.ring_variants`` entry, each with ``cfg.ring_kwargs`` merged
-    in. With the followup phase ring's cache keeps room for the longest follow-up
-    and the decode steps beyond the prompt (unless a variant sets
-    ``ring_cache_headroom``), so a follow-up writes into the preallocated slots and
-    leaves the cached prompt valid for the next repeat.
-    """
-    if strategy != Strategy.RING:
-        shipped = [Variant(strategy, AS_SHIPPED, tuned=False)] if cfg.as_shipped else []
-        return [Variant(strategy), *shipped]
-    headroom = {}
-    if Phase.FOLLOWUP in cfg.phases:
-        headroom = {"ring_cache_headroom": max(256, max(cfg.seq_lens) + cfg.decode_tokens + FOLLOWUP_MARGIN)}
-    out = []
-    for name, kwargs in cfg.ring_variants.items():
-        clash = sorted(set(kwargs) & set(cfg.ring_kwargs))
-        if clash:
-            raise ValueError(f"ring variant {name!r} and --ring-kwargs both set {clash}")
-        merged = {**headroom, **cfg.ring_kwargs, **kwargs}
-        out.append(Variant(Strategy.RING, ring_variant_label(name, cfg.ring_kwargs), merged))
-    return out
-
 
 def model_args(cfg: BenchConfig, device: str | None = None) -> dict[str, Any]:
     return dict(architecture=cfg.architecture, variant=cfg.variant, model_path=cfg.model_path, source=cfg.source,

@@ -6,6 +6,7 @@ order. The sweep plans a launch's rows with the same functions, without starting
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 from fmsring.harness.schema import AS_SHIPPED, Phase, Point, Strategy
@@ -44,14 +45,6 @@ def ring_variant_label(name: str, ring_kwargs: dict[str, Any]) -> str:
         return name
     shared = json.dumps(ring_kwargs, sort_keys=True)
     return f"{name} {shared}" if name else shared
-
-
-def variant_labels(strategy: str, ring_variants: dict[str, dict], ring_kwargs: dict, as_shipped: bool) -> list[str]:
-    """The variants a launch measures for ``strategy``: ring's named variants; the peers'
-    strongest configuration ("") and, with ``as_shipped``, FMS/PyTorch as shipped."""
-    if strategy == Strategy.RING:
-        return [ring_variant_label(name, ring_kwargs) for name in ring_variants]
-    return ["", AS_SHIPPED] if as_shipped else [""]
 
 
 def with_ring_tp(variants: dict[str, dict[str, Any]], tps: list[int]) -> dict[str, dict[str, Any]]:
@@ -95,12 +88,7 @@ def recomputed(seq_lens: list[int], phases: list[str], cached_lens: list[int]) -
 
 
 def planned_points(
-    strategy: str,
-    world: int,
-    variants: list[str],
-    seq_lens: list[int],
-    phases: list[str],
-    cached_lens: list[int],
+    strategy: str, world: int, variants: list[str], seq_lens: list[int], phases: list[str], cached_lens: list[int],
     followup_recompute: bool,
 ) -> list[Point]:
     """Every row a bench launch writes for ``strategy`` at ``world``, in the order it measures them.
@@ -119,18 +107,8 @@ def planned_points(
 
 
 def point(
-    strategy: str,
-    world: int,
-    seq_len: int,
-    phase: str,
-    *,
-    batch: int,
-    dtype: str,
-    layout: str,
-    variant: str = "",
-    cached_len: int = 0,
-    ring_tp: int = 1,
-    padding: float = 0.0,
+    strategy: str, world: int, seq_len: int, phase: str, *, batch: int, dtype: str, layout: str, variant: str = "",
+    cached_len: int = 0, ring_tp: int = 1, padding: float = 0.0,
 ) -> dict[str, Any]:
     """The columns that say which point a row measures (the sweep's failure rows use them too)."""
     cp, tp = Strategy(strategy).mesh(world, ring_tp)
@@ -158,3 +136,46 @@ def padding_problem(padding: float, batch: int, phases: Any) -> str:
     if padding and (batch < 2 or set(phases) != {Phase.DECODE}):
         return "padding needs a batch of >= 2 and the decode phase alone (a padded batch's generation)"
     return ""
+
+
+FOLLOWUP_MARGIN = 64  # ring cache slots kept free beyond the longest follow-up and the decode steps
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration of a strategy: ``label`` is its ``variant`` column."""
+
+    strategy: str
+    label: str = ""
+    ring_kwargs: dict[str, Any] = field(default_factory=dict)  # ring: fmsring.get_model ring_* options
+    tuned: bool = True  # peers: fused elementwise work and the fastest SDPA backend
+
+    @property
+    def ring_tp(self) -> int:
+        """Ranks each ring replica's weights are sharded over (1 for the peers)."""
+        return ring_tp_of(self.ring_kwargs)
+
+
+def variants(strategy: str, cfg: Any) -> list[Variant]:
+    """The variants of ``strategy`` a run measures, in order.
+
+    ``cfg``: a bench or sweep config. Ring: one per ``cfg.ring_variants`` entry, each with ``cfg.ring_kwargs`` merged
+    in. With the followup phase ring's cache keeps room for the longest follow-up
+    and the decode steps beyond the prompt (unless a variant sets
+    ``ring_cache_headroom``), so a follow-up writes into the preallocated slots and
+    leaves the cached prompt valid for the next repeat.
+    """
+    if strategy != Strategy.RING:  # the peers' strongest configuration and, with as_shipped, FMS's own
+        shipped = [Variant(strategy, AS_SHIPPED, tuned=False)] if cfg.as_shipped else []
+        return [Variant(strategy), *shipped]
+    headroom = {}
+    if Phase.FOLLOWUP in cfg.phases:
+        headroom = {"ring_cache_headroom": max(256, max(cfg.seq_lens) + cfg.decode_tokens + FOLLOWUP_MARGIN)}
+    out = []
+    for name, kwargs in cfg.ring_variants.items():
+        clash = sorted(set(kwargs) & set(cfg.ring_kwargs))
+        if clash:
+            raise ValueError(f"ring variant {name!r} and --ring-kwargs both set {clash}")
+        merged = {**headroom, **cfg.ring_kwargs, **kwargs}
+        out.append(Variant(Strategy.RING, ring_variant_label(name, cfg.ring_kwargs), merged))
+    return out

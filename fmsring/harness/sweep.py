@@ -180,14 +180,9 @@ def _run_group(cfg: SweepConfig, world: int, strategy: str, results: Path, logs:
         append_rows(results, [_failure_row(cfg, p, status, error) for p in unfinished])
         statuses[status] += len(unfinished)
     record.update(
-        command=shlex.join(cmd),
-        returncode=outcome.returncode,
-        timed_out=outcome.timed_out,
-        seconds=outcome.seconds,
-        statuses=dict(statuses),
-        status="ok" if set(statuses) <= {"ok", "skipped"} else "failed",
-        stdout=str(out_log.relative_to(results.parent)),
-        stderr=str(err_log.relative_to(results.parent)),
+        command=shlex.join(cmd), returncode=outcome.returncode, timed_out=outcome.timed_out, seconds=outcome.seconds,
+        statuses=dict(statuses), status="ok" if set(statuses) <= {"ok", "skipped"} else "failed",
+        stdout=str(out_log.relative_to(results.parent)), stderr=str(err_log.relative_to(results.parent)),
     )
     return record
 

@@ -9,7 +9,8 @@ import torch
 
 from fmsring.fusion import FusedLayerNorm
 from fmsring.harness import peers
-from fmsring.harness.peers import Variant, make_peer, variants
+from fmsring.harness.peers import make_peer
+from fmsring.harness.plan import Variant, variants
 from fmsring.harness.ranks import DistEnv
 from fmsring.harness.schema import AS_SHIPPED
 from fmsring.harness.settings import parse_args

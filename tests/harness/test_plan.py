@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fmsring.harness import plan, schema
+from fmsring.harness.grid import SweepConfig
 
 
 def test_planned_points_for_followup_and_variants():
@@ -17,11 +18,9 @@ def test_planned_points_for_followup_and_variants():
     again = plan.planned_points("ring", 2, [""], [4, 28], ["prefill", "followup"], [24], True)
     assert sorted(p.seq_len for p in again if p.phase == "prefill") == [4, 28, 52]
     assert all(p.phase != "prefill" for p in plan.planned_points("tp", 2, [""], [3], ["followup"], [24], True))
-    assert plan.variant_labels("single", {"": {}}, {}, True) == ["", schema.AS_SHIPPED]
-    assert plan.variant_labels("ring", {"": {}, "x": {}}, {"ring_fuse": False}, True) == [
-        '{"ring_fuse": false}',
-        'x {"ring_fuse": false}',
-    ]
+    cfg = SweepConfig(ring_variants={"": {}, "x": {}}, ring_kwargs={"ring_fuse": False}, as_shipped=True)
+    assert [v.label for v in plan.variants("single", cfg)] == ["", schema.AS_SHIPPED]
+    assert [v.label for v in plan.variants("ring", cfg)] == ['{"ring_fuse": false}', 'x {"ring_fuse": false}']
 
 
 def test_ring_variants_are_checked():

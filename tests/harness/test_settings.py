@@ -13,7 +13,7 @@ import pytest
 
 from fmsring.harness import grid, sweep
 from fmsring.harness.grid import SweepConfig, from_make, notebook_parameters
-from fmsring.harness.peers import variants
+from fmsring.harness.plan import variants
 from fmsring.harness.schema import AS_SHIPPED
 from fmsring.harness.settings import BenchConfig, Settings, parse_args, parse_seq_len, parse_seq_lens
 
