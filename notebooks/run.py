@@ -40,9 +40,9 @@
 
 # %% tags=["parameters"]
 architecture: str = 'llama'  # FMS architecture
-variant: str | None = 'micro'  # FMS variant, e.g. micro or 3-8b (random weights, seeded)
-model_path: str | None = None  # checkpoint to load instead of random weights
-source: str | None = None  # checkpoint format for model_path, e.g. hf
+variant: str = 'micro'  # FMS variant, e.g. micro or 3-8b (random weights, seeded)
+model_path: str = ''  # checkpoint to load instead of random weights
+source: str = ''  # checkpoint format for model_path, e.g. hf
 model_kwargs: dict = {'nlayers': 2}  # JSON passed to get_model, e.g. {"nlayers": 2}
 device: str = 'cpu'  # cpu (gloo) or cuda (nccl)
 dtype: str = 'float32'  # float32, bfloat16 or float16
@@ -70,8 +70,8 @@ out_dir: str = 'runs/local'  # folder of run folders (runs/local is git-ignored)
 name: str = ''  # run folder under out_dir; empty derives one from device, model and dtype
 launcher: str = 'torchrun'  # torchrun (one node) or srun (a Slurm allocation, c10d rendezvous)
 timeout_s: float = 900.0  # wall-clock limit of one launch in seconds; then it is killed
-bench_timeout_s: float | None = None  # the bench's collective timeout; empty: timeout_s
-gpus_per_node: int | None = None  # srun: processes per node; empty: SLURM_GPUS_ON_NODE, else 8
+bench_timeout_s: str = ''  # the bench's collective timeout; empty: timeout_s
+gpus_per_node: str = ''  # srun: processes per node; empty: SLURM_GPUS_ON_NODE, else 8
 rdzv_port: int = 29500  # srun: c10d rendezvous port on the head node
 env: dict = {}  # extra environment variables of the launched processes
 

@@ -136,10 +136,13 @@ def from_make(words: list[str], params: str | None = None) -> dict[str, Any]:
 
 
 def notebook_parameters(defaults: str | os.PathLike = NOTEBOOK_DEFAULTS) -> str:
-    """The run notebook's parameters cell: every SweepConfig field, its value in ``defaults``, its help."""
-    cfg = SweepConfig.from_yaml(defaults)
-    return "\n".join(f"{f.name}: {f.type} = {getattr(cfg, f.name)!r}  # {f.metadata['help']}"
-                     for f in dataclasses.fields(SweepConfig))  # fmt: skip
+    """The run notebook's parameters cell: every SweepConfig field, its value in ``defaults``, its help.
+    "Not set" is written "" (papermill's parameter parser reads plain type names, not ``str | None``)."""
+    cfg, lines = SweepConfig.from_yaml(defaults), []
+    for f in dataclasses.fields(SweepConfig):
+        value = "" if getattr(cfg, f.name) is None else getattr(cfg, f.name)
+        lines.append(f"{f.name}: {type(value).__name__} = {value!r}  # {f.metadata['help']}")
+    return "\n".join(lines)
 
 
 def notebook_config(values: dict[str, Any], root: Path | None = None) -> SweepConfig:
