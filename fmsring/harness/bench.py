@@ -76,10 +76,8 @@ def fit_rope_table(cfg: BenchConfig, meta: nn.Module | None) -> BenchConfig:
     if have is None or have >= needed:
         return cfg
     if int(os.environ.get("RANK", "0")) == 0:
-        print(
-            f"[bench] max_expected_seq_len {have} -> {needed}: the RoPE table must cover the longest context",
-            file=sys.stderr,
-        )
+        print(f"[bench] max_expected_seq_len {have} -> {needed}: the RoPE table must cover the longest context",
+              file=sys.stderr)  # fmt: skip
     return dataclasses.replace(cfg, model_kwargs={**cfg.model_kwargs, "max_expected_seq_len": needed})
 
 
@@ -128,13 +126,9 @@ def summarize(result: Measured, flops: float, gpus: int) -> dict[str, Any]:
     if result.status not in ("ok", "mismatch") or not lat:
         return {"latency_ms": NAN, "latency_ms_min": NAN, "latency_ms_max": NAN, "ttft_ms": NAN, "tflops_per_gpu": NAN}
     median = statistics.median(lat)
-    return {
-        "latency_ms": median,
-        "latency_ms_min": min(lat),
-        "latency_ms_max": max(lat),
-        "ttft_ms": statistics.median(result.ttfts) if result.ttfts else NAN,
-        "tflops_per_gpu": flops / (median / 1e3) / max(gpus, 1) / 1e12 if median > 0 else NAN,
-    }
+    return {"latency_ms": median, "latency_ms_min": min(lat), "latency_ms_max": max(lat),
+            "ttft_ms": statistics.median(result.ttfts) if result.ttfts else NAN,
+            "tflops_per_gpu": flops / (median / 1e3) / max(gpus, 1) / 1e12 if median > 0 else NAN}  # fmt: skip
 
 
 def record(pt: Point, variant: Variant, result: Measured, run: Run) -> dict[str, Any]:
@@ -163,17 +157,9 @@ def record(pt: Point, variant: Variant, result: Measured, run: Run) -> dict[str,
         run.shape, run.rates, ident["cp_size"], ident["tp_size"], pt.phase, cfg.batch, pt.seq_len, pt.cached_len,
         cfg.decode_tokens,
     )  # fmt: skip
-    row = {
-        **ident,
-        **summarize(result, flops, pt.world_size),
-        "floor_ms": floor,
-        "peak_mem_gib": result.peak_gib,
-        **errors,
-        "status": status,
-        "error": error,
-        **run.info,
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-    }  # fmt: skip
+    row = {**ident, **summarize(result, flops, pt.world_size), "floor_ms": floor, "peak_mem_gib": result.peak_gib,
+           **errors, "status": status, "error": error, **run.info,
+           "timestamp": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
     run.rows.append(row)
     if cfg.out:
         append_rows(cfg.out, [row])
@@ -182,11 +168,8 @@ def record(pt: Point, variant: Variant, result: Measured, run: Run) -> dict[str,
     cached = f"P={pt.cached_len} " if pt.phase == Phase.FOLLOWUP else ""
     latency = row["latency_ms"]
     vs_floor = f"  floor {floor:.3f} ms ({latency / floor:.2f}x)" if floor > 0 and math.isfinite(latency) else ""
-    print(
-        f"[bench] {label:<14} {ident['cp_size']}x{ident['tp_size']} {cached}L={pt.seq_len:<7} {pt.phase:<8} "
-        f"{latency:10.3f} ms{vs_floor}  {status}{err} {error}",
-        flush=True,
-    )
+    print(f"[bench] {label:<14} {ident['cp_size']}x{ident['tp_size']} {cached}L={pt.seq_len:<7} {pt.phase:<8} "
+          f"{latency:10.3f} ms{vs_floor}  {status}{err} {error}", flush=True)  # fmt: skip
     return row
 
 
@@ -239,11 +222,9 @@ def _stall_guard(pt: Point, variant: Variant, run: Run, calls: int) -> StallGuar
     )
 
     def stalled(budget_s: float) -> None:
-        error = (
-            f"stalled: no result after {budget_s:.0f} s, {cfg.stall_factor:g}x the predicted {predicted:.1f} s "
-            f"plus {cfg.stall_min_s:g} s; the launch stopped here (near the memory limit, check "
-            f"{ALLOC_CONF}={os.environ.get(ALLOC_CONF, '')!r})"
-        )
+        error = (f"stalled: no result after {budget_s:.0f} s, {cfg.stall_factor:g}x the predicted {predicted:.1f} s "
+                 f"plus {cfg.stall_min_s:g} s; the launch stopped here (near the memory limit, check "
+                 f"{ALLOC_CONF}={os.environ.get(ALLOC_CONF, '')!r})")  # fmt: skip
         record(pt, variant, Measured(status="timeout", error=error), run)
         print(f"[bench] {error}", file=sys.stderr, flush=True)
         os._exit(STALL_EXIT)
@@ -281,9 +262,8 @@ def run(cfg: BenchConfig) -> list[dict[str, Any]]:
         cfg = fit_rope_table(cfg, meta)
         done = broadcast(done_points(cfg.out) if cfg.resume and cfg.out and env.rank == 0 else set(), env)
         plan: list[tuple[Variant, list[Point]]] = []
-        strategies = sorted(
-            (s for s in cfg.strategies if not (s == Strategy.TP and env.world == 1)), key=lambda s: s != Strategy.SINGLE
-        )
+        strategies = [s for s in cfg.strategies if not (s == Strategy.TP and env.world == 1)]
+        strategies.sort(key=lambda s: s != Strategy.SINGLE)
         for s in strategies:
             world = 1 if s == Strategy.SINGLE else env.world
             for v in variants(s, cfg):
@@ -299,11 +279,9 @@ def run(cfg: BenchConfig) -> list[dict[str, Any]]:
         recompute = recomputed(cfg.seq_lens, cfg.phases, cfg.cached_lens)
         recompute = recompute if cfg.followup_recompute else {}
         if env.rank == 0 and {Phase.DECODE, Phase.FOLLOWUP} <= set(cfg.phases) and Strategy.RING in cfg.strategies:
-            print(
-                "[bench] ring keeps cache room for the longest follow-up, so its decode rows' caches (and peak "
-                "memory) include it too; run the followup phase in a launch of its own to measure decode memory",
-                file=sys.stderr,
-            )
+            print("[bench] ring keeps cache room for the longest follow-up, so its decode rows' caches (and peak "
+                  "memory) include it too; run the followup phase in a launch of its own to measure decode memory",
+                  file=sys.stderr)  # fmt: skip
         rates = _rates(cfg, env, meta) if plan else None
         del meta
         state = Run(cfg, env, info, shape, rates, recompute)

@@ -1,13 +1,8 @@
 """What a sweep measures and how each group is launched: :class:`SweepConfig` (the bench's
-settings, each a list where the bench takes a list, plus the grid's world sizes and the
-launch), the check of the whole grid before anything starts, and the bench command of
-one (world size, strategy) group.
-
-The grid is checked up front -- unknown names, ``device=cuda`` with no GPU,
-tensor-parallel sizes the model's heads do not divide, prompts shorter than
-ring's world size, cached lengths without the followup phase -- so a bad sweep
-fails in a second with every problem named, not after an hour of launches.
-"""
+settings plus the world sizes and the launch), the check of the whole grid before anything
+starts -- so a bad sweep fails in a second with every problem named, not after an hour of
+launches -- and the surfaces made from its fields: the bench command of one (world size,
+strategy) group, ``make sweep``'s variables and the run notebook's parameters."""
 
 from __future__ import annotations
 

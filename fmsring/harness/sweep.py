@@ -103,14 +103,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> Path:
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = environment()
-    session = {
-        "started": _now(),
-        "finished": None,
-        "interrupted": False,
-        "config": cfg.to_dict(),
-        "environment": env,
-        "groups": [],
-    }
+    session = {"started": _now(), "finished": None, "interrupted": False, "config": cfg.to_dict(),
+               "environment": env, "groups": []}  # fmt: skip
     params = old or {"name": run_dir.name, "created": session["started"], "environment": env, "sessions": []}
     params["config"] = cfg.to_dict()
     params["sessions"].append(session)

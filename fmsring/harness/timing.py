@@ -2,7 +2,9 @@
 
 Every timed run is preceded by ``warmup`` untimed ones and the ranks are lined up
 before each, so a repeat's time is its own and not another rank's lag. The last
-run's logits are kept for the exactness check.
+run's logits are kept for the exactness check. Not torch.utils.benchmark's Timer: it
+times a statement in a loop of its own, where a run here must line the ranks up first
+and record every decode step's span without stalling the host mid-run.
 """
 
 from __future__ import annotations
