@@ -5,7 +5,8 @@ A sweep writes one run folder, ``<out_dir>/<name>/``::
     results.csv             one row per point (see fmsring.harness.schema.Point)
     results.ceilings.json   the device's measured rates, which the rows' floor_ms divide by
     params.json             the config, the environment, and what each group did
-    logs/                   stdout/stderr of every launch (nothing goes to the notebook)
+    logs/                   stdout/stderr of every launch (nothing goes to the notebook), and
+                            torchrun's error file of each failed one (<launch>.error.json)
 
 The whole grid is checked before anything is launched (unknown names, a GPU
 that is not there, tensor-parallel sizes the model's heads do not divide, ...),
