@@ -7,7 +7,7 @@
 #   make analysis                               one figure set per run folder under runs/ (and runs/local/)
 #   make analysis RUNS="runs/a runs/b"          compare runs, a panel per run
 #
-# Sweep variables left empty keep notebooks/run.ipynb's defaults (or PARAMS's values).
+# Sweep settings not given keep notebooks/run.ipynb's defaults (or PARAMS's values).
 # Everything generated here goes under runs/local/ (git-ignored); runs/README.md says how to commit a run.
 
 SHELL := /bin/bash
@@ -15,69 +15,17 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-OUT_DIR ?= runs/local
 ANALYSIS_DIR ?= runs/local/analysis
 
-# notebooks/run.ipynb parameters
-PARAMS ?=
-NAME ?=
-DEVICE ?=
-ARCH ?=
-MODEL ?=
-MODEL_PATH ?=
-SOURCE ?=
-MODEL_KWARGS ?=
-DTYPE ?=
-NPROC ?=
-STRATEGIES ?=
-SEQ_LENS ?=
-PHASES ?=
-CACHED_LENS ?=
-RING_VARIANTS ?=
-RING_TP ?=
-AS_SHIPPED ?=
-DECODE_TOKENS ?=
-REPEATS ?=
-WARMUP ?=
-BATCH ?=
-LAYOUT ?=
-LAUNCHER ?=
-TIMEOUT ?=
+# make sweep: every VAR=value on make's command line is a sweep setting, the SweepConfig field of that
+# name lower-cased (or MODEL=variant, NPROC=world_sizes, ARCH=architecture, TIMEOUT=timeout_s;
+# fmsring.harness.grid.MAKE_ALIASES), PARAMS=file.yaml a file of them; an unknown name is an error.
+NOT_SETTINGS := PYTHON VENV TORCH_SPEC ANALYSIS_DIR RUNS
+SETTINGS = $(foreach v,$(filter-out $(NOT_SETTINGS),$(.VARIABLES)),$(if $(filter command line,$(origin $v)),'$v=$(subst ','\'',$($v))'))
 # notebooks/analysis.ipynb: run folders (space separated); empty = each run under runs/, one figure set per run
 RUNS ?=
 
 PAPERMILL := $(PY) -m papermill -k python3 --log-level WARNING
-
-# Explicit variables become papermill parameters; -p beats -y beats -f (PARAMS).
-# A MODEL without MODEL_KWARGS drops the smoke test's {"nlayers": 2}.
-SWEEP_PARAMS = $(if $(PARAMS),-f $(PARAMS)) \
-	$(if $(DEVICE),-p device $(DEVICE)) \
-	$(if $(ARCH),-p architecture $(ARCH)) \
-	$(if $(MODEL),-p variant $(MODEL) $(if $(MODEL_KWARGS),,-y 'model_kwargs: {}')) \
-	$(if $(MODEL_KWARGS),-y 'model_kwargs: $(MODEL_KWARGS)') \
-	$(if $(MODEL_PATH),-p model_path $(MODEL_PATH)) \
-	$(if $(SOURCE),-p source $(SOURCE)) \
-	$(if $(DTYPE),-p dtype $(DTYPE)) \
-	$(if $(NPROC),-y 'world_sizes: [$(NPROC)]') \
-	$(if $(STRATEGIES),-y 'strategies: [$(STRATEGIES)]') \
-	$(if $(SEQ_LENS),-y 'seq_lens: [$(SEQ_LENS)]') \
-	$(if $(PHASES),-y 'phases: [$(PHASES)]') \
-	$(if $(CACHED_LENS),-y 'cached_lens: [$(CACHED_LENS)]') \
-	$(if $(RING_VARIANTS),-y 'ring_variants: $(RING_VARIANTS)') \
-	$(if $(RING_TP),-y 'ring_tp: [$(RING_TP)]') \
-	$(if $(AS_SHIPPED),-p as_shipped $(AS_SHIPPED)) \
-	$(if $(DECODE_TOKENS),-p decode_tokens $(DECODE_TOKENS)) \
-	$(if $(REPEATS),-p repeats $(REPEATS)) \
-	$(if $(WARMUP),-p warmup $(WARMUP)) \
-	$(if $(BATCH),-p batch $(BATCH)) \
-	$(if $(LAYOUT),-p layout $(LAYOUT)) \
-	$(if $(LAUNCHER),-p launcher $(LAUNCHER)) \
-	$(if $(TIMEOUT),-p timeout_s $(TIMEOUT))
-
-# The run folder's name, resolved the way the notebook resolves it (NAME, PARAMS's name, or derived).
-NAME_FLAGS = $(if $(PARAMS),--params $(PARAMS)) $(if $(DEVICE),--device $(DEVICE)) $(if $(ARCH),--architecture $(ARCH)) \
-	$(if $(MODEL),--variant $(MODEL)) $(if $(MODEL_PATH),--model-path $(MODEL_PATH)) $(if $(DTYPE),--dtype $(DTYPE))
-RUN_NAME = $(or $(NAME),$(shell $(PY) -m fmsring.sweep --print-name $(NAME_FLAGS)))
 
 .PHONY: help venv test test-gpu sweep analysis kernel notebooks clean-venv
 
@@ -85,14 +33,15 @@ help: ## list the targets
 	@echo "targets:"
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-zA-Z_-]+):.*## (.*)/  \1\t\2/' | expand -t 16
 	@echo
-	@echo "sweep variables (empty = notebooks/run.ipynb defaults, a CPU smoke test):"
+	@echo "sweep settings (any SweepConfig field upper-cased; empty = notebooks/presets/smoke.yaml, a CPU smoke test):"
 	@echo "  DEVICE=cpu|cuda MODEL=<variant> ARCH=llama MODEL_PATH= SOURCE=hf MODEL_KWARGS='{\"nlayers\": 2}'"
 	@echo "  DTYPE=float32|bfloat16 NPROC=1,2,4 STRATEGIES=single,ring,tp,torch_cp SEQ_LENS=128,8K"
 	@echo "  PHASES=prefill,decode,followup CACHED_LENS=32K,128K (followup: tokens already cached; SEQ_LENS = new tokens)"
 	@echo "  RING_VARIANTS='{\"\": {}, \"eager\": {\"ring_cuda_graphs\": false}}' AS_SHIPPED=true (peers unfused too)"
 	@echo "  RING_TP=1,2,4 (every ring variant at each TP size: ring x tensor parallel, cp = NPROC / tp)"
-	@echo "  DECODE_TOKENS= REPEATS= WARMUP= BATCH= LAYOUT= LAUNCHER=torchrun|srun TIMEOUT=<s per launch>"
-	@echo "  NAME=<run folder> OUT_DIR=runs/local PARAMS=<file.yaml>   analysis: RUNS=\"runs/a runs/b\" ANALYSIS_DIR="
+	@echo "  PADDING= CHECK= FOLLOWUP_RECOMPUTE= DECODE_TOKENS= REPEATS= WARMUP= BATCH= LAYOUT= LAUNCHER=torchrun|srun"
+	@echo "  TIMEOUT=<s per launch> NAME=<run folder> OUT_DIR=runs/local PARAMS=<file.yaml>  (python -m fmsring.sweep --help)"
+	@echo "  analysis: RUNS=\"runs/a runs/b\" ANALYSIS_DIR="
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -111,9 +60,9 @@ test-gpu: venv ## run only the tests that need a GPU (pytest -m cuda)
 	$(PY) -m pytest -m cuda
 
 sweep: venv ## run notebooks/run.ipynb (a sweep), then notebooks/analysis.ipynb on its run folder
-	@set -e; name="$(RUN_NAME)"; run="$(OUT_DIR)/$$name"; mkdir -p "$$run"; \
+	@set -e; run="$$($(PY) -m fmsring.sweep --notebook-settings $(SETTINGS))"; \
 	echo "sweep -> $$run (executed notebooks, results.csv, params.json, logs/, figures/)"; \
-	if ! $(PAPERMILL) notebooks/run.ipynb "$$run/run.ipynb" $(SWEEP_PARAMS) -p name "$$name" -p out_dir "$(OUT_DIR)"; then \
+	if ! $(PAPERMILL) notebooks/run.ipynb "$$run/run.ipynb" -f "$$run/notebook.yaml"; then \
 		echo "sweep failed: see $$run/run.ipynb and $$run/logs/" >&2; exit 1; fi; \
 	$(PAPERMILL) notebooks/analysis.ipynb "$$run/analysis.ipynb" -y "run_dirs: ['$$run']"; \
 	$(PY) -c "import json, sys; print('points:', json.load(open(sys.argv[1]))['sessions'][-1]['statuses'])" "$$run/params.json"; \

@@ -34,75 +34,55 @@
 #   `make sweep DEVICE=cuda MODEL=3-8b NPROC=2,4 SEQ_LENS=8K,32K DTYPE=bfloat16`,
 #   or `papermill notebooks/run.ipynb out.ipynb -p device cuda -y "world_sizes: [2, 4]"`.
 #
-# The defaults below are a CPU smoke test (a 2-layer `llama/micro`, gloo) that finishes in a few minutes on 2 cores.
+# The parameters are every `SweepConfig` field (`fmsring.harness.grid.update_notebook` writes them); their
+# defaults, `notebooks/presets/smoke.yaml`, are a CPU smoke test (a 2-layer `llama/micro`, gloo) that finishes in
+# a few minutes on 2 cores.
 
 # %% tags=["parameters"]
-name: str = ""  # run folder name under out_dir; empty derives one from device, model and dtype
-out_dir: str = "runs/local"  # folder of run folders, git-ignored (relative paths start at the repository root)
-architecture: str = "llama"  # FMS architecture
-variant: str = "micro"  # FMS variant, e.g. micro or 3-8b (seeded random weights unless model_path is set)
-model_path: str = ""  # checkpoint to load instead of random weights; empty for none
-source: str = ""  # checkpoint format for model_path, e.g. hf
-model_kwargs: dict = {"nlayers": 2}  # extra fms get_model arguments, e.g. {"nlayers": 2}
-device: str = "cpu"  # cpu (gloo) or cuda (nccl)
-dtype: str = "float32"  # float32, bfloat16 or float16
-world_sizes: list = [1, 2, 4]  # processes (GPUs) per launch
-strategies: list = ["single", "ring"]  # among single, ring, tp, torch_cp; single runs once, on one process
-seq_lens: list = [64, 128, 256]  # prompt lengths in tokens (followup: new tokens T); strings like 8K work too
-phases: list = ["prefill", "decode", "followup"]  # among prefill, decode, followup
-cached_lens: list = [256]  # followup: tokens P already in the cache; empty without the followup phase
-ring_variants: dict = {"": {}}  # ring configurations {name: {fmsring.get_model ring_* options}}; "" is the default
-ring_tp: list = [1]  # every ring variant at each TP size (ring x tensor parallel; the ring gets world size / tp)
-as_shipped: bool = False  # also measure single/tp/torch_cp unfused with the default SDPA backend (as-shipped)
-decode_tokens: int = 8  # greedy steps timed per decode run
+architecture: str = 'llama'  # FMS architecture
+variant: str = 'micro'  # FMS variant, e.g. micro or 3-8b (random weights, seeded)
+model_path: str = ''  # checkpoint to load instead of random weights
+source: str = ''  # checkpoint format for model_path, e.g. hf
+model_kwargs: dict = {'nlayers': 2}  # JSON passed to get_model, e.g. {"nlayers": 2}
+device: str = 'cpu'  # cpu (gloo) or cuda (nccl)
+dtype: str = 'float32'  # float32, bfloat16 or float16
+strategies: list = ['single', 'ring']  # among single, ring, tp, torch_cp
+phases: list = ['prefill', 'decode', 'followup']  # among prefill, decode, followup
+seq_lens: list = [64, 128, 256]  # prompt lengths (followup: new tokens T); K/M suffixes
+cached_lens: list = [256]  # followup: tokens P already cached, e.g. 32K,128K
+batch: int = 1  # prompts per batch
+padding: float = 0.0  # decode a batch of unequal prompts: sequence i of b left-padded by F*i/(b-1) of the prompt, as FMS's generate pads them
+layout: str = 'zigzag'  # ring token layout
 repeats: int = 2  # timed runs per point
 warmup: int = 1  # untimed runs per point
-batch: int = 1  # prompts per batch
-padding: float = 0.0  # decode only: left-pad sequence i of the batch by padding * i / (batch - 1) of the prompt
-layout: str = "zigzag"  # ring token layout (zigzag or contiguous)
-launcher: str = "torchrun"  # torchrun (one node) or srun (inside a Slurm allocation, c10d rendezvous)
-timeout_s: float = 900.0  # wall-clock limit of one (world size, strategy) launch in seconds; then it is killed
-check: bool = True  # compare each strategy's logits with single (max_abs_err, rel_err; beyond tolerance: mismatch)
-extra: dict = {}  # any other SweepConfig field, e.g. {"bench_timeout_s": 600, "followup_recompute": False}
+decode_tokens: int = 8  # greedy steps timed per decode run
+ring_variants: dict = {'': {}}  # JSON {name: {fmsring.get_model ring_* options}}, e.g. {"": {}, "eager": {"ring_cuda_graphs": false}}
+ring_kwargs: dict = {}  # JSON ring_* options merged into every ring variant
+ring_tp: list = [1]  # TP sizes for ring, e.g. 1,2,4: each ring variant once per size (cp: world / tp)
+as_shipped: bool = False  # also measure single/tp/torch_cp unfused, default SDPA backend
+followup_recompute: bool = True  # with followup: also time ring's fresh prefill of P+T tokens
+check: bool = True  # compare logits with single's (beyond the dtype's tolerance: mismatch)
+stall_factor: float = 5.0  # a point past this many times its predicted time plus stall_min_s is recorded as timeout and the launch stops; 0 turns it off
+stall_min_s: float = 180.0  # see stall_factor
+seed: int = 0  # seeds weights and prompts (identical on every rank)
+world_sizes: list = [1, 2, 4]  # processes (GPUs) per launch
+out_dir: str = 'runs/local'  # folder of run folders (runs/local is git-ignored)
+name: str = ''  # run folder under out_dir; empty derives one from device, model and dtype
+launcher: str = 'torchrun'  # torchrun (one node) or srun (a Slurm allocation, c10d rendezvous)
+timeout_s: float = 900.0  # wall-clock limit of one launch in seconds; then it is killed
+bench_timeout_s: str = ''  # the bench's collective timeout; empty: timeout_s
+gpus_per_node: str = ''  # srun: processes per node; empty: SLURM_GPUS_ON_NODE, else 8
+rdzv_port: int = 29500  # srun: c10d rendezvous port on the head node
+env: dict = {}  # extra environment variables of the launched processes
 
 # %%
-from pathlib import Path
-
 from IPython.display import display
 
 from fmsring.harness import analysis
+from fmsring.harness.grid import notebook_config
 from fmsring.harness.sweep import SweepConfig, describe, grid_status, repo_root, run_sweep
 
-ROOT = repo_root()
-cfg = SweepConfig(
-    name=name,
-    out_dir=str(Path(out_dir) if Path(out_dir).is_absolute() else ROOT / out_dir),
-    architecture=architecture,
-    variant=variant,
-    model_path=model_path or None,
-    source=source or None,
-    model_kwargs=model_kwargs,
-    device=device,
-    dtype=dtype,
-    world_sizes=world_sizes,
-    strategies=strategies,
-    seq_lens=seq_lens,
-    phases=phases,
-    cached_lens=cached_lens if "followup" in phases else [],
-    ring_variants=ring_variants,
-    ring_tp=ring_tp,
-    as_shipped=as_shipped,
-    decode_tokens=decode_tokens,
-    repeats=repeats,
-    warmup=warmup,
-    batch=batch,
-    padding=padding,
-    layout=layout,
-    launcher=launcher,
-    timeout_s=timeout_s,
-    check=check,
-    **extra,
-)
+cfg = notebook_config({n: globals()[n] for n in SweepConfig.names()}, repo_root())
 print("run folder:", cfg.run_dir)
 print("launches:", ", ".join(f"{s} x{w}" for w, s in cfg.groups()), f"({len(cfg.grid())} points)")
 

@@ -13,9 +13,7 @@ whose logits differ from the one-GPU model's beyond the dtype's tolerance is
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -29,223 +27,22 @@ import fms.models
 import torch
 from fms.modules.attention import MultiHeadAttention
 from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record as record_errors
 
 from fmsring.allocator import ALLOC_CONF
-from fmsring.harness import ceilings, peers
-from fmsring.harness.exactness import NOT_COMPARED, compare
+from fmsring.harness import ceilings
+from fmsring.harness.exactness import NOT_COMPARED, compare, judge
 from fmsring.harness.flops import FlopShape, Rates, floor_ms, flop_shape, phase_flops
-from fmsring.harness.peers import Variant
+from fmsring.harness.peers import make_peer, model_args
+from fmsring.harness.plan import Variant, planned_points, point, recomputed, variants
+from fmsring.harness.provenance import row_provenance
 from fmsring.harness.ranks import DistEnv, Measured, agree, barrier, broadcast, free_memory, setup_dist
-from fmsring.harness.schema import (
-    DTYPES,
-    PHASES,
-    STRATEGIES,
-    ModelSpec,
-    Point,
-    append_rows,
-    check_header,
-    done_points,
-    judge,
-    mesh_sizes,
-    padding_problem,
-    parse_ring_variants,
-    parse_seq_lens,
-    planned_points,
-    point,
-    recomputed,
-    row_provenance,
-    with_ring_tp,
-)
+from fmsring.harness.schema import Phase, Point, Strategy, append_rows, check_header, done_points
 from fmsring.harness.session import Session
+from fmsring.harness.settings import BenchConfig, parse_args
 from fmsring.harness.watchdog import STALL_EXIT, StallGuard, predicted_s
-from fmsring.layout import LAYOUTS
 
 NAN = float("nan")
-
-
-@dataclass
-class BenchConfig(ModelSpec):
-    """Everything one benchmark run needs; the CLI flags map onto these fields one to one."""
-
-    strategies: tuple[str, ...] = ("single", "ring")
-    phases: tuple[str, ...] = ("prefill",)
-    seq_lens: tuple[int, ...] = (128, 256)  # prompt lengths; for followup, the new tokens T
-    cached_lens: tuple[int, ...] = ()  # followup: tokens P already in the cache
-    batch: int = 1
-    padding: float = 0.0  # decode: sequence i of b left-padded by padding * i / (b - 1) of the prompt
-    layout: str = "zigzag"
-    repeats: int = 3
-    warmup: int = 1
-    decode_tokens: int = 32
-    ring_variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {"": {}})
-    ring_kwargs: dict[str, Any] = field(default_factory=dict)  # merged into every ring variant
-    ring_tp: tuple[int, ...] = (1,)  # every ring variant at each TP size: the factorisations cp x tp of the world
-    as_shipped: bool = False  # also measure the peers as FMS/PyTorch ship them
-    followup_recompute: bool = True  # ring: a fresh prefill of P+T beside each follow-up
-    out: str | None = None
-    resume: bool = False  # skip points that already have a finished row in ``out``
-    check: bool = True
-    timeout_s: float = 1800.0
-    stall_factor: float = 5.0  # a point past factor x its predicted time + stall_min_s is recorded as stalled
-    stall_min_s: float = 180.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.repeats < 1 or self.warmup < 0 or self.batch < 1 or self.decode_tokens < 1:
-            problems.append("--repeats, --batch and --decode-tokens must be >= 1 and --warmup >= 0")
-        if not self.seq_lens:
-            problems.append("--seq-lens is empty")
-        padding = padding_problem(self.padding, self.batch, self.phases)
-        if padding:
-            problems.append(f"--{padding}")
-        if ("followup" in self.phases) != bool(self.cached_lens):
-            problems.append("--cached-lens and the followup phase go together: give both or neither")
-        try:
-            self.ring_variants = with_ring_tp(parse_ring_variants(self.ring_variants), list(self.ring_tp))
-            self.ring_tp = (1,)
-            parse_ring_variants({"": self.ring_kwargs})
-        except ValueError as exc:
-            problems.append(str(exc))
-        if problems:
-            raise ValueError("; ".join(problems))
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def _choices(choices: tuple[str, ...]):
-    def parse(text: str) -> tuple[str, ...]:
-        items = tuple(s.strip() for s in text.split(",") if s.strip())
-        if not items or any(s not in choices for s in items):
-            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(choices)}")
-        return items
-
-    return parse
-
-
-def _lengths(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(parse_seq_lens(text))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def _sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated positive integers") from exc
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated positive integers")
-    return sizes
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    d = BenchConfig()
-    p = argparse.ArgumentParser(
-        prog="python -m fmsring.bench",
-        description="Benchmark single / ring / tp / torch_cp inference and append CSV rows (torchrun for N>1).",
-    )
-    p.add_argument("--architecture", default=d.architecture)
-    p.add_argument("--variant", default=d.variant)
-    p.add_argument("--model-path", default=d.model_path, help="checkpoint to load; random weights (seeded) if omitted")
-    p.add_argument("--source", default=d.source, help="checkpoint format, e.g. hf")
-    p.add_argument(
-        "--model-kwargs", type=_json_object, default={}, help="JSON passed to get_model, e.g. '{\"nlayers\":2}'"
-    )
-    p.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
-    p.add_argument("--dtype", choices=DTYPES, default=d.dtype)
-    p.add_argument("--strategies", type=_choices(STRATEGIES), default=d.strategies, help=",".join(STRATEGIES))
-    p.add_argument("--phases", type=_choices(PHASES), default=d.phases, help=",".join(PHASES))
-    p.add_argument(
-        "--seq-lens", type=_lengths, default=d.seq_lens, help="prompt lengths (followup: new tokens T); K/M suffixes"
-    )
-    p.add_argument(
-        "--cached-lens", type=_lengths, default=d.cached_lens, help="followup: cached tokens P, e.g. 32K,128K"
-    )
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument(
-        "--padding",
-        type=float,
-        default=d.padding,
-        help="decode a batch of unequal prompts: sequence i of b keeps its last 1 - F*i/(b-1) of the prompt, "
-        "left-padded with FMS's mask and position ids as FMS's generate pads them (the last is F padding)",
-    )
-    p.add_argument("--layout", choices=LAYOUTS, default=d.layout, help="ring token layout")
-    p.add_argument("--repeats", type=int, default=d.repeats, help="timed runs per point")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed runs per point")
-    p.add_argument("--decode-tokens", type=int, default=d.decode_tokens, help="greedy steps timed per decode run")
-    p.add_argument(
-        "--ring-variants",
-        type=_json_object,
-        default=d.ring_variants,
-        help='JSON {name: {fmsring.get_model ring_* options}}, e.g. \'{"": {}, "eager": {"ring_cuda_graphs": false}}\'',
-    )
-    p.add_argument(
-        "--ring-tp",
-        type=_sizes,
-        default=d.ring_tp,
-        help="TP sizes for ring, e.g. 1,2,4: each ring variant once per size (cp = world / tp), named 'tpT'",
-    )
-    p.add_argument(
-        "--ring-kwargs", type=_json_object, default={}, help="JSON ring_* options merged into every ring variant"
-    )
-    p.add_argument(
-        "--as-shipped",
-        action=argparse.BooleanOptionalAction,
-        default=d.as_shipped,
-        help="also measure single/tp/torch_cp unfused with the default SDPA backend (variant as-shipped)",
-    )
-    p.add_argument(
-        "--followup-recompute",
-        action=argparse.BooleanOptionalAction,
-        default=d.followup_recompute,
-        help="with followup: also time a fresh ring prefill of P+T tokens (is the cache worth it?)",
-    )
-    p.add_argument(
-        "--out",
-        default=d.out,
-        help="CSV to append rows to (rank 0 writes); the rates go beside it: r.csv -> r.ceilings.json",
-    )
-    p.add_argument(
-        "--resume", action="store_true", help="skip points that already have an ok/skipped/mismatch row in --out"
-    )
-    p.add_argument(
-        "--check", action=argparse.BooleanOptionalAction, default=d.check, help="compare logits with `single`"
-    )
-    p.add_argument(
-        "--timeout-s", type=float, default=d.timeout_s, help="collective timeout; must exceed one point's run"
-    )
-    p.add_argument(
-        "--stall-factor",
-        type=float,
-        default=d.stall_factor,
-        help="a point still running after this many times its predicted time (at its floors) plus "
-        "--stall-min-s is recorded as stalled (status timeout) and the launch stops; 0 turns it off",
-    )
-    p.add_argument("--stall-min-s", type=float, default=d.stall_min_s, help="see --stall-factor")
-    p.add_argument("--seed", type=int, default=d.seed, help="seeds weights and prompts (identical on every rank)")
-    return p
-
-
-def parse_args(argv: list[str] | None = None) -> BenchConfig:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    try:
-        return BenchConfig(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(BenchConfig)})
-    except ValueError as exc:
-        parser.error(str(exc))
 
 
 # ----------------------------------------------------------------------------- model facts
@@ -255,7 +52,7 @@ def meta_model(cfg: BenchConfig) -> nn.Module | None:
     """The unsharded model on the meta device (no memory, no weights); None if FMS can't build it."""
     try:
         meta_cfg = dataclasses.replace(cfg, model_path=None, source=None)
-        return fms.models.get_model(**peers.model_args(meta_cfg, device="meta"), distributed_strategy="none")
+        return fms.models.get_model(**model_args(meta_cfg, device="meta"), distributed_strategy="none")
     except Exception as exc:  # noqa: BLE001 - FLOPs and floors are optional, the benchmark is not
         print(f"[bench] no FLOP count or floor: cannot build a meta model ({exc})", file=sys.stderr)
         return None
@@ -263,8 +60,8 @@ def meta_model(cfg: BenchConfig) -> nn.Module | None:
 
 def longest_context(cfg: BenchConfig) -> int:
     """The most positions any call of the run reaches."""
-    longest = max(cfg.seq_lens) + (cfg.decode_tokens + 1 if "decode" in cfg.phases else 1)
-    if "followup" in cfg.phases:
+    longest = max(cfg.seq_lens) + (cfg.decode_tokens + 1 if Phase.DECODE in cfg.phases else 1)
+    if Phase.FOLLOWUP in cfg.phases:
         longest = max(longest, max(cfg.cached_lens) + max(cfg.seq_lens) + 1)
     return longest
 
@@ -279,10 +76,8 @@ def fit_rope_table(cfg: BenchConfig, meta: nn.Module | None) -> BenchConfig:
     if have is None or have >= needed:
         return cfg
     if int(os.environ.get("RANK", "0")) == 0:
-        print(
-            f"[bench] max_expected_seq_len {have} -> {needed}: the RoPE table must cover the longest context",
-            file=sys.stderr,
-        )
+        print(f"[bench] max_expected_seq_len {have} -> {needed}: the RoPE table must cover the longest context",
+              file=sys.stderr)  # fmt: skip
     return dataclasses.replace(cfg, model_kwargs={**cfg.model_kwargs, "max_expected_seq_len": needed})
 
 
@@ -316,13 +111,12 @@ class Run:
     refs: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # rank 0
     tried: set[tuple[int, int, str]] = field(default_factory=set)  # reference points run, on every rank
     rows: list[dict[str, Any]] = field(default_factory=list)
-    mesh: Any = None
 
     def ref_key(self, pt: Point) -> tuple[int, int, str]:
         """Which `single` output a point is checked against: a recompute of P+T against the follow-up."""
-        if pt.strategy == "ring" and pt.phase == "prefill" and pt.seq_len in self.recompute:
+        if pt.strategy == Strategy.RING and pt.phase == Phase.PREFILL and pt.seq_len in self.recompute:
             cached, new = self.recompute[pt.seq_len]
-            return new, cached, "followup"
+            return new, cached, Phase.FOLLOWUP.value
         return pt.seq_len, pt.cached_len, pt.phase
 
 
@@ -332,20 +126,16 @@ def summarize(result: Measured, flops: float, gpus: int) -> dict[str, Any]:
     if result.status not in ("ok", "mismatch") or not lat:
         return {"latency_ms": NAN, "latency_ms_min": NAN, "latency_ms_max": NAN, "ttft_ms": NAN, "tflops_per_gpu": NAN}
     median = statistics.median(lat)
-    return {
-        "latency_ms": median,
-        "latency_ms_min": min(lat),
-        "latency_ms_max": max(lat),
-        "ttft_ms": statistics.median(result.ttfts) if result.ttfts else NAN,
-        "tflops_per_gpu": flops / (median / 1e3) / max(gpus, 1) / 1e12 if median > 0 else NAN,
-    }
+    return {"latency_ms": median, "latency_ms_min": min(lat), "latency_ms_max": max(lat),
+            "ttft_ms": statistics.median(result.ttfts) if result.ttfts else NAN,
+            "tflops_per_gpu": flops / (median / 1e3) / max(gpus, 1) / 1e12 if median > 0 else NAN}  # fmt: skip
 
 
 def record(pt: Point, variant: Variant, result: Measured, run: Run) -> dict[str, Any]:
     """Rank 0 turns a merged result into a row, judges it against `single`, appends it."""
     cfg = run.cfg
     key = run.ref_key(pt)
-    is_ref = pt.strategy == "single" and pt.variant == ""
+    is_ref = pt.strategy == Strategy.SINGLE and pt.variant == ""
     if is_ref and result.status == "ok" and result.output is not None:
         run.refs.setdefault(key, result.output)
     status, error, errors = result.status, result.error, dict(NOT_COMPARED)
@@ -367,30 +157,19 @@ def record(pt: Point, variant: Variant, result: Measured, run: Run) -> dict[str,
         run.shape, run.rates, ident["cp_size"], ident["tp_size"], pt.phase, cfg.batch, pt.seq_len, pt.cached_len,
         cfg.decode_tokens,
     )  # fmt: skip
-    row = {
-        **ident,
-        **summarize(result, flops, pt.world_size),
-        "floor_ms": floor,
-        "peak_mem_gib": result.peak_gib,
-        **errors,
-        "status": status,
-        "error": error,
-        **run.info,
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-    }  # fmt: skip
+    row = {**ident, **summarize(result, flops, pt.world_size), "floor_ms": floor, "peak_mem_gib": result.peak_gib,
+           **errors, "status": status, "error": error, **run.info,
+           "timestamp": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
     run.rows.append(row)
     if cfg.out:
         append_rows(cfg.out, [row])
     err = "" if math.isnan(row["max_abs_err"]) else f" err={row['max_abs_err']:.2e}"
     label = f"{pt.strategy}{'/' + pt.variant if pt.variant else ''}"
-    cached = f"P={pt.cached_len} " if pt.phase == "followup" else ""
+    cached = f"P={pt.cached_len} " if pt.phase == Phase.FOLLOWUP else ""
     latency = row["latency_ms"]
     vs_floor = f"  floor {floor:.3f} ms ({latency / floor:.2f}x)" if floor > 0 and math.isfinite(latency) else ""
-    print(
-        f"[bench] {label:<14} {ident['cp_size']}x{ident['tp_size']} {cached}L={pt.seq_len:<7} {pt.phase:<8} "
-        f"{latency:10.3f} ms{vs_floor}  {status}{err} {error}",
-        flush=True,
-    )
+    print(f"[bench] {label:<14} {ident['cp_size']}x{ident['tp_size']} {cached}L={pt.seq_len:<7} {pt.phase:<8} "
+          f"{latency:10.3f} ms{vs_floor}  {status}{err} {error}", flush=True)  # fmt: skip
     return row
 
 
@@ -398,27 +177,25 @@ def record(pt: Point, variant: Variant, result: Measured, run: Run) -> dict[str,
 
 
 def run_variant(variant: Variant, points: list[Point], run: Run, reference: bool = False) -> None:
-    """Load once, then every point; `single` runs on rank 0 while the others wait.
+    """Load once, then every point; a peer that runs on rank 0 alone has the others wait.
 
     With ``reference`` the points are measured once, untimed in effect, only to fill
     ``run.refs`` (when `single` itself is not benchmarked but the check is on).
     """
     env, cfg = run.env, run.cfg
-    all_ranks = variant.strategy != "single"
+    peer = make_peer(variant, cfg, env)
     warmup, repeats = (0, 1) if reference else (cfg.warmup, cfg.repeats)
-    session = Session(variant, cfg, env, run.recompute, warmup, repeats, all_ranks)
+    session = Session(peer, run.recompute, warmup, repeats)
     runnable = any(not session.skip_reason(pt) for pt in points)
-    if runnable and (all_ranks or env.rank == 0):
-        if variant.strategy == "torch_cp" and run.mesh is None:
-            run.mesh = peers.make_cp_mesh(env)
-        session.load(run.mesh)
-    if runnable and all_ranks:
+    if runnable and (peer.everywhere or env.rank == 0):
+        session.load()
+    if runnable and peer.everywhere:
         session.agree_load()
-    if variant == Variant("single"):
+    if variant == Variant(Strategy.SINGLE):
         run.tried.update(run.ref_key(pt) for pt in points)
     for pt in points:
         with _stall_guard(pt, variant, run, warmup + repeats):
-            if all_ranks:
+            if peer.everywhere:
                 result = agree(session.measure(pt), env)
             else:
                 result = session.measure(pt) if env.rank == 0 else None
@@ -439,17 +216,15 @@ def _stall_guard(pt: Point, variant: Variant, run: Run, calls: int) -> StallGuar
     cfg = run.cfg
     if run.env.rank != 0 or cfg.stall_factor <= 0:
         return StallGuard(math.nan, lambda _s: None)
-    cp, tp = mesh_sizes(pt.strategy, pt.world_size, variant.ring_tp)
+    cp, tp = Strategy(pt.strategy).mesh(pt.world_size, variant.ring_tp)
     predicted = predicted_s(
         run.shape, run.rates, cp, tp, pt.phase, cfg.batch, pt.seq_len, pt.cached_len, cfg.decode_tokens, calls
     )
 
     def stalled(budget_s: float) -> None:
-        error = (
-            f"stalled: no result after {budget_s:.0f} s, {cfg.stall_factor:g}x the predicted {predicted:.1f} s "
-            f"plus {cfg.stall_min_s:g} s; the launch stopped here (near the memory limit, check "
-            f"{ALLOC_CONF}={os.environ.get(ALLOC_CONF, '')!r})"
-        )
+        error = (f"stalled: no result after {budget_s:.0f} s, {cfg.stall_factor:g}x the predicted {predicted:.1f} s "
+                 f"plus {cfg.stall_min_s:g} s; the launch stopped here (near the memory limit, check "
+                 f"{ALLOC_CONF}={os.environ.get(ALLOC_CONF, '')!r})")  # fmt: skip
         record(pt, variant, Measured(status="timeout", error=error), run)
         print(f"[bench] {error}", file=sys.stderr, flush=True)
         os._exit(STALL_EXIT)
@@ -460,11 +235,12 @@ def _stall_guard(pt: Point, variant: Variant, run: Run, calls: int) -> StallGuar
 def _reference_pass(plan: list[tuple[Variant, list[Point]]], run: Run) -> None:
     """Compute the `single` outputs that the planned points are checked against and that no
     `single` row of this launch provides (it is not benchmarked, or resumed past)."""
-    needed = dict.fromkeys(run.ref_key(p) for v, pts in plan if v != Variant("single") for p in pts)
+    needed = dict.fromkeys(run.ref_key(p) for v, pts in plan if v != Variant(Strategy.SINGLE) for p in pts)
     missing = [k for k in needed if k not in run.tried]
     if missing:
         run.tried.update(missing)
-        run_variant(Variant("single"), [Point("single", "", 1, n, c, ph) for n, c, ph in missing], run, reference=True)
+        single = [Point(Strategy.SINGLE.value, "", 1, n, c, ph) for n, c, ph in missing]
+        run_variant(Variant(Strategy.SINGLE), single, run, reference=True)
 
 
 def run(cfg: BenchConfig) -> list[dict[str, Any]]:
@@ -486,36 +262,26 @@ def run(cfg: BenchConfig) -> list[dict[str, Any]]:
         cfg = fit_rope_table(cfg, meta)
         done = broadcast(done_points(cfg.out) if cfg.resume and cfg.out and env.rank == 0 else set(), env)
         plan: list[tuple[Variant, list[Point]]] = []
-        strategies = sorted(
-            (s for s in cfg.strategies if not (s == "tp" and env.world == 1)), key=lambda s: s != "single"
-        )
+        strategies = [s for s in cfg.strategies if not (s == Strategy.TP and env.world == 1)]
+        strategies.sort(key=lambda s: s != Strategy.SINGLE)
         for s in strategies:
-            world = 1 if s == "single" else env.world
-            for v in peers.variants(s, cfg):
+            world = 1 if s == Strategy.SINGLE else env.world
+            for v in variants(s, cfg):
                 if world % v.ring_tp:
                     if env.rank == 0:
                         print(f"[bench] ring variant {v.label!r}: ring_tp={v.ring_tp} does not divide {world} ranks")
                     continue
-                pts = planned_points(
-                    s,
-                    world,
-                    [v.label],
-                    list(cfg.seq_lens),
-                    list(cfg.phases),
-                    list(cfg.cached_lens),
-                    cfg.followup_recompute,
-                )
+                pts = planned_points(s, world, [v.label], cfg.seq_lens, cfg.phases, cfg.cached_lens,
+                                     cfg.followup_recompute)  # fmt: skip
                 todo = [p for p in pts if p not in done]
                 if todo:
                     plan.append((v, todo))
-        recompute = recomputed(list(cfg.seq_lens), list(cfg.phases), list(cfg.cached_lens))
+        recompute = recomputed(cfg.seq_lens, cfg.phases, cfg.cached_lens)
         recompute = recompute if cfg.followup_recompute else {}
-        if env.rank == 0 and {"decode", "followup"} <= set(cfg.phases) and "ring" in cfg.strategies:
-            print(
-                "[bench] ring keeps cache room for the longest follow-up, so its decode rows' caches (and peak "
-                "memory) include it too; run the followup phase in a launch of its own to measure decode memory",
-                file=sys.stderr,
-            )
+        if env.rank == 0 and {Phase.DECODE, Phase.FOLLOWUP} <= set(cfg.phases) and Strategy.RING in cfg.strategies:
+            print("[bench] ring keeps cache room for the longest follow-up, so its decode rows' caches (and peak "
+                  "memory) include it too; run the followup phase in a launch of its own to measure decode memory",
+                  file=sys.stderr)  # fmt: skip
         rates = _rates(cfg, env, meta) if plan else None
         del meta
         state = Run(cfg, env, info, shape, rates, recompute)
@@ -524,7 +290,7 @@ def run(cfg: BenchConfig) -> list[dict[str, Any]]:
         # which is up to ~2% slower per step (docs/performance.md): rows stay one user's first prompt.
         with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
             for variant, points in plan:
-                if variant != Variant("single") and cfg.check:
+                if variant != Variant(Strategy.SINGLE) and cfg.check:
                     _reference_pass(plan, state)
                 run_variant(variant, points, state)
         return state.rows
@@ -535,6 +301,7 @@ def run(cfg: BenchConfig) -> list[dict[str, Any]]:
             dist.destroy_process_group()
 
 
+@record_errors  # an exception becomes this rank's torchrun error file, which the sweep reads
 def main(argv: list[str] | None = None) -> int:
     rows = run(parse_args(argv))
     counts = Counter(r["status"] for r in rows)

@@ -1,16 +1,18 @@
 """Starting, watching and stopping one benchmark launch: the torchrun (one node) or
 srun + torchrun (a Slurm allocation, c10d rendezvous) command line, a process
-tree that is killed whole on timeout or interrupt, and a one-line reason for a
-launch that left points unfinished, read from its own stderr.
+tree that is killed whole on timeout or interrupt (psutil), and a one-line reason
+for a launch that left points unfinished, read from torchrun's error file (the
+first failed rank's exception, which the bench's ``main`` records).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import re
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -19,18 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 LAUNCHERS = ("torchrun", "srun")
 _SOURCE_ROOT = Path(os.path.abspath(__file__)).parents[2]
 
 
 def torchrun_command(
-    nproc_per_node: int,
-    *,
-    nnodes: int = 1,
-    rdzv_endpoint: str | None = None,
-    rdzv_id: str | None = None,
-    node_rank: int | None = None,
-    python: str | None = None,
+    nproc_per_node: int, *, nnodes: int = 1, rdzv_endpoint: str | None = None, rdzv_id: str | None = None,
+    node_rank: int | None = None, python: str | None = None,
 ) -> list[str]:
     """``python -m torch.distributed.run`` with a standalone or a c10d rendezvous."""
     cmd = [python or sys.executable, "-m", "torch.distributed.run"]
@@ -77,11 +76,7 @@ def node_split(world_size: int, gpus_per_node: int) -> tuple[int, int]:
 
 
 def launch_command(
-    launcher: str,
-    world_size: int,
-    args: list[str],
-    tag: str = "0",
-    gpus_per_node: int | None = None,
+    launcher: str, world_size: int, args: list[str], tag: str = "0", gpus_per_node: int | None = None,
     rdzv_port: int = 29500,
 ) -> list[str]:
     """The full command line of one launch of ``python args...`` on ``world_size`` ranks."""
@@ -116,12 +111,7 @@ class Outcome:
 
 
 def run_launch(
-    cmd: list[str],
-    env: dict[str, str],
-    out_log: Path,
-    err_log: Path,
-    timeout_s: float,
-    grace_s: float,
+    cmd: list[str], env: dict[str, str], out_log: Path, err_log: Path, timeout_s: float, grace_s: float,
     poll: Callable[[], None] = lambda: None,
 ) -> Outcome:
     """Run ``cmd`` with its output in the logs, ``poll()`` about once a second; past
@@ -152,119 +142,54 @@ def run_launch(
     return Outcome(returncode, timed_out, round(time.monotonic() - t0, 2))
 
 
-def _children(pid: int) -> list[int]:
-    """All descendants of ``pid`` (Linux /proc; [] elsewhere)."""
-    parents: dict[int, list[int]] = {}
-    if not os.path.isdir("/proc"):
-        return []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        parents.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for c in parents.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def kill_tree(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
-    """Stop a launch: SIGTERM its process group, then SIGKILL it and every descendant.
+    """Stop a launch: SIGTERM it and every descendant, then SIGKILL what is left.
 
-    torchrun starts each worker in a session of its own, so killing the
-    launcher's group alone would leave the workers running.
+    torchrun starts each worker in a session of its own, so signalling the
+    launcher's process group alone would leave the workers running.
     """
-    if proc.poll() is not None and not _children(proc.pid):
-        return
-    own = os.getpgrp()
-    seen = set(_children(proc.pid))
-
-    def signal_all(sig: int) -> None:
-        targets = [proc.pid, *seen]
-        for pid in targets:
-            try:
-                pgid = os.getpgid(pid)
-                if pgid != own:
-                    os.killpg(pgid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-    signal_all(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        seen.update(_children(proc.pid))
-        if proc.poll() is not None and not any(_alive(p) for p in seen):
-            break
-        time.sleep(0.1)
-    seen.update(_children(proc.pid))
-    signal_all(signal.SIGKILL)
     try:
+        procs = [psutil.Process(proc.pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs += [c for c in p.children(recursive=True) if c not in procs]
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=10)
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 _OOM = re.compile(r"out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED", re.IGNORECASE)
-_EXC = re.compile(r"^([\w.]*(?:Error|Exception|Interrupt|Exit)\b.*)$")
-_RANK_PREFIX = re.compile(r"^\[(?:default)?(?:rank)?\d+\]:\s*")
-_NOISE = re.compile(r"^(?:[EWI]\d{4} |\*+$|Setting OMP_NUM_THREADS|warnings\.warn|\^+$)")
 
 
-def failure_reason(stderr: Path, returncode: int | None, timed_out: bool, timeout_s: float) -> tuple[str, str]:
-    """(status, one-line error) for a launch that left points unfinished."""
+def failure_reason(error_file: Path, returncode: int | None, timed_out: bool, timeout_s: float) -> tuple[str, str]:
+    """(status, one-line error) for a launch that left points unfinished.
+
+    ``error_file``: where torchrun (``TORCHELASTIC_ERROR_FILE``) copied the first failed
+    rank's error file; a rank killed by a signal writes none, so only the exit code is known.
+    """
     try:
-        text = stderr.read_text(errors="replace")[-200_000:]
-    except OSError:
-        text = ""
-    # the ranks' own messages come before torchrun's ChildFailedError report
-    worker_text = text
-    agent = text.rfind("ChildFailedError")
-    if agent != -1:
-        tb = text.rfind("Traceback (most recent call last)", 0, agent)
-        worker_text = text[: tb if tb != -1 else agent]
-    lines = [_RANK_PREFIX.sub("", ln.strip()) for ln in worker_text.splitlines()]
-    lines = [ln for ln in lines if re.search(r"[A-Za-z]", ln) and not _NOISE.match(ln)]
-    exc = [m.group(1) for ln in lines if (m := _EXC.match(ln))]
-    detail = exc[-1] if exc else (lines[-1] if lines else "")
+        message = json.loads(error_file.read_text())["message"]
+        detail = message["message"] if isinstance(message, dict) else str(message)
+    except (OSError, ValueError, KeyError, TypeError):
+        detail = ""
+    detail = " ".join(detail.split())
     if timed_out:
         status, head = "timeout", f"group killed after {num(timeout_s)} s timeout"
-    elif _OOM.search(text):
+    elif _OOM.search(detail):
         status, head = "oom", "out of memory"
     elif returncode == 0:
         status, head = "error", "bench exited 0 without writing this point"
     else:
-        # torchrun reports the first rank that failed under "Root Cause"
-        root = text.rfind("Root Cause")
-        codes = re.findall(r"exitcode\s*:\s*(-?\d+)", text[root:] if root != -1 else text)
-        code = int(codes[0]) if codes else returncode
-        if code is not None and code < 0:
-            sig = -code
-            name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else f"signal {sig}"
-            head = f"rank killed by {name}" + (" (from outside: host OOM killer?)" if sig == signal.SIGKILL else "")
-        else:
-            head = f"exit code {code}"
-        status = "error"
-    msg = head if not detail or detail == head else f"{head}: {detail}"
-    return status, msg.replace("\n", " ")[:500]
+        status, head = "error", f"exit code {returncode}" + ("" if detail else " (a rank killed by a signal?)")
+    return status, (f"{head}: {detail}" if detail else head)[:500]
 
 
 def num(x: float) -> str:

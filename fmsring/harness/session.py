@@ -1,6 +1,6 @@
-"""One loaded variant and the points measured on it: which prompt each point
-gets, why a point cannot run, and the follow-up phase's cached prompt, built
-once per cached length and reused by every follow-up on it.
+"""One loaded peer and the points measured on it: which prompt each point gets, why a
+point cannot run, and the follow-up phase's cached prompt, built once per cached
+length and reused by every follow-up on it.
 
 Any exception in a point becomes that point's status, never the run's end.
 """
@@ -8,19 +8,15 @@ Any exception in a point becomes that point's status, never the run's end.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from fmsring.harness import peers
-from fmsring.harness.peers import Variant
-from fmsring.harness.ranks import DistEnv, Measured, agree, classify, free_memory
-from fmsring.harness.schema import CACHED, Point
-from fmsring.harness.timing import time_decode, time_followup, time_prefill
-
-if TYPE_CHECKING:
-    from fmsring.harness.bench import BenchConfig
+from fmsring.harness.peers import Peer
+from fmsring.harness.ranks import Measured, agree, classify, free_memory
+from fmsring.harness.schema import Phase, Point, Strategy
+from fmsring.harness.timing import greedy_decode, one_call, repeat
 
 
 def make_input_ids(seed: int, batch: int, seq_len: int, vocab: int, device: torch.device) -> torch.Tensor:
@@ -56,35 +52,20 @@ def vocab_size(model: nn.Module) -> int:
 
 
 class Session:
-    """The points of one variant, measured on one model load (on the ranks that run it)."""
+    """The points of one peer, measured on one model load (on the ranks that run it)."""
 
-    def __init__(
-        self,
-        variant: Variant,
-        cfg: BenchConfig,
-        env: DistEnv,
-        recompute: dict[int, tuple[int, int]],
-        warmup: int,
-        repeats: int,
-        all_ranks: bool,
-    ):
-        self.variant, self.cfg, self.env = variant, cfg, env
-        self.recompute = recompute
-        self.warmup, self.repeats, self.all_ranks = warmup, repeats, all_ranks
-        self.model: nn.Module | None = None
-        self.mesh: Any = None
+    def __init__(self, peer: Peer, recompute: dict[int, tuple[int, int]], warmup: int, repeats: int):
+        self.peer, self.cfg, self.env = peer, peer.cfg, peer.env
+        self.recompute, self.warmup, self.repeats = recompute, warmup, repeats
         self.load_error: Measured | None = None
         self.cache: Any = None
         self.cache_len: int | None = None
         self.cache_error: Measured | None = None
 
-    # -- loading
-
-    def load(self, mesh: Any) -> None:
+    def load(self) -> None:
         """Load the model; a failure becomes every point's status."""
-        self.mesh = mesh
         try:
-            self.model = peers.load_model(self.variant, self.cfg, self.env)
+            self.peer.load()
         except Exception as exc:  # noqa: BLE001
             free_memory()
             self.load_error = classify(exc, "loading: ")
@@ -95,34 +76,22 @@ class Session:
         self.load_error = None if merged.status == "ok" else merged
 
     def close(self) -> None:
-        self.cache = self.model = None
+        self.cache = self.peer.model = None
         free_memory()
-
-    # -- points
 
     def skip_reason(self, pt: Point) -> str:
         """Why a point cannot run at all (decided identically on every rank), or ''."""
-        strategy, device = self.variant.strategy, self.env.device.type
-        if pt.phase in ("decode", "followup") and strategy not in CACHED:
-            return f"{strategy} has no KV cache"
-        if strategy != "torch_cp":
-            return ""
-        if device != "cuda":
-            return "torch_cp needs CUDA SDPA (flash/efficient/cudnn)"
-        return ""
+        if pt.phase != Phase.PREFILL and not self.peer.cached:
+            return f"{self.peer.strategy} has no KV cache"
+        return self.peer.unavailable()
 
     def _prompt(self, pt: Point, vocab: int) -> torch.Tensor:
         """A prefill's prompt; a ring recompute of P+T is the P-token prompt and its T follow-up tokens."""
         cfg, device = self.cfg, self.env.device
-        if pt.phase == "prefill" and self.variant.strategy == "ring" and pt.seq_len in self.recompute:
+        if pt.phase == Phase.PREFILL and self.peer.strategy == Strategy.RING and pt.seq_len in self.recompute:
             cached, new = self.recompute[pt.seq_len]
-            return torch.cat(
-                [
-                    make_input_ids(cfg.seed, cfg.batch, cached, vocab, device),
-                    followup_ids(cfg.seed, cfg.batch, cached, new, vocab, device),
-                ],
-                dim=1,
-            )
+            return torch.cat([make_input_ids(cfg.seed, cfg.batch, cached, vocab, device),
+                              followup_ids(cfg.seed, cfg.batch, cached, new, vocab, device)], dim=1)  # fmt: skip
         return make_input_ids(cfg.seed, cfg.batch, pt.seq_len, vocab, device)
 
     def _cached(self, cached_len: int, vocab: int) -> Measured | None:
@@ -134,11 +103,11 @@ class Session:
         self.cache_len, self.cache_error = cached_len, None
         try:
             ids = make_input_ids(self.cfg.seed, self.cfg.batch, cached_len, vocab, self.env.device)
-            self.cache = peers.cached_prefill(self.model, ids)
+            self.cache = self.peer.cached_prefill(ids)
             status = Measured()
         except Exception as exc:  # noqa: BLE001
             status = classify(exc, f"prefill of the {cached_len}-token cache: ")
-        if self.all_ranks:
+        if self.peer.everywhere:
             status = agree(status, self.env)
         if status.status != "ok":
             self.cache, self.cache_error = None, dataclasses.replace(status, output=None)
@@ -152,11 +121,10 @@ class Session:
             return Measured(status="skipped", error=skip)
         if self.load_error is not None:
             return dataclasses.replace(self.load_error)
-        assert self.model is not None
-        env, strategy = self.env, self.variant.strategy
-        vocab = vocab_size(self.model)
-        with peers.forward_context(self.variant, env.device):
-            if pt.phase == "followup":  # the cached prompt is built before the peak is reset: it is not timed
+        peer, env, cfg = self.peer, self.env, self.cfg
+        vocab = vocab_size(peer.model)
+        with peer.context():
+            if pt.phase == Phase.FOLLOWUP:  # the cached prompt is built before the peak is reset: it is not timed
                 failed = self._cached(pt.cached_len, vocab)
                 if failed is not None:
                     return dataclasses.replace(failed)
@@ -166,26 +134,21 @@ class Session:
             if env.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(env.device)
             try:
-                if pt.phase == "followup":
-                    ids = followup_ids(self.cfg.seed, self.cfg.batch, pt.cached_len, pt.seq_len, vocab, env.device)
-                    fn = peers.followup_fn(strategy, self.model)
-                    result = time_followup(
-                        fn, ids, self.cache, pt.cached_len, self.warmup, self.repeats, env, self.all_ranks
-                    )
-                elif pt.phase == "prefill":
-                    fn = peers.prefill_fn(strategy, self.model, self.mesh)
-                    result = time_prefill(fn, self._prompt(pt, vocab), self.warmup, self.repeats, env, self.all_ranks)
-                    padded = peers.torch_cp_length(pt.seq_len, env.world) if strategy == "torch_cp" else pt.seq_len
-                    if padded != pt.seq_len:  # an ok row that says what it timed
-                        result.error = f"timed at {padded} tokens, padded on the right (peers.torch_cp_length)"
+                if pt.phase == Phase.FOLLOWUP:
+                    ids = followup_ids(cfg.seed, cfg.batch, pt.cached_len, pt.seq_len, vocab, env.device)
+                    run = one_call(lambda: peer.followup(ids, self.cache, pt.cached_len))
+                elif pt.phase == Phase.PREFILL:
+                    ids = self._prompt(pt, vocab)
+                    run = one_call(lambda: peer.prefill(ids))
                 else:
                     ids, padding = self._prompt(pt, vocab), {}
-                    if self.cfg.padding:
-                        ids, padding = left_pad(ids, self.cfg.padding)
-                    steps = self.cfg.decode_tokens
-                    result = time_decode(
-                        self.model, ids, steps, self.warmup, self.repeats, env, self.all_ranks, padding
-                    )
+                    if cfg.padding:
+                        ids, padding = left_pad(ids, cfg.padding)
+                    run = greedy_decode(peer.model, ids, cfg.decode_tokens, padding)
+                result = repeat(run, self.warmup, self.repeats, env, peer.everywhere)
+                timed = peer.timed_length(pt.seq_len) if pt.phase == Phase.PREFILL else pt.seq_len
+                if timed != pt.seq_len:  # an ok row that says what it timed
+                    result.error = f"timed at {timed} tokens, padded on the right (torch_cp.torch_cp_length)"
             except Exception as exc:  # noqa: BLE001 - one point's failure must not end the run
                 result = classify(exc)
         free_memory()

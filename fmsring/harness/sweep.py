@@ -5,7 +5,8 @@ A sweep writes one run folder, ``<out_dir>/<name>/``::
     results.csv             one row per point (see fmsring.harness.schema.Point)
     results.ceilings.json   the device's measured rates, which the rows' floor_ms divide by
     params.json             the config, the environment, and what each group did
-    logs/                   stdout/stderr of every launch (nothing goes to the notebook)
+    logs/                   stdout/stderr of every launch (nothing goes to the notebook), and
+                            torchrun's error file of each failed one (<launch>.error.json)
 
 The whole grid is checked before anything is launched (unknown names, a GPU
 that is not there, tensor-parallel sizes the model's heads do not divide, ...),
@@ -23,13 +24,12 @@ From Python::
     run_dir = run_sweep(SweepConfig(world_sizes=[1, 2], strategies=["single", "ring"], seq_lens=[128, 256]))
 
 From a shell: ``python -m fmsring.sweep --params params.yaml`` or flags
-(``python -m fmsring.sweep --help``); flags override the file.
+(``python -m fmsring.sweep --help``, one per setting); flags override the file.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -39,21 +39,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from fmsring.harness import launch
-from fmsring.harness.grid import SweepConfig, bench_args, launch_command, validate
-from fmsring.harness.schema import (
-    DONE_STATUSES,
-    STATUSES,
-    Point,
-    append_rows,
-    check_header,
-    environment,
-    point,
-    read_rows,
-    ring_tp_of,
-    row_key,
-    row_provenance,
-)
+from fmsring.harness.grid import NOTEBOOK_DEFAULTS, SweepConfig, from_make, notebook_config, validate
+from fmsring.harness.plan import point, ring_tp_of
+from fmsring.harness.provenance import environment, row_provenance
+from fmsring.harness.schema import DONE_STATUSES, STATUSES, Point, Strategy, append_rows, check_header, read_rows, row_key
+from fmsring.harness.settings import add_flags
 
 __all__ = ["SweepConfig", "grid_status", "main", "repo_root", "run_sweep"]
 
@@ -111,14 +104,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> Path:
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = environment()
-    session = {
-        "started": _now(),
-        "finished": None,
-        "interrupted": False,
-        "config": cfg.to_dict(),
-        "environment": env,
-        "groups": [],
-    }
+    session = {"started": _now(), "finished": None, "interrupted": False, "config": cfg.to_dict(),
+               "environment": env, "groups": []}  # fmt: skip
     params = old or {"name": run_dir.name, "created": session["started"], "environment": env, "sessions": []}
     params["config"] = cfg.to_dict()
     params["sessions"].append(session)
@@ -168,38 +155,35 @@ def _run_group(cfg: SweepConfig, world: int, strategy: str, results: Path, logs:
         record["status"] = "done before"
         return record
     name = f"{tag}-w{world}-{strategy}"
-    cmd = launch_command(cfg, world, bench_args(cfg, strategy, results), tag=name)
+    cmd = cfg.launch_command(world, cfg.bench_args(strategy, results), tag=name)
     out_log, err_log = logs / f"{name}.stdout.log", logs / f"{name}.stderr.log"
+    error_file = logs / f"{name}.error.json"  # torchrun copies the first failed rank's error file here
     offset = results.stat().st_size
 
     def poll() -> None:
         bar.set_postfix_str(f"{strategy} x{world}: {len(read_rows(results, offset))}/{len(todo)} points")
 
     grace = 30.0 if cfg.launcher == "srun" else 5.0  # srun needs time to pass SIGTERM on to its remote tasks
-    outcome = launch.run_launch(cmd, launch.child_env(cfg.env), out_log, err_log, cfg.timeout_s, grace, poll)
+    env = launch.child_env({**cfg.env, "TORCHELASTIC_ERROR_FILE": str(error_file)})
+    outcome = launch.run_launch(cmd, env, out_log, err_log, cfg.timeout_s, grace, poll)
     new = read_rows(results, offset)
     got = {row_key(r) for r in new}
     unfinished = [p for p in todo if p not in got]
     statuses = Counter(r["status"] for r in new)
     if unfinished:
-        status, error = launch.failure_reason(err_log, outcome.returncode, outcome.timed_out, cfg.timeout_s)
+        status, error = launch.failure_reason(error_file, outcome.returncode, outcome.timed_out, cfg.timeout_s)
         append_rows(results, [_failure_row(cfg, p, status, error) for p in unfinished])
         statuses[status] += len(unfinished)
     record.update(
-        command=shlex.join(cmd),
-        returncode=outcome.returncode,
-        timed_out=outcome.timed_out,
-        seconds=outcome.seconds,
-        statuses=dict(statuses),
-        status="ok" if set(statuses) <= {"ok", "skipped"} else "failed",
-        stdout=str(out_log.relative_to(results.parent)),
-        stderr=str(err_log.relative_to(results.parent)),
+        command=shlex.join(cmd), returncode=outcome.returncode, timed_out=outcome.timed_out, seconds=outcome.seconds,
+        statuses=dict(statuses), status="ok" if set(statuses) <= {"ok", "skipped"} else "failed",
+        stdout=str(out_log.relative_to(results.parent)), stderr=str(err_log.relative_to(results.parent)),
     )
     return record
 
 
 def _failure_row(cfg: SweepConfig, p: Point, status: str, error: str) -> dict[str, Any]:
-    ring_tp = ring_tp_of(cfg.ring_variants.get(p.variant, {})) if p.strategy == "ring" else 1
+    ring_tp = ring_tp_of(cfg.ring_variants.get(p.variant, {})) if p.strategy == Strategy.RING else 1
     row = point(p.strategy, p.world_size, p.seq_len, p.phase, batch=cfg.batch, dtype=cfg.dtype, layout=cfg.layout,
                 variant=p.variant, cached_len=p.cached_len, ring_tp=ring_tp, padding=cfg.padding)  # fmt: skip
     return {**row, "status": status, "error": error, **row_provenance(cfg, cfg.repeats), "timestamp": _now()}
@@ -209,7 +193,7 @@ def _failure_row(cfg: SweepConfig, p: Point, status: str, error: str) -> dict[st
 # CLI
 
 
-def _parser() -> argparse.ArgumentParser:
+def config_from_args(argv: list[str] | None = None) -> tuple[SweepConfig, argparse.Namespace]:
     p = argparse.ArgumentParser(
         prog="python -m fmsring.sweep",
         description="Run (or resume) a benchmark sweep of fmsring.bench; flags override --params.",
@@ -218,43 +202,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--print-run-dir", action="store_true", help="print the run folder this config resolves to and exit")
     p.add_argument("--print-name", action="store_true", help="print the run name this config resolves to and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for f in dataclasses.fields(SweepConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "env":
-            p.add_argument(flag, action="append", metavar="KEY=VALUE", help="extra environment for the launches")
-        elif f.name == "extra_args":
-            p.add_argument(flag, help="extra flags for fmsring.bench, as one quoted string")
-        elif f.name in ("model_kwargs", "ring_variants"):
-            p.add_argument(flag, help=f"JSON, default: {json.dumps(_default_of(f))}")
-        else:
-            p.add_argument(flag, help=f"default: {_default_of(f)}")
-    return p
-
-
-def _default_of(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return f.default_factory()  # type: ignore[misc]
-
-
-def config_from_args(argv: list[str] | None = None) -> tuple[SweepConfig, argparse.Namespace]:
-    args = _parser().parse_args(argv)
-    overrides: dict[str, Any] = {}
-    for f in dataclasses.fields(SweepConfig):
-        v = getattr(args, f.name)
-        if v is None:
-            continue
-        if f.name == "env":
-            v = dict(kv.split("=", 1) for kv in v)
-        overrides[f.name] = v
+    p.add_argument("--notebook-settings", nargs="*", metavar="VAR=value",
+                   help="make sweep's variables: write the run notebook's parameters into the run folder, print it")  # fmt: skip
+    add_flags(p, SweepConfig, defaults=False)
+    args = p.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k in SweepConfig.names() and v is not None}
     cfg = SweepConfig.from_yaml(args.params, **overrides) if args.params else SweepConfig.from_dict(overrides)
     return cfg, args
+
+
+def notebook_settings(words: list[str]) -> Path:
+    """For ``make sweep VAR=value ...``: the run notebook's parameters (the settings given, over
+    PARAMS's) written to ``<run folder>/notebook.yaml`` for papermill's ``-f``; the run folder."""
+    params = next((w.partition("=")[2] for w in words if w.startswith("PARAMS=")), None)
+    given = from_make([w for w in words if not w.startswith("PARAMS=")], params)
+    cfg = notebook_config({**yaml.safe_load(NOTEBOOK_DEFAULTS.read_text()), **given})
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "notebook.yaml").write_text(yaml.safe_dump({**given, "name": cfg.run_name}))
+    return run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 some point succeeded, 1 none did, 2 a bad config or grid, 130 interrupted."""
     try:
         cfg, args = config_from_args(argv)
+        if args.notebook_settings is not None:
+            print(notebook_settings(args.notebook_settings))
+            return 0
         if args.print_name or args.print_run_dir:
             print(cfg.run_name if args.print_name else cfg.run_dir)
             return 0

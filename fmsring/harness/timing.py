@@ -1,8 +1,10 @@
-"""How a call is timed: prefill, greedy decode, and a follow-up prompt on a cache.
+"""How a point's calls are timed: one loop for every phase.
 
-Every timed call is preceded by ``warmup`` untimed ones and the ranks are
-lined up before each, so a repeat's time is its own and not another rank's
-lag. The last call's logits are kept for the exactness check.
+Every timed run is preceded by ``warmup`` untimed ones and the ranks are lined up
+before each, so a repeat's time is its own and not another rank's lag. The last
+run's logits are kept for the exactness check. Not torch.utils.benchmark's Timer: it
+times a statement in a loop of its own, where a run here must line the ranks up first
+and record every decode step's span without stalling the host mid-run.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from fms.modules.attention import get_attention_type
 from torch import nn
 
 from fmsring.harness.ranks import DistEnv, Measured, align, sync
+
+Span = tuple[Any, Any]
+# a run: (timed spans, time-to-first-token spans, last logits, greedy tokens or None)
+Run = Callable[["Clock"], tuple[list[Span], list[Span], torch.Tensor, torch.Tensor | None]]
 
 
 class Clock:
@@ -33,60 +39,39 @@ class Clock:
         event.record()
         return event
 
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    def ms(self, start: Any, end: Any) -> float:
+    def ms(self, span: Span) -> float:
         """Elapsed milliseconds; call after the device has been synchronised."""
+        start, end = span
         return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
 
 
-def _timed(call: Callable[[], torch.Tensor], warmup: int, repeats: int, env: DistEnv, all_ranks: bool) -> Measured:
-    """``warmup`` untimed then ``repeats`` timed calls of ``call`` -> last-token logits [b, V]."""
-    clock, spans, logits = Clock(env.device), [], None
+def repeat(run: Run, warmup: int, repeats: int, env: DistEnv, all_ranks: bool) -> Measured:
+    """``warmup`` untimed then ``repeats`` timed runs; the last run's (logits, tokens) kept."""
+    clock, spans, firsts, out = Clock(env.device), [], [], None
     for i in range(warmup + repeats):
-        logits = None  # the previous call's output is freed before the next one runs
+        out = None  # the previous run's output is freed before the next one runs
         align(env, all_ranks)
+        timed, first, *out = run(clock)
+        if i >= warmup:
+            spans += timed
+            firsts += first
+    sync(env.device)
+    assert out is not None
+    logits, tokens = out
+    tokens = logits.argmax(-1) if tokens is None else tokens
+    return Measured(latencies=[clock.ms(s) for s in spans], ttfts=[clock.ms(s) for s in firsts],
+                    output=(logits.float().cpu(), tokens.cpu()))  # fmt: skip
+
+
+def one_call(call: Callable[[], torch.Tensor]) -> Run:
+    """A run of one call returning last-token logits [b, V] (a prefill, a follow-up)."""
+
+    def run(clock: Clock):
         start = clock.mark()
         logits = call()
-        end = clock.mark()
-        if i >= warmup:
-            spans.append((start, end))
-    sync(env.device)
-    assert logits is not None
-    out = (logits.float().cpu(), logits.argmax(-1).cpu())
-    return Measured(latencies=[clock.ms(a, b) for a, b in spans], output=out)
+        return [(start, clock.mark())], [], logits, None
 
-
-def time_prefill(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    ids: torch.Tensor,
-    warmup: int,
-    repeats: int,
-    env: DistEnv,
-    all_ranks: bool,
-) -> Measured:
-    """A prompt's prefill, last token's logits only."""
-    return _timed(lambda: fn(ids), warmup, repeats, env, all_ranks)
-
-
-def time_followup(
-    fn: Callable[[torch.Tensor, Any, int], torch.Tensor],
-    ids: torch.Tensor,
-    cache: Any,
-    cached_len: int,
-    warmup: int,
-    repeats: int,
-    env: DistEnv,
-    all_ranks: bool,
-) -> Measured:
-    """A follow-up of ``ids`` on the same ``cached_len``-token cache, every repeat.
-
-    ``fn`` must leave ``cache`` a valid cache of those tokens (see
-    :func:`fmsring.harness.peers.followup_fn`), so each repeat measures the same call.
-    """
-    return _timed(lambda: fn(ids, cache, cached_len), warmup, repeats, env, all_ranks)
+    return run
 
 
 def next_step_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -99,62 +84,35 @@ def next_step_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def greedy_decode(
-    model: nn.Module, ids: torch.Tensor, steps: int, clock: Clock, padding: dict[str, Any] | None = None
-) -> tuple[list, list, torch.Tensor, torch.Tensor]:
-    """Prefill with a cache, then ``steps`` greedy one-token steps, FMS's calling convention
-    (which LlamaRing follows); ``padding``: a left-padded batch's ``mask`` and ``position_ids``
-    (:func:`fmsring.harness.session.left_pad`), extended every step inside its timed span, as
-    ``generate`` does. Returns (prefill span, step spans, logits [1+steps, b, V], tokens).
+def greedy_decode(model: nn.Module, ids: torch.Tensor, steps: int, padding: dict[str, Any] | None = None) -> Run:
+    """A run of a prefill with a cache, then ``steps`` greedy one-token steps, FMS's calling
+    convention (which LlamaRing follows); ``padding``: a left-padded batch's ``mask`` and
+    ``position_ids`` (:func:`fmsring.harness.session.left_pad`), extended every step inside
+    its timed span, as ``generate`` does. Logits [1+steps, b, V], tokens [b, 1+steps].
 
     The device is drained after every step, as a generator streaming tokens must,
     so a step's time includes its launch overhead instead of hiding it behind the
     previous step's (or the prefill's) GPU work.
     """
-    kwargs = dict(padding or {})
-    start = clock.mark()
-    logits, cache = model(ids, use_cache=True, last_n_tokens=1, **kwargs)
-    prefill_span = (start, clock.mark())
-    clock.sync()
-    rows = [logits[:, -1]]
-    next_ids = rows[-1].argmax(-1, keepdim=True)
-    tokens, spans = [next_ids], []
-    for _ in range(steps):
+
+    def run(clock: Clock):
+        kwargs = dict(padding or {})
         start = clock.mark()
-        kwargs = next_step_kwargs(kwargs)
-        logits, cache = model(next_ids, past_key_value_states=cache, use_cache=True, last_n_tokens=1, **kwargs)
-        spans.append((start, clock.mark()))
-        clock.sync()
-        rows.append(logits[:, -1])
+        logits, cache = model(ids, use_cache=True, last_n_tokens=1, **kwargs)
+        prefill = (start, clock.mark())
+        sync(clock.device)
+        rows = [logits[:, -1]]
         next_ids = rows[-1].argmax(-1, keepdim=True)
-        tokens.append(next_ids)
-    return [prefill_span], spans, torch.stack(rows), torch.cat(tokens, dim=1)
+        tokens, spans = [next_ids], []
+        for _ in range(steps):
+            start = clock.mark()
+            kwargs = next_step_kwargs(kwargs)
+            logits, cache = model(next_ids, past_key_value_states=cache, use_cache=True, last_n_tokens=1, **kwargs)
+            spans.append((start, clock.mark()))
+            sync(clock.device)
+            rows.append(logits[:, -1])
+            next_ids = rows[-1].argmax(-1, keepdim=True)
+            tokens.append(next_ids)
+        return spans, [prefill], torch.stack(rows), torch.cat(tokens, dim=1)
 
-
-def time_decode(
-    model: nn.Module,
-    ids: torch.Tensor,
-    steps: int,
-    warmup: int,
-    repeats: int,
-    env: DistEnv,
-    all_ranks: bool,
-    padding: dict[str, Any] | None = None,
-) -> Measured:
-    """Per-token step times of every timed run (flattened) plus each run's cached-prefill time."""
-    clock, step_spans, ttfts, out = Clock(env.device), [], [], None
-    for i in range(warmup + repeats):
-        out = None
-        align(env, all_ranks)
-        prefill, spans, logits, tokens = greedy_decode(model, ids, steps, clock, padding)
-        out = (logits, tokens)
-        if i >= warmup:
-            ttfts += prefill
-            step_spans += spans
-    sync(env.device)
-    assert out is not None
-    return Measured(
-        latencies=[clock.ms(a, b) for a, b in step_spans],
-        ttfts=[clock.ms(a, b) for a, b in ttfts],
-        output=(out[0].float().cpu(), out[1].cpu()),
-    )
+    return run

@@ -24,16 +24,8 @@ STALL_EXIT = 3  # the bench's exit code when it stopped a stalled point
 
 
 def predicted_s(
-    shape: FlopShape | None,
-    rates: Rates | None,
-    cp: int,
-    tp: int,
-    phase: str,
-    batch: int,
-    seq_len: int,
-    cached_len: int,
-    decode_tokens: int,
-    calls: int,
+    shape: FlopShape | None, rates: Rates | None, cp: int, tp: int, phase: str, batch: int, seq_len: int,
+    cached_len: int, decode_tokens: int, calls: int,
 ) -> float:
     """Seconds ``calls`` runs of a point take at their floors (NaN without rates): a decode run is a
     prefill and its steps, a follow-up point also builds its cache once."""

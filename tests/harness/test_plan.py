@@ -1,0 +1,32 @@
+"""fmsring.harness.plan: which rows a launch writes, and the ring variants."""
+
+from __future__ import annotations
+
+import pytest
+
+from fmsring.harness import plan, schema
+from fmsring.harness.grid import SweepConfig
+
+
+def test_planned_points_for_followup_and_variants():
+    pts = plan.planned_points("ring", 2, ["", "eager"], [3, 5], ["prefill", "followup"], [24], True)
+    prefill = [(p.variant, p.seq_len) for p in pts if p.phase == "prefill"]
+    # prefill of 3 and 5, then the follow-ups on 24, then the fresh prefills of 24+3 and 24+5
+    assert prefill == [("", 3), ("", 5), ("", 27), ("", 29), ("eager", 3), ("eager", 5), ("eager", 27), ("eager", 29)]
+    assert {(p.seq_len, p.cached_len) for p in pts if p.phase == "followup"} == {(3, 24), (5, 24)}
+    # a P+T the prefill phase measures anyway is not measured twice; peers never recompute
+    again = plan.planned_points("ring", 2, [""], [4, 28], ["prefill", "followup"], [24], True)
+    assert sorted(p.seq_len for p in again if p.phase == "prefill") == [4, 28, 52]
+    assert all(p.phase != "prefill" for p in plan.planned_points("tp", 2, [""], [3], ["followup"], [24], True))
+    cfg = SweepConfig(ring_variants={"": {}, "x": {}}, ring_kwargs={"ring_fuse": False}, as_shipped=True)
+    assert [v.label for v in plan.variants("single", cfg)] == ["", schema.AS_SHIPPED]
+    assert [v.label for v in plan.variants("ring", cfg)] == ['{"ring_fuse": false}', 'x {"ring_fuse": false}']
+
+
+def test_ring_variants_are_checked():
+    assert plan.parse_ring_variants('{"": {}, "eager": {"ring_cuda_graphs": false}}')["eager"] == {
+        "ring_cuda_graphs": False
+    }
+    for bad in ('{"a": {"ring_bogus": 1}}', "[1]", '{"a": 3}', "{}", '{"as-shipped": {}}'):
+        with pytest.raises(ValueError):
+            plan.parse_ring_variants(bad)
