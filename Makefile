@@ -6,6 +6,7 @@
 #   make sweep PARAMS=my_sweep.yaml             any notebooks/run.ipynb parameters, from YAML
 #   make analysis                               one figure set per run folder under runs/ (and runs/local/)
 #   make analysis RUNS="runs/a runs/b"          compare runs, a panel per run
+#   make results                                docs/results.md from the committed runs' CSVs
 #
 # Sweep variables left empty keep notebooks/run.ipynb's defaults (or PARAMS's values).
 # Everything generated here goes under runs/local/ (git-ignored); runs/README.md says how to commit a run.
@@ -79,7 +80,7 @@ NAME_FLAGS = $(if $(PARAMS),--params $(PARAMS)) $(if $(DEVICE),--device $(DEVICE
 	$(if $(MODEL),--variant $(MODEL)) $(if $(MODEL_PATH),--model-path $(MODEL_PATH)) $(if $(DTYPE),--dtype $(DTYPE))
 RUN_NAME = $(or $(NAME),$(shell $(PY) -m fmsring.sweep --print-name $(NAME_FLAGS)))
 
-.PHONY: help venv test test-gpu sweep analysis kernel notebooks clean-venv
+.PHONY: help venv test test-gpu sweep analysis results kernel notebooks clean-venv
 
 help: ## list the targets
 	@echo "targets:"
@@ -131,6 +132,9 @@ analysis: venv ## run notebooks/analysis.ipynb: one figure set per run under run
 		$(PAPERMILL) notebooks/analysis.ipynb "$(ANALYSIS_DIR)/analysis.ipynb" -p out_dir "$(ANALYSIS_DIR)"; \
 		echo "executed notebook: $(ANALYSIS_DIR)/analysis.ipynb, figures: $(ANALYSIS_DIR)/<run>/"; \
 	fi
+
+results: venv ## render docs/results.md from the committed runs' CSVs (runs/*/results*.csv)
+	$(PY) -m fmsring.harness.results
 
 kernel: venv ## register this venv as the Jupyter kernel "fmsring" (for interactive use; user-wide)
 	$(PY) -m ipykernel install --user --name fmsring --display-name "Python (fmsring)"

@@ -237,7 +237,7 @@ def superlinear_points(table: pd.DataFrame) -> list[str]:
     t = table[table["superlinear"]]
     return [
         f"{r.run}: {config_label(r.strategy, r.variant)} x{int(r.world_size)} {r.phase} "
-        f"at {_tokens(r.seq_len)}{f' after {_tokens(r.cached_len)}' if r.cached_len else ''}: "
+        f"at {tokens(r.seq_len)}{f' after {tokens(r.cached_len)}' if r.cached_len else ''}: "
         f"{r.speedup:.2f}x vs {r.reference}"
         for r in t.itertuples()
     ]
@@ -432,7 +432,7 @@ _CARD_GIB = {
 }  # fmt: skip
 
 
-def _tokens(n: float, _pos: Any = None) -> str:
+def tokens(n: float, _pos: Any = None) -> str:
     """8192 -> "8k", 100 -> "100"."""
     if not math.isfinite(n):
         return ""

@@ -32,7 +32,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from fmsring.harness import analysis, seed
-from fmsring.harness.analysis import FAILED, _tokens, config_label, unit
+from fmsring.harness.analysis import FAILED, tokens, config_label, unit
 from fmsring.harness.schema import STRATEGIES, TOLERANCES
 
 _BASE = {"single": "#1f77b4", "ring": "#d62728", "tp": "#2ca02c", "torch_cp": "#ff7f0e"}
@@ -90,7 +90,7 @@ def tokens_x(ax, values: Iterable[float], label: str = "prompt length (tokens)")
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.xaxis.set_major_formatter(FuncFormatter(_tokens))
+    ax.xaxis.set_major_formatter(FuncFormatter(tokens))
     if ticks:
         ax.set_xlim(ticks[0] / 1.25, ticks[-1] * 1.25)
     ax.set_xlabel(label)
@@ -294,10 +294,10 @@ def _scaling_plot(df: pd.DataFrame, out_dir, phase: str, y: str, name: str, ylab
                 line = g[(g["strategy"] == strategy) & (g["variant"] == variant) & (g["seq_len"] == n)]
                 for cached, part in line.groupby("cached_len"):
                     part = part.sort_values("world_size")
-                    after = f" after {_tokens(cached)}" if cached else ""
+                    after = f" after {tokens(cached)}" if cached else ""
                     ax.plot(part["world_size"], part[y], marker=_MARKERS[ci % len(_MARKERS)],
                             linestyle=_DASHES[ci % len(_DASHES)], color=_shade(li, len(lengths)),
-                            label=f"{config_label(strategy, variant)}, {_tokens(n)}{after}")  # fmt: skip
+                            label=f"{config_label(strategy, variant)}, {tokens(n)}{after}")  # fmt: skip
         sup = g[g["superlinear"]]
         extra = []
         if len(sup):
@@ -363,10 +363,10 @@ def plot_max_prompt(df: pd.DataFrame, out_dir=None, phase: str = "prefill") -> F
         ticks = sorted(set(g["max_ok_seq_len"]) | set(g["max_tested_seq_len"]))
         ax.yaxis.set_major_locator(FixedLocator(ticks))
         ax.yaxis.set_minor_locator(NullLocator())
-        ax.yaxis.set_major_formatter(FuncFormatter(_tokens))
+        ax.yaxis.set_major_formatter(FuncFormatter(tokens))
         ax.set_ylim(min(ticks) / 2, max(ticks) * 2)
         for i, r in enumerate(g.itertuples()):
-            note = f"OOM at {_tokens(r.first_oom_seq_len)}" if not math.isnan(r.first_oom_seq_len) else "no OOM"
+            note = f"OOM at {tokens(r.first_oom_seq_len)}" if not math.isnan(r.first_oom_seq_len) else "no OOM"
             ax.annotate(note, (i, r.max_ok_seq_len), ha="center", va="bottom", fontsize="small", xytext=(0, 2),
                         textcoords="offset points")  # fmt: skip
         ax.set_ylabel("longest prompt that ran (tokens)")
@@ -411,7 +411,7 @@ def plot_tradeoff(df: pd.DataFrame, out_dir=None) -> Figure | None:
         ax.set_ylabel("decode (ms/token)")
         floor = Line2D([], [], marker="o", ls=":", color="gray", markerfacecolor="none", label="floor (hollow)")
         _legend(ax, [floor])
-        _title(ax, f"{_tokens(seq_len)} tokens on {_count(world, unit(df[df['run'] == run]))}: prefill vs decode", run)
+        _title(ax, f"{tokens(seq_len)} tokens on {_count(world, unit(df[df['run'] == run]))}: prefill vs decode", run)
     save_figure(fig, figures_dir(df, out_dir), "tradeoff")
     return fig
 
@@ -473,7 +473,7 @@ def plot_followup(df: pd.DataFrame, out_dir=None) -> Figure | None:
         readable_log_y(ax, values)
         extra = _mark_failures(ax, all_rows, "latency_ms", colors)
         ax.set_ylabel("follow-up latency (ms)")
-        _title(ax, f"follow-up on a cache of P = {_tokens(cached)} tokens", run)
+        _title(ax, f"follow-up on a cache of P = {tokens(cached)} tokens", run)
         _legend(ax, extra)
     save_figure(fig, figures_dir(df, out_dir), "followup")
     return fig
