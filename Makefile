@@ -116,22 +116,16 @@ sweep: venv ## run notebooks/run.ipynb (a sweep), then notebooks/analysis.ipynb 
 	echo "sweep -> $$run (executed notebooks, results.csv, params.json, logs/, figures/)"; \
 	if ! $(PAPERMILL) notebooks/run.ipynb "$$run/run.ipynb" $(SWEEP_PARAMS) -p name "$$name" -p out_dir "$(OUT_DIR)"; then \
 		echo "sweep failed: see $$run/run.ipynb and $$run/logs/" >&2; exit 1; fi; \
-	$(PAPERMILL) notebooks/analysis.ipynb "$$run/analysis.ipynb" -y "run_dirs: ['$$run']"; \
+	$(PAPERMILL) notebooks/analysis.ipynb "$$run/analysis.ipynb" -y "run_dirs: ['$$run']" -p out_dir "$(OUT_DIR)"; \
 	$(PY) -c "import json, sys; print('points:', json.load(open(sys.argv[1]))['sessions'][-1]['statuses'])" "$$run/params.json"; \
 	echo "results: $$run/results.csv"; \
 	echo "plots:   $$run/figures/"; ls "$$run/figures" | sed 's/^/  /'
 
-analysis: venv ## run notebooks/analysis.ipynb: one figure set per run under runs/, or RUNS="a b" compared
-	@set -e; mkdir -p "$(ANALYSIS_DIR)"; \
-	if [ -n "$(RUNS)" ]; then \
-		dirs="$$(printf "'%s', " $(RUNS))"; \
-		$(PAPERMILL) notebooks/analysis.ipynb "$(ANALYSIS_DIR)/compare.ipynb" -y "run_dirs: [$${dirs%, }]" \
-			-p compare True -p out_dir "$(ANALYSIS_DIR)/compare"; \
-		echo "executed notebook: $(ANALYSIS_DIR)/compare.ipynb, figures: $(ANALYSIS_DIR)/compare/"; \
-	else \
-		$(PAPERMILL) notebooks/analysis.ipynb "$(ANALYSIS_DIR)/analysis.ipynb" -p out_dir "$(ANALYSIS_DIR)"; \
-		echo "executed notebook: $(ANALYSIS_DIR)/analysis.ipynb, figures: $(ANALYSIS_DIR)/<run>/"; \
-	fi
+analysis: venv ## run notebooks/analysis.ipynb: figures per run in ANALYSIS_DIR/<run>/figures/, or RUNS="a b" compared
+	@set -e; mkdir -p "$(ANALYSIS_DIR)"; dirs="$$(printf "'%s', " $(RUNS))"; \
+	$(PAPERMILL) notebooks/analysis.ipynb "$(ANALYSIS_DIR)/$(if $(RUNS),compare,analysis).ipynb" -p out_dir "$(ANALYSIS_DIR)" \
+		$(if $(RUNS),-y "run_dirs: [$${dirs%, }]" -p compare True); \
+	echo "executed notebook and figures: $(ANALYSIS_DIR)/"
 
 results: venv ## render docs/results.md from the committed runs' CSVs (runs/*/results*.csv)
 	$(PY) -m fmsring.harness.results

@@ -26,7 +26,7 @@ NUMERIC = (
     "world_size", "cp_size", "tp_size", "seq_len", "cached_len", "batch", "padding", "latency_ms",
     "latency_ms_min",
     "latency_ms_max", "ttft_ms", "floor_ms", "peak_mem_gib", "tflops_per_gpu", "max_abs_err", "rel_err", "ref_norm",
-    "repeats", "gpu_count", "link_gbps",
+    "repeats", "gpu_count", "link_gbps", "gpu_memory_gib",
 )  # fmt: skip
 KEY = ("run", "strategy", "variant", "world_size", "seq_len", "cached_len", "batch", "padding", "phase", "interconnect")
 FAILED = ("oom", "timeout", "error")  # no timings: shown as markers with their status
@@ -278,12 +278,6 @@ def max_prompt_table(df: pd.DataFrame, phase: str = "prefill") -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def decode_per_token(df: pd.DataFrame) -> pd.DataFrame:
-    """ok decode rows with ``ms_per_token``: the bench's decode ``latency_ms`` is already the
-    median time of one greedy step (``ttft_ms`` is the cached prefill before them)."""
-    return _ok(df, "decode", "latency_ms").assign(ms_per_token=lambda d: d["latency_ms"])
-
-
 def followup_table(df: pd.DataFrame) -> pd.DataFrame:
     """ok follow-up rows with the fresh ring prefill of the same P+T tokens beside them.
 
@@ -406,30 +400,6 @@ def decode_profile_table(run_dir: str | os.PathLike, config: str = "whole_layer"
             rows.append({"rank": int(f.stem.removeprefix("decode_profile_rank")), "gpu": r["gpu"], "part": part,
                          "ms": ms, "at_bandwidth_ms": at_bw, "over_ms": ms - at_bw})  # fmt: skip
     return pd.DataFrame(rows, columns=cols)
-
-
-def gpu_capacity_gib(gpu_name: str | None) -> float | None:
-    """Memory of one card, from its name ("NVIDIA H100 80GB HBM3" -> 79.2); None for CPUs or unknown cards."""
-    import re
-
-    if not isinstance(gpu_name, str) or gpu_name.strip().lower() in ("", "cpu", "nan", "none"):
-        return None
-    name = gpu_name.upper()
-    m = re.search(r"(\d+)\s*GB", name)
-    if m:
-        return int(m.group(1)) * 0.99  # "80GB" cards show ~79.2 GiB to torch
-    for card, gib in sorted(_CARD_GIB.items(), key=lambda kv: -len(kv[0])):
-        if card in name:
-            return gib
-    return None
-
-
-# Usable memory (GiB, as torch reports it) of cards whose name gives no size.
-_CARD_GIB = {
-    "H200": 139.8, "H100": 79.1, "H800": 79.1, "GH200": 94.5, "B200": 178.4, "A100": 79.1, "A800": 79.1,
-    "L40S": 44.4, "L40": 44.4, "L4": 22.0, "A10G": 22.0, "A10": 22.0, "A40": 44.4, "A6000": 47.5,
-    "V100": 31.7, "T4": 14.6, "4090": 23.6, "3090": 23.6, "MI300X": 191.5, "MI250X": 63.98,
-}  # fmt: skip
 
 
 def tokens(n: float, _pos: Any = None) -> str:
