@@ -82,7 +82,7 @@ def load_runs(paths: str | os.PathLike | Iterable[str | os.PathLike] = "runs", d
         df = df.assign(run=csv.parent.name, run_dir=str(csv.parent))
         frames.append(_legacy_variants(df) if "variant" not in df.columns else df)
     if not any(len(f) for f in frames):
-        return pd.DataFrame(columns=["run", "run_dir", *KEY[1:], "status"])
+        return pd.DataFrame(columns=list(dict.fromkeys(["run", "run_dir", *KEY, "status", *NUMERIC])))
     df = pd.concat(frames, ignore_index=True)
     for col, fill in (("cached_len", "0"), ("padding", "0"), ("variant", ""), ("dtype", ""), ("interconnect", "")):
         df[col] = df[col].fillna(fill).replace("", fill) if col in df.columns else fill

@@ -51,27 +51,20 @@ def tokens_x(ax, values, label: str = "prompt length (tokens)") -> None:
     ax.set_xlabel(label)
 
 
-def _count(w: float, words: str) -> str:
-    """2, "GPUs" -> "2 GPUs"; 1 -> "1 GPU"."""
-    return f"{int(w)} {words if int(w) != 1 else words[:-1]}"
-
-
-def _order(d: pd.DataFrame, hue: str) -> list[str]:
-    """``hue``'s values by strategy (as STRATEGIES), the default variant first."""
-    rank = {s: i for i, s in enumerate(STRATEGIES)}
-    keys = d.drop_duplicates(hue).apply(lambda r: (rank.get(r.strategy, 99), r.variant != "", r[hue]), axis=1)
-    return [k[2] for k in sorted(keys)]
+def _worlds(d: pd.DataFrame, df: pd.DataFrame) -> list[str]:
+    """Each row's world size as its run (in ``df``) counts it: "2 GPUs", "1 GPU", "4 ranks" (CPU processes)."""
+    words = {r: unit(g) for r, g in df.groupby("run")}
+    return [f"{int(w)} {words[r] if int(w) != 1 else words[r][:-1]}" for w, r in zip(d.world_size, d.run, strict=True)]
 
 
 def _palette(d: pd.DataFrame, hue: str) -> dict[str, tuple]:
-    """Each strategy its fixed colour, its further hue values (variants, world sizes) lighter."""
-    out: dict[str, tuple] = {}
-    for h in _order(d, hue):
-        strategy = d.loc[d[hue] == h, "strategy"].iloc[0]
-        base = np.array(to_rgb(_BASE.get(strategy, "#7f7f7f")))
-        i = sum(d.loc[d[hue] == k, "strategy"].iloc[0] == strategy for k in out)
-        out[h] = tuple(base + (1 - base) * min(0.45 * i, 0.7))
-    return out
+    """``hue``'s values in legend order (strategies as STRATEGIES, the default variant first), each
+    strategy in its fixed colour and its further values (variants, world sizes) lighter."""
+    first = d.drop_duplicates(hue).assign(_s=lambda t: t.strategy.map({s: i for i, s in enumerate(STRATEGIES)}),
+                                          _v=lambda t: t.variant != "").sort_values(["_s", "_v", hue])  # fmt: skip
+    shade = first.groupby("strategy").cumcount()
+    base = [np.array(to_rgb(_BASE.get(s, "#7f7f7f"))) for s in first["strategy"]]
+    return {h: tuple(c + (1 - c) * min(0.45 * i, 0.7)) for h, c, i in zip(first[hue], base, shade, strict=True)}
 
 
 def _config(d: pd.DataFrame) -> pd.Series:
@@ -86,8 +79,8 @@ def _facets(d: pd.DataFrame, kind: str, x: str, y: str, hue: str, style: str, or
     """seaborn's relplot of ``d``, one facet per value of ``panel`` (its title), its legend beside the facets."""
     sns.set_theme(style="whitegrid", context="notebook", rc={"axes.autolimit_mode": "round_numbers"})
     panels = list(dict.fromkeys(d["panel"]))
-    hue_order = order or _order(d, hue)
     palette = kw.pop("palette", None) or _palette(d, hue)
+    hue_order = order or list(palette)
     g = sns.relplot(data=d, kind=kind, x=x, y=y, hue=hue, hue_order=hue_order, style=style, palette=palette,
                     col="panel", col_order=panels, col_wrap=min(len(panels), 3), height=4.4, aspect=1.3,
                     facet_kws={"sharex": False, "sharey": False}, **kw)  # fmt: skip
@@ -132,8 +125,7 @@ def plot_by_length(df: pd.DataFrame, y: str, ylabel: str, what: str, phase: str 
     shown = d[d["status"].isin(statuses)].dropna(subset=[y]) if y in d else d.iloc[0:0]
     if shown.empty:
         return None
-    d = d[d["run"].isin(shown["run"])].assign(config=_config, world=lambda t: [
-        _count(w, unit(df[df["run"] == r])) for w, r in zip(t["world_size"], t["run"], strict=True)])  # fmt: skip
+    d = d[d["run"].isin(shown["run"])].assign(config=_config, world=lambda t: _worlds(t, df))
     d["panel"] = [f"{what}\n{r}" for r in d["run"]]
     if followup:
         d["panel"] = [f"follow-up on a cache of P = {tokens(p)} tokens\n{r}" for r, p in zip(d.run, d.cached_len)]
@@ -244,8 +236,8 @@ def plot_max_prompt(df: pd.DataFrame, phase: str = "prefill") -> Figure | None:
         return None
     t = t.assign(label=[f"{config_label(s, v)} x{w}" for s, v, w in zip(t.strategy, t.variant, t.world_size)],
                  panel=[f"{phase}: longest prompt before OOM\n{r}" for r in t["run"]])  # fmt: skip
-    t = t.set_index("label").loc[_order(t, "label")].reset_index()
     palette = _palette(t, "label")
+    t = t.set_index("label").loc[list(palette)].reset_index()
 
     def bars(data: pd.DataFrame, **_kw) -> None:
         ax = plt.gca()
@@ -273,8 +265,8 @@ def plot_tradeoff(df: pd.DataFrame) -> Figure | None:
     t = t[t.groupby(["run", "world_size", "seq_len"])["config"].transform("size") >= 2] if len(t) else t
     if t.empty:
         return None
-    t = t.assign(panel=[f"{tokens(n)} tokens on {_count(w, unit(df[df.run == r]))}: prefill vs decode\n{r}"
-                        for r, w, n in zip(t["run"], t["world_size"], t["seq_len"], strict=True)],
+    t = t.assign(panel=[f"{tokens(n)} tokens on {w}: prefill vs decode\n{r}" for r, w, n in zip(
+                     t["run"], _worlds(t, df), t["seq_len"])],
                  tp=t["tp_size"].astype(int).map("TP {}".format))  # fmt: skip
     g = _facets(t, "scatter", "prefill_ms", "decode_ms", "config", "tp", s=55, zorder=3)
     for panel, ax in g.axes_dict.items():
@@ -318,7 +310,7 @@ def plot_accuracy(df: pd.DataFrame) -> Figure | None:
         return None
     t = t.assign(seq_len=t["seq_len"] + t["cached_len"], panel=[f"exactness against the one-GPU model\n{r}"
                  for r in t["run"]], batch=1, padding=0)  # fmt: skip
-    t["config"] = _config(t) + ", " + [_count(w, unit(df[df.run == r])) for w, r in zip(t.world_size, t.run)]
+    t["config"] = _config(t) + ", " + _worlds(t, df)
     tols = {TOLERANCES[d].rel_err: d for d in t["dtype"].unique() if d in TOLERANCES}
     t["rel_err"] = t["rel_err"].clip(lower=min([*t.loc[t["rel_err"] > 0, "rel_err"], *tols, 1e-8]) / 10)
     g = _facets(t, "scatter", "seq_len", "rel_err", "config", "phase", s=50)
@@ -333,18 +325,10 @@ def plot_accuracy(df: pd.DataFrame) -> Figure | None:
     return g.figure
 
 
-PLOTS = {
-    "latency_prefill": plot_latency,
-    "speedup_prefill": plot_speedup,
-    "efficiency_prefill": plot_efficiency,
-    "memory_prefill": plot_memory,
-    "max_prompt_prefill": plot_max_prompt,
-    "decode_per_token": plot_decode,
-    "followup": plot_followup,
-    "tradeoff": plot_tradeoff,
-    "seed_comparison": plot_seed_comparison,
-    "accuracy": plot_accuracy,
-}
+PLOTS = {"latency_prefill": plot_latency, "speedup_prefill": plot_speedup, "efficiency_prefill": plot_efficiency,
+         "memory_prefill": plot_memory, "max_prompt_prefill": plot_max_prompt, "decode_per_token": plot_decode,
+         "followup": plot_followup, "tradeoff": plot_tradeoff, "seed_comparison": plot_seed_comparison,
+         "accuracy": plot_accuracy}  # fmt: skip
 
 
 def plot_all(df: pd.DataFrame, out_dir: str | os.PathLike | None = None) -> dict[str, Figure]:
