@@ -118,9 +118,8 @@ def status_table(df: pd.DataFrame) -> pd.DataFrame:
     """Points per status, per (run, strategy, variant, world size)."""
     if df.empty:
         return pd.DataFrame()
-    t = df.pivot_table(
-        index=["run", "strategy", "variant", "world_size"], columns="status", values="seq_len", aggfunc="count"
-    )
+    t = df.pivot_table(index=["run", "strategy", "variant", "world_size"], columns="status", values="seq_len",
+                       aggfunc="count")  # fmt: skip
     return t.reindex(columns=[s for s in STATUSES if s in t.columns]).fillna(0).astype(int)
 
 
@@ -228,16 +227,19 @@ def followup_table(df: pd.DataFrame) -> pd.DataFrame:
     ``cache_gain`` = recompute_ms / latency_ms: above 1 the cache is worth keeping.
     """
     d = _ok(df, "followup", "latency_ms")
-    if d.empty:
-        return d
-    at = ["run", "variant", "world_size", "seq_len"]
-    pre = _ok(df, "prefill", "latency_ms").query("strategy == 'ring'").drop_duplicates(at).set_index(at)["latency_ms"]
-    fresh = pre.reindex(pd.MultiIndex.from_arrays([d.run, d.variant, d.world_size, d.seq_len + d.cached_len]))
-    d = d.assign(recompute_ms=fresh.to_numpy()).assign(recompute_ms=lambda t: t.recompute_ms.where(t.strategy == "ring"))
-    d["cache_gain"] = d["recompute_ms"] / d["latency_ms"]
+    d = d.assign(recompute_ms=fresh_prefill_ms(df, d), cache_gain=lambda t: t.recompute_ms / t.latency_ms)
     cols = ["run", "strategy", "variant", "world_size", "cached_len", "seq_len", "latency_ms", "floor_ms",
             "recompute_ms", "cache_gain", "status"]  # fmt: skip
     return d[cols].sort_values(cols[:6]).reset_index(drop=True)
+
+
+def fresh_prefill_ms(df: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
+    """Per ring follow-up row of ``rows``, the ring's fresh prefill of the same P+T tokens in ``df`` (same
+    run, variant and world size); NaN for the other peers and where none was measured."""
+    at = ["run", "variant", "world_size", "seq_len"]
+    pre = _ok(df, "prefill", "latency_ms").query("strategy == 'ring'").drop_duplicates(at).set_index(at)["latency_ms"]
+    fresh = pre.reindex(pd.MultiIndex.from_arrays([rows.run, rows.variant, rows.world_size, rows.seq_len + rows.cached_len]))
+    return np.where(rows["strategy"] == "ring", fresh.to_numpy(), np.nan)
 
 
 def mesh_label(strategy: str, variant: str, cp: float, tp: float) -> str:
@@ -293,16 +295,12 @@ PROFILE_KERNELS = ("matmul", "attention", "elementwise and other")
 
 
 def decode_profile_table(run_dir: str | os.PathLike, config: str = "whole_layer") -> pd.DataFrame:
-    """Where a profiled decode step's time goes (``scripts/profile_decode.py``'s
-    ``decode_profile_rank*.json`` in ``run_dir``), per rank, against the bytes each part must read.
-
-    One row per rank and part: its time (``ms``), what its bytes take at the copy bandwidth
-    measured in the same process (``at_bandwidth_ms``: the weights held for the matmuls, the cache
-    shard for attention, nothing for the rest) and the excess (``over_ms``). Kernel times come
-    from one eager step; ``communication and gaps`` is the rest of the captured step (``step``,
-    against its floor). In that eager step a rank waits inside its collectives for slower peers,
-    so a collective's own time is the least any rank spent in it; where even that exceeds the
-    rest (every rank waited), ``communication`` and ``gaps`` cannot be told apart and are NaN."""
+    """Where a profiled decode step's time goes (``scripts/profile_decode.py``'s ``decode_profile_rank*.json``),
+    per rank and part: its time (``ms``), what its bytes take at the copy bandwidth measured in the same
+    process (``at_bandwidth_ms``: weights for the matmuls, the cache shard for attention) and the excess.
+    Kernel times come from one eager step, where a rank waits inside a collective for slower peers: a
+    collective's own time is the least any rank spent in it, and where that exceeds what the captured
+    step leaves (every rank waited), ``communication`` and ``gaps`` cannot be told apart (NaN)."""
     cols = ["rank", "gpu", "part", "ms", "at_bandwidth_ms", "over_ms"]
     files = sorted(Path(run_dir).glob("decode_profile_rank*.json"))
     found = [(f, json.loads(f.read_text())) for f in files]

@@ -1,12 +1,10 @@
-"""Figures for readers, drawn with seaborn from :mod:`fmsring.harness.analysis`'s tables.
+"""Figures for readers, drawn with seaborn from :mod:`fmsring.harness.analysis`'s tables: each a
+Figure with a facet per run, or None where its data was not measured (skipped, never an error).
 
-Every function returns a matplotlib Figure, one facet per run (or None when its data was not
-measured: a phase, strategy or column that is missing is skipped, never an error); ``plot_all``
-saves them as PNG and PDF. Conventions, so a figure reads without its caption: log axes carry
-1-2-5 ticks per decade (``LogLocator``, limits rounded out to whole decades) and lengths read as
-tokens ("8k"); world sizes are "GPUs" on a GPU run and "ranks" for CPU processes; failed points
-(oom, error, timeout) are x markers at the top of the panel with their status written, a
-``mismatch`` a red ring at its time; a super-linear speedup gets a red ring; lines are medians.
+So that a figure reads without its caption: log axes carry 1-2-5 ticks (limits rounded out to whole
+decades), lengths read as tokens ("8k"), world sizes as "GPUs" (or "ranks" for CPU processes); failed
+points are x markers at the top of the facet with their status, a ``mismatch`` or a super-linear
+speedup a red ring; lines are medians.
 """
 
 from __future__ import annotations
@@ -34,21 +32,15 @@ MISMATCH_MARK = Line2D([], [], marker="o", markerfacecolor="none", markeredgecol
                        label="mismatch: logits beyond tolerance")  # fmt: skip
 
 
-def log_axis(axis, base: int = 10, fmt=lambda v, _pos=None: f"{v:g}") -> None:
-    """A log axis with labelled 1-2-5 ticks (powers of ``base`` otherwise) and no unlabelled minor ones."""
+def log_axis(axis, base: int = 10, fmt=lambda v, _pos=None: f"{v:g}", span=None) -> None:
+    """A log axis with labelled 1-2-5 ticks (powers of ``base`` otherwise), no unlabelled minor ones,
+    and with ``span`` limits just outside those values (a length axis: a tick at every power of two)."""
     (axis.axes.set_xscale if axis.axis_name == "x" else axis.axes.set_yscale)("log", base=base)
     axis.set_major_locator(LogLocator(base, subs=(1.0, 2.0, 5.0) if base == 10 else (1.0,)))
     axis.set_minor_locator(NullLocator())
     axis.set_major_formatter(FuncFormatter(fmt))
-
-
-def tokens_x(ax, values, label: str = "prompt length (tokens)") -> None:
-    """A log2 x axis over the measured lengths, its ticks read as tokens ("8k")."""
-    log_axis(ax.xaxis, 2, tokens)
-    v = pd.Series(values).dropna()
-    if len(v):
-        ax.set_xlim(v.min() / 1.25, v.max() * 1.25)
-    ax.set_xlabel(label)
+    if span is not None and len(v := pd.Series(span).dropna()):
+        (axis.axes.set_xlim if axis.axis_name == "x" else axis.axes.set_ylim)(v.min() / 1.25, v.max() * 1.25)
 
 
 def _worlds(d: pd.DataFrame, df: pd.DataFrame) -> list[str]:
@@ -69,10 +61,9 @@ def _palette(d: pd.DataFrame, hue: str) -> dict[str, tuple]:
 
 def _config(d: pd.DataFrame) -> pd.Series:
     """Legend names: ``ring/eager``, with the batch and padding where not the default."""
-    label = [config_label(s, v) for s, v in zip(d["strategy"], d["variant"], strict=True)]
-    extra = [f"{' batch %d' % b if b > 1 else ''}{' padding %g' % p if p else ''}" for b, p in zip(
-        d["batch"].fillna(1), d["padding"].fillna(0), strict=True)]  # fmt: skip
-    return pd.Series([a + b for a, b in zip(label, extra, strict=True)], index=d.index, dtype=object)
+    return pd.Series([config_label(s, v) + (f" batch {b:g}" if b > 1 else "") + (f" padding {p:g}" if p else "")
+                      for s, v, b, p in zip(d.strategy, d.variant, d.batch.fillna(1), d.padding.fillna(0), strict=True)],
+                     index=d.index, dtype=object)  # fmt: skip
 
 
 def _facets(d: pd.DataFrame, kind: str, x: str, y: str, hue: str, style: str, order=None, **kw) -> sns.FacetGrid:
@@ -130,9 +121,7 @@ def plot_by_length(df: pd.DataFrame, y: str, ylabel: str, what: str, phase: str 
     if followup:
         d["panel"] = [f"follow-up on a cache of P = {tokens(p)} tokens\n{r}" for r, p in zip(d.run, d.cached_len)]
         d["config"] = d["config"] + ", " + d["world"]
-        gain = analysis.followup_table(df).set_index(["run", "strategy", "variant", "world_size", "cached_len",
-                                                      "seq_len"])["recompute_ms"]  # fmt: skip
-        d["fresh prefill of P+T"] = gain.reindex(pd.MultiIndex.from_frame(d[gain.index.names])).to_numpy()
+        d["fresh prefill of P+T"] = analysis.fresh_prefill_ms(df, d)
     lines = d[d["status"].isin(statuses)].rename(columns={y: "measured", "floor_ms": "floor"})
     measures = ["measured", *(["floor", "fresh prefill of P+T"] if followup else [])]
     lines = lines.melt(id_vars=["panel", "seq_len", "config", "strategy", "variant", "world"], value_vars=measures,
@@ -143,9 +132,9 @@ def plot_by_length(df: pd.DataFrame, y: str, ylabel: str, what: str, phase: str 
                 style_order=measures if followup else sorted(set(lines.world), key=lambda w: int(w.split()[0])))
     extra = _mark_failures(g, d, "config", y)
     for panel, ax in g.axes_dict.items():
-        tokens_x(ax, d.loc[d["panel"] == panel, "seq_len"], "new tokens T" if followup else "prompt length (tokens)")
+        log_axis(ax.xaxis, 2, tokens, d.loc[d["panel"] == panel, "seq_len"])
         log_axis(ax.yaxis)
-        ax.set_ylabel(ylabel)
+        ax.set(xlabel="new tokens T" if followup else "prompt length (tokens)", ylabel=ylabel)
         if y == "peak_mem_gib" and "gpu_memory_gib" in d:  # the card's own total_memory, where the row has it
             for cap in d.loc[d["panel"] == panel, "gpu_memory_gib"].dropna().unique():
                 extra.append(ax.axhline(cap, color="crimson", linestyle=":", label=f"card capacity {cap:.0f} GiB"))
@@ -159,8 +148,7 @@ def plot_latency(df: pd.DataFrame, phase: str = "prefill") -> Figure | None:
 
 
 def plot_decode(df: pd.DataFrame) -> Figure | None:
-    """Decode latency per generated token (the median step) vs context length. The first step
-    also captures the CUDA graph, so the CSV's max is a one-time cost: only the median is drawn."""
+    """Decode latency per generated token (the median step: the first also captures the CUDA graph)."""
     return plot_by_length(df, "latency_ms", "decode latency (ms / token)", "decode latency per token", "decode",
                           ("ok", "mismatch"))  # fmt: skip
 
@@ -176,7 +164,8 @@ def plot_followup(df: pd.DataFrame) -> Figure | None:
 
 
 def _scaling(df: pd.DataFrame, phase: str, y: str) -> Figure | None:
-    """Speedup or efficiency vs world size, a line per (configuration, length), with the ideal."""
+    """Speedup (log) or parallel efficiency (speedup / world size, linear) vs world size, a line per
+    configuration and length, against the fastest one-GPU row, with the ideal."""
     t = analysis.scaling_table(df, phase, warn=False)
     if t.empty:
         return None
@@ -185,10 +174,10 @@ def _scaling(df: pd.DataFrame, phase: str, y: str) -> Figure | None:
     anchors = t[t["baseline_world_size"] == 1].drop_duplicates(key)
     anchors = anchors[~anchors.set_index(key).index.isin(t[t["world_size"] == 1].set_index(key).index)]
     t = pd.concat([anchors.assign(world_size=1, speedup=1.0, efficiency=1.0, superlinear=False), t])
-    words = {r: unit(df[df["run"] == r]) for r in t["run"].unique()}
+    words = {r: unit(g) for r, g in df.groupby("run")}
     t["panel"] = [f"{phase} {y}, vs the fastest run on 1 {words[r][:-1]}\n{r}" for r in t["run"]]
-    t["config"] = [config_label(s, v) for s, v in zip(t["strategy"], t["variant"], strict=True)]
-    t["length"] = [tokens(n) + (f" after {tokens(c)}" if c else "") for n, c in zip(t["seq_len"], t["cached_len"])]
+    t = t.assign(config=_config(t), length=[tokens(n) + (f" after {tokens(c)}" if c else "")
+                 for n, c in zip(t["seq_len"], t["cached_len"], strict=True)])  # fmt: skip
     lengths = list(dict.fromkeys(t.sort_values(["cached_len", "seq_len"])["length"]))
     g = _facets(t, "line", "world_size", y, "length", "config", order=lengths, palette="viridis", markers=True,
                 errorbar=None)
@@ -203,14 +192,13 @@ def _scaling(df: pd.DataFrame, phase: str, y: str) -> Figure | None:
                     markeredgecolor="red", markeredgewidth=2)  # fmt: skip
             extra.append(Line2D([], [], marker="o", markerfacecolor="none", markeredgecolor="red", linestyle="",
                                 label=f"super-linear (> {w}): check the baseline"))  # fmt: skip
-        log_axis(ax.xaxis, 2)
-        ax.set_xlabel(f"{w} (world size)")
+        log_axis(ax.xaxis, 2, span=ws)
         if y == "efficiency":
-            ax.set_ylim(0, max(1.1, float(p[y].max()) * 1.1))
-            ax.set_ylabel(f"parallel efficiency (speedup / {w})")
+            ax.set(ylim=(0, max(1.1, float(p[y].max()) * 1.1)), ylabel=f"parallel efficiency (speedup / {w})")
         else:
             log_axis(ax.yaxis, 2)
             ax.set_ylabel(f"speedup (x, vs 1 {w[:-1]})")
+        ax.set_xlabel(f"{w} (world size)")
         if (p["baseline_world_size"] > 1).any():
             ax.annotate(f"lengths too long for 1 {w[:-1]}: vs their smallest {w} count, ideal up to it assumed",
                         (0, -0.2), xycoords="axes fraction", fontsize="x-small", color="dimgray", va="top")  # fmt: skip
@@ -219,12 +207,10 @@ def _scaling(df: pd.DataFrame, phase: str, y: str) -> Figure | None:
 
 
 def plot_speedup(df: pd.DataFrame, phase: str = "prefill") -> Figure | None:
-    """Speedup vs world size per length, against the fastest one-GPU row, with the ideal line."""
     return _scaling(df, phase, "speedup")
 
 
 def plot_efficiency(df: pd.DataFrame, phase: str = "prefill") -> Figure | None:
-    """Parallel efficiency (speedup / world size, linear y) vs world size, ideal = 1."""
     return _scaling(df, phase, "efficiency")
 
 
@@ -318,9 +304,9 @@ def plot_accuracy(df: pd.DataFrame) -> Figure | None:
     for panel, ax in g.axes_dict.items():
         extra += [ax.axhline(tol, color="black", linestyle="--", linewidth=1, label=f"tolerance ({d})")
                   for tol, d in tols.items()]  # fmt: skip
-        tokens_x(ax, t.loc[t["panel"] == panel, "seq_len"], "tokens in context (cached + new)")
+        log_axis(ax.xaxis, 2, tokens, t.loc[t["panel"] == panel, "seq_len"])
         log_axis(ax.yaxis)
-        ax.set_ylabel("relative error of the logits vs single")
+        ax.set(xlabel="tokens in context (cached + new)", ylabel="relative error of the logits vs single")
     _legend(g, *extra)
     return g.figure
 

@@ -66,11 +66,9 @@ def markdown_table(t: pd.DataFrame) -> str:
 def phase_table(df: pd.DataFrame, phase: str) -> pd.DataFrame:
     """One phase's rows, peers at the same point adjacent, with only the columns some row fills."""
     d = df[df["phase"] == phase].copy()
-    if phase == "followup" and len(d):
-        gain = analysis.followup_table(df).set_index(["strategy", "variant", "world_size", "cached_len", "seq_len"])
-        keyed = d.set_index(list(gain.index.names)).index
-        for col in ("recompute_ms", "cache_gain"):
-            d[col] = gain[col].reindex(keyed).to_numpy() if len(gain) else math.nan
+    if phase == "followup":
+        d["recompute_ms"] = analysis.fresh_prefill_ms(df, d)
+        d["cache_gain"] = d["recompute_ms"] / d["latency_ms"]
     d["config"] = [analysis.mesh_label(*k) for k in zip(d.strategy, d.variant, d.cp_size, d.tp_size, strict=True)]
     d["x_floor"] = d["latency_ms"] / d["floor_ms"]
     d["_order"] = d["strategy"].map({s: i for i, s in enumerate(STRATEGIES)})
