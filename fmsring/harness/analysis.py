@@ -1,10 +1,6 @@
-"""Load benchmark rows and turn them into tables: statuses, latency, scaling
-against the strongest one-GPU row, exactness, longest prompts, follow-ups.
-
-``load_runs`` reads the ``results.csv`` of one or more run folders (see
-:mod:`fmsring.harness.sweep`) into one DataFrame, tagged by run; the figures
-drawn from these tables are :mod:`fmsring.harness.plots`'.
-"""
+"""Benchmark rows as tables: ``load_runs`` reads run folders' CSVs into one DataFrame tagged by run;
+the tables say statuses, latency, scaling against the strongest one-GPU row, exactness, longest
+prompts, follow-ups, factorisations, links and a profiled decode step (:mod:`.plots` draws them)."""
 
 from __future__ import annotations
 
@@ -49,9 +45,8 @@ def _legacy_variants(df: pd.DataFrame) -> pd.DataFrame:
     (`` ring{...}`` for a ring variant, `` fused-peers``), and the peers ran as shipped unless fused."""
     model = df["model"].fillna("")
     ring_kwargs = model.str.extract(r" ring(\{.*\})", expand=False).fillna("")
-    fused = model.str.contains(" fused-peers", regex=False)
-    peers = df["strategy"] != "ring"
-    df["variant"] = np.where(peers, np.where(fused, "fused", AS_SHIPPED), ring_kwargs)
+    fused = np.where(model.str.contains(" fused-peers", regex=False), "fused", AS_SHIPPED)
+    df["variant"] = np.where(df["strategy"] != "ring", fused, ring_kwargs)
     df["model"] = model.str.replace(r" ring\{.*\}", "", regex=True).str.replace(" fused-peers", "", regex=False)
     return df
 
@@ -139,16 +134,11 @@ def _ok(df: pd.DataFrame, phase: str, column: str) -> pd.DataFrame:
 
 
 def scaling_table(df: pd.DataFrame, phase: str = "prefill", warn: bool = True) -> pd.DataFrame:
-    """Speedup and parallel efficiency of every ok multi-rank point against the strongest one-GPU row.
-
-    The reference (column ``reference``) is the fastest ``single`` row of that
-    run and point (any variant), so a speedup is never measured against a
-    handicapped baseline. A point no single GPU ran (it ran out of memory) is
-    measured against the same configuration's smallest world size W0 that ran
-    it, counted as a speedup of W0 (ideal up to W0); its ``reference`` says so.
-    A speedup above the world size (column ``superlinear``) is physically
-    suspect -- usually a weak or mismatched baseline -- and is warned about by name.
-    """
+    """Speedup and parallel efficiency of every ok multi-rank point against the fastest ``single`` row
+    of its run and point (any variant: never a handicapped baseline). A point no single GPU ran is
+    measured against its configuration's smallest world size W0 that ran it, counted as a speedup
+    of W0 (ideal up to W0; ``reference`` says so). A speedup above the world size (``superlinear``)
+    is physically suspect -- usually a weak baseline -- and is warned about by name."""
     d = _ok(df, phase, "latency_ms")
     cols = ["reference", "baseline_ms", "baseline_world_size", "speedup", "efficiency", "superlinear"]
     rows = d[d["strategy"] != "single"].copy()
@@ -185,13 +175,9 @@ def scaling_table(df: pd.DataFrame, phase: str = "prefill", warn: bool = True) -
 
 def superlinear_points(table: pd.DataFrame) -> list[str]:
     """Names of the scaling table's points whose speedup exceeds their world size."""
-    t = table[table["superlinear"]]
-    return [
-        f"{r.run}: {config_label(r.strategy, r.variant)} x{int(r.world_size)} {r.phase} "
-        f"at {tokens(r.seq_len)}{f' after {tokens(r.cached_len)}' if r.cached_len else ''}: "
-        f"{r.speedup:.2f}x vs {r.reference}"
-        for r in t.itertuples()
-    ]
+    return [f"{r.run}: {config_label(r.strategy, r.variant)} x{int(r.world_size)} {r.phase} at {tokens(r.seq_len)}"
+            f"{f' after {tokens(r.cached_len)}' if r.cached_len else ''}: {r.speedup:.2f}x vs {r.reference}"
+            for r in table[table["superlinear"]].itertuples()]  # fmt: skip
 
 
 def accuracy_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -238,8 +224,8 @@ def fresh_prefill_ms(df: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
     run, variant and world size); NaN for the other peers and where none was measured."""
     at = ["run", "variant", "world_size", "seq_len"]
     pre = _ok(df, "prefill", "latency_ms").query("strategy == 'ring'").drop_duplicates(at).set_index(at)["latency_ms"]
-    fresh = pre.reindex(pd.MultiIndex.from_arrays([rows.run, rows.variant, rows.world_size, rows.seq_len + rows.cached_len]))
-    return np.where(rows["strategy"] == "ring", fresh.to_numpy(), np.nan)
+    keys = [rows.run, rows.variant, rows.world_size, rows.seq_len + rows.cached_len]
+    return np.where(rows["strategy"] == "ring", pre.reindex(pd.MultiIndex.from_arrays(keys)).to_numpy(), np.nan)
 
 
 def mesh_label(strategy: str, variant: str, cp: float, tp: float) -> str:
@@ -283,11 +269,11 @@ def interconnect_table(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=cols)
     t = wide.dropna(subset=["nvlink", "pcie-like"]).reset_index()
     t = t.rename(columns={"nvlink": "nvlink_ms", "pcie-like": "pcie_like_ms"})
-    t["single_ms"] = [single.get((r, s), np.nan) for r, s in zip(t["run"], t["seq_len"], strict=True)]
+    t["single_ms"] = single.reindex(pd.MultiIndex.from_frame(t[["run", "seq_len"]])).to_numpy()
     t = t.assign(speedup_nvlink=t.single_ms / t.nvlink_ms, speedup_pcie_like=t.single_ms / t.pcie_like_ms)
     t["kept"] = t["speedup_pcie_like"] / t["speedup_nvlink"]
     link = multi[multi["interconnect"] == "pcie-like"].groupby(keys)["link_gbps"].median()
-    t["link_gbps_pcie_like"] = [link.get(tuple(r), np.nan) for r in t[keys].itertuples(index=False)]
+    t["link_gbps_pcie_like"] = link.reindex(pd.MultiIndex.from_frame(t[keys])).to_numpy()
     return t[cols].sort_values(["run", "world_size", "seq_len", "strategy"]).reset_index(drop=True)
 
 
@@ -302,9 +288,8 @@ def decode_profile_table(run_dir: str | os.PathLike, config: str = "whole_layer"
     collective's own time is the least any rank spent in it, and where that exceeds what the captured
     step leaves (every rank waited), ``communication`` and ``gaps`` cannot be told apart (NaN)."""
     cols = ["rank", "gpu", "part", "ms", "at_bandwidth_ms", "over_ms"]
-    files = sorted(Path(run_dir).glob("decode_profile_rank*.json"))
-    found = [(f, json.loads(f.read_text())) for f in files]
-    found = [(f, r) for f, r in found if config in r]
+    found = [(f, r) for f in sorted(Path(run_dir).glob("decode_profile_rank*.json"))
+             if config in (r := json.loads(f.read_text()))]  # fmt: skip
     if not found:
         return pd.DataFrame(columns=cols)
     comm = min(r[config]["eager_kernel_ms"].get("communication", 0.0) for _, r in found)
@@ -314,7 +299,7 @@ def decode_profile_table(run_dir: str | os.PathLike, config: str = "whole_layer"
         kernels = {part: res["eager_kernel_ms"].get(part, 0.0) for part in PROFILE_KERNELS}
         step = res["graph_step_ms_median"]
         rest = step - sum(kernels.values())
-        apart = comm <= rest
+        apart = comm <= rest  # else every rank waited in the collective: its own time is unknown
         needed = {"matmul": res["weight_bytes"] / gbps / 1e6, "attention": res["cache_shard_bytes"] / gbps / 1e6}
         parts = [*kernels.items(), ("communication and gaps", rest), ("communication", comm if apart else math.nan),
                  ("gaps", rest - comm if apart else math.nan), ("step", step)]  # fmt: skip
@@ -325,9 +310,7 @@ def decode_profile_table(run_dir: str | os.PathLike, config: str = "whole_layer"
     return pd.DataFrame(rows, columns=cols)
 
 
-def tokens(n: float, _pos: Any = None) -> str:
-    """8192 -> "8k", 100 -> "100"."""
-    if not math.isfinite(n):
-        return ""
-    n = round(n)
-    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+def tokens(n: float, _pos=None) -> str:
+    """8192 -> "8k", 100 -> "100" (a tick formatter too)."""
+    n = round(n) if math.isfinite(n) else None
+    return "" if n is None else f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)

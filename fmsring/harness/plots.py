@@ -61,9 +61,9 @@ def _palette(d: pd.DataFrame, hue: str) -> dict[str, tuple]:
 
 def _config(d: pd.DataFrame) -> pd.Series:
     """Legend names: ``ring/eager``, with the batch and padding where not the default."""
+    batch, padding = d["batch"].fillna(1), d["padding"].fillna(0)
     return pd.Series([config_label(s, v) + (f" batch {b:g}" if b > 1 else "") + (f" padding {p:g}" if p else "")
-                      for s, v, b, p in zip(d.strategy, d.variant, d.batch.fillna(1), d.padding.fillna(0), strict=True)],
-                     index=d.index, dtype=object)  # fmt: skip
+                      for s, v, b, p in zip(d.strategy, d.variant, batch, padding, strict=True)], index=d.index)
 
 
 def _facets(d: pd.DataFrame, kind: str, x: str, y: str, hue: str, style: str, order=None, **kw) -> sns.FacetGrid:
@@ -233,7 +233,8 @@ def plot_max_prompt(df: pd.DataFrame, phase: str = "prefill") -> Figure | None:
         log_axis(ax.yaxis, 2, tokens)
         ax.set_ylim(data["max_ok_seq_len"].min() / 2, data["max_tested_seq_len"].max() * 2)
         ax.tick_params(axis="x", rotation=30)
-        ax.set(ylabel="longest prompt that ran (tokens)", xlabel=f"configuration x {unit(df[df.run == data.run.iloc[0]])}")
+        words = unit(df[df["run"] == data["run"].iloc[0]])
+        ax.set(ylabel="longest prompt that ran (tokens)", xlabel=f"configuration x {words}")
 
     sns.set_theme(style="whitegrid", context="notebook")
     g = sns.FacetGrid(t, col="panel", col_wrap=min(t["panel"].nunique(), 3), sharex=False, sharey=False, height=4.4)

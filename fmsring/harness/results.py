@@ -1,10 +1,6 @@
-"""``docs/results.md``: every committed run's rows as tables, rendered from its CSVs.
-
-The tables are generated, never edited, so they cannot drift from the runs they
-report; a test renders the committed runs and compares. Usage::
-
-    python -m fmsring.harness.results            # (make results) runs/ -> docs/results.md
-"""
+"""``docs/results.md``: every committed run's rows as tables, rendered from the runs' CSVs by
+``python -m fmsring.harness.results`` (``make results``). Generated, never edited, so the tables
+cannot drift from their runs: a test renders the committed runs and compares."""
 
 from __future__ import annotations
 
@@ -36,23 +32,17 @@ SHOWN = {  # column -> header; a column no row of a table fills is left out
 }  # fmt: skip
 
 
+FORMATS = {"seq_len": analysis.tokens, "cached_len": analysis.tokens, "rel_err": "{:.1e}".format,
+           "x_floor": "{:.2f}".format, "cache_gain": "{:.2f}".format, "batch": "{:g}".format, "padding": "{:g}".format}
+
+
 def _cell(col: str, v) -> str:
-    """Four significant figures without exponents; errors in scientific notation; lengths as tokens."""
-    if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
-        return ""
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if col in ("seq_len", "cached_len"):
-        return analysis.tokens(v)
-    if col == "rel_err":
-        return f"{v:.1e}"
-    if col in ("x_floor", "cache_gain"):
-        return f"{v:.2f}"
-    if col in ("batch", "padding"):
-        return f"{v:g}"
-    if isinstance(v, float):
-        return f"{v:.{max(0, 3 - math.floor(math.log10(abs(v))))}f}" if v else "0"
-    return str(v)
+    """As FORMATS says, else four significant figures without an exponent."""
+    if pd.isna(v) or isinstance(v, bool):
+        return "" if pd.isna(v) else "yes" if v else "no"
+    if col in FORMATS or not isinstance(v, float) or not v:
+        return FORMATS.get(col, "{:g}".format if isinstance(v, float) else str)(v)
+    return f"{v:.{max(0, 3 - math.floor(math.log10(abs(v))))}f}"
 
 
 def markdown_table(t: pd.DataFrame) -> str:
@@ -93,14 +83,12 @@ def run_files(root: str | Path) -> list[Path]:
 
 def describe(df: pd.DataFrame) -> str:
     """The card, GPUs, model, dtype, link and code a file's rows name (each distinct value once)."""
-
-    def each(col: str) -> str:
-        values = [str(v) for v in dict.fromkeys(df[col].dropna()) if str(v) not in ("", "nan")] if col in df else []
-        return ", ".join(values)
-
-    gpus = " or ".join(f"{int(n)}x" for n in dict.fromkeys(df["gpu_count"].dropna()))
-    parts = [f"{gpus} {each('gpu_name')}".strip(), each("model"), each("dtype"), each("interconnect")]
-    shas = ", ".join(dict.fromkeys(sha[:7] for sha in each("git_sha").split(", ") if sha))  # as git abbreviates
+    each = {c: [str(v) for v in dict.fromkeys(df[c].dropna()) if str(v) not in ("", "nan")]
+            for c in ("gpu_count", "gpu_name", "model", "dtype", "interconnect", "git_sha")}  # fmt: skip
+    gpus = " or ".join(f"{float(n):g}x" for n in each["gpu_count"])
+    parts = [f"{gpus} {', '.join(each['gpu_name'])}".strip(), *(", ".join(each[c]) for c in ("model", "dtype"))]
+    parts.append(", ".join(each["interconnect"]))
+    shas = ", ".join(dict.fromkeys(sha[:7] for sha in each["git_sha"]))  # as git abbreviates them
     return "; ".join(p for p in parts if p) + f"; code {shas or 'unknown'}"
 
 
@@ -120,7 +108,7 @@ def render(root: str | Path = "runs") -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description="render docs/results.md from the committed runs' CSVs")
     p.add_argument("--runs", default="runs", help="folder of run folders (runs/local/ is left out)")
     p.add_argument("--out", default="docs/results.md")
     args = p.parse_args(argv)
