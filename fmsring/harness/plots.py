@@ -217,11 +217,11 @@ def plot_efficiency(df: pd.DataFrame, phase: str = "prefill") -> Figure | None:
 def plot_max_prompt(df: pd.DataFrame, phase: str = "prefill") -> Figure | None:
     """Longest prompt that ran before running out of memory, per configuration (bars, log2 tokens)."""
     t = analysis.max_prompt_table(df, phase)
-    t = t.dropna(subset=["max_ok_seq_len"]) if len(t) else t
-    if t.empty:
+    if t.empty or (t := t.dropna(subset=["max_ok_seq_len"])).empty:
         return None
-    t = t.assign(label=[f"{config_label(s, v)} x{w}" for s, v, w in zip(t.strategy, t.variant, t.world_size)],
-                 panel=[f"{phase}: longest prompt before OOM\n{r}" for r in t["run"]])  # fmt: skip
+    t["label"] = [f"{config_label(s, v)} x{w}" for s, v, w in zip(t.strategy, t.variant, t.world_size, strict=True)]
+    t["panel"] = [f"{phase}: longest prompt before OOM\n{r}" for r in t["run"]]
+    t["device"] = t["run"].map(df.groupby("run")["device"].first())  # what unit() counts
     palette = _palette(t, "label")
     t = t.set_index("label").loc[list(palette)].reset_index()
 
@@ -232,9 +232,8 @@ def plot_max_prompt(df: pd.DataFrame, phase: str = "prefill") -> Figure | None:
                      notes, fontsize="small", padding=2)  # fmt: skip
         log_axis(ax.yaxis, 2, tokens)
         ax.set_ylim(data["max_ok_seq_len"].min() / 2, data["max_tested_seq_len"].max() * 2)
-        ax.tick_params(axis="x", rotation=30)
-        words = unit(df[df["run"] == data["run"].iloc[0]])
-        ax.set(ylabel="longest prompt that ran (tokens)", xlabel=f"configuration x {words}")
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+        ax.set(ylabel="longest prompt that ran (tokens)", xlabel=f"configuration x {unit(data)}")
 
     sns.set_theme(style="whitegrid", context="notebook")
     g = sns.FacetGrid(t, col="panel", col_wrap=min(t["panel"].nunique(), 3), sharex=False, sharey=False, height=4.4)
@@ -248,13 +247,12 @@ def plot_tradeoff(df: pd.DataFrame) -> Figure | None:
     the TP size), a facet per (run, world size, length) with at least two configurations in both
     phases; each point's floor hollow and joined to it. Down and left is better."""
     t = analysis.tradeoff_table(df)
-    t = t.dropna(subset=["prefill_ms", "decode_ms"])[lambda t: t["world_size"] > 1] if len(t) else t
-    t = t[t.groupby(["run", "world_size", "seq_len"])["config"].transform("size") >= 2] if len(t) else t
-    if t.empty:
+    t = t[t["world_size"] > 1].dropna(subset=["prefill_ms", "decode_ms"]) if len(t) else t
+    if t.empty or (t := t[t.groupby(["run", "world_size", "seq_len"]).config.transform("size") >= 2]).empty:
         return None
-    t = t.assign(panel=[f"{tokens(n)} tokens on {w}: prefill vs decode\n{r}" for r, w, n in zip(
-                     t["run"], _worlds(t, df), t["seq_len"])],
-                 tp=t["tp_size"].astype(int).map("TP {}".format))  # fmt: skip
+    t["tp"] = t["tp_size"].astype(int).map("TP {}".format)
+    t["panel"] = [f"{tokens(n)} tokens on {w}: prefill vs decode\n{r}"
+                  for r, w, n in zip(t.run, _worlds(t, df), t.seq_len, strict=True)]  # fmt: skip
     g = _facets(t, "scatter", "prefill_ms", "decode_ms", "config", "tp", s=55, zorder=3)
     for panel, ax in g.axes_dict.items():
         for r in t[t["panel"] == panel].itertuples():
