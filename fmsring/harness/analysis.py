@@ -82,9 +82,11 @@ def load_runs(paths: str | os.PathLike | Iterable[str | os.PathLike] = "runs", d
     for col, fill in (("cached_len", "0"), ("padding", "0"), ("variant", ""), ("dtype", ""), ("interconnect", "")):
         df[col] = df[col].fillna(fill).replace("", fill) if col in df.columns else fill
     for col in {*NUMERIC, *df.columns} - {*TEXT, "run", "run_dir"}:  # a column the bench added: numeric if it parses
-        values = pd.to_numeric(df[col].replace("", np.nan), errors="coerce") if col in df.columns else np.nan
-        if col in NUMERIC or values.notna().sum() == df[col].replace("", np.nan).notna().sum():
-            df[col] = values
+        raw = df[col].replace(["", "nan"], np.nan) if col in df.columns else pd.Series(np.nan, index=df.index)
+        try:
+            df[col] = pd.to_numeric(raw)
+        except (ValueError, TypeError):
+            df[col] = pd.to_numeric(raw, errors="coerce") if col in NUMERIC else df[col]
     df = df[df["status"].isin(STATUSES)].copy()
     legacy = df["cp_size"].isna() & df["world_size"].notna()  # rows from before ring x TP: ring was cp = world
     for i in df.index[legacy]:
@@ -252,29 +254,25 @@ def tradeoff_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def interconnect_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Prefill speedup over the run's one-GPU ``single`` per peer, world size and length, over
-    NVLink and over the PCIe-like link (NCCL through host memory), and what share of its NVLink
-    speedup each peer keeps there (``kept``)."""
-    d = _ok(df, "prefill", "latency_ms")
-    d = d[d["interconnect"].isin(["nvlink", "pcie-like"])] if "interconnect" in d.columns else d.iloc[0:0]
-    single = d[(d["strategy"] == "single") & (d["world_size"] == 1)].groupby(["run", "seq_len"])["latency_ms"].min()
+    """Prefill speedup over the run's one-GPU ``single`` per peer, world size and length, over NVLink and
+    over the PCIe-like link (NCCL through host memory), and the share of its NVLink speedup each keeps."""
     cols = ["run", "strategy", "variant", "world_size", "seq_len", "single_ms", "nvlink_ms", "pcie_like_ms",
             "speedup_nvlink", "speedup_pcie_like", "kept", "link_gbps_pcie_like"]  # fmt: skip
-    multi = d[d["world_size"] > 1]
-    if multi.empty or single.empty:
+    d = _ok(df, "prefill", "latency_ms")
+    d = d[d["interconnect"].isin(["nvlink", "pcie-like"])]
+    single = d[(d["strategy"] == "single") & (d["world_size"] == 1)].groupby(["run", "seq_len"])["latency_ms"].min()
+    wide = d[d["world_size"] > 1].pivot_table(index=cols[:5], columns="interconnect", aggfunc={
+        "latency_ms": "min", "link_gbps": "median"})  # fmt: skip
+    wide.columns = [f"{v}_{link}" for v, link in wide.columns]
+    if single.empty or not {"latency_ms_nvlink", "latency_ms_pcie-like"} <= set(wide.columns):
         return pd.DataFrame(columns=cols)
-    keys = ["run", "strategy", "variant", "world_size", "seq_len"]
-    wide = multi.pivot_table(index=keys, columns="interconnect", values="latency_ms", aggfunc="min")
-    if not {"nvlink", "pcie-like"} <= set(wide.columns):
-        return pd.DataFrame(columns=cols)
-    t = wide.dropna(subset=["nvlink", "pcie-like"]).reset_index()
-    t = t.rename(columns={"nvlink": "nvlink_ms", "pcie-like": "pcie_like_ms"})
+    t = wide.rename(columns={"latency_ms_nvlink": "nvlink_ms", "latency_ms_pcie-like": "pcie_like_ms",
+                             "link_gbps_pcie-like": "link_gbps_pcie_like"}).dropna(subset=["nvlink_ms", "pcie_like_ms"])
+    t = t.reset_index()
     t["single_ms"] = single.reindex(pd.MultiIndex.from_frame(t[["run", "seq_len"]])).to_numpy()
     t = t.assign(speedup_nvlink=t.single_ms / t.nvlink_ms, speedup_pcie_like=t.single_ms / t.pcie_like_ms)
     t["kept"] = t["speedup_pcie_like"] / t["speedup_nvlink"]
-    link = multi[multi["interconnect"] == "pcie-like"].groupby(keys)["link_gbps"].median()
-    t["link_gbps_pcie_like"] = link.reindex(pd.MultiIndex.from_frame(t[keys])).to_numpy()
-    return t[cols].sort_values(["run", "world_size", "seq_len", "strategy"]).reset_index(drop=True)
+    return t.reindex(columns=cols).sort_values(["run", "world_size", "seq_len", "strategy"]).reset_index(drop=True)
 
 
 PROFILE_KERNELS = ("matmul", "attention", "elementwise and other")
