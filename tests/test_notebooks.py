@@ -136,7 +136,7 @@ def test_analysis_leaves_the_committed_runs_untouched(tmp_path: Path):
     assert subprocess.run(["git", "ls-files", f"runs/{run}/figures"], cwd=ROOT, capture_output=True, text=True).stdout
     status = ["git", "status", "--porcelain", "--untracked-files=all", "runs/"]
     before = subprocess.run(status, cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    done = papermill(str(NOTEBOOKS / "analysis.ipynb"), str(tmp_path / "analysis.ipynb"), "-y", f"run_dirs: [runs/{run}]")
+    done = papermill(str(NOTEBOOKS / "analysis.ipynb"), str(tmp_path / "out.ipynb"), "-y", f"run_dirs: [runs/{run}]")
     assert done.returncode == 0, done.stderr[-3000:]
     assert subprocess.run(status, cwd=ROOT, capture_output=True, text=True, check=True).stdout == before
     assert (ROOT / "runs" / "local" / "analysis" / run / "figures" / "latency_prefill.png").exists()
