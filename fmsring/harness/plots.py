@@ -27,9 +27,6 @@ from fmsring.harness.analysis import FAILED, config_label, tokens, unit
 from fmsring.harness.schema import STRATEGIES, TOLERANCES
 
 _BASE = {"single": "#1f77b4", "ring": "#d62728", "tp": "#2ca02c", "torch_cp": "#ff7f0e"}
-FAILED_MARK = Line2D([], [], marker="x", color="gray", linestyle="", label="failed (status written)")
-MISMATCH_MARK = Line2D([], [], marker="o", markerfacecolor="none", markeredgecolor="red", linestyle="",
-                       label="mismatch: logits beyond tolerance")  # fmt: skip
 
 
 def log_axis(axis, base: int = 10, fmt=lambda v, _pos=None: f"{v:g}", span=None) -> None:
@@ -88,21 +85,27 @@ def _legend(g: sns.FacetGrid, *extra) -> None:
     g.add_legend({**data, **{h.get_label(): h for h in extra}})
 
 
+def _ring(ax, x, y, label: str) -> Line2D:
+    """Red rings around points that need a second look (a mismatch, a super-linear speedup); the legend's handle."""
+    style = {"marker": "o", "markerfacecolor": "none", "markeredgecolor": "red", "linestyle": ""}
+    ax.plot(x, y, markersize=13, markeredgewidth=1.8, **style)
+    return Line2D([], [], label=label, **style)
+
+
 def _mark_failures(g: sns.FacetGrid, d: pd.DataFrame, hue: str, y: str) -> list:
-    """Failed points as x at the top of their panel with the status written; mismatches as red rings."""
-    for (panel, status), rows in d[d["status"].isin((*FAILED, "mismatch"))].groupby(["panel", "status"]):
+    """Failed points as x at the top of their facet with the status written; mismatches ringed in red."""
+    extra = {}
+    for panel, rows in d.groupby("panel"):
         ax = g.axes_dict[panel]
-        for r in rows.itertuples():
-            if status == "mismatch":
-                ax.plot([r.seq_len], [getattr(r, y)], marker="o", markersize=12, markerfacecolor="none",
-                        markeredgecolor="red", markeredgewidth=1.5)  # fmt: skip
-                continue
+        for r in rows[rows["status"].isin(FAILED)].itertuples():
             top, c = ax.get_xaxis_transform(), g.palette.get(getattr(r, hue), "gray")
             ax.plot([r.seq_len], [0.97], marker="x", color=c, markersize=8, transform=top, clip_on=False)
-            ax.annotate(status, (r.seq_len, 0.97), xycoords=top, fontsize="x-small", color=c, rotation=90,
+            ax.annotate(r.status, (r.seq_len, 0.97), xycoords=top, fontsize="x-small", color=c, rotation=90,
                         xytext=(3, -4), textcoords="offset points", va="top")  # fmt: skip
-    statuses = set(d["status"])
-    return [FAILED_MARK] * bool(statuses & set(FAILED)) + [MISMATCH_MARK] * ("mismatch" in statuses)
+            extra["failed"] = Line2D([], [], marker="x", color="gray", linestyle="", label="failed (status written)")
+        if len(bad := rows[rows["status"] == "mismatch"]):
+            extra["mismatch"] = _ring(ax, bad["seq_len"], bad[y], "mismatch: logits beyond tolerance")
+    return list(extra.values())
 
 
 def plot_by_length(df: pd.DataFrame, y: str, ylabel: str, what: str, phase: str = "prefill", statuses=("ok",),
@@ -186,12 +189,8 @@ def _scaling(df: pd.DataFrame, phase: str, y: str) -> Figure | None:
         p = t[t["panel"] == panel]
         ws, w = sorted(p["world_size"].unique()), words[p["run"].iloc[0]]
         ax.plot(ws, ws if y == "speedup" else np.ones(len(ws)), color="black", linestyle="--", linewidth=1)
-        sup = p[p["superlinear"]]
-        if len(sup):
-            ax.plot(sup["world_size"], sup[y], linestyle="", marker="o", markersize=14, markerfacecolor="none",
-                    markeredgecolor="red", markeredgewidth=2)  # fmt: skip
-            extra.append(Line2D([], [], marker="o", markerfacecolor="none", markeredgecolor="red", linestyle="",
-                                label=f"super-linear (> {w}): check the baseline"))  # fmt: skip
+        if len(sup := p[p["superlinear"]]):
+            extra.append(_ring(ax, sup["world_size"], sup[y], f"super-linear (> {w}): check the baseline"))
         log_axis(ax.xaxis, 2, span=ws)
         if y == "efficiency":
             ax.set(ylim=(0, max(1.1, float(p[y].max()) * 1.1)), ylabel=f"parallel efficiency (speedup / {w})")
