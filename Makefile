@@ -122,10 +122,10 @@ sweep: venv ## run notebooks/run.ipynb (a sweep), then notebooks/analysis.ipynb 
 	echo "plots:   $$run/figures/"; ls "$$run/figures" | sed 's/^/  /'
 
 analysis: venv ## run notebooks/analysis.ipynb: figures per run in ANALYSIS_DIR/<run>/figures/, or RUNS="a b" compared
-	@set -e; mkdir -p "$(ANALYSIS_DIR)"; dirs="$$(printf "'%s', " $(RUNS))"; \
-	$(PAPERMILL) notebooks/analysis.ipynb "$(ANALYSIS_DIR)/$(if $(RUNS),compare,analysis).ipynb" -p out_dir "$(ANALYSIS_DIR)" \
-		$(if $(RUNS),-y "run_dirs: [$${dirs%, }]" -p compare True); \
-	echo "executed notebook and figures: $(ANALYSIS_DIR)/"
+	@set -e; mkdir -p "$(ANALYSIS_DIR)"; name=analysis; set --; \
+	if [ -n "$(RUNS)" ]; then dirs="$$(printf "'%s', " $(RUNS))"; name=compare; set -- -y "run_dirs: [$${dirs%, }]" -p compare True; fi; \
+	$(PAPERMILL) notebooks/analysis.ipynb "$(ANALYSIS_DIR)/$$name.ipynb" -p out_dir "$(ANALYSIS_DIR)" "$$@"; \
+	echo "executed notebook: $(ANALYSIS_DIR)/$$name.ipynb; figures under $(ANALYSIS_DIR)/"
 
 results: venv ## render docs/results.md from the committed runs' CSVs (runs/*/results*.csv)
 	$(PY) -m fmsring.harness.results
