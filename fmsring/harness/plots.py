@@ -218,16 +218,17 @@ def plot_max_prompt(df: pd.DataFrame, phase: str = "prefill") -> Figure | None:
     t = analysis.max_prompt_table(df, phase)
     if t.empty or (t := t.dropna(subset=["max_ok_seq_len"])).empty:
         return None
-    t["label"] = [f"{config_label(s, v)} x{w}" for s, v, w in zip(t.strategy, t.variant, t.world_size, strict=True)]
-    t["panel"] = [f"{phase}: longest prompt before OOM\n{r}" for r in t["run"]]
+    t["config"] = [config_label(s, v) for s, v in zip(t["strategy"], t["variant"], strict=True)]
+    t["label"] = t["config"] + " x" + t["world_size"].astype(str)
+    t["panel"] = f"{phase}: longest prompt before OOM\n" + t["run"]
     t["device"] = t["run"].map(df.groupby("run")["device"].first())  # what unit() counts
-    palette = _palette(t, "label")
-    t = t.set_index("label").loc[list(palette)].reset_index()
+    palette = _palette(t, "config")  # a strategy's colour, its variants lighter: as in every other figure
+    t = t.assign(_o=t["config"].map(list(palette).index)).sort_values(["_o", "world_size"])
 
     def bars(data: pd.DataFrame, **_kw) -> None:
         ax = plt.gca()
         notes = ["no OOM" if np.isnan(n) else f"OOM at {tokens(n)}" for n in data["first_oom_seq_len"]]
-        ax.bar_label(ax.bar(data["label"], data["max_ok_seq_len"], color=[palette[k] for k in data["label"]]),
+        ax.bar_label(ax.bar(data["label"], data["max_ok_seq_len"], color=[palette[k] for k in data["config"]]),
                      notes, fontsize="small", padding=2)  # fmt: skip
         log_axis(ax.yaxis, 2, tokens)
         ax.set_ylim(data["max_ok_seq_len"].min() / 2, data["max_tested_seq_len"].max() * 2)
@@ -235,7 +236,8 @@ def plot_max_prompt(df: pd.DataFrame, phase: str = "prefill") -> Figure | None:
         ax.set(ylabel="longest prompt that ran (tokens)", xlabel=f"configuration x {unit(data)}")
 
     sns.set_theme(style="whitegrid", context="notebook")
-    g = sns.FacetGrid(t, col="panel", col_wrap=min(t["panel"].nunique(), 3), sharex=False, sharey=False, height=4.4)
+    g = sns.FacetGrid(t, col="panel", col_wrap=min(t["panel"].nunique(), 3), sharex=False, sharey=False, height=4.4,
+                      aspect=max(1.0, (0.9 * t.groupby("panel").size().max() + 2) / 4.4))  # a bar's label fits
     g.map_dataframe(bars).set_titles("{col_name}", size="medium")
     plt.close(g.figure)
     return g.figure
