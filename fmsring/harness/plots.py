@@ -27,6 +27,8 @@ from fmsring.harness.analysis import FAILED, config_label, tokens, unit
 from fmsring.harness.schema import STRATEGIES, TOLERANCES
 
 _BASE = {"single": "#1f77b4", "ring": "#d62728", "tp": "#2ca02c", "torch_cp": "#ff7f0e"}
+# Every figure sets the same theme, since matplotlib reads the limits' mode again when a figure is saved.
+THEME = {"style": "whitegrid", "context": "notebook", "rc": {"axes.autolimit_mode": "round_numbers"}}
 
 
 def log_axis(axis, base: int = 10, fmt=lambda v, _pos=None: f"{v:g}", span=None) -> None:
@@ -65,7 +67,7 @@ def _config(d: pd.DataFrame) -> pd.Series:
 
 def _facets(d: pd.DataFrame, kind: str, x: str, y: str, hue: str, style: str, order=None, **kw) -> sns.FacetGrid:
     """seaborn's relplot of ``d``, one facet per value of ``panel`` (its title), its legend beside the facets."""
-    sns.set_theme(style="whitegrid", context="notebook", rc={"axes.autolimit_mode": "round_numbers"})
+    sns.set_theme(**THEME)
     panels = list(dict.fromkeys(d["panel"]))
     palette = kw.pop("palette", None) or _palette(d, hue)
     hue_order = order or list(palette)
@@ -235,7 +237,7 @@ def plot_max_prompt(df: pd.DataFrame, phase: str = "prefill") -> Figure | None:
         plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
         ax.set(ylabel="longest prompt that ran (tokens)", xlabel=f"configuration x {unit(data)}")
 
-    sns.set_theme(style="whitegrid", context="notebook")
+    sns.set_theme(**THEME)
     g = sns.FacetGrid(t, col="panel", col_wrap=min(t["panel"].nunique(), 3), sharex=False, sharey=False, height=4.4,
                       aspect=max(1.0, (0.9 * t.groupby("panel").size().max() + 2) / 4.4))  # a bar's label fits
     g.map_dataframe(bars).set_titles("{col_name}", size="medium")
@@ -272,7 +274,7 @@ def plot_seed_comparison(df: pd.DataFrame) -> Figure | None:
     t = seed.seed_comparison(df)
     if t.empty:
         return None
-    sns.set_theme(style="whitegrid", context="notebook")
+    sns.set_theme(**THEME)
     fig = Figure(figsize=(max(6.0, 0.8 * len(t) + 2), 4.4), layout="constrained")
     ax = fig.subplots()
     theirs = t["source"] == seed.SOURCE
