@@ -6,6 +6,7 @@
 #   make sweep PARAMS=my_sweep.yaml             any notebooks/run.ipynb parameters, from YAML
 #   make analysis                               one figure set per run folder under runs/ (and runs/local/)
 #   make analysis RUNS="runs/a runs/b"          compare runs, a panel per run
+#   make results                                docs/results.md from the committed runs' CSVs
 #
 # Sweep settings not given keep notebooks/run.ipynb's defaults (or PARAMS's values).
 # Everything generated here goes under runs/local/ (git-ignored); runs/README.md says how to commit a run.
@@ -27,7 +28,7 @@ RUNS ?=
 
 PAPERMILL := $(PY) -m papermill -k python3 --log-level WARNING
 
-.PHONY: help venv test test-gpu sweep analysis kernel notebooks clean-venv
+.PHONY: help venv test test-gpu sweep analysis results kernel notebooks clean-venv
 
 help: ## list the targets
 	@echo "targets:"
@@ -64,22 +65,19 @@ sweep: venv ## run notebooks/run.ipynb (a sweep), then notebooks/analysis.ipynb 
 	echo "sweep -> $$run (executed notebooks, results.csv, params.json, logs/, figures/)"; \
 	if ! $(PAPERMILL) notebooks/run.ipynb "$$run/run.ipynb" -f "$$run/notebook.yaml"; then \
 		echo "sweep failed: see $$run/run.ipynb and $$run/logs/" >&2; exit 1; fi; \
-	$(PAPERMILL) notebooks/analysis.ipynb "$$run/analysis.ipynb" -y "run_dirs: ['$$run']"; \
+	$(PAPERMILL) notebooks/analysis.ipynb "$$run/analysis.ipynb" -y "run_dirs: ['$$run']" -p out_dir "$$(dirname "$$run")"; \
 	$(PY) -c "import json, sys; print('points:', json.load(open(sys.argv[1]))['sessions'][-1]['statuses'])" "$$run/params.json"; \
 	echo "results: $$run/results.csv"; \
 	echo "plots:   $$run/figures/"; ls "$$run/figures" | sed 's/^/  /'
 
-analysis: venv ## run notebooks/analysis.ipynb: one figure set per run under runs/, or RUNS="a b" compared
-	@set -e; mkdir -p "$(ANALYSIS_DIR)"; \
-	if [ -n "$(RUNS)" ]; then \
-		dirs="$$(printf "'%s', " $(RUNS))"; \
-		$(PAPERMILL) notebooks/analysis.ipynb "$(ANALYSIS_DIR)/compare.ipynb" -y "run_dirs: [$${dirs%, }]" \
-			-p compare True -p out_dir "$(ANALYSIS_DIR)/compare"; \
-		echo "executed notebook: $(ANALYSIS_DIR)/compare.ipynb, figures: $(ANALYSIS_DIR)/compare/"; \
-	else \
-		$(PAPERMILL) notebooks/analysis.ipynb "$(ANALYSIS_DIR)/analysis.ipynb" -p out_dir "$(ANALYSIS_DIR)"; \
-		echo "executed notebook: $(ANALYSIS_DIR)/analysis.ipynb, figures: $(ANALYSIS_DIR)/<run>/"; \
-	fi
+analysis: venv ## run notebooks/analysis.ipynb: figures per run in ANALYSIS_DIR/<run>/figures/, or RUNS="a b" compared
+	@set -e; mkdir -p "$(ANALYSIS_DIR)"; name=analysis; set --; \
+	if [ -n "$(RUNS)" ]; then dirs="$$(printf "'%s', " $(RUNS))"; name=compare; set -- -y "run_dirs: [$${dirs%, }]" -p compare True; fi; \
+	$(PAPERMILL) notebooks/analysis.ipynb "$(ANALYSIS_DIR)/$$name.ipynb" -p out_dir "$(ANALYSIS_DIR)" "$$@"; \
+	echo "executed notebook: $(ANALYSIS_DIR)/$$name.ipynb; figures under $(ANALYSIS_DIR)/"
+
+results: venv ## render docs/results.md from the committed runs' CSVs (runs/*/results*.csv)
+	$(PY) -m fmsring.harness.results
 
 kernel: venv ## register this venv as the Jupyter kernel "fmsring" (for interactive use; user-wide)
 	$(PY) -m ipykernel install --user --name fmsring --display-name "Python (fmsring)"

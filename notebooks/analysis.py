@@ -25,12 +25,13 @@
 # token, follow-ups and exactness. Every figure is saved as PNG and PDF. A figure whose data is missing
 # (a phase or strategy that was not run, memory on CPU) is skipped.
 #
-# By default each run gets its own figure set (`<out_dir>/<run>/`, or `<run>/figures/` without
-# `out_dir`); `compare = True` draws one set with a panel per run instead.
+# Each run gets its own figure set in `<out_dir>/<run>/figures/` (by default under `runs/local/analysis/`,
+# git-ignored, so the committed runs' figures are never rewritten); `compare = True` draws one set with a
+# panel per run into `<out_dir>/compare/` instead. `make sweep` points `out_dir` at its own `runs/local/`.
 
 # %% tags=["parameters"]
 run_dirs: list = []  # run folders to load; empty means every folder under runs/ (runs/local/ too) with a results.csv
-out_dir: str = ""  # where figures go: <out_dir>/<run>/ per run (or <out_dir>/ with compare); empty: <run>/figures
+out_dir: str = "runs/local/analysis"  # figures go to <out_dir>/<run>/figures/ (<out_dir>/compare/ with compare)
 compare: bool = False  # one figure set with a panel per run, instead of one set per run
 
 # %%
@@ -110,11 +111,10 @@ for run_dir in dirs:
 # ## Figures
 
 # %%
-out = resolve(out_dir) if out_dir else None
-figure_sets = {"all runs": plots.plot_all(df, out)} if compare else plots.plot_each_run(df, out)
+out = resolve(out_dir)
+figure_sets = {"compare": plots.plot_all(df, out / "compare")} if compare else plots.plot_each_run(df, out)
 for run, figures in figure_sets.items():
-    where = next(iter(figures.values())).saved_paths[0].parent if figures else "-"
-    print(f"== {run}: {len(figures)} figures in {where}")
+    print(f"== {run}: {len(figures)} figures in {out / 'compare' if compare else out / run / 'figures'}")
     for fig_name, fig in figures.items():
         print(fig_name)
         display(fig)

@@ -99,9 +99,10 @@ def test_run_then_analysis(tmp_path: Path):
     executed = nbformat.read(run_dir / "run.ipynb", as_version=4)
     assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
 
-    done = papermill(
-        str(NOTEBOOKS / "analysis.ipynb"), str(run_dir / "analysis.ipynb"), "-y", f"run_dirs: ['{run_dir}']"
-    )
+    done = papermill(  # as make sweep runs it: the run's figures into its own folder
+        str(NOTEBOOKS / "analysis.ipynb"), str(run_dir / "analysis.ipynb"), "-y", f"run_dirs: ['{run_dir}']",
+        "-p", "out_dir", str(runs),
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     figures = run_dir / "figures"
     for name in FIGURES:
@@ -126,3 +127,16 @@ def test_a_sweep_without_success_fails_the_notebook(tmp_path: Path):
     )  # fmt: skip
     assert done.returncode != 0
     assert "no point of the sweep succeeded" in done.stderr
+
+
+def test_analysis_leaves_the_committed_runs_untouched(tmp_path: Path):
+    """The analysis notebook's defaults draw a committed run's figures into runs/local/analysis/
+    (git-ignored), never over the run's own tracked figures."""
+    run = "2026-11-26_h200x4_llama3-8b_ak"  # a committed run with tracked figures/
+    assert subprocess.run(["git", "ls-files", f"runs/{run}/figures"], cwd=ROOT, capture_output=True, text=True).stdout
+    status = ["git", "status", "--porcelain", "--untracked-files=all", "runs/"]
+    before = subprocess.run(status, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    done = papermill(str(NOTEBOOKS / "analysis.ipynb"), str(tmp_path / "out.ipynb"), "-y", f"run_dirs: [runs/{run}]")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert subprocess.run(status, cwd=ROOT, capture_output=True, text=True, check=True).stdout == before
+    assert (ROOT / "runs" / "local" / "analysis" / run / "figures" / "latency_prefill.png").exists()

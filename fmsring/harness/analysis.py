@@ -1,73 +1,43 @@
-"""Load benchmark rows and turn them into tables: statuses, latency, scaling
-against the strongest one-GPU row, exactness, longest prompts, follow-ups.
-
-``load_runs`` reads the ``results.csv`` of one or more run folders (see
-:mod:`fmsring.harness.sweep`) into one DataFrame, tagged by run; the figures
-drawn from these tables are :mod:`fmsring.harness.plots`'.
-"""
+"""Benchmark rows as tables: ``load_runs`` reads run folders' CSVs into one DataFrame tagged by run;
+the tables say statuses, latency, scaling against the strongest one-GPU row, exactness, longest
+prompts, follow-ups, factorisations, links and a profiled decode step (:mod:`.plots` draws them)."""
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from fmsring.harness.schema import AS_SHIPPED, STATUSES, TOLERANCES, judge, mesh_sizes
 
-NUMERIC = (
-    "world_size", "cp_size", "tp_size", "seq_len", "cached_len", "batch", "padding", "latency_ms",
-    "latency_ms_min",
-    "latency_ms_max", "ttft_ms", "floor_ms", "peak_mem_gib", "tflops_per_gpu", "max_abs_err", "rel_err", "ref_norm",
-    "repeats", "gpu_count", "link_gbps",
-)  # fmt: skip
+TEXT = ("strategy", "variant", "dtype", "layout", "phase", "same_next_token", "status", "error", "model", "device",
+        "gpu_name", "interconnect", "git_sha", "torch_version", "cuda_version", "nccl_version", "env", "timestamp")
+NUMERIC = ("world_size", "cp_size", "tp_size", "seq_len", "cached_len", "batch", "padding", "latency_ms", "floor_ms",
+           "peak_mem_gib", "max_abs_err", "rel_err", "ref_norm", "ttft_ms", "gpu_memory_gib")  # read even where absent
 KEY = ("run", "strategy", "variant", "world_size", "seq_len", "cached_len", "batch", "padding", "phase", "interconnect")
 FAILED = ("oom", "timeout", "error")  # no timings: shown as markers with their status
-
-
-# ---------------------------------------------------------------------------
-# loading
 
 
 def find_runs(root: str | os.PathLike = "runs") -> list[Path]:
     """Run folders (those holding a results.csv) at or anywhere under ``root``, sorted."""
     root = Path(root)
-    if (root / "results.csv").exists():
-        return [root]
-    return sorted(p.parent for p in root.rglob("results.csv"))
+    return [root] if (root / "results.csv").exists() else sorted(p.parent for p in root.rglob("results.csv"))
 
 
-def _expand(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+def _csvs(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
     """The CSV files to read: a file as given (``results_fp32.csv`` too), a run folder's ``results.csv``."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
     out: list[Path] = []
-    for p in paths:
-        s = str(p)
-        hits = [Path(h) for h in sorted(glob.glob(s))] if any(c in s for c in "*?[") else [Path(s)]
-        for h in hits:
-            if h.is_file():
-                out.append(h)
-            elif h.is_dir():
-                out.extend(run / "results.csv" for run in find_runs(h))
-            else:
-                raise FileNotFoundError(f"no run folder or results.csv at {h}")
+    for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        if not Path(p).exists():
+            raise FileNotFoundError(f"no run folder or results.csv at {p}")
+        out += [Path(p)] if Path(p).is_file() else [run / "results.csv" for run in find_runs(p)]
     return list(dict.fromkeys(p.resolve() for p in out))
-
-
-def read_params(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """A run's params.json ({} when absent)."""
-    try:
-        return json.loads((Path(run_dir) / "params.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _legacy_variants(df: pd.DataFrame) -> pd.DataFrame:
@@ -75,9 +45,8 @@ def _legacy_variants(df: pd.DataFrame) -> pd.DataFrame:
     (`` ring{...}`` for a ring variant, `` fused-peers``), and the peers ran as shipped unless fused."""
     model = df["model"].fillna("")
     ring_kwargs = model.str.extract(r" ring(\{.*\})", expand=False).fillna("")
-    fused = model.str.contains(" fused-peers", regex=False)
-    peers = df["strategy"] != "ring"
-    df["variant"] = np.where(peers, np.where(fused, "fused", AS_SHIPPED), ring_kwargs)
+    fused = np.where(model.str.contains(" fused-peers", regex=False), "fused", AS_SHIPPED)
+    df["variant"] = np.where(df["strategy"] != "ring", fused, ring_kwargs)
     df["model"] = model.str.replace(r" ring\{.*\}", "", regex=True).str.replace(" fused-peers", "", regex=False)
     return df
 
@@ -94,55 +63,42 @@ def _rejudge(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def load_runs(paths: str | os.PathLike | Iterable[str | os.PathLike] = "runs", dedupe: bool = True) -> pd.DataFrame:
-    """All rows of the given run folders (their ``results.csv``), CSV files (any
-    name: ``results_fp32.csv``), or folders of runs.
-
-    Adds ``run`` (the folder's name: a folder's CSVs are one run, so a
-    ``single`` row in one is the baseline of the others), ``run_dir`` and ``decode_tokens`` (from
-    params.json); fills the columns older CSVs lack. With ``dedupe`` a point
-    measured more than once (a failed point retried on resume) keeps its ``ok``
-    row, or else its latest row.
-    """
+    """All rows of the given run folders (their ``results.csv``), CSV files (any name:
+    ``results_fp32.csv``), or folders of runs, with ``run`` (the folder's name: a folder's CSVs are
+    one run, so a ``single`` row in one is the baseline of the others) and ``run_dir``; the columns
+    older CSVs lack are filled. With ``dedupe`` a point measured more than once (a failed point
+    retried on resume) keeps its ``ok`` row, or else its latest row."""
     frames = []
-    for csv in _expand(paths):
-        run_dir = csv.parent
+    for csv in _csvs(paths):
         try:
             df = pd.read_csv(csv, dtype=str, keep_default_na=False, on_bad_lines="skip")
         except pd.errors.EmptyDataError:
             continue
-        if df.empty:
-            continue
-        df.insert(0, "run", run_dir.name)
-        df.insert(1, "run_dir", str(run_dir))
-        if "decode_tokens" not in df.columns:
-            df["decode_tokens"] = read_params(run_dir).get("config", {}).get("decode_tokens", np.nan)
-        if "variant" not in df.columns:
-            df = _legacy_variants(df)
-        frames.append(df)
-    if not frames:
-        return pd.DataFrame(columns=["run", "run_dir", *KEY[1:], "status"])
+        df = df.assign(run=csv.parent.name, run_dir=str(csv.parent))
+        frames.append(_legacy_variants(df) if "variant" not in df.columns else df)
+    if not any(len(f) for f in frames):
+        return pd.DataFrame(columns=list(dict.fromkeys(["run", "run_dir", *KEY, "status", *NUMERIC])))
     df = pd.concat(frames, ignore_index=True)
     for col, fill in (("cached_len", "0"), ("padding", "0"), ("variant", ""), ("dtype", ""), ("interconnect", "")):
         df[col] = df[col].fillna(fill).replace("", fill) if col in df.columns else fill
-    for col in (*NUMERIC, "decode_tokens"):
-        df[col] = pd.to_numeric(df[col].replace("", np.nan), errors="coerce") if col in df.columns else np.nan
+    for col in {*NUMERIC, *df.columns} - {*TEXT, "run", "run_dir"}:  # a column the bench added: numeric if it parses
+        raw = df[col].replace(["", "nan"], np.nan) if col in df.columns else pd.Series(np.nan, index=df.index)
+        try:
+            df[col] = pd.to_numeric(raw)
+        except (ValueError, TypeError):
+            df[col] = pd.to_numeric(raw, errors="coerce") if col in NUMERIC else df[col]
     df = df[df["status"].isin(STATUSES)].copy()
     legacy = df["cp_size"].isna() & df["world_size"].notna()  # rows from before ring x TP: ring was cp = world
     for i in df.index[legacy]:
         df.loc[i, ["cp_size", "tp_size"]] = mesh_sizes(df.at[i, "strategy"], int(df.at[i, "world_size"]))
     if "same_next_token" in df.columns:
-        df["same_next_token"] = df["same_next_token"].map({"True": True, "true": True, "False": False, "false": False})
+        df["same_next_token"] = df["same_next_token"].str.lower().map({"true": True, "false": False})
     df = _rejudge(df)
     if dedupe and not df.empty:
-        df["_order"] = np.arange(len(df))
-        df["_ok"] = df["status"].eq("ok")
-        df = df.sort_values(["_ok", "_order"]).groupby(list(KEY), dropna=False, sort=False).tail(1)
-        df = df.sort_values("_order").drop(columns=["_order", "_ok"])
+        order = pd.Series(np.arange(len(df)), index=df.index)
+        keep = df.assign(_ok=df["status"].eq("ok"), _o=order).sort_values(["_ok", "_o"])
+        df = df.loc[sorted(keep.groupby(list(KEY), dropna=False, sort=False).tail(1).index, key=order.get)]
     return df.reset_index(drop=True)
-
-
-# ---------------------------------------------------------------------------
-# tables
 
 
 def config_label(strategy: str, variant: str) -> str:
@@ -159,9 +115,8 @@ def status_table(df: pd.DataFrame) -> pd.DataFrame:
     """Points per status, per (run, strategy, variant, world size)."""
     if df.empty:
         return pd.DataFrame()
-    t = df.pivot_table(
-        index=["run", "strategy", "variant", "world_size"], columns="status", values="seq_len", aggfunc="count"
-    )
+    t = df.pivot_table(index=["run", "strategy", "variant", "world_size"], columns="status", values="seq_len",
+                       aggfunc="count")  # fmt: skip
     return t.reindex(columns=[s for s in STATUSES if s in t.columns]).fillna(0).astype(int)
 
 
@@ -175,26 +130,17 @@ def summary(df: pd.DataFrame, phase: str = "prefill", value: str = "latency_ms")
     return d.assign(_v=shown).pivot_table(index=index, columns="seq_len", values="_v", aggfunc="last")
 
 
-def _ok(df: pd.DataFrame, phase: str | None, column: str) -> pd.DataFrame:
-    if df.empty or column not in df.columns:
-        return df.iloc[0:0]
-    d = df[df["status"] == "ok"]
-    if phase is not None:
-        d = d[d["phase"] == phase]
+def _ok(df: pd.DataFrame, phase: str, column: str) -> pd.DataFrame:
+    d = df[(df["status"] == "ok") & (df["phase"] == phase)] if len(df) and column in df.columns else df.iloc[0:0]
     return d.dropna(subset=[column, "seq_len", "world_size"])
 
 
 def scaling_table(df: pd.DataFrame, phase: str = "prefill", warn: bool = True) -> pd.DataFrame:
-    """Speedup and parallel efficiency of every ok multi-rank point against the strongest one-GPU row.
-
-    The reference (column ``reference``) is the fastest ``single`` row of that
-    run and point (any variant), so a speedup is never measured against a
-    handicapped baseline. A point no single GPU ran (it ran out of memory) is
-    measured against the same configuration's smallest world size W0 that ran
-    it, counted as a speedup of W0 (ideal up to W0); its ``reference`` says so.
-    A speedup above the world size (column ``superlinear``) is physically
-    suspect -- usually a weak or mismatched baseline -- and is warned about by name.
-    """
+    """Speedup and parallel efficiency of every ok multi-rank point against the fastest ``single`` row
+    of its run and point (any variant: never a handicapped baseline). A point no single GPU ran is
+    measured against its configuration's smallest world size W0 that ran it, counted as a speedup
+    of W0 (ideal up to W0; ``reference`` says so). A speedup above the world size (``superlinear``)
+    is physically suspect -- usually a weak baseline -- and is warned about by name."""
     d = _ok(df, phase, "latency_ms")
     cols = ["reference", "baseline_ms", "baseline_world_size", "speedup", "efficiency", "superlinear"]
     rows = d[d["strategy"] != "single"].copy()
@@ -216,10 +162,7 @@ def scaling_table(df: pd.DataFrame, phase: str = "prefill", warn: bool = True) -
         label = config_label(r["strategy"], r["variant"])
         return (f"{label} x1" if w0 == 1 else f"{label} x{w0} (ideal up to {w0} assumed)"), float(s["latency_ms"]), w0
 
-    refs = [reference(r) for _, r in rows.iterrows()]
-    rows["reference"] = [r[0] for r in refs]
-    rows["baseline_ms"] = [r[1] for r in refs]
-    rows["baseline_world_size"] = [float(r[2]) for r in refs]
+    rows[cols[:3]] = pd.DataFrame([reference(r) for _, r in rows.iterrows()], index=rows.index).astype({2: float})
     rows["speedup"] = rows["baseline_world_size"] * rows["baseline_ms"] / rows["latency_ms"]
     rows["efficiency"] = rows["speedup"] / rows["world_size"]
     rows["superlinear"] = rows["speedup"] > rows["world_size"] * (1 + 1e-9)
@@ -234,13 +177,9 @@ def scaling_table(df: pd.DataFrame, phase: str = "prefill", warn: bool = True) -
 
 def superlinear_points(table: pd.DataFrame) -> list[str]:
     """Names of the scaling table's points whose speedup exceeds their world size."""
-    t = table[table["superlinear"]]
-    return [
-        f"{r.run}: {config_label(r.strategy, r.variant)} x{int(r.world_size)} {r.phase} "
-        f"at {_tokens(r.seq_len)}{f' after {_tokens(r.cached_len)}' if r.cached_len else ''}: "
-        f"{r.speedup:.2f}x vs {r.reference}"
-        for r in t.itertuples()
-    ]
+    return [f"{r.run}: {config_label(r.strategy, r.variant)} x{int(r.world_size)} {r.phase} at {tokens(r.seq_len)}"
+            f"{f' after {tokens(r.cached_len)}' if r.cached_len else ''}: {r.speedup:.2f}x vs {r.reference}"
+            for r in table[table["superlinear"]].itertuples()]  # fmt: skip
 
 
 def accuracy_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -260,28 +199,13 @@ def accuracy_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def max_prompt_table(df: pd.DataFrame, phase: str = "prefill") -> pd.DataFrame:
     """Per (run, strategy, variant, world size): longest ok prompt, and the shortest that ran out of memory."""
-    if df.empty:
-        return pd.DataFrame()
-    d = df[df["phase"] == phase].dropna(subset=["seq_len", "world_size"])
+    d = df[df["phase"] == phase].dropna(subset=["seq_len", "world_size"]) if len(df) else df
     if d.empty or not (d["status"] == "ok").any():
         return pd.DataFrame()
-    out = []
-    for (run, s, v, w), g in d.groupby(["run", "strategy", "variant", "world_size"]):
-        ok = g.loc[g["status"] == "ok", "seq_len"]
-        oom = g.loc[g["status"] == "oom", "seq_len"]
-        out.append({
-            "run": run, "strategy": s, "variant": v, "world_size": int(w),
-            "max_ok_seq_len": int(ok.max()) if len(ok) else np.nan,
-            "first_oom_seq_len": int(oom.min()) if len(oom) else np.nan,
-            "max_tested_seq_len": int(g["seq_len"].max()),
-        })  # fmt: skip
-    return pd.DataFrame(out)
-
-
-def decode_per_token(df: pd.DataFrame) -> pd.DataFrame:
-    """ok decode rows with ``ms_per_token``: the bench's decode ``latency_ms`` is already the
-    median time of one greedy step (``ttft_ms`` is the cached prefill before them)."""
-    return _ok(df, "decode", "latency_ms").assign(ms_per_token=lambda d: d["latency_ms"])
+    at = d.assign(ok=d["seq_len"].where(d["status"] == "ok"), oom=d["seq_len"].where(d["status"] == "oom"))
+    t = at.groupby(["run", "strategy", "variant", "world_size"], as_index=False).agg(
+        max_ok_seq_len=("ok", "max"), first_oom_seq_len=("oom", "min"), max_tested_seq_len=("seq_len", "max"))
+    return t.astype({"world_size": int})
 
 
 def followup_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -290,20 +214,20 @@ def followup_table(df: pd.DataFrame) -> pd.DataFrame:
     ``recompute_ms`` is that prefill (same run, variant and world size), and
     ``cache_gain`` = recompute_ms / latency_ms: above 1 the cache is worth keeping.
     """
-    d = _ok(df, "followup", "latency_ms").copy()
-    if d.empty:
-        return d
-    pre = _ok(df, "prefill", "latency_ms")
-    pre = pre[pre["strategy"] == "ring"].set_index(["run", "variant", "world_size", "seq_len"])["latency_ms"]
-    pre = pre[~pre.index.duplicated()]
-    keys = zip(d["run"], d["variant"], d["world_size"], d["seq_len"] + d["cached_len"], strict=True)
-    d["recompute_ms"] = [
-        pre.get(k, np.nan) if s == "ring" else np.nan for k, s in zip(keys, d["strategy"], strict=True)
-    ]
-    d["cache_gain"] = d["recompute_ms"] / d["latency_ms"]
+    d = _ok(df, "followup", "latency_ms")
+    d = d.assign(recompute_ms=fresh_prefill_ms(df, d), cache_gain=lambda t: t.recompute_ms / t.latency_ms)
     cols = ["run", "strategy", "variant", "world_size", "cached_len", "seq_len", "latency_ms", "floor_ms",
             "recompute_ms", "cache_gain", "status"]  # fmt: skip
     return d[cols].sort_values(cols[:6]).reset_index(drop=True)
+
+
+def fresh_prefill_ms(df: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
+    """Per ring follow-up row of ``rows``, the ring's fresh prefill of the same P+T tokens in ``df`` (same
+    run, variant and world size); NaN for the other peers and where none was measured."""
+    at = ["run", "variant", "world_size", "seq_len"]
+    pre = _ok(df, "prefill", "latency_ms").query("strategy == 'ring'").drop_duplicates(at).set_index(at)["latency_ms"]
+    keys = [rows.run, rows.variant, rows.world_size, rows.seq_len + rows.cached_len]
+    return np.where(rows["strategy"] == "ring", pre.reindex(pd.MultiIndex.from_arrays(keys)).to_numpy(), np.nan)
 
 
 def mesh_label(strategy: str, variant: str, cp: float, tp: float) -> str:
@@ -315,74 +239,55 @@ def tradeoff_table(df: pd.DataFrame) -> pd.DataFrame:
     """Per (run, world size, prompt length) and configuration: prefill time, decode ms/token and
     their floors, and the longest prompt the configuration ran in the run (``max_ok_seq_len``),
     so every factorisation cp x tp of one world can be weighed against the others."""
-    if df.empty or "latency_ms" not in df.columns:
-        return pd.DataFrame()
-    ok = df[df["status"] == "ok"].dropna(subset=["seq_len", "world_size", "latency_ms"])
-    ok = ok[ok["cached_len"].fillna(0) == 0]
+    ok = df[(df["status"] == "ok") & (df["cached_len"] == 0)] if len(df) else df
+    ok = ok.dropna(subset=["seq_len", "world_size", "latency_ms"])
     if ok.empty or not {"prefill", "decode"} & set(ok["phase"]):
         return pd.DataFrame()
     keys = ["run", "world_size", "seq_len", "strategy", "variant", "cp_size", "tp_size"]
     wide = ok.pivot_table(index=keys, columns="phase", values=["latency_ms", "floor_ms"], aggfunc="first")
     wide.columns = [f"{phase}_{'ms' if v == 'latency_ms' else 'floor_ms'}" for v, phase in wide.columns]
-    wide = wide.reset_index()
-    for col in ("prefill_ms", "prefill_floor_ms", "decode_ms", "decode_floor_ms"):
-        if col not in wide.columns:
-            wide[col] = np.nan
+    wide = wide.reindex(columns=["prefill_ms", "prefill_floor_ms", "decode_ms", "decode_floor_ms"]).reset_index()
     longest = ok.groupby(["run", "strategy", "variant", "world_size"])["seq_len"].max().rename("max_ok_seq_len")
     wide = wide.join(longest, on=["run", "strategy", "variant", "world_size"])
-    wide["config"] = [
-        mesh_label(*k) for k in zip(wide["strategy"], wide["variant"], wide["cp_size"], wide["tp_size"], strict=True)
-    ]
-    cols = ["run", "world_size", "seq_len", "config", "strategy", "variant", "cp_size", "tp_size", "prefill_ms",
-            "prefill_floor_ms", "decode_ms", "decode_floor_ms", "max_ok_seq_len"]  # fmt: skip
-    return wide[cols].sort_values(["run", "world_size", "seq_len", "tp_size", "config"]).reset_index(drop=True)
+    wide.insert(3, "config", [mesh_label(*k) for k in zip(wide.strategy, wide.variant, wide.cp_size, wide.tp_size)])
+    return wide.sort_values(["run", "world_size", "seq_len", "tp_size", "config"]).reset_index(drop=True)
 
 
 def interconnect_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Prefill speedup over the run's one-GPU ``single`` per peer, world size and length, over
-    NVLink and over the PCIe-like link (NCCL through host memory), and what share of its NVLink
-    speedup each peer keeps there (``kept``)."""
-    d = _ok(df, "prefill", "latency_ms")
-    d = d[d["interconnect"].isin(["nvlink", "pcie-like"])] if "interconnect" in d.columns else d.iloc[0:0]
-    single = d[(d["strategy"] == "single") & (d["world_size"] == 1)].groupby(["run", "seq_len"])["latency_ms"].min()
+    """Prefill speedup over the run's one-GPU ``single`` per peer, world size and length, over NVLink and
+    over the PCIe-like link (NCCL through host memory), and the share of its NVLink speedup each keeps."""
     cols = ["run", "strategy", "variant", "world_size", "seq_len", "single_ms", "nvlink_ms", "pcie_like_ms",
             "speedup_nvlink", "speedup_pcie_like", "kept", "link_gbps_pcie_like"]  # fmt: skip
-    multi = d[d["world_size"] > 1]
-    if multi.empty or single.empty:
+    d = _ok(df, "prefill", "latency_ms")
+    d = d[d["interconnect"].isin(["nvlink", "pcie-like"])]
+    single = d[(d["strategy"] == "single") & (d["world_size"] == 1)].groupby(["run", "seq_len"])["latency_ms"].min()
+    wide = d[d["world_size"] > 1].pivot_table(index=cols[:5], columns="interconnect", aggfunc={
+        "latency_ms": "min", "link_gbps": "median"})  # fmt: skip
+    wide.columns = [f"{v}_{link}" for v, link in wide.columns]
+    if single.empty or not {"latency_ms_nvlink", "latency_ms_pcie-like"} <= set(wide.columns):
         return pd.DataFrame(columns=cols)
-    keys = ["run", "strategy", "variant", "world_size", "seq_len"]
-    wide = multi.pivot_table(index=keys, columns="interconnect", values="latency_ms", aggfunc="min")
-    if not {"nvlink", "pcie-like"} <= set(wide.columns):
-        return pd.DataFrame(columns=cols)
-    t = wide.dropna(subset=["nvlink", "pcie-like"]).reset_index()
-    t = t.rename(columns={"nvlink": "nvlink_ms", "pcie-like": "pcie_like_ms"})
-    t["single_ms"] = [single.get((r, s), np.nan) for r, s in zip(t["run"], t["seq_len"], strict=True)]
-    t["speedup_nvlink"] = t["single_ms"] / t["nvlink_ms"]
-    t["speedup_pcie_like"] = t["single_ms"] / t["pcie_like_ms"]
+    t = wide.rename(columns={"latency_ms_nvlink": "nvlink_ms", "latency_ms_pcie-like": "pcie_like_ms",
+                             "link_gbps_pcie-like": "link_gbps_pcie_like"}).dropna(subset=["nvlink_ms", "pcie_like_ms"])
+    t = t.reset_index()
+    t["single_ms"] = single.reindex(pd.MultiIndex.from_frame(t[["run", "seq_len"]])).to_numpy()
+    t = t.assign(speedup_nvlink=t.single_ms / t.nvlink_ms, speedup_pcie_like=t.single_ms / t.pcie_like_ms)
     t["kept"] = t["speedup_pcie_like"] / t["speedup_nvlink"]
-    link = multi[multi["interconnect"] == "pcie-like"].groupby(keys)["link_gbps"].median()
-    t["link_gbps_pcie_like"] = [link.get(tuple(r), np.nan) for r in t[keys].itertuples(index=False)]
-    return t[cols].sort_values(["run", "world_size", "seq_len", "strategy"]).reset_index(drop=True)
+    return t.reindex(columns=cols).sort_values(["run", "world_size", "seq_len", "strategy"]).reset_index(drop=True)
 
 
 PROFILE_KERNELS = ("matmul", "attention", "elementwise and other")
 
 
 def decode_profile_table(run_dir: str | os.PathLike, config: str = "whole_layer") -> pd.DataFrame:
-    """Where a profiled decode step's time goes (``scripts/profile_decode.py``'s
-    ``decode_profile_rank*.json`` in ``run_dir``), per rank, against the bytes each part must read.
-
-    One row per rank and part: its time (``ms``), what its bytes take at the copy bandwidth
-    measured in the same process (``at_bandwidth_ms``: the weights held for the matmuls, the cache
-    shard for attention, nothing for the rest) and the excess (``over_ms``). Kernel times come
-    from one eager step; ``communication and gaps`` is the rest of the captured step (``step``,
-    against its floor). In that eager step a rank waits inside its collectives for slower peers,
-    so a collective's own time is the least any rank spent in it; where even that exceeds the
-    rest (every rank waited), ``communication`` and ``gaps`` cannot be told apart and are NaN."""
+    """Where a profiled decode step's time goes (``scripts/profile_decode.py``'s ``decode_profile_rank*.json``),
+    per rank and part: its time (``ms``), what its bytes take at the copy bandwidth measured in the same
+    process (``at_bandwidth_ms``: weights for the matmuls, the cache shard for attention) and the excess.
+    Kernel times come from one eager step, where a rank waits inside a collective for slower peers: a
+    collective's own time is the least any rank spent in it, and where that exceeds what the captured
+    step leaves (every rank waited), ``communication`` and ``gaps`` cannot be told apart (NaN)."""
     cols = ["rank", "gpu", "part", "ms", "at_bandwidth_ms", "over_ms"]
-    files = sorted(Path(run_dir).glob("decode_profile_rank*.json"))
-    found = [(f, json.loads(f.read_text())) for f in files]
-    found = [(f, r) for f, r in found if config in r]
+    found = [(f, r) for f in sorted(Path(run_dir).glob("decode_profile_rank*.json"))
+             if config in (r := json.loads(f.read_text()))]  # fmt: skip
     if not found:
         return pd.DataFrame(columns=cols)
     comm = min(r[config]["eager_kernel_ms"].get("communication", 0.0) for _, r in found)
@@ -392,15 +297,10 @@ def decode_profile_table(run_dir: str | os.PathLike, config: str = "whole_layer"
         kernels = {part: res["eager_kernel_ms"].get(part, 0.0) for part in PROFILE_KERNELS}
         step = res["graph_step_ms_median"]
         rest = step - sum(kernels.values())
-        apart = comm <= rest
+        apart = comm <= rest  # else every rank waited in the collective: its own time is unknown
         needed = {"matmul": res["weight_bytes"] / gbps / 1e6, "attention": res["cache_shard_bytes"] / gbps / 1e6}
-        parts = [
-            *kernels.items(),
-            ("communication and gaps", rest),
-            ("communication", comm if apart else math.nan),
-            ("gaps", rest - comm if apart else math.nan),
-            ("step", step),
-        ]
+        parts = [*kernels.items(), ("communication and gaps", rest), ("communication", comm if apart else math.nan),
+                 ("gaps", rest - comm if apart else math.nan), ("step", step)]  # fmt: skip
         for part, ms in parts:
             at_bw = res["floor_ms"] if part == "step" else needed.get(part, 0.0)
             rows.append({"rank": int(f.stem.removeprefix("decode_profile_rank")), "gpu": r["gpu"], "part": part,
@@ -408,33 +308,7 @@ def decode_profile_table(run_dir: str | os.PathLike, config: str = "whole_layer"
     return pd.DataFrame(rows, columns=cols)
 
 
-def gpu_capacity_gib(gpu_name: str | None) -> float | None:
-    """Memory of one card, from its name ("NVIDIA H100 80GB HBM3" -> 79.2); None for CPUs or unknown cards."""
-    import re
-
-    if not isinstance(gpu_name, str) or gpu_name.strip().lower() in ("", "cpu", "nan", "none"):
-        return None
-    name = gpu_name.upper()
-    m = re.search(r"(\d+)\s*GB", name)
-    if m:
-        return int(m.group(1)) * 0.99  # "80GB" cards show ~79.2 GiB to torch
-    for card, gib in sorted(_CARD_GIB.items(), key=lambda kv: -len(kv[0])):
-        if card in name:
-            return gib
-    return None
-
-
-# Usable memory (GiB, as torch reports it) of cards whose name gives no size.
-_CARD_GIB = {
-    "H200": 139.8, "H100": 79.1, "H800": 79.1, "GH200": 94.5, "B200": 178.4, "A100": 79.1, "A800": 79.1,
-    "L40S": 44.4, "L40": 44.4, "L4": 22.0, "A10G": 22.0, "A10": 22.0, "A40": 44.4, "A6000": 47.5,
-    "V100": 31.7, "T4": 14.6, "4090": 23.6, "3090": 23.6, "MI300X": 191.5, "MI250X": 63.98,
-}  # fmt: skip
-
-
-def _tokens(n: float, _pos: Any = None) -> str:
-    """8192 -> "8k", 100 -> "100"."""
-    if not math.isfinite(n):
-        return ""
-    n = round(n)
-    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+def tokens(n: float, _pos=None) -> str:
+    """8192 -> "8k", 100 -> "100" (a tick formatter too)."""
+    n = round(n) if math.isfinite(n) else None
+    return "" if n is None else f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)

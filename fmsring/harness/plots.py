@@ -1,550 +1,336 @@
-"""Figures for readers, drawn from :mod:`fmsring.harness.analysis`'s tables.
+"""Figures for readers, drawn with seaborn from :mod:`fmsring.harness.analysis`'s tables: each a
+Figure with a facet per run, or None where its data was not measured (skipped, never an error).
 
-Every function returns a matplotlib Figure (or None when the data it needs is
-not there: a phase, strategy or column that was not measured is skipped, never
-an error), one panel per run, and saves it as PNG and PDF (by default into
-``<run>/figures/``). Conventions, so a figure reads without its caption:
-
-* every log axis has several labelled ticks (1-2-5 per decade, finer when the
-  data spans less), and lengths read as tokens ("8k");
-* world sizes are "GPUs" for a GPU run and "ranks" for CPU processes;
-* points that failed (oom, error, timeout) are drawn as x markers at the top of
-  the panel with their status, a ``mismatch`` as a red ring at its time --
-  never silently dropped;
-* super-linear points (speedup above the world size) get a red ring and a
-  legend entry that says to check the baseline;
-* lines are medians; there is no shaded band.
+So that a figure reads without its caption: log axes carry 1-2-5 ticks (limits rounded out to whole
+decades), lengths read as tokens ("8k"), world sizes as "GPUs" (or "ranks" for CPU processes); failed
+points are x markers at the top of the facet with their status, a ``mismatch`` or a super-linear
+speedup a red ring; lines are medians.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib import pyplot as plt
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
 from fmsring.harness import analysis, seed
-from fmsring.harness.analysis import FAILED, _tokens, config_label, unit
+from fmsring.harness.analysis import FAILED, config_label, tokens, unit
 from fmsring.harness.schema import STRATEGIES, TOLERANCES
 
 _BASE = {"single": "#1f77b4", "ring": "#d62728", "tp": "#2ca02c", "torch_cp": "#ff7f0e"}
-_DASHES = ["-", "--", ":", "-."]
-_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+# Every figure sets the same theme, since matplotlib reads the limits' mode again when a figure is saved.
+THEME = {"style": "whitegrid", "context": "notebook", "rc": {"axes.autolimit_mode": "round_numbers"}}
 
 
-# ---------------------------------------------------------------------------
-# axes
+def log_axis(axis, base: int = 10, fmt=lambda v, _pos=None: f"{v:g}", span=None) -> None:
+    """A log axis with labelled 1-2-5 ticks (powers of ``base`` otherwise), no unlabelled minor ones,
+    and with ``span`` limits just outside those values (a length axis: a tick at every power of two)."""
+    (axis.axes.set_xscale if axis.axis_name == "x" else axis.axes.set_yscale)("log", base=base)
+    axis.set_major_locator(LogLocator(base, subs=(1.0, 2.0, 5.0) if base == 10 else (1.0,)))
+    axis.set_minor_locator(NullLocator())
+    axis.set_major_formatter(FuncFormatter(fmt))
+    if span is not None and len(v := pd.Series(span).dropna()):
+        (axis.axes.set_xlim if axis.axis_name == "x" else axis.axes.set_ylim)(v.min() / 1.25, v.max() * 1.25)
 
 
-def log_ticks(lo: float, hi: float) -> list[float]:
-    """At least three readable ticks spanning [lo, hi]: 1-2-5 per decade, finer sub-steps when
-    the range is narrow. The caller sets the limits to the first and last tick."""
-    lo, hi = min(lo, hi), max(lo, hi)
-    if hi / lo < 1.7:
-        mid = math.sqrt(lo * hi)
-        lo, hi = mid / 1.3, mid * 1.3
-    for subs in ((1, 2, 5), (1, 1.5, 2, 3, 5, 7), (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9)):
-        grid = [s * 10.0**e for e in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 2) for s in subs]
-        below = max(t for t in grid if t <= lo)
-        above = min(t for t in grid if t >= hi)
-        ticks = [t for t in grid if below <= t <= above]
-        if len(ticks) >= 3:
-            return [float(f"{t:.6g}") for t in ticks]
-    return [float(f"{t:.6g}") for t in ticks]
+def _worlds(d: pd.DataFrame, df: pd.DataFrame) -> list[str]:
+    """Each row's world size as its run (in ``df``) counts it: "2 GPUs", "1 GPU", "4 ranks" (CPU processes)."""
+    words = {r: unit(g) for r, g in df.groupby("run")}
+    return [f"{int(w)} {words[r] if int(w) != 1 else words[r][:-1]}" for w, r in zip(d.world_size, d.run, strict=True)]
 
 
-def _num(v: float, _pos=None) -> str:
-    return f"{v:g}"
+def _palette(d: pd.DataFrame, hue: str) -> dict[str, tuple]:
+    """``hue``'s values in legend order (strategies as STRATEGIES, the default variant first), each
+    strategy in its fixed colour and its further values (variants, world sizes) lighter."""
+    rank = {getattr(s, "value", s): i for i, s in enumerate(STRATEGIES)}  # strings, or schema's str enums
+    first = d.drop_duplicates(hue).assign(_s=lambda t: t.strategy.map(rank),
+                                          _v=lambda t: t.variant != "").sort_values(["_s", "_v", hue])  # fmt: skip
+    shade = first.groupby("strategy").cumcount()
+    base = [np.array(to_rgb(_BASE.get(s, "#7f7f7f"))) for s in first["strategy"]]
+    return {h: tuple(c + (1 - c) * min(0.45 * i, 0.7)) for h, c, i in zip(first[hue], base, shade, strict=True)}
 
 
-def readable_log_y(ax, values: Iterable[float]) -> None:
-    """A log y axis with :func:`log_ticks` over the positive ``values``."""
-    v = [float(x) for x in values if x is not None and np.isfinite(x) and x > 0]
-    if not v:
-        return
-    ticks = log_ticks(min(v), max(v))
-    ax.set_yscale("log")
-    ax.yaxis.set_major_locator(FixedLocator(ticks))
-    ax.yaxis.set_minor_locator(NullLocator())
-    ax.yaxis.set_major_formatter(FuncFormatter(_num))
-    ax.set_ylim(ticks[0], ticks[-1])
+def _config(d: pd.DataFrame) -> pd.Series:
+    """Legend names: ``ring/eager``, with the batch and padding where not the default."""
+    batch, padding = d["batch"].fillna(1), d["padding"].fillna(0)
+    return pd.Series([config_label(s, v) + (f" batch {b:g}" if b > 1 else "") + (f" padding {p:g}" if p else "")
+                      for s, v, b, p in zip(d.strategy, d.variant, batch, padding, strict=True)], index=d.index)
 
 
-def tokens_x(ax, values: Iterable[float], label: str = "prompt length (tokens)") -> None:
-    """A log2 x axis with a labelled tick at every measured length (and neighbours when fewer than 3),
-    but none within 30% of a smaller one: lengths like a follow-up's P+T would print over each other."""
-    ticks: list[float] = []
-    for v in sorted({float(v) for v in values if v and np.isfinite(v) and v > 0}):
-        if not ticks or v >= ticks[-1] * 1.3:
-            ticks.append(v)
-    while 0 < len(ticks) < 3:
-        ticks = sorted({ticks[0] / 2, *ticks, ticks[-1] * 2})
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_locator(FixedLocator(ticks))
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.xaxis.set_major_formatter(FuncFormatter(_tokens))
-    if ticks:
-        ax.set_xlim(ticks[0] / 1.25, ticks[-1] * 1.25)
-    ax.set_xlabel(label)
+def _facets(d: pd.DataFrame, kind: str, x: str, y: str, hue: str, style: str, order=None, **kw) -> sns.FacetGrid:
+    """seaborn's relplot of ``d``, one facet per value of ``panel`` (its title), its legend beside the facets."""
+    sns.set_theme(**THEME)
+    panels = list(dict.fromkeys(d["panel"]))
+    palette = kw.pop("palette", None) or _palette(d, hue)
+    hue_order = order or list(palette)
+    g = sns.relplot(data=d, kind=kind, x=x, y=y, hue=hue, hue_order=hue_order, style=style, palette=palette,
+                    col="panel", col_order=panels, col_wrap=min(len(panels), 3), height=4.4, aspect=1.3,
+                    facet_kws={"sharex": False, "sharey": False}, **kw)  # fmt: skip
+    g.set_titles("{col_name}", size="medium")
+    g.palette = palette
+    plt.close(g.figure)  # returned, not shown: the caller displays or saves it (and pyplot keeps no reference)
+    return g
 
 
-def _powers_of_two_y(ax, lo: float, hi: float) -> None:
-    k0, k1 = math.floor(math.log2(min(lo, 1.0))), math.ceil(math.log2(hi))
-    while k1 - k0 < 2:
-        k0 -= 1
-    ticks = [2.0**k for k in range(k0, k1 + 1)]
-    ax.set_yscale("log", base=2)
-    ax.yaxis.set_major_locator(FixedLocator(ticks))
-    ax.yaxis.set_minor_locator(NullLocator())
-    ax.yaxis.set_major_formatter(FuncFormatter(_num))
-    ax.set_ylim(ticks[0] / 1.15, ticks[-1] * 1.15)
+def _legend(g: sns.FacetGrid, *extra) -> None:
+    """seaborn's legend with ``extra`` handles (failure markers, reference lines) added once each."""
+    data = dict(zip([t.get_text() for t in g.legend.texts], g.legend.legend_handles, strict=True))
+    g.legend.remove()
+    g.add_legend({**data, **{h.get_label(): h for h in extra}})
 
 
-# ---------------------------------------------------------------------------
-# styles and helpers
+def _ring(ax, x, y, label: str) -> Line2D:
+    """Red rings around points that need a second look (a mismatch, a super-linear speedup); the legend's handle."""
+    style = {"marker": "o", "markerfacecolor": "none", "markeredgecolor": "red", "linestyle": ""}
+    ax.plot(x, y, markersize=13, markeredgewidth=1.8, **style)
+    return Line2D([], [], label=label, **style)
 
 
-def _color(strategy: str, variant_index: int = 0) -> tuple[float, float, float]:
-    """The strategy's fixed colour; its other variants lighter."""
-    from matplotlib.colors import to_rgb
-
-    base = np.array(to_rgb(_BASE.get(strategy, "#7f7f7f")))
-    return tuple(base + (1 - base) * min(0.45 * variant_index, 0.7))
-
-
-def _count(w: float, words: str) -> str:
-    """2, "GPUs" -> "2 GPUs"; 1 -> "1 GPU"."""
-    return f"{int(w)} {words if int(w) != 1 else words[:-1]}"
-
-
-def _configs(d: pd.DataFrame) -> list[tuple[str, str]]:
-    """(strategy, variant) pairs in a fixed order: strategies as STRATEGIES, default variant first."""
-    pairs = set(zip(d["strategy"], d["variant"], strict=True))
-    order = {s: i for i, s in enumerate(STRATEGIES)}
-    return sorted(pairs, key=lambda p: (order.get(p[0], 99), p[0], p[1] != "", p[1]))
-
-
-def _variant_index(d: pd.DataFrame, strategy: str, variant: str) -> int:
-    variants = sorted(set(d.loc[d["strategy"] == strategy, "variant"]), key=lambda v: (v != "", v))
-    return variants.index(variant) if variant in variants else 0
-
-
-def _new_figure(nrows: int, ncols: int, width: float = 6.4, height: float = 4.4) -> tuple[Figure, np.ndarray]:
-    sns.set_theme(style="whitegrid", context="notebook")  # one look for every figure
-    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
-    return fig, fig.subplots(nrows, ncols, squeeze=False)
-
-
-def _title(ax, what: str, run: str) -> None:
-    ax.set_title(f"{what}\n{run}" if run else what, fontsize="medium")
-
-
-def _legend(ax, extra: list | None = None) -> None:
-    handles, labels = ax.get_legend_handles_labels()
-    for h in extra or []:
-        handles.append(h)
-        labels.append(h.get_label())
-    if handles:
-        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize="small")
-
-
-def figures_dir(df: pd.DataFrame, out_dir: str | os.PathLike | None = None) -> Path:
-    """``out_dir``, or ``<run>/figures`` for one run, or ``<common parent>/figures`` for several."""
-    if out_dir is not None:
-        return Path(out_dir)
-    dirs = sorted(set(df["run_dir"])) if "run_dir" in df.columns and len(df) else []
-    if len(dirs) == 1:
-        return Path(dirs[0]) / "figures"
-    return Path(os.path.commonpath(dirs)) / "figures" if dirs else Path("figures")
-
-
-def save_figure(fig: Figure, out_dir: Path, name: str) -> list[Path]:
-    """Save ``fig`` as ``name``.png and ``name``.pdf in ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
-    for p in paths:
-        fig.savefig(p, dpi=150, bbox_inches="tight")
-    fig.saved_paths = paths  # type: ignore[attr-defined]
-    return paths
-
-
-def _runs(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    return list(df.groupby("run", sort=False)) if "run" in df.columns else [("", df)]
-
-
-def _mark_failures(ax, d: pd.DataFrame, y: str, colors: dict) -> list:
-    """Failed points as x at the top of the panel with their status; mismatches as red rings."""
-    handles = []
-    failed = d[d["status"].isin(FAILED)]
-    if len(failed):
-        top = ax.get_xaxis_transform()
-        for r in failed.itertuples():
-            c = colors.get((r.strategy, r.variant), "gray")
+def _mark_failures(g: sns.FacetGrid, d: pd.DataFrame, hue: str, y: str) -> list:
+    """Failed points as x at the top of their facet with the status written; mismatches ringed in red."""
+    extra = {}
+    for panel, rows in d.groupby("panel"):
+        ax = g.axes_dict[panel]
+        for r in rows[rows["status"].isin(FAILED)].itertuples():
+            top, c = ax.get_xaxis_transform(), g.palette.get(getattr(r, hue), "gray")
             ax.plot([r.seq_len], [0.97], marker="x", color=c, markersize=8, transform=top, clip_on=False)
             ax.annotate(r.status, (r.seq_len, 0.97), xycoords=top, fontsize="x-small", color=c, rotation=90,
                         xytext=(3, -4), textcoords="offset points", va="top")  # fmt: skip
-        handles.append(Line2D([], [], marker="x", color="gray", linestyle="", label="failed (status written)"))
-    bad = d[(d["status"] == "mismatch") & d[y].notna()]
-    if len(bad):
-        ax.plot(bad["seq_len"], bad[y], linestyle="", marker="o", markersize=12, markerfacecolor="none",
-                markeredgecolor="red", markeredgewidth=1.5)  # fmt: skip
-        handles.append(Line2D([], [], marker="o", markerfacecolor="none", markeredgecolor="red", linestyle="",
-                              label="mismatch: logits beyond tolerance"))  # fmt: skip
-    return handles
+            extra["failed"] = Line2D([], [], marker="x", color="gray", linestyle="", label="failed (status written)")
+        if len(bad := rows[rows["status"] == "mismatch"]):
+            extra["mismatch"] = _ring(ax, bad["seq_len"], bad[y], "mismatch: logits beyond tolerance")
+    return list(extra.values())
 
 
-def _by_length(df: pd.DataFrame, phase: str, y: str, ylabel: str, what: str, statuses=("ok",)) -> Figure | None:
-    """One line per (strategy, variant, world size) of ``y`` vs length, one panel per run."""
-    d = df[df["phase"] == phase] if "phase" in df.columns else df.iloc[0:0]
-    shown = d[d["status"].isin(statuses) & d[y].notna()] if y in d.columns else d.iloc[0:0]
+def plot_by_length(df: pd.DataFrame, y: str, ylabel: str, what: str, phase: str = "prefill", statuses=("ok",),
+                   followup: bool = False) -> Figure | None:  # fmt: skip
+    """``y`` against length per configuration (colour) and world size (marker), log-log, one facet per run.
+
+    With ``followup`` the x axis is the new tokens T, a facet per run and cached length P, and each
+    line comes with its floor and ring's fresh prefill of the same P+T tokens (line style).
+    """
+    d = df[df["phase"] == phase].sort_values(["cached_len", "seq_len"], kind="stable") if len(df) else df
+    shown = d[d["status"].isin(statuses)].dropna(subset=[y]) if y in d else d.iloc[0:0]
     if shown.empty:
         return None
-    runs = [(run, g) for run, g in _runs(d) if run in set(shown["run"])]
-    fig, axes = _new_figure(1, len(runs))
-    for ax, (run, g) in zip(axes[0], runs, strict=True):
-        ok = g[g["status"].isin(statuses)].dropna(subset=[y]).sort_values("seq_len")
-        worlds = sorted(g["world_size"].dropna().unique())
-        colors = {c: _color(c[0], _variant_index(g, *c)) for c in _configs(g)}
-        for strategy, variant in _configs(ok):
-            for w, line in ok[(ok["strategy"] == strategy) & (ok["variant"] == variant)].groupby("world_size"):
-                ax.plot(line["seq_len"], line[y], color=colors[(strategy, variant)],
-                        marker=_MARKERS[worlds.index(w) % len(_MARKERS)],
-                        linestyle=_DASHES[_variant_index(g, strategy, variant) % len(_DASHES)],
-                        label=f"{config_label(strategy, variant)}, {_count(w, unit(g))}")  # fmt: skip
-        tokens_x(ax, g["seq_len"])
-        readable_log_y(ax, ok[y])
-        extra = _mark_failures(ax, g, y, colors)
-        ax.set_ylabel(ylabel)
-        _title(ax, what, run)
-        _legend(ax, extra)
-    return fig
+    d = d[d["run"].isin(shown["run"])].assign(config=_config, world=lambda t: _worlds(t, df))
+    d["panel"] = [f"{what}\n{r}" for r in d["run"]]
+    if followup:
+        d["panel"] = [f"follow-up on a cache of P = {tokens(p)} tokens\n{r}" for r, p in zip(d.run, d.cached_len)]
+        d["config"] = d["config"] + ", " + d["world"]
+        d["fresh prefill of P+T"] = analysis.fresh_prefill_ms(df, d)
+    lines = d[d["status"].isin(statuses)].rename(columns={y: "measured", "floor_ms": "floor"})
+    measures = ["measured", *(["floor", "fresh prefill of P+T"] if followup else [])]
+    lines = lines.melt(id_vars=["panel", "seq_len", "config", "strategy", "variant", "world"], value_vars=measures,
+                       var_name="line", value_name=y).dropna(subset=[y])  # fmt: skip
+    d = d[d["panel"].isin(lines["panel"])]
+    style = "line" if followup else "world"
+    g = _facets(lines, "line", "seq_len", y, "config", style, markers=True, errorbar=None,
+                style_order=measures if followup else sorted(set(lines.world), key=lambda w: int(w.split()[0])))
+    extra = _mark_failures(g, d, "config", y)
+    for panel, ax in g.axes_dict.items():
+        log_axis(ax.xaxis, 2, tokens, d.loc[d["panel"] == panel, "seq_len"])
+        log_axis(ax.yaxis)
+        ax.set(xlabel="new tokens T" if followup else "prompt length (tokens)", ylabel=ylabel)
+        if y == "peak_mem_gib" and "gpu_memory_gib" in d:  # the card's own total_memory, where the row has it
+            for cap in d.loc[d["panel"] == panel, "gpu_memory_gib"].dropna().unique():
+                extra.append(ax.axhline(cap, color="crimson", linestyle=":", label=f"card capacity {cap:.0f} GiB"))
+    _legend(g, *extra)
+    return g.figure
 
 
-# ---------------------------------------------------------------------------
-# plots
+def plot_latency(df: pd.DataFrame, phase: str = "prefill") -> Figure | None:
+    """Median latency vs prompt length per strategy, variant and world size."""
+    return plot_by_length(df, "latency_ms", f"{phase} latency (ms)", f"{phase} latency", phase, ("ok", "mismatch"))
 
 
-def plot_latency(df: pd.DataFrame, out_dir=None, phase: str = "prefill") -> Figure | None:
-    """Median latency vs prompt length per strategy, variant and world size (log-log)."""
-    fig = _by_length(df, phase, "latency_ms", f"{phase} latency (ms)", f"{phase} latency", ("ok", "mismatch"))
-    if fig is not None:
-        save_figure(fig, figures_dir(df, out_dir), f"latency_{phase}")
-    return fig
+def plot_decode(df: pd.DataFrame) -> Figure | None:
+    """Decode latency per generated token (the median step: the first also captures the CUDA graph)."""
+    return plot_by_length(df, "latency_ms", "decode latency (ms / token)", "decode latency per token", "decode",
+                          ("ok", "mismatch"))  # fmt: skip
 
 
-def plot_decode(df: pd.DataFrame, out_dir=None) -> Figure | None:
-    """Decode latency per generated token (median step) vs context length.
-
-    The first step of a generation also captures fmsring's CUDA graph, so the
-    CSV's max is a one-time cost, not a spread of steps: only the median is drawn.
-    """
-    fig = _by_length(df, "decode", "latency_ms", "decode latency (ms / token)", "decode latency per token",
-                     ("ok", "mismatch"))  # fmt: skip
-    if fig is not None:
-        save_figure(fig, figures_dir(df, out_dir), "decode_per_token")
-    return fig
+def plot_memory(df: pd.DataFrame, phase: str = "prefill") -> Figure | None:
+    """Peak memory per GPU vs prompt length, with the card's capacity where the rows record it."""
+    return plot_by_length(df, "peak_mem_gib", "peak memory per GPU (GiB)", f"{phase} peak memory", phase)
 
 
-def plot_memory(df: pd.DataFrame, out_dir=None, phase: str = "prefill") -> Figure | None:
-    """Peak memory per GPU vs prompt length, with the card's capacity (GPU runs only)."""
-    fig = _by_length(df, phase, "peak_mem_gib", "peak memory per GPU (GiB)", f"{phase} peak memory")
-    if fig is None:
-        return None
-    shown = [(run, g) for run, g in _runs(df) if g["peak_mem_gib"].notna().any()]
-    for ax, (_run, g) in zip(fig.axes, shown, strict=False):
-        caps = {analysis.gpu_capacity_gib(n) for n in g["gpu_name"].dropna().unique()} - {None}
-        for cap in caps:
-            ax.axhline(cap, color="crimson", linestyle=":", linewidth=1.5, label=f"card capacity {cap:.0f} GiB")
-        if caps:
-            readable_log_y(ax, [*g["peak_mem_gib"].dropna(), *caps])
-            _legend(ax, [h for h in ax.get_legend().legend_handles if h.get_label().startswith("failed")])
-    save_figure(fig, figures_dir(df, out_dir), f"memory_{phase}")
-    return fig
+def plot_followup(df: pd.DataFrame) -> Figure | None:
+    """Follow-up latency vs new tokens T, a facet per cached length P, with floors and ring's fresh prefill."""
+    return plot_by_length(df, "latency_ms", "follow-up latency (ms)", "", "followup", ("ok",), followup=True)
 
 
-def _scaling_plot(df: pd.DataFrame, out_dir, phase: str, y: str, name: str, ylabel: str) -> Figure | None:
+def _scaling(df: pd.DataFrame, phase: str, y: str) -> Figure | None:
+    """Speedup (log) or parallel efficiency (speedup / world size, linear) vs world size, a line per
+    configuration and length, against the fastest one-GPU row, with the ideal."""
     t = analysis.scaling_table(df, phase, warn=False)
     if t.empty:
         return None
-    runs = _runs(t)
-    fig, axes = _new_figure(1, len(runs))
-    for ax, (run, g) in zip(axes[0], runs, strict=True):
-        words = unit(df[df["run"] == run])
-        # a line without its own 1-GPU point starts at its reference (speedup and efficiency 1), so 1-2-4 read
-        # as one curve; a line that has one (ring on one GPU) starts where it is
-        line_key = ["strategy", "variant", "seq_len", "cached_len"]
-        has_one = g[g["world_size"] == 1].set_index(line_key).index
-        anchors = g[g["baseline_world_size"] == 1].drop_duplicates(line_key)
-        anchors = anchors[~anchors.set_index(line_key).index.isin(has_one)]
-        g = pd.concat([anchors.assign(world_size=1, speedup=1.0, efficiency=1.0, superlinear=False), g])
-        ws = sorted(g["world_size"].unique())
-        ideal = np.asarray(ws, dtype=float) if y == "speedup" else np.ones(len(ws))
-        ax.plot(ws, ideal, color="black", linestyle="--", linewidth=1, label="ideal (linear)")
-        lengths = sorted(g["seq_len"].unique())
-        for ci, (strategy, variant) in enumerate(_configs(g)):
-            for li, n in enumerate(lengths):
-                line = g[(g["strategy"] == strategy) & (g["variant"] == variant) & (g["seq_len"] == n)]
-                for cached, part in line.groupby("cached_len"):
-                    part = part.sort_values("world_size")
-                    after = f" after {_tokens(cached)}" if cached else ""
-                    ax.plot(part["world_size"], part[y], marker=_MARKERS[ci % len(_MARKERS)],
-                            linestyle=_DASHES[ci % len(_DASHES)], color=_shade(li, len(lengths)),
-                            label=f"{config_label(strategy, variant)}, {_tokens(n)}{after}")  # fmt: skip
-        sup = g[g["superlinear"]]
-        extra = []
-        if len(sup):
-            ax.plot(sup["world_size"], sup[y], linestyle="", marker="o", markersize=14, markerfacecolor="none",
-                    markeredgecolor="red", markeredgewidth=2)  # fmt: skip
-            extra.append(Line2D([], [], marker="o", markerfacecolor="none", markeredgecolor="red", linestyle="",
-                                label=f"super-linear (> {words}): check the baseline"))  # fmt: skip
-        ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_locator(FixedLocator(ws))
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.xaxis.set_major_formatter(FuncFormatter(_num))
-        ax.set_xlabel(f"{words} (world size)")
+    # a line without its own one-GPU point starts at its reference (1 at one GPU), so 1-2-4 read as one curve
+    key = ["run", "strategy", "variant", "seq_len", "cached_len"]
+    anchors = t[t["baseline_world_size"] == 1].drop_duplicates(key)
+    anchors = anchors[~anchors.set_index(key).index.isin(t[t["world_size"] == 1].set_index(key).index)]
+    t = pd.concat([anchors.assign(world_size=1, speedup=1.0, efficiency=1.0, superlinear=False), t])
+    words = {r: unit(g) for r, g in df.groupby("run")}
+    t["panel"] = [f"{phase} {y}, vs the fastest run on 1 {words[r][:-1]}\n{r}" for r in t["run"]]
+    t = t.assign(config=_config(t), length=[tokens(n) + (f" after {tokens(c)}" if c else "")
+                 for n, c in zip(t["seq_len"], t["cached_len"], strict=True)])  # fmt: skip
+    lengths = list(dict.fromkeys(t.sort_values(["cached_len", "seq_len"])["length"]))
+    g = _facets(t, "line", "world_size", y, "length", "config", order=lengths, palette="viridis", markers=True,
+                errorbar=None)
+    extra = [Line2D([], [], color="black", linestyle="--", label="ideal (linear)")]
+    for panel, ax in g.axes_dict.items():
+        p = t[t["panel"] == panel]
+        ws, w = sorted(p["world_size"].unique()), words[p["run"].iloc[0]]
+        ax.plot(ws, ws if y == "speedup" else np.ones(len(ws)), color="black", linestyle="--", linewidth=1)
+        if len(sup := p[p["superlinear"]]):
+            extra.append(_ring(ax, sup["world_size"], sup[y], f"super-linear (> {w}): check the baseline"))
+        log_axis(ax.xaxis, 2, span=ws)
         if y == "efficiency":
-            ax.set_ylim(0, max(1.1, float(g[y].max()) * 1.1))
+            ax.set(ylim=(0, max(1.1, float(p[y].max()) * 1.1)), ylabel=f"parallel efficiency (speedup / {w})")
         else:
-            _powers_of_two_y(ax, float(g[y].min()), max(float(max(ws)), float(g[y].max())))
-        ax.set_ylabel(ylabel.format(unit=words, one=words[:-1]))
-        _title(ax, f"{phase} {name}, vs the fastest run on 1 {words[:-1]}", run)
-        if (g["baseline_world_size"] > 1).any():
-            ax.annotate(f"lengths too long for 1 {words[:-1]}: vs their smallest {words} count, ideal up to it assumed",
+            log_axis(ax.yaxis, 2)
+            ax.set_ylabel(f"speedup (x, vs 1 {w[:-1]})")
+        ax.set_xlabel(f"{w} (world size)")
+        if (p["baseline_world_size"] > 1).any():
+            ax.annotate(f"lengths too long for 1 {w[:-1]}: vs their smallest {w} count, ideal up to it assumed",
                         (0, -0.2), xycoords="axes fraction", fontsize="x-small", color="dimgray", va="top")  # fmt: skip
-        _legend(ax, extra)
-    save_figure(fig, figures_dir(df, out_dir), f"{name}_{phase}")
-    return fig
+    _legend(g, *extra)
+    return g.figure
 
 
-def _shade(i: int, n: int) -> tuple:
-    from matplotlib import colormaps
-
-    return colormaps["viridis"](0.1 + 0.8 * i / max(n - 1, 1))
+def plot_speedup(df: pd.DataFrame, phase: str = "prefill") -> Figure | None:
+    return _scaling(df, phase, "speedup")
 
 
-def plot_speedup(df: pd.DataFrame, out_dir=None, phase: str = "prefill") -> Figure | None:
-    """Speedup vs world size per length, against the fastest one-GPU row, with the ideal line."""
-    return _scaling_plot(df, out_dir, phase, "speedup", "speedup", "speedup (x, vs 1 {one})")
+def plot_efficiency(df: pd.DataFrame, phase: str = "prefill") -> Figure | None:
+    return _scaling(df, phase, "efficiency")
 
 
-def plot_efficiency(df: pd.DataFrame, out_dir=None, phase: str = "prefill") -> Figure | None:
-    """Parallel efficiency (speedup / world size, linear y) vs world size, ideal = 1."""
-    return _scaling_plot(df, out_dir, phase, "efficiency", "efficiency", "parallel efficiency (speedup / {unit})")
-
-
-def plot_max_prompt(df: pd.DataFrame, out_dir=None, phase: str = "prefill") -> Figure | None:
-    """Longest prompt that ran before running out of memory, per configuration (bars)."""
+def plot_max_prompt(df: pd.DataFrame, phase: str = "prefill") -> Figure | None:
+    """Longest prompt that ran before running out of memory, per configuration (bars, log2 tokens)."""
     t = analysis.max_prompt_table(df, phase)
-    if t.empty or t["max_ok_seq_len"].isna().all():
+    if t.empty or (t := t.dropna(subset=["max_ok_seq_len"])).empty:
         return None
-    t = t.dropna(subset=["max_ok_seq_len"])
-    runs = _runs(t)
-    fig, axes = _new_figure(1, len(runs), width=max(5.0, 0.9 * len(t) / len(runs) + 2))
-    for ax, (run, g) in zip(axes[0], runs, strict=True):
-        g = g.assign(_o=g["strategy"].map(lambda s: STRATEGIES.index(s) if s in STRATEGIES else 99))
-        g = g.sort_values(["_o", "variant", "world_size"])
-        words = unit(df[df["run"] == run])
-        labels = [
-            f"{config_label(s, v)} x{w}" for s, v, w in zip(g["strategy"], g["variant"], g["world_size"], strict=True)
-        ]
-        colors = [_color(s, _variant_index(g, s, v)) for s, v in zip(g["strategy"], g["variant"], strict=True)]
-        x = np.arange(len(g))
-        ax.bar(x, g["max_ok_seq_len"], color=colors)
-        ax.set_xticks(x, labels, rotation=30, ha="right")
-        ax.set_yscale("log", base=2)
-        ticks = sorted(set(g["max_ok_seq_len"]) | set(g["max_tested_seq_len"]))
-        ax.yaxis.set_major_locator(FixedLocator(ticks))
-        ax.yaxis.set_minor_locator(NullLocator())
-        ax.yaxis.set_major_formatter(FuncFormatter(_tokens))
-        ax.set_ylim(min(ticks) / 2, max(ticks) * 2)
-        for i, r in enumerate(g.itertuples()):
-            note = f"OOM at {_tokens(r.first_oom_seq_len)}" if not math.isnan(r.first_oom_seq_len) else "no OOM"
-            ax.annotate(note, (i, r.max_ok_seq_len), ha="center", va="bottom", fontsize="small", xytext=(0, 2),
-                        textcoords="offset points")  # fmt: skip
-        ax.set_ylabel("longest prompt that ran (tokens)")
-        ax.set_xlabel(f"configuration x {words}")
-        _title(ax, f"{phase}: longest prompt before OOM", run)
-    save_figure(fig, figures_dir(df, out_dir), f"max_prompt_{phase}")
-    return fig
+    t["config"] = [config_label(s, v) for s, v in zip(t["strategy"], t["variant"], strict=True)]
+    t["label"] = t["config"] + " x" + t["world_size"].astype(str)
+    t["panel"] = f"{phase}: longest prompt before OOM\n" + t["run"]
+    t["device"] = t["run"].map(df.groupby("run")["device"].first())  # what unit() counts
+    palette = _palette(t, "config")  # a strategy's colour, its variants lighter: as in every other figure
+    t = t.assign(_o=t["config"].map(list(palette).index)).sort_values(["_o", "world_size"])
+
+    def bars(data: pd.DataFrame, **_kw) -> None:
+        ax = plt.gca()
+        notes = ["no OOM" if np.isnan(n) else f"OOM at {tokens(n)}" for n in data["first_oom_seq_len"]]
+        ax.bar_label(ax.bar(data["label"], data["max_ok_seq_len"], color=[palette[k] for k in data["config"]]),
+                     notes, fontsize="small", padding=2)  # fmt: skip
+        log_axis(ax.yaxis, 2, tokens)
+        ax.set_ylim(data["max_ok_seq_len"].min() / 2, data["max_tested_seq_len"].max() * 2)
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+        ax.set(ylabel="longest prompt that ran (tokens)", xlabel=f"configuration x {unit(data)}")
+
+    sns.set_theme(**THEME)
+    g = sns.FacetGrid(t, col="panel", col_wrap=min(t["panel"].nunique(), 3), sharex=False, sharey=False, height=4.4,
+                      aspect=max(1.0, (0.9 * t.groupby("panel").size().max() + 2) / 4.4))  # a bar's label fits
+    g.map_dataframe(bars).set_titles("{col_name}", size="medium")
+    plt.close(g.figure)
+    return g.figure
 
 
-_TP_MARKERS = {1: "o", 2: "s", 4: "D", 8: "^", 16: "v"}  # tradeoff: the marker says how the weights are split
-
-
-def plot_tradeoff(df: pd.DataFrame, out_dir=None) -> Figure | None:
-    """Prefill time against decode ms/token, one point per configuration (``ring 2x2``: cp x tp),
-    one panel per (run, world size, prompt length) with at least two configurations measured in
-    both phases; each point's floor hollow, joined to it. Down and left is better: the panel shows
-    what a factorisation of the same GPUs buys in one phase and pays in the other. The marker
-    shape is the TP size."""
+def plot_tradeoff(df: pd.DataFrame) -> Figure | None:
+    """Prefill time against decode ms/token, a point per configuration (``ring 2x2``: cp x tp; marker:
+    the TP size), a facet per (run, world size, length) with at least two configurations in both
+    phases; each point's floor hollow and joined to it. Down and left is better."""
     t = analysis.tradeoff_table(df)
-    if t.empty:
+    t = t[t["world_size"] > 1].dropna(subset=["prefill_ms", "decode_ms"]) if len(t) else t
+    if t.empty or (t := t[t.groupby(["run", "world_size", "seq_len"]).config.transform("size") >= 2]).empty:
         return None
-    t = t.dropna(subset=["prefill_ms", "decode_ms"])
-    t = t[t["world_size"] > 1]
-    panels = [(k, g) for k, g in t.groupby(["run", "world_size", "seq_len"], sort=True) if len(g) >= 2]
-    if not panels:
-        return None
-    fig, axes = _new_figure(1, len(panels), width=6.0)
-    for ax, ((run, world, seq_len), g) in zip(axes[0], panels, strict=True):
-        for r in g.itertuples():
-            color = _color(r.strategy, _variant_index(g, r.strategy, r.variant))
-            marker = _TP_MARKERS.get(int(r.tp_size), "P")
-            ax.scatter(r.prefill_ms, r.decode_ms, color=color, marker=marker, s=55, zorder=3, label=r.config)
-            if math.isfinite(r.prefill_floor_ms) and math.isfinite(r.decode_floor_ms):
-                ax.scatter(r.prefill_floor_ms, r.decode_floor_ms, facecolors="none", edgecolors=color, marker=marker,
-                           s=55, zorder=3)  # fmt: skip
-                ax.plot([r.prefill_floor_ms, r.prefill_ms], [r.decode_floor_ms, r.decode_ms], color=color, lw=0.8,
-                        ls=":", zorder=2)  # fmt: skip
-        ax.xaxis.set_major_formatter(FuncFormatter(_num))
-        ax.set_yscale("log")
-        readable_log_y(ax, [*g["decode_ms"], *g["decode_floor_ms"].dropna()])
-        ax.set_xlabel("prefill (ms)")
-        ax.set_ylabel("decode (ms/token)")
-        floor = Line2D([], [], marker="o", ls=":", color="gray", markerfacecolor="none", label="floor (hollow)")
-        _legend(ax, [floor])
-        _title(ax, f"{_tokens(seq_len)} tokens on {_count(world, unit(df[df['run'] == run]))}: prefill vs decode", run)
-    save_figure(fig, figures_dir(df, out_dir), "tradeoff")
-    return fig
+    t["tp"] = t["tp_size"].astype(int).map("TP {}".format)
+    t["panel"] = [f"{tokens(n)} tokens on {w}: prefill vs decode\n{r}"
+                  for r, w, n in zip(t.run, _worlds(t, df), t.seq_len, strict=True)]  # fmt: skip
+    g = _facets(t, "scatter", "prefill_ms", "decode_ms", "config", "tp", s=55, zorder=3)
+    for panel, ax in g.axes_dict.items():
+        for r in t[t["panel"] == panel].itertuples():
+            c = g.palette[r.config]
+            ax.scatter(r.prefill_floor_ms, r.decode_floor_ms, facecolors="none", edgecolors=c, s=55, zorder=3)
+            ax.plot([r.prefill_floor_ms, r.prefill_ms], [r.decode_floor_ms, r.decode_ms], color=c, lw=0.8, ls=":")
+        log_axis(ax.yaxis)
+        ax.set(xlabel="prefill (ms)", ylabel="decode (ms/token)")
+    _legend(g, Line2D([], [], marker="o", ls=":", color="gray", markerfacecolor="none", label="floor (hollow)"))
+    return g.figure
 
 
-def plot_seed_comparison(df: pd.DataFrame, out_dir=None) -> Figure | None:
+def plot_seed_comparison(df: pd.DataFrame) -> Figure | None:
     """fp32 prefill at the earlier project's 6998 tokens, per strategy and GPU count, beside the
     numbers that project reported on its own cards (hatched, labelled as reported)."""
     t = seed.seed_comparison(df)
     if t.empty:
         return None
-    fig, axes = _new_figure(1, 1, width=max(6.0, 0.8 * len(t) + 2))
-    ax = axes[0][0]
+    sns.set_theme(**THEME)
+    fig = Figure(figsize=(max(6.0, 0.8 * len(t) + 2), 4.4), layout="constrained")
+    ax = fig.subplots()
     theirs = t["source"] == seed.SOURCE
-    x = np.arange(len(t))
-    colors = [_color(c.split()[0]) if not r else (0.6, 0.6, 0.6) for c, r in zip(t["config"], theirs, strict=True)]
-    bars = ax.bar(x, t["latency_ms"], color=colors)
-    for bar, reported in zip(bars, theirs, strict=True):
-        if reported:
-            bar.set_hatch("//")
-    ax.set_xticks(x, t["config"], rotation=30, ha="right")
-    ax.set_ylabel("prefill (ms)")
-    measured = sorted(set(t.loc[~theirs, "source"]))
-    handles = [Patch(facecolor="white", edgecolor="black", label=m) for m in measured]
-    handles += [Patch(facecolor=(0.6, 0.6, 0.6), hatch="//", label=seed.SOURCE)] if theirs.any() else []
-    _legend(ax, handles)
-    _title(ax, f"fp32, {seed.SEED_LENGTH} tokens: this run and the earlier project's report", "")
-    save_figure(fig, figures_dir(df, out_dir), "seed_comparison")
+    colors = [(0.6,) * 3 if r else _BASE.get(c.split()[0], "gray") for c, r in zip(t["config"], theirs, strict=True)]
+    ax.bar(range(len(t)), t["latency_ms"], color=colors, hatch=["//" if r else "" for r in theirs])
+    ax.set_xticks(range(len(t)), t["config"], rotation=30, ha="right")
+    ax.set(ylabel="prefill (ms)", xlabel="", title=f"fp32, {seed.SEED_LENGTH} tokens: this run and the earlier "
+           "project's report")  # fmt: skip
+    handles = [Patch(facecolor="white", edgecolor="black", label=m) for m in sorted(set(t.loc[~theirs, "source"]))]
+    handles += [Patch(facecolor=(0.6,) * 3, hatch="//", label=seed.SOURCE)] * bool(theirs.any())
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize="small")
     return fig
 
 
-def plot_followup(df: pd.DataFrame, out_dir=None) -> Figure | None:
-    """Follow-up latency vs new tokens T, one panel per cached length P (log-log): one line per
-    strategy, variant and world size (marker: world size), its floor dashed, and ring's fresh
-    prefill of the same P+T tokens dotted with hollow markers."""
-    t = analysis.followup_table(df)
-    if t.empty:
-        return None
-    panels = [(run, p, g) for run, r in _runs(t) for p, g in r.groupby("cached_len")]
-    fig, axes = _new_figure(1, len(panels))
-    for ax, (run, cached, g) in zip(axes[0], panels, strict=True):
-        words = unit(df[df["run"] == run])
-        all_rows = df[(df["run"] == run) & (df["phase"] == "followup") & (df["cached_len"] == cached)]
-        colors = {c: _color(c[0], _variant_index(all_rows, *c)) for c in _configs(all_rows)}
-        values, worlds = [], sorted(all_rows["world_size"].unique())
-        for strategy, variant in _configs(g):
-            for w, line in g[(g["strategy"] == strategy) & (g["variant"] == variant)].groupby("world_size"):
-                line = line.sort_values("seq_len")
-                c, label = colors[(strategy, variant)], f"{config_label(strategy, variant)}, {_count(w, words)}"
-                m = _MARKERS[worlds.index(w) % len(_MARKERS)]
-                ax.plot(line["seq_len"], line["latency_ms"], color=c, marker=m, label=label)
-                if line["floor_ms"].notna().any():
-                    ax.plot(line["seq_len"], line["floor_ms"], color=c, linestyle="--", linewidth=1,
-                            label=f"{label}: floor")  # fmt: skip
-                if strategy == "ring" and line["recompute_ms"].notna().any():
-                    ax.plot(line["seq_len"], line["recompute_ms"], color=c, linestyle=":", marker=m,
-                            markerfacecolor="white", label=f"{label}: fresh prefill of P+T")  # fmt: skip
-                values += [*line["latency_ms"], *line["floor_ms"], *line["recompute_ms"]]
-        tokens_x(ax, g["seq_len"], "new tokens T")
-        readable_log_y(ax, values)
-        extra = _mark_failures(ax, all_rows, "latency_ms", colors)
-        ax.set_ylabel("follow-up latency (ms)")
-        _title(ax, f"follow-up on a cache of P = {_tokens(cached)} tokens", run)
-        _legend(ax, extra)
-    save_figure(fig, figures_dir(df, out_dir), "followup")
-    return fig
-
-
-def plot_accuracy(df: pd.DataFrame, out_dir=None) -> Figure | None:
+def plot_accuracy(df: pd.DataFrame) -> Figure | None:
     """Relative error of each compared row vs tokens in context, with the dtype's tolerance;
     mismatches ringed in red. Exact rows (error 0) sit on the bottom edge."""
     t = analysis.accuracy_table(df)
     t = t[t["rel_err"].notna()] if len(t) else t
     if t.empty:
         return None
-    runs = _runs(t)
-    fig, axes = _new_figure(1, len(runs))
-    for ax, (run, g) in zip(axes[0], runs, strict=True):
-        g = g.assign(context=g["seq_len"] + g["cached_len"])
-        words = unit(df[df["run"] == run])
-        tols = {TOLERANCES[d].rel_err: d for d in g["dtype"].unique() if d in TOLERANCES}
-        positive = g.loc[g["rel_err"] > 0, "rel_err"]
-        bottom = min([*positive, *tols]) / 10 if len(positive) or tols else 1e-9
-        markers = {"prefill": "o", "decode": "s", "followup": "^"}
-        for strategy, variant in _configs(g):
-            for (w, phase), part in g[(g["strategy"] == strategy) & (g["variant"] == variant)].groupby(
-                ["world_size", "phase"]
-            ):
-                ax.plot(part["context"], part["rel_err"].clip(lower=bottom), linestyle="",
-                        marker=markers.get(phase, "o"), color=_color(strategy, _variant_index(g, strategy, variant)),
-                        label=f"{config_label(strategy, variant)}, {_count(w, words)}, {phase}")  # fmt: skip
-        for tol, dtype in tols.items():
-            ax.axhline(tol, color="black", linestyle="--", linewidth=1, label=f"tolerance ({dtype})")
-        bad = g[g["status"] == "mismatch"]
-        if len(bad):
-            ax.plot(bad["context"], bad["rel_err"].clip(lower=bottom), linestyle="", marker="o", markersize=12,
-                    markerfacecolor="none", markeredgecolor="red", markeredgewidth=1.5, label="mismatch")  # fmt: skip
-        tokens_x(ax, g["context"], "tokens in context (cached + new)")
-        readable_log_y(ax, [*g["rel_err"].clip(lower=bottom), *tols])
-        ax.set_ylabel("relative error of the logits vs single")
-        _title(ax, "exactness against the one-GPU model", run)
-        _legend(ax)
-    save_figure(fig, figures_dir(df, out_dir), "accuracy")
-    return fig
+    t = t.assign(seq_len=t["seq_len"] + t["cached_len"], panel=[f"exactness against the one-GPU model\n{r}"
+                 for r in t["run"]], batch=1, padding=0)  # fmt: skip
+    t["config"] = _config(t) + ", " + _worlds(t, df)
+    tols = {TOLERANCES[d].rel_err: d for d in t["dtype"].unique() if d in TOLERANCES}
+    t["rel_err"] = t["rel_err"].clip(lower=min([*t.loc[t["rel_err"] > 0, "rel_err"], *tols, 1e-8]) / 10)
+    g = _facets(t, "scatter", "seq_len", "rel_err", "config", "phase", s=50)
+    extra = _mark_failures(g, t, "config", "rel_err")
+    for panel, ax in g.axes_dict.items():
+        extra += [ax.axhline(tol, color="black", linestyle="--", linewidth=1, label=f"tolerance ({d})")
+                  for tol, d in tols.items()]  # fmt: skip
+        log_axis(ax.xaxis, 2, tokens, t.loc[t["panel"] == panel, "seq_len"])
+        log_axis(ax.yaxis)
+        ax.set(xlabel="tokens in context (cached + new)", ylabel="relative error of the logits vs single")
+    _legend(g, *extra)
+    return g.figure
 
 
-PLOTS = {
-    "latency_prefill": lambda df, out: plot_latency(df, out, "prefill"),
-    "speedup_prefill": lambda df, out: plot_speedup(df, out, "prefill"),
-    "efficiency_prefill": lambda df, out: plot_efficiency(df, out, "prefill"),
-    "memory_prefill": lambda df, out: plot_memory(df, out, "prefill"),
-    "max_prompt_prefill": lambda df, out: plot_max_prompt(df, out, "prefill"),
-    "decode_per_token": lambda df, out: plot_decode(df, out),
-    "followup": lambda df, out: plot_followup(df, out),
-    "tradeoff": lambda df, out: plot_tradeoff(df, out),
-    "seed_comparison": lambda df, out: plot_seed_comparison(df, out),
-    "accuracy": lambda df, out: plot_accuracy(df, out),
-}
+PLOTS = {"latency_prefill": plot_latency, "speedup_prefill": plot_speedup, "efficiency_prefill": plot_efficiency,
+         "memory_prefill": plot_memory, "max_prompt_prefill": plot_max_prompt, "decode_per_token": plot_decode,
+         "followup": plot_followup, "tradeoff": plot_tradeoff, "seed_comparison": plot_seed_comparison,
+         "accuracy": plot_accuracy}  # fmt: skip
 
 
 def plot_all(df: pd.DataFrame, out_dir: str | os.PathLike | None = None) -> dict[str, Figure]:
-    """Every plot the data allows, by name (plots without data are left out)."""
-    figs = {}
-    for name, fn in PLOTS.items():
-        fig = fn(df, out_dir)
-        if fig is not None:
-            figs[name] = fig
+    """Every plot the data allows, by name; with ``out_dir`` each is saved there as PNG and PDF."""
+    figs = {name: fig for name, plot in PLOTS.items() if (fig := plot(df)) is not None}
+    for name, fig in figs.items() if out_dir is not None else ():
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        for ext in ("png", "pdf"):
+            fig.savefig(Path(out_dir) / f"{name}.{ext}", dpi=150, bbox_inches="tight")
     return figs
 
 
-def plot_each_run(df: pd.DataFrame, out_dir: str | os.PathLike | None = None) -> dict[str, dict[str, Figure]]:
-    """One figure set per run (into ``<out_dir>/<run>/`` or each run's own ``figures/``), never one
+def plot_each_run(df: pd.DataFrame, out_dir: str | os.PathLike) -> dict[str, dict[str, Figure]]:
+    """One figure set per run, into ``<out_dir>/<run>/figures/`` (the layout of runs/), never one
     figure mixing unrelated runs: {run: {plot name: Figure}}."""
-    return {
-        run: plot_all(g, Path(out_dir) / run if out_dir is not None else None)
-        for run, g in df.groupby("run", sort=False)
-    }
+    return {run: plot_all(g, Path(out_dir) / run / "figures") for run, g in df.groupby("run", sort=False)}

@@ -1,10 +1,8 @@
 """The earlier student project's reported numbers, to draw beside a run of its own setting.
 
-"FMS-Ring" (HPML project; summarised in the repository's ``../shared/seeds/``)
-ran LLaMA-3-8B in fp32 with prompts up to 6998 tokens on 2 and 4 NVIDIA L40S
-and reported "~6000 ms (baseline) -> ~4000 ms (Ring, 4 GPUs)". These are
-their words and their cards, approximate as they wrote them; they are never
-mixed with measured rows, only shown beside them, labelled as reported.
+"FMS-Ring" (HPML project; ``../shared/seeds/``) ran LLaMA-3-8B in fp32 with prompts up to 6998 tokens
+on 2 and 4 NVIDIA L40S and reported "~6000 ms (baseline) -> ~4000 ms (Ring, 4 GPUs)": their words and
+cards, approximate as written, never mixed with measured rows, only shown beside them as reported.
 """
 
 from __future__ import annotations
@@ -20,9 +18,8 @@ SOURCE = "FMS-Ring project, reported (~, fp32, 6998 tokens, L40S)"
 
 
 def seed_comparison(df: pd.DataFrame, tolerance: int = 64) -> pd.DataFrame:
-    """Measured fp32 prefill rows at the project's length (within ``tolerance`` tokens), fastest
-    variant per (run, strategy, world size), with the reported numbers appended; ``source`` says
-    which is which."""
+    """Measured fp32 prefill rows at the project's length (within ``tolerance`` tokens), the fastest variant
+    per (run, strategy, world size), and the reported numbers after them; ``source`` says which is which."""
     need = {"dtype", "phase", "status", "seq_len", "latency_ms"}
     if df.empty or not need <= set(df.columns):
         return pd.DataFrame()
