@@ -64,7 +64,7 @@ bench() {
 }
 case $section in
 prefill)
-    python3 -m pytest -q -p no:cacheprovider -p no:logging -m cuda tests/test_gpu.py tests/test_harness.py 2>&1 | tail -3
+    python3 -m pytest -q -p no:cacheprovider -p no:logging -m cuda tests/test_gpu.py tests/harness/test_ceilings.py 2>&1 | tail -3
     bench --strategies single,ring,tp,torch_cp --phases prefill --seq-lens 8K,32K,64K,128K \
         --repeats 3 --warmup 1 --out "$out/results.csv"
     bench --strategies single --as-shipped --phases prefill --seq-lens 128K --repeats 3 --warmup 1 \
