@@ -61,6 +61,12 @@ def prefill_capacity(local_lens: Sequence[int], headroom: int) -> int:
     return capacity_for((0,) * len(local_lens), local_lens, 0, headroom)
 
 
+def empty_capacity(new_tokens: int, headroom: int) -> int:
+    """Slots per layer for an empty cache that a step of ``new_tokens`` too few to shard starts:
+    room for all of them on any rank, plus headroom."""
+    return new_tokens + headroom
+
+
 @dataclass(frozen=True)
 class RingCacheState:
     """Global view of the sharded cache, identical on every rank (but slot_index).

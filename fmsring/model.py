@@ -117,6 +117,8 @@ class LlamaRing(nn.Module):
             raise ValueError("only_last_token is deprecated in FMS; pass last_n_tokens=1")
         if unknown:  # FMS would pass them to every attention op: the ring's take none
             raise TypeError(f"LlamaRing takes no keyword argument(s) {sorted(unknown)}")
+        if isinstance(past_key_value_states, RingCache):
+            past_key_value_states.check_usable()  # a consumed cache is empty: it would read as no cache
         call = Call(x, position_ids, last_n_tokens, mask)
         one_step = use_cache and bool(past_key_value_states) and x.shape[1] == 1
         if self.check_inputs and not one_step:  # once per prompt or follow-up; a decode step never syncs
@@ -134,7 +136,6 @@ class LlamaRing(nn.Module):
                 "past_key_value_states must be the RingCache this model returned "
                 "(generate(..., contiguous_cache=True) rebuilds it as a plain list: leave it off)"
             )
-        cache.check_usable()
         n = call.ids.shape[1]
         if n == 1:
             return decode.step(self, call, cache)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fmsring.allocator import warn_if_fragmented
-from fmsring.cache import RingCache, allocate_layer, prefill_capacity
+from fmsring.cache import RingCache, allocate_layer, empty_capacity, prefill_capacity
 from fmsring.comm import RingComm, sync_rng
 from fmsring.layout import ShardPlan
 from fmsring.masks import query_rows
@@ -69,8 +69,9 @@ def prefill(ring: Ring, call: Call, use_cache: bool, capacity: int = 0):
     if x.shape[1] < st.world_size:
         sync_rng(st.model_groups, x.device)
         attn = ring.attn
-        like = next(p for p in ring.parameters())
-        shape = (x.shape[0], capacity or x.shape[1] + ring.cache_headroom, attn.kvheads, attn.emb_kq_per_head)
+        like = next(ring.parameters())
+        capacity = capacity or empty_capacity(x.shape[1], ring.cache_headroom)
+        shape = (x.shape[0], capacity, attn.kvheads, attn.emb_kq_per_head)
         cache = RingCache.empty(ring.n_layers, like, shape, attn.emb_v_per_head, st.world_size)
         logits, cache = replicated.step(ring, call, cache)
         return (logits, cache) if use_cache else logits
