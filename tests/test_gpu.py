@@ -50,7 +50,8 @@ def test_split_kv_decode_matches_the_unsplit_kernel_and_fp32_math(h, kvh):
     """The decode kernel at LLaMA-3-8B's head dim and GQA shapes at several chunk counts (1 =
     unsplit), over a preallocated cache: a partly used, an empty and a full one; and the plan a
     decode step makes for itself (tests/test_decode_kernel.py covers odd shapes)."""
-    from fmsring.kernels import decode_attention_with_lse, math_attention_with_lse, split_kv, split_kv_decode_with_lse
+    from fmsring.kernels import decode_attention_with_lse, math_attention_with_lse, split_kv_decode_with_lse
+    from fmsring.split_kv import split_kv
 
     b, cap = 3, 4096 + 37
     lens = torch.tensor([random.randrange(1, cap), 0, cap], dtype=torch.int32, device="cuda")
