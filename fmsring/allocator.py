@@ -3,8 +3,8 @@
 Near the memory limit PyTorch's default allocator fragments: a long prefill
 frees and allocates blocks of many sizes, a request finds no free segment
 big enough though enough memory is free in total, and the allocator
-flushes its cache and retries over and over -- a run that should take two
-minutes stalls past nine with no message (docs/performance.md). Expandable
+flushes its cache and retries over and over: the run stalls, with no
+message. Expandable
 segments grow one mapping per stream instead, so memory freed anywhere can
 be reused. The allocator reads its configuration once, when CUDA first
 allocates, so the CLI and the bench set it first thing; a user's own

@@ -4,7 +4,8 @@ FMS hands a model's cache back to it as a list of per-layer (K, V) pairs;
 ``RingCache`` is that list plus the bookkeeping every rank needs to agree on
 (who holds which global token, how many slots are allocated), kept as Python
 ints so that no step syncs the host. This module alone decides how many slots
-a cache has.
+a cache has: its constructors size it, :meth:`RingCache.extend` grows it, and
+:func:`headroom_for` says how much room a caller should ask for up front.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from fmsring.layout import ShardPlan
+
 _CACHE_IDS = itertools.count()
+# Slots per rank a cache keeps free past its tokens unless told otherwise: a few
+# hundred decode steps before the first growth, which copies the whole cache.
+DEFAULT_HEADROOM = 256
 
 
 def new_cache_id() -> int:
@@ -37,6 +43,28 @@ def capacity_for(old_fills: Sequence[int], new_fills: Sequence[int], capacity: i
     """
     need = max(max(new_fills), max(old_fills) + 1)
     return capacity if need <= capacity else need + headroom
+
+
+def headroom_for(new_tokens: int, world_size: int, minimum: int = DEFAULT_HEADROOM) -> int:
+    """Headroom (slots per rank, at least ``minimum``) that lets a cache take
+    ``new_tokens`` more tokens over ``world_size`` ranks without growing.
+
+    A layout gives a rank at most one token over an even share, placement
+    keeps one-token steps within one token of each other, and a one-token
+    step needs one free slot past every fill: the even share plus two.
+    """
+    return max(minimum, -(-new_tokens // world_size) + 2)
+
+
+def prefill_capacity(local_lens: Sequence[int], headroom: int) -> int:
+    """Slots per layer for a prefill whose ranks store ``local_lens`` tokens."""
+    return capacity_for((0,) * len(local_lens), local_lens, 0, headroom)
+
+
+def empty_capacity(new_tokens: int, headroom: int) -> int:
+    """Slots per layer for an empty cache that a step of ``new_tokens`` too few to shard starts:
+    room for all of them on any rank, plus headroom."""
+    return new_tokens + headroom
 
 
 @dataclass(frozen=True)
@@ -110,8 +138,11 @@ class RingCacheState:
 
     def advanced(self, rank: int, owners: list[int], headroom: int) -> RingCacheState:
         """The state after appending tokens placed one by one (``owners[i]`` stores token i)."""
-        per_rank = [[self.seq_len + i for i, r in enumerate(owners) if r == dst] for dst in range(len(self.fills))]
-        return self.extended(rank, per_rank, headroom)
+        return self.extended(rank, self.per_rank(owners), headroom)
+
+    def per_rank(self, owners: list[int]) -> list[list[int]]:
+        """The global indices each rank appends when ``owners[i]`` stores new token i."""
+        return [[self.seq_len + i for i, r in enumerate(owners) if r == dst] for dst in range(len(self.fills))]
 
 
 def allocate_layer(tokens: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -135,17 +166,60 @@ class RingCache(list):
     """FMS's list of per-layer (K, V) buffers, carrying the ring's ``state``.
 
     Buffers are [b, capacity, kvh, d]; the first ``state.fills[rank]`` slots
-    are valid. They are written in place past the valid slots, so a step
-    leaves the cache it extended usable again from its own state (the next
-    call overwrites the same slots) -- unless it had to grow the buffers.
+    are valid. A step writes past the valid slots in place and returns a new
+    ``RingCache`` over the same buffers, so the cache it extended stays
+    usable from its own state (the next call overwrites the same slots) --
+    unless the step had to grow the buffers: the grown cache then takes them
+    over and the old one is ``consumed`` (using it raises), so no cache ever
+    holds buffers its state does not describe.
     """
 
     def __init__(self, layers, state: RingCacheState):
         super().__init__(layers)
         self.state = state
+        self.consumed = False
 
-    def grow(self, fill: int, capacity: int) -> None:
-        """Reallocate every layer's buffers at ``capacity`` slots, keeping the first
-        ``fill``; in place, one layer at a time, so at most one extra layer is held."""
-        for i, layer in enumerate(self):
-            self[i] = tuple(allocate_layer(t[:, :fill], capacity) for t in layer)
+    @classmethod
+    def empty(cls, layers: int, like: torch.Tensor, shape: tuple[int, int, int, int], v_dim: int, world_size: int):
+        """A cache holding no token yet: ``layers`` pairs of zeroed K [b, capacity, kvh, d] (``shape``)
+        and V [b, capacity, kvh, ``v_dim``], dtype and device of ``like``."""
+        b, capacity, kvh, d = shape
+        pairs = [(like.new_zeros(b, capacity, kvh, d), like.new_zeros(b, capacity, kvh, v_dim)) for _ in range(layers)]
+        state = RingCacheState(0, (0,) * world_size, torch.empty(0, dtype=torch.long), capacity, new_cache_id())
+        return cls(pairs, state)
+
+    @classmethod
+    def prefilled(cls, layers: list, plan: ShardPlan, rank: int, capacity: int, max_position: int) -> RingCache:
+        """The cache a ring prefill of ``plan`` wrote (``capacity`` slots per layer, see :func:`prefill_capacity`)."""
+        state = RingCacheState(
+            plan.seq_len, tuple(plan.local_lens), plan.index_tensor(rank), capacity, new_cache_id(), max_position
+        )
+        return cls(layers, state)
+
+    def check_usable(self) -> None:
+        if self.consumed:
+            raise RuntimeError(
+                "this RingCache was grown into the cache a later step returned, which holds its tokens "
+                "now: pass that one (each step's returned cache replaces the one it was given)"
+            )
+
+    def extend(
+        self, rank: int, new_indices: Sequence[Sequence[int]], headroom: int, max_position: int
+    ) -> RingCache:
+        """The cache after this step appends ``new_indices[r]`` (global indices) on rank r,
+        with the largest position now ``max_position``; its buffers grown if they must."""
+        state = replace(self.state.extended(rank, new_indices, headroom), max_position=max_position)
+        if state.capacity == self.state.capacity:
+            return RingCache(self, state)
+        fill = self.state.fills[rank]
+        grown = RingCache([], state)
+        for i, layer in enumerate(self):  # one layer at a time: at most one extra layer is held
+            grown.append(tuple(allocate_layer(t[:, :fill], state.capacity) for t in layer))
+            self[i] = None
+        self.clear()
+        self.consumed = True
+        return grown
+
+    def advance(self, rank: int, owners: list[int], headroom: int, max_position: int) -> RingCache:
+        """:meth:`extend` by tokens placed one by one (``owners[i]`` stores token i)."""
+        return self.extend(rank, self.state.per_rank(owners), headroom, max_position)

@@ -27,8 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-# The tile and launch configuration, measured per shape by scripts/decode_kernel_sweep.py.
-BLOCK_N = 64  # cache slots per tile (fmsring.kernels.TILE_SLOTS: plans cut chunks in whole tiles)
+from fmsring import split_kv as plans
+
+# The launch configuration (and fmsring.split_kv.TILE_SLOTS, the tile of cache slots, which the
+# split-KV plans cut chunks in), tuned per shape by scripts/decode_kernel_sweep.py.
 NUM_WARPS = 4
 NUM_STAGES = 3
 
@@ -128,7 +130,7 @@ def split_kv_decode(
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             0 if bias is None else bias.stride(0),
-            BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)),
+            BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=plans.TILE_SLOTS, BLOCK_D=max(16, triton.next_power_of_2(d)),
             HAS_BIAS=bias is not None,
             num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )  # fmt: skip

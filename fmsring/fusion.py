@@ -9,10 +9,11 @@ methods -- the same math, so the same results up to fp32 reassociation and
 where bf16 rounding happens -- turns each into one or two kernels; the
 matmuls stay cuBLAS.
 
-FMS modules are fused by swapping their classes (as
-:func:`fmsring.model.chunk_feedforward` does), so parameters and state-dict
-keys stay FMS's own. Only exact FMS classes are swapped: a subclass may
-compute something else.
+FMS modules are changed by swapping their classes (as FSDP2's
+``fully_shard`` does), so parameters and state-dict keys stay FMS's own:
+elementwise fusion swaps exact FMS classes only (a subclass may compute
+something else); whole-layer fusion and feed-forward chunking put a mixin in
+front of the module's own class (:func:`swap_in_mixin`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from fms.distributed.tensorparallel import (
     reduce_from_tensor_model_parallel_region,
 )
 from fms.modules.attention import MultiHeadAttention
-from fms.modules.feedforward import GatedLinearUnit, TPGatedLinearUnit
+from fms.modules.feedforward import FeedForwardBlock, GatedLinearUnit, TPGatedLinearUnit
 from fms.modules.layernorm import LayerNormParameterized
 from fms.modules.positions import RotaryEmbedding
 from torch import nn
@@ -116,7 +117,20 @@ class FusedDecoderBlock(nn.Module):
         return super().forward(x, **kwargs)
 
 
-_BLOCKS: dict[type, type] = {}
+_MIXED: dict[tuple[type, type], type] = {}
+
+
+def swap_in_mixin(
+    module: nn.Module, mixin: type, prefix: str, attrs: Callable[[type], dict[str, Any]] = lambda cls: {}
+) -> None:
+    """Make ``module`` an instance of ``mixin`` in front of its own class (named ``prefix`` + its
+    name, with class attributes ``attrs(its class)``): one subclass per pair, made once and reused."""
+    cls = type(module)
+    if isinstance(module, mixin):
+        return
+    if (mixin, cls) not in _MIXED:
+        _MIXED[mixin, cls] = type(prefix + cls.__name__, (mixin, cls), attrs(cls))
+    module.__class__ = _MIXED[mixin, cls]
 
 
 def fuse_decoder_blocks(model: nn.Module) -> nn.Module:
@@ -125,14 +139,35 @@ def fuse_decoder_blocks(model: nn.Module) -> nn.Module:
     names = {name.rpartition(".")[0] for name, m in model.named_modules() if isinstance(m, MultiHeadAttention)}
     for name in names:
         block = model.get_submodule(name)
-        cls = type(block)
-        if isinstance(block, FusedDecoderBlock) or block is model:
-            continue
-        if cls not in _BLOCKS:
-            whole = staticmethod(fused(cls.forward, dynamic=None))
-            _BLOCKS[cls] = type(f"Fused{cls.__name__}", (FusedDecoderBlock, cls), {"_whole_layer": whole})
-        block.__class__ = _BLOCKS[cls]
+        if block is not model:
+            whole = lambda cls: {"_whole_layer": staticmethod(fused(cls.forward, dynamic=None))}  # noqa: E731
+            swap_in_mixin(block, FusedDecoderBlock, "Fused", whole)
     return model
+
+
+class ChunkedFeedForward(nn.Module):
+    """Mixin for FMS feed-forward modules: run the sequence in chunks of
+    ``ffn_chunk`` tokens, so the MLP's wide intermediate activations do not
+    grow with the prompt. Exact: the MLP is per token."""
+
+    ffn_chunk: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] <= self.ffn_chunk:
+            return super().forward(x)
+        out = torch.empty_like(x)
+        for start in range(0, x.shape[1], self.ffn_chunk):
+            stop = start + self.ffn_chunk
+            out[:, start:stop] = super().forward(x[:, start:stop])
+        return out
+
+
+def chunk_feedforward(model: nn.Module, chunk: int) -> None:
+    """Make every FMS feed-forward module of ``model`` a :class:`ChunkedFeedForward` of ``chunk`` tokens."""
+    for m in model.modules():
+        if isinstance(m, (GatedLinearUnit, FeedForwardBlock)):
+            swap_in_mixin(m, ChunkedFeedForward, "Chunked")
+            m.ffn_chunk = chunk
 
 
 _SWAPS: dict[type, type] = {

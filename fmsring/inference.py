@@ -29,6 +29,7 @@ from torch import nn
 
 import fmsring
 from fmsring.allocator import configure_allocator
+from fmsring.cache import headroom_for
 from fmsring.conversation import Conversation
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -141,12 +142,11 @@ def load_model(args: argparse.Namespace) -> nn.Module:
 
 def ring_options(args: argparse.Namespace) -> dict:
     """The ring's options from the flags. The generation length is known here, so the cache is
-    sized once for the prompt plus every new token -- each rank gets its share of them and one
-    slot of slack -- instead of growing (a full copy of the cache) mid-generation; a
-    conversation still grows when its turns outrun it."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    share = -(-args.max_new_tokens // max(world // max(args.ring_tp, 1), 1)) + 1
-    return {"ring_layout": args.ring_layout, "ring_tp": args.ring_tp, "ring_cache_headroom": max(share, 256)}
+    sized once for the prompt plus every new token instead of growing (a full copy of the cache)
+    mid-generation; a conversation still grows when its turns outrun it."""
+    ring_world = max(int(os.environ.get("WORLD_SIZE", 1)) // max(args.ring_tp, 1), 1)
+    headroom = headroom_for(args.max_new_tokens, ring_world)
+    return {"ring_layout": args.ring_layout, "ring_tp": args.ring_tp, "ring_cache_headroom": headroom}
 
 
 def tokenizer_size(tokenizer: BaseTokenizer) -> int:

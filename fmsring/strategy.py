@@ -1,4 +1,12 @@
-"""RingAttentionStrategy: FMS's DistributedStrategy for context parallelism."""
+"""RingAttentionStrategy: the ring's groups and layout, shaped as an FMS DistributedStrategy.
+
+FMS's ``get_model`` takes a strategy by name only (``distributed_strategy``
+is a string there, and the instance it builds from it is its own), so
+:func:`fmsring.get_model` loads the FMS model as "replicated" or "tp" and
+hands this object to :class:`fmsring.LlamaRing`, which runs the ring. It
+subclasses ``DistributedStrategy`` so that code written against FMS's
+strategies (``distribute_module``, ``distribute_layer``) works on it.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +20,9 @@ from fmsring.layout import LAYOUTS, ShardPlan
 
 class RingAttentionStrategy(DistributedStrategy):
     """Sharded tokens over the ring ``group``; weights replicated over it.
+
+    ``comm`` is the ring's :class:`fmsring.comm.RingComm`, which the modes use
+    for the ring's rank, size and exchange.
 
     Every rank of the ring keeps the same weights (``_distribute_*`` leave
     modules as they are) and a share of the sequence, laid out by ``layout``;

@@ -22,14 +22,13 @@ import torch
 from gpu_probe import cuda_times
 
 from fmsring import decode_kernel
+from fmsring import split_kv as plans
 from fmsring.kernels import (
-    _sm_count,
-    decode_splits,
     math_attention_with_lse,
     merge_split_auto,
-    split_kv,
     split_kv_decode_with_lse,
 )
+from fmsring.split_kv import decode_splits, sm_count, split_kv
 
 SCALE = 128**-0.5
 # (name, batch, query heads, kv-heads, cached tokens per GPU)
@@ -91,8 +90,8 @@ def flash_varlen(q, k_cache, v_cache, lens, splits):
 
 
 def main(path: str) -> None:
-    sms = _sm_count(torch.device("cuda"))
-    default = (decode_kernel.BLOCK_N, decode_kernel.NUM_WARPS, decode_kernel.NUM_STAGES)
+    sms = sm_count(torch.device("cuda"))
+    default = (plans.TILE_SLOTS, decode_kernel.NUM_WARPS, decode_kernel.NUM_STAGES)
     rows = []
     for name, batch, heads, kv_heads, tokens in SHAPES:
         q = torch.randn(batch, heads, 1, 128, device="cuda", dtype=torch.bfloat16)
@@ -108,7 +107,7 @@ def main(path: str) -> None:
                 cands[("fmsring", splits, cfg)] = lambda p=plan: split_kv_decode_with_lse(q, kc, vc, SCALE, p)
         for (kernel, splits, cfg), fn in cands.items():
             if cfg is not None:
-                decode_kernel.BLOCK_N, decode_kernel.NUM_WARPS, decode_kernel.NUM_STAGES = cfg
+                plans.TILE_SLOTS, decode_kernel.NUM_WARPS, decode_kernel.NUM_STAGES = cfg
             out = fn()[0]
             ms = graph_ms(fn)
             rows.append(dict(
@@ -120,7 +119,7 @@ def main(path: str) -> None:
                 rel_err=f"{((out[:1] - ref).norm() / ref.norm()).item():.2e}",
             ))  # fmt: skip
             print(rows[-1], flush=True)
-        decode_kernel.BLOCK_N, decode_kernel.NUM_WARPS, decode_kernel.NUM_STAGES = default
+        plans.TILE_SLOTS, decode_kernel.NUM_WARPS, decode_kernel.NUM_STAGES = default
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()

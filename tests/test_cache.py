@@ -2,6 +2,7 @@
 
 import random
 
+import pytest
 import torch
 
 from fmsring.cache import RingCache, RingCacheState
@@ -41,17 +42,56 @@ def test_capacity_is_the_same_on_every_rank_and_grows_together():
         states = nxt
 
 
-def test_grow_keeps_the_filled_slots_and_zeros_the_rest():
+def test_growing_keeps_the_filled_slots_zeros_the_rest_and_consumes_the_old_cache():
     fill, cap = 5, 7
     layers = [tuple(torch.randn(2, cap, 3, 4) for _ in range(2)) for _ in range(3)]
     before = [tuple(t.clone() for t in layer) for layer in layers]
     state = RingCacheState(seq_len=fill, fills=(fill,), slot_index=torch.arange(fill), capacity=cap, cache_id=0)
     cache = RingCache(layers, state)
-    cache.grow(fill, 11)
-    for old, new in zip(before, cache):
+    grown = cache.extend(0, [list(range(fill, fill + 6))], headroom=0, max_position=fill + 5)
+    assert grown.state.capacity == 11 and grown.state.fills == (11,) and grown.state.max_position == fill + 5
+    for old, new in zip(before, grown):
         for o, n in zip(old, new):
             assert n.shape == (2, 11, 3, 4)
             assert torch.equal(n[:, :fill], o[:, :fill]) and torch.all(n[:, fill:] == 0)
+    assert cache.consumed and len(cache) == 0  # the old buffers are released, not held twice
+    with pytest.raises(RuntimeError, match="grown into the cache a later step returned"):
+        cache.check_usable()
+    grown.check_usable()
+
+
+def test_a_step_that_fits_shares_the_buffers_and_leaves_the_old_cache_usable():
+    layers = [tuple(torch.randn(1, 8, 2, 4) for _ in range(2))]
+    state = RingCacheState(seq_len=3, fills=(3,), slot_index=torch.arange(3), capacity=8, cache_id=0)
+    cache = RingCache(layers, state)
+    nxt = cache.advance(0, state.place(2), headroom=4, max_position=4)
+    assert nxt.state.capacity == 8 and nxt.state.fills == (5,) and nxt.state.seq_len == 5
+    assert all(a is b for a, b in zip(nxt[0], cache[0]))
+    assert not cache.consumed and cache.state is state
+    cache.check_usable()
+
+
+def test_headroom_for_n_tokens_takes_them_without_growing():
+    """After a prefill sized with headroom_for(n), n more tokens -- a follow-up laid out by any layout
+    in one step, or one-token steps -- fit the capacity on every rank."""
+    from fmsring.cache import headroom_for, prefill_capacity
+    from fmsring.layout import LAYOUTS, ShardPlan
+
+    for _ in range(20):
+        world, prompt, n = random.randint(1, 6), random.randint(6, 60), random.randint(1, 80)
+        assert headroom_for(n, world, minimum=0) <= -(-n // world) + 2
+        assert headroom_for(n, world) >= 256  # never less than the default
+        for layout in LAYOUTS:
+            plan = ShardPlan.build(prompt, world, layout)
+            capacity = prefill_capacity(plan.local_lens, headroom_for(n, world, minimum=0))
+            state = RingCacheState(prompt, tuple(plan.local_lens), torch.arange(plan.local_len(0)), capacity, 0)
+            if n >= world:  # a follow-up of n tokens
+                turn = ShardPlan.build(n, world, layout)
+                new = [[prompt + i for i in turn.indices(r)] for r in range(world)]
+                assert state.extended(0, new, headroom=0).capacity == capacity, (world, prompt, n, layout)
+            for _ in range(n):  # or n decode steps
+                state = state.advanced(0, state.place(1), headroom=0)
+            assert state.capacity == capacity, (world, prompt, n, layout)
 
 
 def test_capacity_is_kept_while_it_suffices_and_grows_with_headroom_once_it_does_not():

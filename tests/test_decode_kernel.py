@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import random
 
+import inspect
+
 import pytest
 import torch
 
@@ -14,19 +16,20 @@ pytest.importorskip("triton")  # a CPU without it has no kernel to test; tests/c
 
 from fmsring import decode_kernel  # noqa: E402
 from fmsring.kernels import (  # noqa: E402
-    TILE_SLOTS,
     decode_attention_with_lse,
     math_attention_with_lse,
-    split_kv,
     split_kv_decode_with_lse,
 )
+from fmsring.split_kv import TILE_SLOTS, split_kv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.float16, torch.float32]
 
 
 def test_the_plans_cut_chunks_in_the_kernels_tiles():
-    assert TILE_SLOTS == decode_kernel.BLOCK_N
+    """The kernel's tile is the plans' (one constant, read at launch): tuning it moves both."""
+    assert "BLOCK_N=plans.TILE_SLOTS" in inspect.getsource(decode_kernel)
+    assert decode_kernel.plans.TILE_SLOTS == TILE_SLOTS
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -56,6 +56,7 @@ def _expect_errors(rank, world):
         "bad_mask": lambda: model(ids, mask=torch.zeros(1, 4, 9)),
         "bad_positions": lambda: model(ids, position_ids=torch.arange(8).unsqueeze(0)),
         "foreign_attn": lambda: model(ids, attn_name="sdpa_causal"),
+        "unknown_kwarg": lambda: model(ids, attn_algorithm="math"),
         "plain_list_cache": lambda: model(
             ids[:, :1], past_key_value_states=list(model(ids, use_cache=True)[1]), use_cache=True
         ),
@@ -84,6 +85,7 @@ def test_bad_inputs_raise_on_every_rank():
         "bad_mask": ("ValueError", "mask must be"),
         "bad_positions": ("ValueError", "position_ids has shape"),
         "foreign_attn": ("ValueError", "always uses ring attention"),
+        "unknown_kwarg": ("TypeError", "takes no keyword argument(s) ['attn_algorithm']"),
         "plain_list_cache": ("TypeError", "RingCache"),
         "contiguous_cache": ("TypeError", "contiguous_cache"),
     }
@@ -92,3 +94,28 @@ def test_bad_inputs_raise_on_every_rank():
         for name, (kind, text) in expected.items():
             assert got[name] is not None, f"{name} did not raise"
             assert got[name][0] == kind and text in got[name][1], (name, got[name])
+
+
+def _reuse_grown_cache(rank, world):
+    torch.manual_seed(0)
+    model = fmsring.get_model("llama", "micro", distributed_strategy="ring", nlayers=1, ring_cache_headroom=1)
+    ids = torch.randint(0, 256, (1, 9))
+    _, cache = model(ids, use_cache=True)
+    kept = model(ids[:, :1], past_key_value_states=cache, use_cache=True)[1]  # fits: shares the buffers
+    _, grown = model(ids[:, :6], past_key_value_states=cache, use_cache=True)  # outgrows the capacity
+    try:
+        model(ids[:, :1], past_key_value_states=cache, use_cache=True)
+        error = None
+    except RuntimeError as e:
+        error = str(e)
+    step = model(ids[:, :1], past_key_value_states=grown, use_cache=True)[1]
+    return kept.state.capacity, grown.state.capacity, cache.consumed, error, step.state.seq_len
+
+
+def test_a_cache_that_a_step_grew_is_consumed_and_says_so_on_every_rank():
+    """A step that outgrows the cache moves its buffers into the cache it returns (no second copy
+    held); the one it was given then raises instead of holding buffers its state does not describe."""
+    for kept_cap, grown_cap, consumed, error, seq_len in run_ranks(2, _reuse_grown_cache):
+        assert grown_cap > kept_cap and consumed
+        assert error is not None and "grown into the cache a later step returned" in error
+        assert seq_len == 9 + 6 + 1

@@ -107,11 +107,11 @@ def test_empty_turns_file_and_mismatched_tokenizer_say_what_to_do(checkpoint, tm
 
 
 def test_cache_is_sized_for_the_whole_generation(monkeypatch: pytest.MonkeyPatch):
-    """Each rank of the ring gets its share of the new tokens plus a slot up front, so a long
+    """Each rank of the ring gets its share of the new tokens plus two slots up front, so a long
     generation never regrows (copies) the cache; short ones keep the default headroom."""
     from fmsring.inference import ring_options
 
     monkeypatch.setenv("WORLD_SIZE", "4")
     args = parse_args(["--variant", "micro", "--max_new_tokens", "1000", "--ring_tp", "2"])
-    assert ring_options(args) == {"ring_layout": "zigzag", "ring_tp": 2, "ring_cache_headroom": 501}
+    assert ring_options(args) == {"ring_layout": "zigzag", "ring_tp": 2, "ring_cache_headroom": 502}
     assert ring_options(parse_args(["--variant", "micro", "--max_new_tokens", "32"]))["ring_cache_headroom"] == 256

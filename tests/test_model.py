@@ -230,7 +230,7 @@ def test_cached_continuation_of_several_tokens_matches_hf(checkpoints):
 
 
 def test_chunked_feedforward_is_exact_and_keeps_state_dict_keys(checkpoints):
-    from fmsring.model import ChunkedFeedForward, chunk_feedforward
+    from fmsring.fusion import ChunkedFeedForward, chunk_feedforward
 
     model = fms_model(checkpoints["gqa"])
     keys = list(model.state_dict())

@@ -1,6 +1,6 @@
 """Work per measured call and the floor it implies: FLOP counts, bytes a decode
 step must read, and the least time a strategy's share of them can take at the
-rates measured on the device in use (:mod:`fmsring.harness.ceilings`).
+rates measured on the device in use (:mod:`fmsring.rates`).
 
 The counts come from the unsharded model on the meta device, so TP's sharding
 does not shrink them, and no weights are needed.
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from fms.modules.attention import MultiHeadAttention
 from torch import nn
+
+from fmsring.rates import Rates
 
 NAN = float("nan")
 
@@ -31,16 +33,6 @@ class FlopShape:
     kv_bytes_per_token: int = 0
     head_bytes: int = 0
     kv_heads: int = 0
-
-
-@dataclass(frozen=True)
-class Rates:
-    """What one GPU sustains, measured: dense matmul and causal attention TFLOP/s in the
-    run's dtype, and memory bandwidth in GB/s (bytes read plus written by a copy, per s)."""
-
-    matmul_tflops: float
-    attention_tflops: float
-    memory_gbps: float
 
 
 def flop_shape(model: nn.Module, element_size: int) -> FlopShape:

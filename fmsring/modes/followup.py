@@ -19,28 +19,26 @@ Million-Token Inference", arXiv 2411.01783):
   partials once.
 
 Which is faster depends on whether pass-KV's larger messages hide under the
-attention compute of a step (:func:`choose_followup`).
+attention compute of a step, at the rates measured on the device
+(:func:`choose_followup`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
-from fmsring.comm import all_to_all
+from fmsring.cache import RingCache
+from fmsring.comm import RingComm, all_to_all
 from fmsring.kernels import attention_with_lse, merge_stacked_auto, pack_partial_auto
 from fmsring.layout import ShardPlan
-from fmsring.ring_attention import Partials, RingBuffers, heads_major, ring_pass_kv, to_query_layout
-from fmsring.strategy import RingAttentionStrategy
+from fmsring.modes import Call, Ring, run_sharded
+from fmsring.rates import Rates
+from fmsring.ring import Partials, RingBuffers, heads_major, pass_kv, ring_blocks, to_query_layout
 
 FOLLOWUP_MODES = ("auto", "pass_kv", "pass_q")
-# Attention FLOPs per byte of ring transfer and per byte of memory traffic:
-# the rule below only needs these ratios. Defaults from 2x H100 (NVLink):
-# cuDNN attention ~620 TFLOP/s, ring shift ~260 GB/s, HBM copy ~3 TB/s
-# (docs/performance.md, "Ceilings").
-FLOPS_PER_LINK_BYTE = 620e12 / 260e9
-LINK_BYTES_PER_HBM_BYTE = 260e9 / 3.0e12
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,7 @@ class FollowupShape:
     elem_bytes: int
 
 
-def exposed_link_bytes(s: FollowupShape, mode: str) -> float:
+def exposed_link_bytes(s: FollowupShape, mode: str, rates: Rates) -> float:
     """Bytes of ring traffic per layer that a mode cannot hide under its attention compute.
 
     Per ring step a rank attends T/W queries over (P+T)/W keys, about
@@ -65,35 +63,45 @@ def exposed_link_bytes(s: FollowupShape, mode: str) -> float:
     the compute is exposed, W-1 times. pass-KV also packs its shard for
     sending (one read and one write of it in device memory); pass-Q returns
     the fp32 partials of every query but its own rank's in an all-to-all
-    that nothing hides.
+    that nothing hides. ``rates`` turn FLOPs and device-memory bytes into
+    link bytes of the same time.
     """
     w, t, p = s.world_size, s.new_tokens, s.cached_tokens
-    compute = 4 * s.heads * s.head_dim * (t / w) * ((p + t) / w) / FLOPS_PER_LINK_BYTE
+    if w == 1:  # nothing travels; pass-KV would still pack its shard
+        return 2.0 * s.kv_heads * s.head_dim * s.elem_bytes * (p + t) if mode == "pass_kv" else 0.0
+    assert rates.link_gbps is not None, "the rule needs the ring's link rate"
+    flops_per_link_byte = rates.attention_tflops * 1e12 / (rates.link_gbps * 1e9)
+    compute = 4 * s.heads * s.head_dim * (t / w) * ((p + t) / w) / flops_per_link_byte
     if mode == "pass_kv":
         shard = 2 * s.kv_heads * s.head_dim * s.elem_bytes * (p + t) / w
-        return (w - 1) * max(0.0, shard - compute) + 2 * shard * LINK_BYTES_PER_HBM_BYTE
+        return (w - 1) * max(0.0, shard - compute) + 2 * shard * rates.link_gbps / rates.memory_gbps
     queries = s.heads * s.head_dim * s.elem_bytes * t / w
     partials = (w - 1) / w * t * s.heads * (s.head_dim + 1) * 4
     return (w - 1) * max(0.0, queries - compute) + partials
 
 
-def choose_followup(s: FollowupShape) -> str:
-    """pass-KV or pass-Q: the one with less exposed communication (pass-Q on a tie, as it copies nothing).
+def choose_followup(s: FollowupShape, rates: Rates | None) -> str:
+    """pass-KV or pass-Q: the one with less exposed communication (pass-Q on a tie, as it copies
+    nothing). ``rates`` may be None on one rank, where nothing travels.
 
     With many new tokens pass-KV's transfers hide under compute and pass-Q
     still pays its all-to-all; with few new tokens on a long cache pass-KV
     ships the whole cache for little compute and pass-Q wins.
     """
-    return "pass_kv" if exposed_link_bytes(s, "pass_kv") < exposed_link_bytes(s, "pass_q") else "pass_q"
+    if s.world_size == 1:
+        return "pass_q"
+    assert rates is not None
+    kv, q = exposed_link_bytes(s, "pass_kv", rates), exposed_link_bytes(s, "pass_q", rates)
+    return "pass_kv" if kv < q else "pass_q"
 
 
-def ring_pass_q(
+def pass_q(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     plan: ShardPlan,
     cached: tuple[int, ...],
-    strategy: RingAttentionStrategy,
+    comm: RingComm,
     buffers: RingBuffers,
     scale: float,
 ) -> torch.Tensor:
@@ -106,21 +114,16 @@ def ring_pass_q(
     -- and keeps one packed fp32 partial per source rank; one all-to-all
     returns them to their owners, which merge them.
     """
-    world, rank = strategy.world_size, strategy.rank
+    rank = comm.rank
     b, _, h, d = query.shape
     n_keys = cached[rank] + plan.local_len(rank)
     keys, values = key_cache[:, :n_keys].transpose(1, 2), value_cache[:, :n_keys].transpose(1, 2)
     t_max = max(plan.local_lens)
-    parts = query.new_empty((world, b, h, t_max, d + 1), dtype=torch.float32)
+    parts = query.new_empty((comm.world_size, b, h, t_max, d + 1), dtype=torch.float32)
     parts[..., :-1].zero_()
     parts[..., -1].fill_(float("-inf"))  # rows past a rank's share contribute nothing
-    q_in = query.contiguous()
-    for step in range(world):
-        src = (rank - step) % world
-        if step + 1 < world:
-            nxt = (src - 1) % world
-            incoming = buffers.get(step % 2, (b, plan.local_len(nxt), h, d), b * t_max * h * d, q_in)
-            strategy.comm.send_recv(q_in, incoming)
+    shape_from = lambda src: (b, plan.local_len(src), h, d)  # noqa: E731
+    for src, q_in in ring_blocks(comm, query.contiguous(), buffers, shape_from, b * t_max * h * d):
         q = q_in.transpose(1, 2)
         acc = Partials(q, pairwise=True)  # per source: the cache and the own causal block at most
         for c in plan.block_calls(src, rank, cached[rank]):
@@ -129,11 +132,8 @@ def ring_pass_q(
             )
             acc.add(c.q_lo, c.q_hi, *blk)
         parts[src, :, :, : q.shape[2]] = pack_partial_auto(*acc.result())
-        if step + 1 < world:
-            strategy.comm.wait()
-            q_in = incoming
-    if world > 1:
-        parts = all_to_all(parts, strategy.group)
+    if comm.world_size > 1:
+        parts = all_to_all(parts, comm.group)
     mine = parts[:, :, :, : query.shape[1]]
     return merge_stacked_auto(mine[..., :-1], mine[..., -1], query.dtype)
 
@@ -143,24 +143,63 @@ class Followup:
     """A follow-up of ``plan.seq_len`` new tokens laid out by ``plan``, after
     ``cached[r]`` tokens in rank r's cache shard; ``mode`` is pass_kv or pass_q."""
 
-    strategy: RingAttentionStrategy
+    comm: RingComm
     plan: ShardPlan
     cached: tuple[int, ...]
     mode: str
     buffers: RingBuffers = field(default_factory=RingBuffers)
 
     def store(self, keys, values, key_cache, value_cache):
-        lo = self.cached[self.strategy.rank]
+        lo = self.cached[self.comm.rank]
         key_cache[:, lo : lo + keys.shape[1]].copy_(keys)
         value_cache[:, lo : lo + values.shape[1]].copy_(values)
         return key_cache, value_cache, key_cache, value_cache
 
     def attend(self, query, key_cache, value_cache, scale):
-        st = self.strategy
         if self.mode == "pass_q":
-            out = ring_pass_q(query, key_cache, value_cache, self.plan, self.cached, st, self.buffers, scale)
+            out = pass_q(query, key_cache, value_cache, self.plan, self.cached, self.comm, self.buffers, scale)
         else:
-            n = self.cached[st.rank] + self.plan.local_len(st.rank)
+            n = self.cached[self.comm.rank] + self.plan.local_len(self.comm.rank)
             kv = heads_major(key_cache[:, :n], value_cache[:, :n])
-            out = ring_pass_kv(query.transpose(1, 2), kv, self.plan, self.cached, st, self.buffers, scale)
+            out = pass_kv(query.transpose(1, 2), kv, self.plan, self.cached, self.comm, self.buffers, scale)
         return to_query_layout(out, query)
+
+
+class FollowupRing(Ring, Protocol):
+    """What a follow-up needs of the model beyond :class:`fmsring.modes.Ring`."""
+
+    followup: str  # one of FOLLOWUP_MODES
+
+    def rates(self, dtype: torch.dtype) -> Rates:
+        """The device's rates, the same on every rank (measured once)."""
+        ...
+
+
+def mode_for(ring: FollowupRing, n_new: int, cache: RingCache) -> str:
+    """The configured mode, or the rule's choice for ``auto``."""
+    if ring.followup != "auto":
+        return ring.followup
+    st, attn, kv = ring.strategy, ring.attn, cache[0][0]
+    shape = FollowupShape(
+        new_tokens=n_new,
+        cached_tokens=cache.state.seq_len,
+        world_size=st.world_size,
+        heads=attn.nheads,
+        kv_heads=attn.kvheads,
+        head_dim=attn.emb_kq_per_head,
+        elem_bytes=kv.element_size(),
+    )
+    return choose_followup(shape, ring.rates(kv.dtype) if st.world_size > 1 else None)
+
+
+def step(ring: FollowupRing, call: Call, cache: RingCache) -> tuple[torch.Tensor, RingCache]:
+    """The follow-up's logits and the cache holding its tokens."""
+    st, state, x = ring.strategy, cache.state, call.ids
+    plan = st.plan(x.shape[1])
+    new_indices = [[state.seq_len + i for i in plan.indices(r)] for r in range(st.world_size)]
+    mode = mode_for(ring, x.shape[1], cache)
+    positions, top = ring.rope.positions(x, call.position_ids, state.seq_len, state.max_position)
+    new_cache = cache.extend(st.rank, new_indices, ring.cache_headroom, max(state.max_position, top))
+    ctx = Followup(st.comm, plan, state.fills, mode)
+    logits, _ = run_sharded(ring, call, positions, plan, list(new_cache), True, ctx)
+    return logits, new_cache

@@ -156,8 +156,8 @@ def test_padded_batch_followup_matches_hf(checkpoints):
 
 def _record_kernels(rank, world, path, prompt, turn):
     """The attention calls of one unmasked follow-up, per forced mode."""
-    import fmsring.followup
-    import fmsring.ring_attention
+    import fmsring.modes.followup
+    import fmsring.ring
     from fmsring.kernels import attention_with_lse
 
     calls = []
@@ -166,8 +166,8 @@ def _record_kernels(rank, world, path, prompt, turn):
         calls.append({"rows": q.shape[2], "keys": k.shape[2], "causal": causal, "bias": bias is not None})
         return attention_with_lse(q, k, v, scale, causal, bias)
 
-    fmsring.followup.attention_with_lse = recording
-    fmsring.ring_attention.attention_with_lse = recording
+    fmsring.modes.followup.attention_with_lse = recording
+    fmsring.ring.attention_with_lse = recording
     out = {}
     for mode in ("pass_kv", "pass_q"):
         ring = fms_model(path, torch.float32, "ring", ring_followup=mode)
@@ -201,7 +201,7 @@ def _rope_sizes_while_decoding(rank, world, path, ids, steps):
     for _ in range(steps):
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         logits, cache = ring(nxt, past_key_value_states=cache, use_cache=True, last_n_tokens=1)
-        sizes.append(ring._rope_table_sizes(nxt.device))
+        sizes.append(ring.rope.sizes(nxt.device))
     return sizes
 
 

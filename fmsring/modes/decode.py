@@ -1,0 +1,104 @@
+"""The static one-token decode step: every rank holds the token's query,
+attends over its shard of the cache, and one all-gather of (out, lse) per
+layer merges the shards exactly.
+
+What changes per step lives in device tensors (:class:`StepInputs`) and
+every shape is fixed by the cache's capacity, so the step is captured once
+as a CUDA graph (:mod:`fmsring.decode_graph`) and replayed, with no host
+sync; a padding mask rides along as a bias per cache slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+import torch
+
+from fmsring.cache import RingCache
+from fmsring.comm import RingComm
+from fmsring.decode_graph import DecodeGraphs, StepInputs
+from fmsring.kernels import decode_attention_with_lse, decode_split_kv
+from fmsring.split_kv import SplitKV
+from fmsring.masks import mask_at_slots
+from fmsring.modes import Call, Ring
+from fmsring.ring import merge_shards
+
+
+@dataclass
+class DecodeStep:
+    """Every rank writes the token's K/V at ``write_slot`` (the owner's next
+    slot; elsewhere a free slot that no length covers) and attends over its
+    first ``kv_lens`` slots, plus ``slot_bias`` [b, capacity] where the step
+    has a padding mask (the user's mask read at each slot's token).
+    ``split_kv`` is the split-KV plan every layer's attention shares (None:
+    fp32 math).
+
+    With no Python branch on data and static shapes, a decoder layer running
+    this step can also be compiled whole (``whole_layer``:
+    :class:`fmsring.fusion.FusedDecoderBlock`)."""
+
+    whole_layer: ClassVar[bool] = True
+    comm: RingComm
+    write_slot: torch.Tensor
+    kv_lens: torch.Tensor
+    split_kv: SplitKV | None = None
+    slot_bias: torch.Tensor | None = None
+
+    def store(self, keys, values, key_cache, value_cache):
+        # an indexed assignment (index_put_), which the compiler writes in place into the cache
+        key_cache[:, self.write_slot] = keys
+        value_cache[:, self.write_slot] = values
+        return key_cache, value_cache, key_cache, value_cache
+
+    def attend(self, query, key_cache, value_cache, scale):
+        out, lse = decode_attention_with_lse(
+            query.transpose(1, 2), key_cache, value_cache, self.kv_lens, scale, self.split_kv, self.slot_bias
+        )
+        return merge_shards(out, lse, query, self.comm)
+
+
+class DecodeRing(Ring, Protocol):
+    """What the decode step needs of the model beyond :class:`fmsring.modes.Ring`."""
+
+    cuda_graphs: bool
+    graphs: DecodeGraphs
+
+
+def step(ring: DecodeRing, call: Call, cache: RingCache) -> tuple[torch.Tensor, RingCache]:
+    """One token on ``cache``: its logits and the cache holding it; captured as a CUDA graph where possible."""
+    st, state, x = ring.strategy, cache.state, call.ids
+    positions, top = ring.rope.positions(x, call.position_ids, state.seq_len, state.max_position)
+    new_cache = cache.advance(st.rank, state.place(1), ring.cache_headroom, max(state.max_position, top))
+    new_state = new_cache.state
+    slot_bias = None
+    if call.mask is not None:
+        at_slots = mask_at_slots(call.mask, 1, new_state)[:, 0]
+        slot_bias = at_slots.new_zeros(x.shape[0], new_state.capacity)
+        slot_bias[:, : at_slots.shape[1]] = at_slots
+    inputs = StepInputs(
+        ids=x,
+        positions=positions,
+        write_slot=torch.full((1,), state.fills[st.rank], device=x.device),
+        kv_lens=torch.full((x.shape[0],), new_state.fills[st.rank], dtype=torch.int32, device=x.device),
+        slot_bias=slot_bias,
+    )
+    layers = list(new_cache)
+
+    def run(inp: StepInputs) -> torch.Tensor:
+        split = decode_split_kv(inp.kv_lens, layers[0][0])  # once per step, not per layer
+        ctx = DecodeStep(st.comm, inp.write_slot, inp.kv_lens, split, inp.slot_bias)
+        return ring.run(inp.ids, inp.positions, layers, True, call.last_n_tokens, ctx)[0]
+
+    if ring.cuda_graphs and x.is_cuda:
+        return ring.graphs.run(graph_key(ring, call, new_cache), inputs, run), new_cache
+    return run(inputs), new_cache
+
+
+def graph_key(ring: Ring, call: Call, cache: RingCache) -> Hashable:
+    """What a captured step is valid for: the addresses and shapes baked into the graph (the batch,
+    the logits kept, the cache buffers, the RoPE tables) and whether a slot bias is read."""
+    state = cache.state
+    rope = ring.rope.sizes(call.ids.device)
+    return (call.ids.shape[0], call.last_n_tokens, state.cache_id, state.capacity, rope, call.mask is not None)

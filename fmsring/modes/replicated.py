@@ -1,0 +1,87 @@
+"""Steps whose queries every rank computes: fewer new tokens than ranks (too
+few to shard), or several with a user mask (padding), on the sharded cache.
+
+Every rank runs the model on all new tokens, stores the ones it owns (placed
+on the least-filled ranks) and attends over its shard of the cache; one
+all-gather of (out, lse) per layer merges the shards exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fmsring.cache import RingCache, RingCacheState
+from fmsring.comm import RingComm
+from fmsring.kernels import attention_with_lse, empty_partial, merge_pair_auto
+from fmsring.masks import additive, mask_at_slots
+from fmsring.modes import Call, Ring
+from fmsring.ring import merge_shards
+
+
+@dataclass
+class ReplicatedStep:
+    """Each rank stores the new tokens it owns (``owned``, after its ``fill``
+    valid slots) and attends over its slots in ``blocks``: (first slot, end
+    slot, additive bias or None). Without a mask that is the old slots
+    unmasked -- every cached token precedes every new one -- and the owned
+    new slots with a causal bias of n x owned; with one, every slot under the
+    user's mask."""
+
+    comm: RingComm
+    fill: int
+    owned: slice | list[int]
+    blocks: list[tuple[int, int, torch.Tensor | None]]
+
+    def store(self, keys, values, key_cache, value_cache):
+        k_new, v_new = keys[:, self.owned], values[:, self.owned]
+        end = self.fill + k_new.shape[1]
+        key_cache[:, self.fill : end].copy_(k_new)
+        value_cache[:, self.fill : end].copy_(v_new)
+        return key_cache, value_cache, key_cache, value_cache
+
+    def attend(self, query, key_cache, value_cache, scale):
+        q = query.transpose(1, 2)
+        parts = [
+            attention_with_lse(
+                q, key_cache[:, lo:hi].transpose(1, 2), value_cache[:, lo:hi].transpose(1, 2), scale, bias=bias
+            )
+            for lo, hi, bias in self.blocks
+            if hi > lo
+        ]
+        if not parts:
+            out, lse = empty_partial(q)
+        elif len(parts) == 1:
+            out, lse = parts[0]
+        else:
+            out, lse = merge_pair_auto(*parts[0], *parts[1])
+        return merge_shards(out, lse, query, self.comm)
+
+
+def blocks(
+    call: Call, state: RingCacheState, new_state: RingCacheState, rank: int
+) -> list[tuple[int, int, torch.Tensor | None]]:
+    """The slot blocks this rank attends (see :class:`ReplicatedStep`)."""
+    x, n = call.ids, call.ids.shape[1]
+    fill, end = state.fills[rank], new_state.fills[rank]
+    if call.mask is not None:
+        return [(0, end, mask_at_slots(call.mask, n, new_state))]
+    # cached tokens all precede the new ones; among the owned new ones, causal by global index
+    query_index = torch.arange(state.seq_len, state.seq_len + n, device=x.device)
+    owned_index = new_state.slot_index_on(x.device, fill)
+    causal = additive((owned_index.unsqueeze(0) <= query_index.unsqueeze(1)).unsqueeze(0))
+    return [(0, fill, None), (fill, end, causal)]
+
+
+def step(ring: Ring, call: Call, cache: RingCache) -> tuple[torch.Tensor, RingCache]:
+    """The step's logits and the cache holding its tokens."""
+    st, state = ring.strategy, cache.state
+    owners = state.place(call.ids.shape[1])
+    positions, top = ring.rope.positions(call.ids, call.position_ids, state.seq_len, state.max_position)
+    new_cache = cache.advance(st.rank, owners, ring.cache_headroom, max(state.max_position, top))
+    ctx = ReplicatedStep(
+        st.comm, state.fills[st.rank], RingCacheState.owned(owners, st.rank), blocks(call, state, new_cache.state, st.rank)
+    )
+    logits, _ = ring.run(call.ids, positions, list(new_cache), True, call.last_n_tokens, ctx)
+    return logits, new_cache
