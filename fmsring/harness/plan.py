@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from fmsring.cache import headroom_for
 from fmsring.harness.schema import AS_SHIPPED, Phase, Point, Strategy
 
 
@@ -138,9 +139,6 @@ def padding_problem(padding: float, batch: int, phases: Any) -> str:
     return ""
 
 
-FOLLOWUP_MARGIN = 64  # ring cache slots kept free beyond the longest follow-up and the decode steps
-
-
 @dataclass(frozen=True)
 class Variant:
     """One configuration of a strategy: ``label`` is its ``variant`` column."""
@@ -170,7 +168,8 @@ def variants(strategy: str, cfg: Any) -> list[Variant]:
         return [Variant(strategy), *shipped]
     headroom = {}
     if Phase.FOLLOWUP in cfg.phases:
-        headroom = {"ring_cache_headroom": max(256, max(cfg.seq_lens) + cfg.decode_tokens + FOLLOWUP_MARGIN)}
+        # as if every new token landed on one rank: room for any layout, whatever the world size
+        headroom = {"ring_cache_headroom": headroom_for(max(cfg.seq_lens) + cfg.decode_tokens, 1)}
     out = []
     for name, kwargs in cfg.ring_variants.items():
         clash = sorted(set(kwargs) & set(cfg.ring_kwargs))

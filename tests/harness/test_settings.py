@@ -44,7 +44,7 @@ def test_cli_parsing() -> None:
     ring = variants("ring", cfg)
     # --ring-kwargs merge into every variant and show in its label; followup keeps room in the cache
     assert [v.label for v in ring] == ['{"ring_fuse": false}', 'eager {"ring_fuse": false}']
-    assert ring[1].ring_kwargs == {"ring_cache_headroom": 512 + 32 + 64, "ring_fuse": False, "ring_cuda_graphs": False}
+    assert ring[1].ring_kwargs == {"ring_cache_headroom": 512 + 32 + 2, "ring_fuse": False, "ring_cuda_graphs": False}
     assert [v.label for v in variants("tp", cfg)] == [""]
     assert [v.label for v in variants("tp", parse_args(["--as-shipped"]))] == ["", AS_SHIPPED]
     for bad in (["--strategies", "ring,bogus"], ["--cached-lens", "64"], ["--phases", "followup"],
