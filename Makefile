@@ -79,7 +79,7 @@ NAME_FLAGS = $(if $(PARAMS),--params $(PARAMS)) $(if $(DEVICE),--device $(DEVICE
 	$(if $(MODEL),--variant $(MODEL)) $(if $(MODEL_PATH),--model-path $(MODEL_PATH)) $(if $(DTYPE),--dtype $(DTYPE))
 RUN_NAME = $(or $(NAME),$(shell $(PY) -m fmsring.sweep --print-name $(NAME_FLAGS)))
 
-.PHONY: help venv test test-gpu sweep analysis kernel notebooks clean-venv
+.PHONY: help venv test test-all test-gpu sweep analysis kernel notebooks clean-venv
 
 help: ## list the targets
 	@echo "targets:"
@@ -104,7 +104,10 @@ $(VENV)/.installed: $(PY) pyproject.toml
 
 venv: $(VENV)/.installed ## create .venv (python3.11) and install fmsring with its dev extras
 
-test: venv ## run the test suite (tests marked cuda skip without a GPU)
+test: venv ## the fast tier, what CI runs: every test but those marked slow (cuda ones skip without a GPU)
+	$(PY) -m pytest -m "not slow"
+
+test-all: venv ## every test, the slow end-to-end ones too
 	$(PY) -m pytest
 
 test-gpu: venv ## run only the tests that need a GPU (pytest -m cuda)

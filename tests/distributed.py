@@ -38,6 +38,8 @@ START_TIMEOUT_S = 300
 # how long the other ranks get to report once one has failed (they may sit in a collective the failed rank left)
 FAILED_GRACE_S = 10
 _SHUTDOWN = b""
+# ranks kept waiting at once (each holds ~0.5 GB): worlds 1-4 stay; world 6 sends the least recently used home
+MAX_KEPT_RANKS = 10
 # module globals a call may change and the next call must not see (tests swap functions in, add to sets)
 _RESTORED_PACKAGES = ("fmsring", "tests")
 
@@ -236,7 +238,7 @@ class _Group:
             conn.close()
 
 
-_GROUPS: dict[int, _Group] = {}
+_GROUPS: dict[int, _Group] = {}  # by world size, least recently used first
 
 
 @atexit.register
@@ -252,7 +254,11 @@ def run_ranks(world: int, fn: Callable, *args: Any, timeout: float = 600) -> lis
     A rank that raises re-raises here with its traceback; a hang is killed. ``fn`` and ``args``
     travel pickled, so ``fn`` is a module-level function.
     """
-    group = _GROUPS.pop(world, None) or _Group(world)
+    group = _GROUPS.pop(world, None)
+    if group is None:
+        while _GROUPS and sum(_GROUPS) + world > MAX_KEPT_RANKS:
+            _GROUPS.pop(next(iter(_GROUPS))).close()
+        group = _Group(world)
     try:
         results = group.call(fn, args, timeout)
     except BaseException:  # a failure, a timeout, or pytest's own timeout or Ctrl-C mid-call
