@@ -6,9 +6,10 @@ suite makes hundreds of calls, so the group of each world size is spawned on fir
 kept for the session: a call ships ``(fn, args)`` to the ranks and collects what each returned.
 
 Each call starts from the state a freshly spawned rank had: the parent's environment, seeded
-RNGs, one thread, dynamo's caches cleared, no process group but the world's, and every global
-of ``fmsring`` and ``tests`` modules (rebinding or in-place change, as in a test that swaps a
-function or adds to ``fusion.FUSE_DEVICES``) as it was before the call. A call that raises on a
+RNGs (from the test's seed, alike on every rank), one thread, dynamo's caches cleared, no process
+group but the world's, and the globals of the ``fmsring`` and ``tests`` modules loaded when the
+call began (fn's own included) put back after it, whether rebound or changed in place (a test
+swaps a function in, adds to ``fusion.FUSE_DEVICES``). A call that raises on a
 rank, kills a rank or outlives its timeout discards the group, so a broken case cannot leave a
 collective half done for the next one; the next call spawns a fresh group.
 """
@@ -36,7 +37,7 @@ import torch.multiprocessing as mp
 # what a group gets to spawn and connect: on the shared 2-core machine six ranks importing torch take a while
 START_TIMEOUT_S = 300
 # how long the other ranks get to report once one has failed (they may sit in a collective the failed rank left)
-FAILED_GRACE_S = 10
+FAILED_GRACE_S = 3
 _SHUTDOWN = b""
 # ranks kept waiting at once (each holds ~0.5 GB): worlds 1-4 stay; world 6 sends the least recently used home
 MAX_KEPT_RANKS = 10
@@ -99,10 +100,11 @@ def _destroy_subgroups() -> None:
 
 def _run_call(rank: int, world: int, message: bytes, rank_env: dict[str, str]) -> tuple[dict, bool]:
     """The call's reply, and whether this rank is fit for the next call."""
-    saved = _ModuleGlobals()
     cwd = os.getcwd()
+    saved = None
     try:
-        call = _loads(message)
+        call = _loads(message)  # imports fn's module on its first call: as imported is what to go back to
+        saved = _ModuleGlobals()
         os.environ.clear()
         os.environ.update({**call["env"], **rank_env})
         random.seed(call["seed"])
@@ -112,7 +114,8 @@ def _run_call(rank: int, world: int, message: bytes, rank_env: dict[str, str]) -
     except BaseException:
         reply = {"error": traceback.format_exc()}
     try:
-        saved.restore()
+        if saved is not None:
+            saved.restore()
         os.chdir(cwd)
         torch.set_grad_enabled(True)
         torch.set_default_dtype(torch.float32)
