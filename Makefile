@@ -28,7 +28,7 @@ RUNS ?=
 
 PAPERMILL := $(PY) -m papermill -k python3 --log-level WARNING
 
-.PHONY: help venv test test-gpu sweep analysis results kernel notebooks clean-venv
+.PHONY: help venv test test-all test-gpu sweep analysis results kernel notebooks clean-venv
 
 help: ## list the targets
 	@echo "targets:"
@@ -54,10 +54,15 @@ $(VENV)/.installed: $(PY) pyproject.toml
 
 venv: $(VENV)/.installed ## create .venv (python3.11) and install fmsring with its dev extras
 
-test: venv ## run the test suite (tests marked cuda skip without a GPU)
+test: venv ## the fast tier, what CI runs: every test but those marked slow (cuda ones skip without a GPU)
+	$(PY) -m pytest -m "not slow"
+
+test-all: venv ## every test, the slow end-to-end ones too
 	$(PY) -m pytest
 
-test-gpu: venv ## run only the tests that need a GPU (pytest -m cuda)
+# On a GPU machine whose python already holds torch, ibm-fms and pytest (no registry to install from):
+# make test-gpu PY=python3 skips making the venv.
+test-gpu: $(if $(filter command line,$(origin PY)),,venv) ## run only the tests that need a GPU (pytest -m cuda)
 	$(PY) -m pytest -m cuda
 
 sweep: venv ## run notebooks/run.ipynb (a sweep), then notebooks/analysis.ipynb on its run folder

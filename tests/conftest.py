@@ -1,6 +1,7 @@
 """Shared test setup: import this checkout's fmsring, draw figures off-screen,
 run Triton kernels through Triton's interpreter where there is no GPU, and seed
-every test's randomness from one seed that a failure prints."""
+every test's randomness, and the tiny checkpoints' weights, from seeds that a
+failure prints."""
 
 import os
 import random
@@ -17,11 +18,14 @@ if not torch.cuda.is_available():
     # read when a kernel is defined, which importing fmsring does: before any test imports it
     os.environ.setdefault("TRITON_INTERPRET", "1")
 SEED_ENV = "FMSRING_TEST_SEED"
+CHECKPOINT_SEED_ENV = "FMSRING_CHECKPOINT_SEED"  # tests/tiny_checkpoint.py reads it
+# one per session: the checkpoints are written once, before any test's own seed is drawn
+os.environ.setdefault(CHECKPOINT_SEED_ENV, str(random.SystemRandom().randrange(2**31)))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Tiny random LLaMA checkpoints written with ``save_pretrained``: MHA and GQA."""
+    """Tiny random LLaMA checkpoints written with ``save_pretrained``: MHA and GQA (read only)."""
     from tests.tiny_checkpoint import write_checkpoint
 
     root = tmp_path_factory.mktemp("ckpt")
@@ -45,5 +49,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
     seed = getattr(item, "fmsring_seed", None)
     if report.failed and seed is not None:
-        report.sections.append(("random seed", f"replay with: {SEED_ENV}={seed} pytest '{item.nodeid}'"))
+        seeds = f"{SEED_ENV}={seed} {CHECKPOINT_SEED_ENV}={os.environ[CHECKPOINT_SEED_ENV]}"
+        report.sections.append(("random seed", f"replay with: {seeds} pytest '{item.nodeid}'"))
     return report

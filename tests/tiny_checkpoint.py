@@ -7,6 +7,8 @@ like LLaMA's, prepends its BOS token; the model's vocabulary is exactly its size
 
 from __future__ import annotations
 
+import os
+
 import torch
 from tokenizers import Tokenizer, decoders, models, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -15,6 +17,8 @@ BOS, UNK = "<s>", "<unk>"
 CHARS = ["\n", *map(chr, range(32, 127))]
 VOCAB = 2 + len(CHARS)  # the model's vocabulary: the tokenizer's ids
 MAX_POS = 64
+# the weights' seed, which tests/conftest.py sets once per session and prints with a failure
+SEED_ENV = "FMSRING_CHECKPOINT_SEED"
 
 
 def write_tokenizer(path: str) -> PreTrainedTokenizerFast:
@@ -28,7 +32,8 @@ def write_tokenizer(path: str) -> PreTrainedTokenizerFast:
 
 
 def write_checkpoint(path, kvheads: int = 2, max_pos: int = MAX_POS) -> str:
-    """A 2-layer GQA (by default) LLaMA with a tokenizer, saved the way HF saves them."""
+    """A 2-layer GQA (by default) LLaMA with a tokenizer, saved the way HF saves them; its random
+    weights drawn from ``$FMSRING_CHECKPOINT_SEED`` where set, else from torch's generator."""
     path = str(path)
     tokenizer = write_tokenizer(path)
     cfg = LlamaConfig(
@@ -46,7 +51,11 @@ def write_checkpoint(path, kvheads: int = 2, max_pos: int = MAX_POS) -> str:
         eos_token_id=None,  # no early stop: every reply has its full length
         pad_token_id=None,
     )
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    with torch.random.fork_rng(devices=[]):
+        if os.environ.get(SEED_ENV):
+            torch.manual_seed(int(os.environ[SEED_ENV]))
+        model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
     return path
 
 
