@@ -60,9 +60,7 @@ test: venv ## the fast tier, what CI runs: every test but those marked slow (cud
 test-all: venv ## every test, the slow end-to-end ones too
 	$(PY) -m pytest
 
-# On a GPU machine whose python already holds torch, ibm-fms and pytest (no registry to install from):
-# make test-gpu PY=python3 skips making the venv.
-test-gpu: $(if $(filter command line,$(origin PY)),,venv) ## run only the tests that need a GPU (pytest -m cuda)
+test-gpu: $(if $(filter command line,$(origin PY)),,venv) ## the tests that need a GPU (pytest -m cuda); PY=python3: that python, no venv
 	$(PY) -m pytest -m cuda
 
 sweep: venv ## run notebooks/run.ipynb (a sweep), then notebooks/analysis.ipynb on its run folder

@@ -104,9 +104,6 @@ def test_fmsring_imports_without_triton():
 
 # ---------------------------------------------------------------- the package's shape (issue 23)
 
-UNTIL_RESTRUCTURE = pytest.mark.xfail(strict=False, reason="until issue 23's restructure lands")
-
-
 def module_paths() -> dict[str, Path]:
     """Every module of the package by its dotted name (a package by its ``__init__.py``)."""
     paths = {}
@@ -194,19 +191,16 @@ def test_import_graph_and_cycle_finder():
     assert {"fmsring", "fmsring.harness", "fmsring.harness.bench", "fmsring.model"} <= needed_by(graph, "fmsring.bench")
 
 
-@UNTIL_RESTRUCTURE
 def test_no_import_cycle_in_the_package():
     assert import_cycle(import_graph()) is None
 
 
-@UNTIL_RESTRUCTURE
 def test_no_module_over_400_lines_and_the_model_under_250():
     long = {name: n for name, path in module_paths().items() if (n := _lines([path])) > 400}
     assert not long, long
     assert _lines([PACKAGE / "model.py"]) < 250
 
 
-@UNTIL_RESTRUCTURE
 def test_the_harness_is_smaller_than_the_library():
     harness = _lines(HARNESS.rglob("*.py"))
     library = _lines(p for p in PACKAGE.rglob("*.py") if HARNESS not in p.parents)
