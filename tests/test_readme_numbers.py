@@ -16,6 +16,7 @@ the README names runs by folder, never by the letter at the end of one.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -26,6 +27,8 @@ TIME = re.compile(r"(\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))? ?ms\b")
 GIB = re.compile(r"(\d+(?:\.\d+)?) ?GiB\b")
 RATIO = re.compile(r"(\d+\.\d+)x\b")  # "2x H200" is a card count, not a ratio
 FOLDER = re.compile(r"runs/(\d{4}-\d\d-\d\d_[A-Za-z0-9_-]+)")
+# A decimal in a table of times that is not a ratio, a share, a size or a rate, nor marked derived.
+CELL = re.compile(r"(?<![\w.~+-])(\d+\.\d+)(?![\w.%]| ?(?:GiB|GB|TB|TFLOP))")
 FIGURE = re.compile(r"!\[[^\]]*\]\(([^)]+)\)")
 
 
@@ -128,3 +131,52 @@ def test_runs_are_named_by_folder_not_by_letter():
     assert not letters, f"run letters in the README: {letters}"
     for folder in FOLDER.findall(text):
         assert (ROOT / "runs" / folder).is_dir(), f"runs/{folder} does not exist"
+
+
+def _times(obj, timed: bool = False) -> list[float]:
+    """The numbers of a JSON file that sit under a key naming milliseconds (``wall_ms``, ``ms``, ...)."""
+    if isinstance(obj, dict):
+        return [x for k, v in obj.items() for x in _times(v, timed or bool(re.search(r"(^|_)ms($|_)", str(k))))]
+    if isinstance(obj, list):
+        return [x for v in obj for x in _times(v, timed)]
+    return [float(obj)] if timed and isinstance(obj, (int, float)) and not isinstance(obj, bool) else []
+
+
+def folder_times(folder: str) -> set[tuple[float, int]]:
+    """Every time in the folder's CSVs and JSON files (profiles)."""
+    values = []
+    for path in (ROOT / "runs" / folder).rglob("*.csv"):
+        df = pd.read_csv(path)
+        for col in df.columns:
+            if col.endswith("_ms") or "_ms_" in col:
+                values += pd.to_numeric(df[col], errors="coerce").dropna().tolist()
+    for path in (ROOT / "runs" / folder).rglob("*.json"):
+        values += _times(json.loads(path.read_text()))
+    return known(values)
+
+
+def test_performance_numbers_come_from_the_runs_their_sections_name():
+    """docs/performance.md: every time not marked derived (``~``, ``+``, ``-`` before it), and every
+    bare decimal in a table row that quotes times, is in a CSV or JSON file (a profile) of a run
+    folder its section names; no run letters; every folder
+    named exists. Looser than the README's check (a section names several runs, and a profile
+    holds many numbers), but a number with no run behind it fails."""
+    text = (ROOT / "docs" / "performance.md").read_text()
+    assert not re.findall(r"`_[a-z]{1,2}`|\bruns? _[a-z]{1,2}\b", text), "run letters in performance.md"
+    missing, count = [], 0
+    for folder in set(FOLDER.findall(text)):
+        assert (ROOT / "runs" / folder).is_dir(), f"runs/{folder} does not exist"
+    for section in text.split("\n## "):
+        folders: list[str] = []
+        for para in section.split("\n\n"):
+            folders = FOLDER.findall(para) or folders  # a table quotes the runs named just before it
+            runs = set().union(*map(folder_times, folders))
+            for line in para.splitlines():
+                if line.startswith("|") and "ms" in line:  # a table of times: its bare decimals are times too
+                    quoted = CELL.findall(line)
+                else:
+                    quoted = [s for m in TIME.finditer(line) if line[max(m.start() - 1, 0)] not in "~+-" for s in m.groups() if s]
+                count += len(quoted)
+                missing += [f"{s} ms in {line!r}" for s in quoted if (round(float(s), places(s)), places(s)) not in runs]
+    assert count > 50
+    assert not missing, f"performance.md times found in no run named before them: {missing}"
