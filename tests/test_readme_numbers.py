@@ -180,3 +180,10 @@ def test_performance_numbers_come_from_the_runs_their_sections_name():
                 missing += [f"{s} ms in {line!r}" for s in quoted if (round(float(s), places(s)), places(s)) not in runs]
     assert count > 50
     assert not missing, f"performance.md times found in no run named before them: {missing}"
+
+
+def test_runs_index_lists_every_committed_run():
+    """runs/README.md's index has one row per committed run folder, and no row without one."""
+    rows = re.findall(r"^\| `([^`]+)` \|", (ROOT / "runs" / "README.md").read_text(), re.MULTILINE)
+    folders = sorted(p.name for p in (ROOT / "runs").iterdir() if p.is_dir() and p.name != "local")
+    assert sorted(rows) == folders
