@@ -5,9 +5,10 @@ Its fenced blocks are read from README.md on every run. Each ``python`` block st
 on CPU ranks (gloo), with only ``CKPT`` set: a tiny checkpoint with its own tokenizer written here.
 Their outputs are held against HF transformers' greedy ``generate`` on the same checkpoint (for a
 conversation: on the whole conversation so far, turn by turn); the bench's rows are read back.
-A block of ``make`` lines cannot run inside the tests (``make test`` is this suite, a sweep takes
-minutes): make resolves each line without running it (``make -n``, which still parses the sweep's
-settings to name its run folder), and ``make test`` must be what CI runs (``.ci/run``).
+A block of ``make`` lines cannot run inside the tests (``make test`` is this suite, a GPU sweep needs
+GPUs, the CPU sweep takes minutes and ``tests/test_sweep.py`` runs one end to end): each target and
+setting must be one ``make help`` lists, make must accept the line as written (``make -n``), and
+``make test`` must be what CI runs (``.ci/run``).
 """
 
 from __future__ import annotations
@@ -120,12 +121,19 @@ def test_every_block_is_run():
 
 
 def test_make_commands_resolve():
-    """The README's make lines: the two set-up commands first, each line accepted by make as written."""
+    """The README's make lines: the two set-up commands first, each target one make knows, each
+    setting one ``make help`` lists, and each line accepted by make as written (``make -n``)."""
     lines = [line for b in blocks("bash") if (m := make_lines(b)) for line in m]
     assert lines[:2] == ["make sweep", "make test"], lines
     assert "make test" in (ROOT / ".ci" / "run").read_text().splitlines(), "CI no longer runs `make test`"
+    help_text = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
     for line in lines:
-        res = subprocess.run(["make", "-n", *shlex.split(line)[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        argv = shlex.split(line)[1:]
+        targets = [a for a in argv if "=" not in a]
+        settings = [a.partition("=")[0] for a in argv if "=" in a]
+        assert all(re.search(rf"^  {t}\b", help_text, re.MULTILINE) for t in targets), f"{line}: a target make help lacks"
+        assert all(re.search(rf"\b{v}=", help_text) for v in settings), f"{line}: a setting make help lacks"
+        res = subprocess.run(["make", "-n", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, f"{line}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
 
 
