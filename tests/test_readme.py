@@ -137,6 +137,23 @@ def test_make_commands_resolve():
         assert res.returncode == 0, f"{line}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
 
 
+@pytest.mark.slow
+def test_make_sweep_runs(tmp_path):
+    """The first set-up command, run for real (minutes on CPUs: the slow tier, ``make test-all``):
+    the CPU default sweep ends with every point ok, its rows and figures in one run folder. Only
+    where the folder goes is changed (OUT_DIR, a setting like any other), to keep runs/local clean."""
+    res = subprocess.run(
+        ["make", "sweep", f"OUT_DIR={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=1800,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"},
+    )
+    assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    with open(run / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and {r["status"] for r in rows} == {"ok"}, {r["status"] for r in rows}
+    assert list((run / "figures").glob("*.png")), "the sweep drew no figure"
+
+
 def test_bench_command(tmp_path):
     """The bench's CPU command writes an ok row for every strategy and phase it names."""
     block = command("bench")
