@@ -1,16 +1,20 @@
-"""The README's "Use" section runs exactly as written, and says what it does.
+"""Every command in the README runs as written, and does what the README says.
 
-Its fenced blocks are read from README.md on every run: each ``python`` block
-starts with ``# <file>.py`` and is saved under that name, each ``bash`` block
-runs through bash in that folder, on CPU ranks (gloo), with only ``CKPT`` set:
-a tiny checkpoint with its own tokenizer written here. Their outputs are held
-against HF transformers' greedy ``generate`` on the same checkpoint (for a
-conversation: on the whole conversation so far, turn by turn).
+Its fenced blocks are read from README.md on every run. Each ``python`` block starts with
+``# <file>.py`` and is saved under that name; each ``bash`` block runs through bash in that folder,
+on CPU ranks (gloo), with only ``CKPT`` set: a tiny checkpoint with its own tokenizer written here.
+Their outputs are held against HF transformers' greedy ``generate`` on the same checkpoint (for a
+conversation: on the whole conversation so far, turn by turn); the bench's rows are read back.
+A block of ``make`` lines cannot run inside the tests (``make test`` is this suite, a GPU sweep needs
+GPUs, the CPU sweep takes minutes and ``tests/test_sweep.py`` runs one end to end): each target and
+setting must be one ``make help`` lists, make must accept the line as written (``make -n``), and
+``make test`` must be what CI runs (``.ci/run``).
 """
 
 from __future__ import annotations
 
 import ast
+import csv
 import os
 import re
 import shlex
@@ -26,19 +30,30 @@ from tests.tiny_checkpoint import hf_conversation, hf_greedy, hf_model, write_ch
 
 ROOT = Path(__file__).resolve().parents[1]
 # Which bash block each test runs, by a string it holds; a block holding several belongs to the
-# one listed last (the ring x TP command is a CLI command too).
-COMMANDS = {"example": "example.py", "cli": "--prompt", "chat": "chat.py", "turns": "--turns", "mesh": "--ring_tp"}
+# one listed last (the ring x TP command is a CLI command too). Blocks of make lines apart.
+COMMANDS = {
+    "example": "example.py",
+    "cli": "--prompt",
+    "chat": "chat.py",
+    "turns": "--turns",
+    "mesh": "--ring_tp",
+    "bench": "-m fmsring.bench",
+}
 
 
-def use_section() -> str:
-    text = (ROOT / "README.md").read_text()
-    start = text.index("\n## Use\n")
-    end = text.find("\n## ", start + 1)
-    return text[start : end if end >= 0 else None]
+def readme() -> str:
+    return (ROOT / "README.md").read_text()
 
 
 def blocks(lang: str) -> list[str]:
-    return re.findall(rf"^```{lang}\n(.*?)^```$", use_section(), re.MULTILINE | re.DOTALL)
+    return re.findall(rf"^```{lang}\n(.*?)^```$", readme(), re.MULTILINE | re.DOTALL)
+
+
+def make_lines(block: str) -> list[str] | None:
+    """The make command lines of a block made only of them (comments dropped), else None."""
+    lines = [line.split("#")[0].strip() for line in block.splitlines()]
+    lines = [line for line in lines if line]
+    return lines if lines and all(line.startswith("make ") for line in lines) else None
 
 
 def scripts() -> dict[str, str]:
@@ -46,7 +61,7 @@ def scripts() -> dict[str, str]:
     named = {}
     for block in blocks("python"):
         first = block.splitlines()[0]
-        assert re.fullmatch(r"# \w+\.py", first), f"a python block in Use must start with '# <file>.py': {first!r}"
+        assert re.fullmatch(r"# \w+\.py", first), f"a python block must start with '# <file>.py': {first!r}"
         named[first[2:]] = block
     return named
 
@@ -95,12 +110,58 @@ def run_block(block: str, ckpt: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_every_block_is_run():
-    bash = blocks("bash")
+    bash = [b for b in blocks("bash") if make_lines(b) is None]
     for name, key in COMMANDS.items():
-        assert sum(owner(b) == name for b in bash) == 1, f"one bash block in Use must hold {key!r} ({name})"
-    assert all(owner(b) for b in bash), "a bash block in Use that no test runs"
+        assert sum(owner(b) == name for b in bash) == 1, f"one bash block must hold {key!r} ({name})"
+    assert all(owner(b) for b in bash), "a bash block that no test runs"
     assert sorted(scripts()) == ["chat.py", "example.py"]
-    assert all(any(name in b for b in bash) for name in scripts()), "a python block in Use that no command runs"
+    assert all(any(name in b for b in bash) for name in scripts()), "a python block that no command runs"
+    fenced = re.findall(r"^```(\w*)$", readme(), re.MULTILINE)
+    assert set(fenced[::2]) == {"bash", "python"}, f"a fenced block no test reads: {fenced[::2]}"
+
+
+def test_make_commands_resolve():
+    """The README's make lines: the two set-up commands first, each target one make knows, each
+    setting one ``make help`` lists, and each line accepted by make as written (``make -n``)."""
+    lines = [line for b in blocks("bash") if (m := make_lines(b)) for line in m]
+    assert lines[:2] == ["make sweep", "make test"], lines
+    assert "make test" in (ROOT / ".ci" / "run").read_text().splitlines(), "CI no longer runs `make test`"
+    help_text = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    for line in lines:
+        argv = shlex.split(line)[1:]
+        targets = [a for a in argv if "=" not in a]
+        settings = [a.partition("=")[0] for a in argv if "=" in a]
+        assert all(re.search(rf"^  {t}\b", help_text, re.MULTILINE) for t in targets), f"{line}: a target make help lacks"
+        assert all(re.search(rf"\b{v}=", help_text) for v in settings), f"{line}: a setting make help lacks"
+        res = subprocess.run(["make", "-n", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, f"{line}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+
+
+@pytest.mark.slow
+def test_make_sweep_runs(tmp_path):
+    """The first set-up command, run for real (minutes on CPUs: the slow tier, ``make test-all``):
+    the CPU default sweep ends with every point ok, its rows and figures in one run folder. Only
+    where the folder goes is changed (OUT_DIR, a setting like any other), to keep runs/local clean."""
+    res = subprocess.run(
+        ["make", "sweep", f"OUT_DIR={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=1800,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"},
+    )
+    assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    with open(run / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and {r["status"] for r in rows} == {"ok"}, {r["status"] for r in rows}
+    assert list((run / "figures").glob("*.png")), "the sweep drew no figure"
+
+
+def test_bench_command(tmp_path):
+    """The bench's CPU command writes an ok row for every strategy and phase it names."""
+    block = command("bench")
+    run_block(block, "", tmp_path)
+    with open(tmp_path / flag(block, "--out")) as f:
+        rows = list(csv.DictReader(f))
+    want = {(s, p) for s in flag(block, "--strategies").split(",") for p in flag(block, "--phases").split(",")}
+    assert {(r["strategy"], r["phase"]) for r in rows if r["status"] == "ok"} == want, rows
 
 
 def test_python_example(ckpt, references, tmp_path):
