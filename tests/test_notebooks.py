@@ -68,6 +68,8 @@ FIGURES = ("latency_prefill", "speedup_prefill", "efficiency_prefill", "max_prom
            "followup", "accuracy")  # fmt: skip
 
 
+# slow: a papermill sweep plus its analysis; tests/harness/test_sweep.py runs the sweep and test_analysis_leaves_the_committed_runs_untouched the analysis notebook in the fast tier
+@pytest.mark.slow
 def test_run_then_analysis(tmp_path: Path):
     runs = tmp_path / "runs"
     run_dir = runs / "nb"
@@ -107,6 +109,8 @@ def test_run_then_analysis(tmp_path: Path):
     assert "exactness against single" in text and "cache_gain" in text
 
 
+# slow: a second papermill sweep; the sweep's own failure exit is tested in tests/harness/test_sweep.py
+@pytest.mark.slow
 def test_a_sweep_without_success_fails_the_notebook(tmp_path: Path):
     """make sweep stops at the run notebook when no point succeeded, not at a missing figures folder."""
     runs = tmp_path / "runs"
