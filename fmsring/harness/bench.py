@@ -20,7 +20,6 @@ import statistics
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import fms.models
@@ -35,7 +34,7 @@ from fmsring.harness.exactness import NOT_COMPARED, compare, judge
 from fmsring.harness.flops import FlopShape, Rates, floor_ms, flop_shape, phase_flops
 from fmsring.harness.peers import make_peer, model_args
 from fmsring.harness.plan import Variant, planned_points, point, recomputed, variants
-from fmsring.harness.provenance import row_provenance
+from fmsring.harness.provenance import now, row_provenance
 from fmsring.harness.ranks import DistEnv, Measured, agree, barrier, broadcast, free_memory, setup_dist
 from fmsring.harness.schema import Phase, Point, Strategy, append_rows, check_header, done_points
 from fmsring.harness.session import Session
@@ -159,7 +158,7 @@ def record(pt: Point, variant: Variant, result: Measured, run: Run) -> dict[str,
     )  # fmt: skip
     row = {**ident, **summarize(result, flops, pt.world_size), "floor_ms": floor, "peak_mem_gib": result.peak_gib,
            **errors, "status": status, "error": error, **run.info,
-           "timestamp": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
+           "timestamp": now()}  # fmt: skip
     run.rows.append(row)
     if cfg.out:
         append_rows(cfg.out, [row])

@@ -29,10 +29,10 @@ _SOURCE_ROOT = Path(os.path.abspath(__file__)).parents[2]
 
 def torchrun_command(
     nproc_per_node: int, *, nnodes: int = 1, rdzv_endpoint: str | None = None, rdzv_id: str | None = None,
-    node_rank: int | None = None, python: str | None = None,
+    node_rank: int | None = None,
 ) -> list[str]:
     """``python -m torch.distributed.run`` with a standalone or a c10d rendezvous."""
-    cmd = [python or sys.executable, "-m", "torch.distributed.run"]
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
     if rdzv_endpoint is None:
         if nnodes != 1:
             raise ValueError("several nodes need an rdzv_endpoint")
