@@ -57,20 +57,14 @@ def meta_model(cfg: BenchConfig) -> nn.Module | None:
         return None
 
 
-def longest_context(cfg: BenchConfig) -> int:
-    """The most positions any call of the run reaches."""
-    longest = max(cfg.seq_lens) + (cfg.decode_tokens + 1 if Phase.DECODE in cfg.phases else 1)
-    if Phase.FOLLOWUP in cfg.phases:
-        longest = max(longest, max(cfg.cached_lens) + max(cfg.seq_lens) + 1)
-    return longest
-
-
 def fit_rope_table(cfg: BenchConfig, meta: nn.Module | None) -> BenchConfig:
     """Raise max_expected_seq_len to the longest context: FMS's plain models never regrow
     their RoPE table, so single/tp/torch_cp would index past it on long prompts."""
     if meta is None or "max_expected_seq_len" in cfg.model_kwargs:
         return cfg
-    needed = longest_context(cfg)
+    needed = max(cfg.seq_lens) + (cfg.decode_tokens + 1 if Phase.DECODE in cfg.phases else 1)
+    if Phase.FOLLOWUP in cfg.phases:
+        needed = max(needed, max(cfg.cached_lens) + max(cfg.seq_lens) + 1)
     have = getattr(getattr(meta, "config", None), "max_expected_seq_len", None)
     if have is None or have >= needed:
         return cfg

@@ -67,14 +67,6 @@ def head_node() -> str:
     return socket.gethostname()
 
 
-def node_split(world_size: int, gpus_per_node: int) -> tuple[int, int]:
-    """(nodes, processes per node) for ``world_size`` ranks with at most ``gpus_per_node`` per node."""
-    nnodes = math.ceil(world_size / gpus_per_node)
-    if world_size % nnodes:
-        raise ValueError(f"world size {world_size} does not split evenly over {nnodes} nodes of {gpus_per_node}")
-    return nnodes, world_size // nnodes
-
-
 def launch_command(
     launcher: str, world_size: int, args: list[str], tag: str = "0", gpus_per_node: int | None = None,
     rdzv_port: int = 29500,
@@ -83,7 +75,10 @@ def launch_command(
     if launcher == "torchrun":
         return torchrun_command(world_size) + args
     per_node = gpus_per_node or int(os.environ.get("SLURM_GPUS_ON_NODE") or 8)
-    nnodes, nproc = node_split(world_size, per_node)
+    nnodes = math.ceil(world_size / per_node)
+    if world_size % nnodes:
+        raise ValueError(f"world size {world_size} does not split evenly over {nnodes} nodes of {per_node}")
+    nproc = world_size // nnodes
     job = os.environ.get("SLURM_JOB_ID", "local")
     srun = ["srun", f"--nodes={nnodes}", f"--ntasks={nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     tr = torchrun_command(nproc, nnodes=nnodes, rdzv_endpoint=f"{head_node()}:{rdzv_port}", rdzv_id=f"{job}-{tag}")

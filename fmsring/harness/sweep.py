@@ -44,7 +44,7 @@ from fmsring.harness import launch
 from fmsring.harness.grid import NOTEBOOK_DEFAULTS, SweepConfig, from_make, notebook_config, validate
 from fmsring.harness.plan import point, ring_tp_of
 from fmsring.harness.provenance import environment, now, row_provenance, write_json
-from fmsring.harness.schema import DONE_STATUSES, STATUSES, Point, Strategy, append_rows, check_header, read_rows, row_key
+from fmsring.harness.schema import STATUSES, Point, Strategy, append_rows, check_header, done_points, read_rows, row_key
 from fmsring.harness.settings import add_flags
 
 __all__ = ["SweepConfig", "grid_status", "main", "repo_root", "run_sweep"]
@@ -136,7 +136,7 @@ def describe(counts: Counter) -> str:
 
 
 def _run_group(cfg: SweepConfig, world: int, strategy: str, results: Path, logs: Path, tag: str, bar) -> dict:
-    done = {row_key(r) for r in read_rows(results) if r["status"] in DONE_STATUSES}
+    done = done_points(results)
     wanted = cfg.points(world, strategy)
     todo = [p for p in wanted if p not in done]
     record: dict[str, Any] = {"world_size": world, "strategy": strategy, "points": len(wanted), "todo": len(todo)}
