@@ -177,7 +177,7 @@ def failure_reason(error_file: Path, returncode: int | None, timed_out: bool, ti
         detail = ""
     detail = " ".join(detail.split())
     if timed_out:
-        status, head = "timeout", f"group killed after {num(timeout_s)} s timeout"
+        status, head = "timeout", f"group killed after {timeout_s:g} s timeout"
     elif _OOM.search(detail):
         status, head = "oom", "out of memory"
     elif returncode == 0:
@@ -185,7 +185,3 @@ def failure_reason(error_file: Path, returncode: int | None, timed_out: bool, ti
     else:
         status, head = "error", f"exit code {returncode}" + ("" if detail else " (a rank killed by a signal?)")
     return status, (f"{head}: {detail}" if detail else head)[:500]
-
-
-def num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
