@@ -41,8 +41,6 @@ from fmsring.harness.session import Session
 from fmsring.harness.settings import BenchConfig, parse_args
 from fmsring.harness.watchdog import STALL_EXIT, StallGuard, predicted_s
 
-NAN = float("nan")
-
 
 # ----------------------------------------------------------------------------- model facts
 
@@ -117,11 +115,11 @@ def summarize(result: Measured, flops: float, gpus: int) -> dict[str, Any]:
     """Median and spread of the latencies, TTFT median, FLOP rate per GPU."""
     lat = result.latencies
     if result.status not in ("ok", "mismatch") or not lat:
-        return {"latency_ms": NAN, "latency_ms_min": NAN, "latency_ms_max": NAN, "ttft_ms": NAN, "tflops_per_gpu": NAN}
+        return {"latency_ms": math.nan, "latency_ms_min": math.nan, "latency_ms_max": math.nan, "ttft_ms": math.nan, "tflops_per_gpu": math.nan}
     median = statistics.median(lat)
     return {"latency_ms": median, "latency_ms_min": min(lat), "latency_ms_max": max(lat),
-            "ttft_ms": statistics.median(result.ttfts) if result.ttfts else NAN,
-            "tflops_per_gpu": flops / (median / 1e3) / max(gpus, 1) / 1e12 if median > 0 else NAN}  # fmt: skip
+            "ttft_ms": statistics.median(result.ttfts) if result.ttfts else math.nan,
+            "tflops_per_gpu": flops / (median / 1e3) / max(gpus, 1) / 1e12 if median > 0 else math.nan}  # fmt: skip
 
 
 def record(pt: Point, variant: Variant, result: Measured, run: Run) -> dict[str, Any]:
@@ -244,7 +242,7 @@ def run(cfg: BenchConfig) -> list[dict[str, Any]]:
     if env.rank == 0 and cfg.device == "cuda":
         print(f"[bench] {ALLOC_CONF}={os.environ.get(ALLOC_CONF, '')}", file=sys.stderr)
     try:
-        link = ceilings.measure_ring_shift_gbps() if cfg.device == "cuda" else NAN  # every rank takes part
+        link = ceilings.measure_ring_shift_gbps() if cfg.device == "cuda" else math.nan  # every rank takes part
         info = row_provenance(cfg, cfg.repeats, env.device.index or 0) if env.rank == 0 else {}
         info["link_gbps"] = link
         if env.rank == 0 and math.isfinite(link):
