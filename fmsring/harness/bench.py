@@ -20,7 +20,6 @@ import statistics
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import fms.models
@@ -35,14 +34,12 @@ from fmsring.harness.exactness import NOT_COMPARED, compare, judge
 from fmsring.harness.flops import FlopShape, Rates, floor_ms, flop_shape, phase_flops
 from fmsring.harness.peers import make_peer, model_args
 from fmsring.harness.plan import Variant, planned_points, point, recomputed, variants
-from fmsring.harness.provenance import row_provenance
+from fmsring.harness.provenance import now, row_provenance
 from fmsring.harness.ranks import DistEnv, Measured, agree, barrier, broadcast, free_memory, setup_dist
 from fmsring.harness.schema import Phase, Point, Strategy, append_rows, check_header, done_points
 from fmsring.harness.session import Session
 from fmsring.harness.settings import BenchConfig, parse_args
 from fmsring.harness.watchdog import STALL_EXIT, StallGuard, predicted_s
-
-NAN = float("nan")
 
 
 # ----------------------------------------------------------------------------- model facts
@@ -58,20 +55,14 @@ def meta_model(cfg: BenchConfig) -> nn.Module | None:
         return None
 
 
-def longest_context(cfg: BenchConfig) -> int:
-    """The most positions any call of the run reaches."""
-    longest = max(cfg.seq_lens) + (cfg.decode_tokens + 1 if Phase.DECODE in cfg.phases else 1)
-    if Phase.FOLLOWUP in cfg.phases:
-        longest = max(longest, max(cfg.cached_lens) + max(cfg.seq_lens) + 1)
-    return longest
-
-
 def fit_rope_table(cfg: BenchConfig, meta: nn.Module | None) -> BenchConfig:
     """Raise max_expected_seq_len to the longest context: FMS's plain models never regrow
     their RoPE table, so single/tp/torch_cp would index past it on long prompts."""
     if meta is None or "max_expected_seq_len" in cfg.model_kwargs:
         return cfg
-    needed = longest_context(cfg)
+    needed = max(cfg.seq_lens) + (cfg.decode_tokens + 1 if Phase.DECODE in cfg.phases else 1)
+    if Phase.FOLLOWUP in cfg.phases:
+        needed = max(needed, max(cfg.cached_lens) + max(cfg.seq_lens) + 1)
     have = getattr(getattr(meta, "config", None), "max_expected_seq_len", None)
     if have is None or have >= needed:
         return cfg
@@ -124,11 +115,11 @@ def summarize(result: Measured, flops: float, gpus: int) -> dict[str, Any]:
     """Median and spread of the latencies, TTFT median, FLOP rate per GPU."""
     lat = result.latencies
     if result.status not in ("ok", "mismatch") or not lat:
-        return {"latency_ms": NAN, "latency_ms_min": NAN, "latency_ms_max": NAN, "ttft_ms": NAN, "tflops_per_gpu": NAN}
+        return {"latency_ms": math.nan, "latency_ms_min": math.nan, "latency_ms_max": math.nan, "ttft_ms": math.nan, "tflops_per_gpu": math.nan}
     median = statistics.median(lat)
     return {"latency_ms": median, "latency_ms_min": min(lat), "latency_ms_max": max(lat),
-            "ttft_ms": statistics.median(result.ttfts) if result.ttfts else NAN,
-            "tflops_per_gpu": flops / (median / 1e3) / max(gpus, 1) / 1e12 if median > 0 else NAN}  # fmt: skip
+            "ttft_ms": statistics.median(result.ttfts) if result.ttfts else math.nan,
+            "tflops_per_gpu": flops / (median / 1e3) / max(gpus, 1) / 1e12 if median > 0 else math.nan}  # fmt: skip
 
 
 def record(pt: Point, variant: Variant, result: Measured, run: Run) -> dict[str, Any]:
@@ -159,7 +150,7 @@ def record(pt: Point, variant: Variant, result: Measured, run: Run) -> dict[str,
     )  # fmt: skip
     row = {**ident, **summarize(result, flops, pt.world_size), "floor_ms": floor, "peak_mem_gib": result.peak_gib,
            **errors, "status": status, "error": error, **run.info,
-           "timestamp": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
+           "timestamp": now()}  # fmt: skip
     run.rows.append(row)
     if cfg.out:
         append_rows(cfg.out, [row])
@@ -251,7 +242,7 @@ def run(cfg: BenchConfig) -> list[dict[str, Any]]:
     if env.rank == 0 and cfg.device == "cuda":
         print(f"[bench] {ALLOC_CONF}={os.environ.get(ALLOC_CONF, '')}", file=sys.stderr)
     try:
-        link = ceilings.measure_ring_shift_gbps() if cfg.device == "cuda" else NAN  # every rank takes part
+        link = ceilings.measure_ring_shift_gbps() if cfg.device == "cuda" else math.nan  # every rank takes part
         info = row_provenance(cfg, cfg.repeats, env.device.index or 0) if env.rank == 0 else {}
         info["link_gbps"] = link
         if env.rank == 0 and math.isfinite(link):

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from fmsring.harness.provenance import now, write_json
 from fmsring.rates import CUDA_SIZES, FASTEST_SDPA, Rates, measure, ring_shift_gbps
 
 __all__ = ["FASTEST_SDPA", "ceilings_path", "interconnect", "load_or_measure", "measure_ring_shift_gbps", "rates_key"]
@@ -48,10 +48,8 @@ def load_or_measure(
     rates = measure(device, getattr(torch, dtype), nheads, head_dim)
     log(f"[bench] ceilings measured on {key}: {_describe(rates)}")
     if path is not None:
-        known[key] = {**asdict(rates), "measured": datetime.now(UTC).isoformat(timespec="seconds")}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(known, indent=2) + "\n")
-        os.replace(tmp, path)
+        known[key] = {**asdict(rates), "measured": now()}
+        write_json(path, known)
     return rates
 
 

@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-NAN = float("nan")
-NOT_COMPARED = {"max_abs_err": NAN, "rel_err": NAN, "ref_norm": NAN, "same_next_token": ""}
+NOT_COMPARED = {"max_abs_err": math.nan, "rel_err": math.nan, "ref_norm": math.nan, "same_next_token": ""}
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ def compare(
     norm = ref_logits[:steps].norm().item()
     out: dict[str, Any] = {
         "max_abs_err": diff.abs().max().item(),
-        "rel_err": diff.norm().item() / norm if norm > 0 else NAN,
+        "rel_err": diff.norm().item() / norm if norm > 0 else math.nan,
         "ref_norm": norm,
         "same_next_token": first is None,
     }

@@ -16,8 +16,6 @@ from torch import nn
 
 from fmsring.rates import Rates
 
-NAN = float("nan")
-
 
 @dataclass(frozen=True)
 class FlopShape:
@@ -92,7 +90,7 @@ def phase_flops(
     """Prefill: the whole prompt, one logit row. Decode: one token at the mid-run context.
     Followup: ``seq_len`` new tokens after ``cached_len`` cached ones, one logit row."""
     if shape is None:
-        return NAN
+        return math.nan
     if phase == "decode":
         return model_flops(shape, batch, 1, context=decode_context(seq_len, decode_tokens))
     return model_flops(shape, batch, seq_len, context=cached_len)
@@ -129,7 +127,7 @@ def floor_ms(
     memory bandwidth.
     """
     if shape is None or rates is None:
-        return NAN
+        return math.nan
     gpus = max(cp * tp, 1)
     if phase == "decode":
         held = held_bytes(shape, cp, tp, batch * decode_context(seq_len, decode_tokens))
@@ -137,4 +135,4 @@ def floor_ms(
     linear, attention = flop_parts(shape, batch, seq_len, context=cached_len)
     compute = linear / gpus / (rates.matmul_tflops * 1e12) + attention / gpus / (rates.attention_tflops * 1e12)
     seconds = max(compute, held_bytes(shape, cp, tp, 0) / (rates.memory_gbps * 1e9))
-    return seconds * 1e3 if math.isfinite(seconds) else NAN
+    return seconds * 1e3 if math.isfinite(seconds) else math.nan

@@ -29,10 +29,10 @@ _SOURCE_ROOT = Path(os.path.abspath(__file__)).parents[2]
 
 def torchrun_command(
     nproc_per_node: int, *, nnodes: int = 1, rdzv_endpoint: str | None = None, rdzv_id: str | None = None,
-    node_rank: int | None = None, python: str | None = None,
+    node_rank: int | None = None,
 ) -> list[str]:
     """``python -m torch.distributed.run`` with a standalone or a c10d rendezvous."""
-    cmd = [python or sys.executable, "-m", "torch.distributed.run"]
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
     if rdzv_endpoint is None:
         if nnodes != 1:
             raise ValueError("several nodes need an rdzv_endpoint")
@@ -67,14 +67,6 @@ def head_node() -> str:
     return socket.gethostname()
 
 
-def node_split(world_size: int, gpus_per_node: int) -> tuple[int, int]:
-    """(nodes, processes per node) for ``world_size`` ranks with at most ``gpus_per_node`` per node."""
-    nnodes = math.ceil(world_size / gpus_per_node)
-    if world_size % nnodes:
-        raise ValueError(f"world size {world_size} does not split evenly over {nnodes} nodes of {gpus_per_node}")
-    return nnodes, world_size // nnodes
-
-
 def launch_command(
     launcher: str, world_size: int, args: list[str], tag: str = "0", gpus_per_node: int | None = None,
     rdzv_port: int = 29500,
@@ -83,7 +75,10 @@ def launch_command(
     if launcher == "torchrun":
         return torchrun_command(world_size) + args
     per_node = gpus_per_node or int(os.environ.get("SLURM_GPUS_ON_NODE") or 8)
-    nnodes, nproc = node_split(world_size, per_node)
+    nnodes = math.ceil(world_size / per_node)
+    if world_size % nnodes:
+        raise ValueError(f"world size {world_size} does not split evenly over {nnodes} nodes of {per_node}")
+    nproc = world_size // nnodes
     job = os.environ.get("SLURM_JOB_ID", "local")
     srun = ["srun", f"--nodes={nnodes}", f"--ntasks={nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     tr = torchrun_command(nproc, nnodes=nnodes, rdzv_endpoint=f"{head_node()}:{rdzv_port}", rdzv_id=f"{job}-{tag}")
@@ -182,7 +177,7 @@ def failure_reason(error_file: Path, returncode: int | None, timed_out: bool, ti
         detail = ""
     detail = " ".join(detail.split())
     if timed_out:
-        status, head = "timeout", f"group killed after {num(timeout_s)} s timeout"
+        status, head = "timeout", f"group killed after {timeout_s:g} s timeout"
     elif _OOM.search(detail):
         status, head = "oom", "out of memory"
     elif returncode == 0:
@@ -190,7 +185,3 @@ def failure_reason(error_file: Path, returncode: int | None, timed_out: bool, ti
     else:
         status, head = "error", f"exit code {returncode}" + ("" if detail else " (a rank killed by a signal?)")
     return status, (f"{head}: {detail}" if detail else head)[:500]
-
-
-def num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)

@@ -48,6 +48,7 @@ class Peer:
 
     strategy: ClassVar[Strategy]
     everywhere: ClassVar[bool] = True  # runs on every rank; False: rank 0 alone while the others wait
+    sharded: ClassVar[bool] = False  # FMS's tensor parallel: the weights need copying from the whole model
 
     def __init__(self, variant: Variant, cfg: BenchConfig, env: DistEnv):
         self.variant, self.cfg, self.env = variant, cfg, env
@@ -70,7 +71,9 @@ class Peer:
         self.model = self._build().eval()
 
     def _build(self) -> nn.Module:
-        model = fms.models.get_model(**model_args(self.cfg), distributed_strategy="none")
+        model = fms.models.get_model(**model_args(self.cfg), distributed_strategy="tp" if self.sharded else "none")
+        if self.sharded and self.cfg.model_path is None and self.cfg.check:
+            copy_full_weights(model, self.cfg, self.env)
         return fuse_elementwise(model) if self.variant.tuned else model
 
     def context(self) -> contextlib.AbstractContextManager:
@@ -116,12 +119,7 @@ class Single(Peer):
 
 class TensorParallel(Peer):
     strategy = Strategy.TP
-
-    def _build(self) -> nn.Module:
-        model = fms.models.get_model(**model_args(self.cfg), distributed_strategy="tp")
-        if self.cfg.model_path is None and self.cfg.check:
-            copy_full_weights(model, self.cfg, self.env)
-        return fuse_elementwise(model) if self.variant.tuned else model
+    sharded = True
 
 
 class TorchCP(Peer):

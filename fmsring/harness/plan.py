@@ -5,21 +5,14 @@ order. The sweep plans a launch's rows with the same functions, without starting
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from fmsring.cache import headroom_for
+from fmsring.loading import get_model
 from fmsring.harness.schema import AS_SHIPPED, Phase, Point, Strategy
-
-
-def ring_kwarg_names() -> set[str]:
-    """The ``ring_*`` options of :func:`fmsring.get_model` (a variant may set any of them)."""
-    import inspect
-
-    from fmsring.loading import get_model
-
-    return {n for n in inspect.signature(get_model).parameters if n.startswith("ring_")}
 
 
 def parse_ring_variants(value: Any) -> dict[str, dict[str, Any]]:
@@ -27,7 +20,7 @@ def parse_ring_variants(value: Any) -> dict[str, dict[str, Any]]:
     variants = json.loads(value) if isinstance(value, str) else value
     if not isinstance(variants, dict) or not variants or not all(isinstance(v, dict) for v in variants.values()):
         raise ValueError(f'ring variants must be a JSON object of objects, e.g. {{"": {{}}}}, got {value!r}')
-    known = ring_kwarg_names()
+    known = {n for n in inspect.signature(get_model).parameters if n.startswith("ring_")}  # a variant may set any
     for name, kwargs in variants.items():
         if name == AS_SHIPPED or name.strip() != name or "," in name:
             raise ValueError(f"ring variant name {name!r}: no leading/trailing space or comma, not {AS_SHIPPED!r}")

@@ -51,7 +51,7 @@ def _worlds(d: pd.DataFrame, df: pd.DataFrame) -> list[str]:
 def _palette(d: pd.DataFrame, hue: str) -> dict[str, tuple]:
     """``hue``'s values in legend order (strategies as STRATEGIES, the default variant first), each
     strategy in its fixed colour and its further values (variants, world sizes) lighter."""
-    rank = {getattr(s, "value", s): i for i, s in enumerate(STRATEGIES)}  # strings, or schema's str enums
+    rank = {s: i for i, s in enumerate(STRATEGIES)}
     first = d.drop_duplicates(hue).assign(_s=lambda t: t.strategy.map(rank),
                                           _v=lambda t: t.variant != "").sort_values(["_s", "_v", hue])  # fmt: skip
     shade = first.groupby("strategy").cumcount()

@@ -1,4 +1,4 @@
-"""Where a row was measured: the model, the machine, the code and the environment that
+"""Where and when a row was measured: the model, the machine, the code and the environment that
 change a measurement, identical on every row of a launch (and a run folder's params.json)."""
 
 from __future__ import annotations
@@ -6,8 +6,21 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+
+def now() -> str:
+    """The ``timestamp`` of a row (and of a run folder's sessions, a ceilings entry): UTC, to the second."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` whole or not at all (a temporary file, then renamed): a killed run never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def model_label(spec: Any) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -20,8 +21,6 @@ import torch.distributed as dist
 
 from fmsring.comm import maybe_init_dist
 from fmsring.harness.schema import STATUSES
-
-NAN = float("nan")
 
 
 @dataclass
@@ -89,7 +88,7 @@ class Measured:
     error: str = ""
     latencies: list[float] = field(default_factory=list)
     ttfts: list[float] = field(default_factory=list)
-    peak_gib: float = NAN
+    peak_gib: float = math.nan
     output: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
@@ -110,7 +109,7 @@ def agree(local: Measured, env: DistEnv) -> Measured:
     parts = [g for g in gathered if g is not None]
     worst = max(range(len(parts)), key=lambda r: (STATUSES.index(parts[r].status), -r))
     merged = Measured(
-        status=parts[worst].status, peak_gib=max((p.peak_gib for p in parts), default=NAN), output=local.output
+        status=parts[worst].status, peak_gib=max((p.peak_gib for p in parts), default=math.nan), output=local.output
     )
     if merged.status != "ok":
         merged.error = parts[worst].error if merged.status == "skipped" else f"rank {worst}: {parts[worst].error}"

@@ -61,7 +61,7 @@ def phase_table(df: pd.DataFrame, phase: str) -> pd.DataFrame:
         d["cache_gain"] = d["recompute_ms"] / d["latency_ms"]
     d["config"] = [analysis.mesh_label(*k) for k in zip(d.strategy, d.variant, d.cp_size, d.tp_size, strict=True)]
     d["x_floor"] = d["latency_ms"] / d["floor_ms"]
-    d["_order"] = d["strategy"].map({getattr(s, "value", s): i for i, s in enumerate(STRATEGIES)})  # or str enums
+    d["_order"] = d["strategy"].map({s: i for i, s in enumerate(STRATEGIES)})
     d = d.sort_values(["cached_len", "seq_len", "batch", "padding", "_order", "variant", "tp_size"])
     cols = [c for c in SHOWN if c in d.columns and d[c].notna().any()]
     drop = {"cached_len"} if phase != "followup" else set()
@@ -101,7 +101,7 @@ def render(root: str | Path = "runs") -> str:
             out.append(f"## {current}\n")
         df = analysis.load_runs(f)
         out.append(f"`{f.name}`: {describe(df)}\n")
-        for phase in (p for p in (getattr(p, "value", p) for p in PHASES) if (df["phase"] == p).any()):
+        for phase in (p for p in PHASES if (df["phase"] == p).any()):
             out.append(f"{phase}{' (ms per token)' if phase == 'decode' else ''}:\n")
             out.append(markdown_table(phase_table(df, phase)) + "\n")
     return "\n".join(out)

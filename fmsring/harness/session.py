@@ -11,7 +11,6 @@ import dataclasses
 from typing import Any
 
 import torch
-from torch import nn
 
 from fmsring.harness.peers import Peer
 from fmsring.harness.ranks import Measured, agree, classify, free_memory
@@ -41,14 +40,6 @@ def left_pad(ids: torch.Tensor, fraction: float) -> tuple[torch.Tensor, dict[str
     prompts = [ids[i, round(fraction * n * i / (b - 1)) :] for i in range(b)]
     padded, kwargs = pad_input_ids(prompts, min_pad_length=n)
     return padded, dict(kwargs)
-
-
-def vocab_size(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    vocab = getattr(config, "src_vocab_size", None)
-    if vocab is None:
-        vocab = model.head.out_features  # type: ignore[union-attr]
-    return int(vocab)
 
 
 class Session:
@@ -122,7 +113,7 @@ class Session:
         if self.load_error is not None:
             return dataclasses.replace(self.load_error)
         peer, env, cfg = self.peer, self.env, self.cfg
-        vocab = vocab_size(peer.model)
+        vocab = peer.model.config.src_vocab_size  # FMS's models and LlamaRing alike
         with peer.context():
             if pt.phase == Phase.FOLLOWUP:  # the cached prompt is built before the peak is reset: it is not timed
                 failed = self._cached(pt.cached_len, vocab)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import shlex
 import sys
 from collections import Counter
@@ -44,8 +43,8 @@ import yaml
 from fmsring.harness import launch
 from fmsring.harness.grid import NOTEBOOK_DEFAULTS, SweepConfig, from_make, notebook_config, validate
 from fmsring.harness.plan import point, ring_tp_of
-from fmsring.harness.provenance import environment, row_provenance
-from fmsring.harness.schema import DONE_STATUSES, STATUSES, Point, Strategy, append_rows, check_header, read_rows, row_key
+from fmsring.harness.provenance import environment, now, row_provenance, write_json
+from fmsring.harness.schema import STATUSES, Point, Strategy, append_rows, check_header, done_points, read_rows, row_key
 from fmsring.harness.settings import add_flags
 
 __all__ = ["SweepConfig", "grid_status", "main", "repo_root", "run_sweep"]
@@ -61,16 +60,6 @@ def repo_root() -> Path:
 
 # ---------------------------------------------------------------------------
 # the sweep
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def _check_identity(run_dir: Path, cfg: SweepConfig) -> dict[str, Any] | None:
@@ -104,12 +93,12 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> Path:
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = environment()
-    session = {"started": _now(), "finished": None, "interrupted": False, "config": cfg.to_dict(),
+    session = {"started": now(), "finished": None, "interrupted": False, "config": cfg.to_dict(),
                "environment": env, "groups": []}  # fmt: skip
     params = old or {"name": run_dir.name, "created": session["started"], "environment": env, "sessions": []}
     params["config"] = cfg.to_dict()
     params["sessions"].append(session)
-    _write_json(run_dir / "params.json", params)
+    write_json(run_dir / "params.json", params)
     append_rows(results, [])  # header, or a newline after a torn last line
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -118,17 +107,17 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> Path:
         for gi, (world, strategy) in enumerate(bar):
             bar.set_postfix_str(f"{strategy} x{world}")
             session["groups"].append(_run_group(cfg, world, strategy, results, logs, f"{stamp}-{gi}", bar))
-            _write_json(run_dir / "params.json", params)
+            write_json(run_dir / "params.json", params)
     except BaseException:
         session["interrupted"] = True
         raise
     finally:
         bar.close()
-        session["finished"] = _now()
-        _write_json(run_dir / "params.json", params)
+        session["finished"] = now()
+        write_json(run_dir / "params.json", params)
     counts = grid_status(cfg)
     session["statuses"] = dict(counts)
-    _write_json(run_dir / "params.json", params)
+    write_json(run_dir / "params.json", params)
     print(f"sweep {run_dir.name}: {describe(counts)}", flush=True)
     return run_dir
 
@@ -147,7 +136,7 @@ def describe(counts: Counter) -> str:
 
 
 def _run_group(cfg: SweepConfig, world: int, strategy: str, results: Path, logs: Path, tag: str, bar) -> dict:
-    done = {row_key(r) for r in read_rows(results) if r["status"] in DONE_STATUSES}
+    done = done_points(results)
     wanted = cfg.points(world, strategy)
     todo = [p for p in wanted if p not in done]
     record: dict[str, Any] = {"world_size": world, "strategy": strategy, "points": len(wanted), "todo": len(todo)}
@@ -186,7 +175,7 @@ def _failure_row(cfg: SweepConfig, p: Point, status: str, error: str) -> dict[st
     ring_tp = ring_tp_of(cfg.ring_variants.get(p.variant, {})) if p.strategy == Strategy.RING else 1
     row = point(p.strategy, p.world_size, p.seq_len, p.phase, batch=cfg.batch, dtype=cfg.dtype, layout=cfg.layout,
                 variant=p.variant, cached_len=p.cached_len, ring_tp=ring_tp, padding=cfg.padding)  # fmt: skip
-    return {**row, "status": status, "error": error, **row_provenance(cfg, cfg.repeats), "timestamp": _now()}
+    return {**row, "status": status, "error": error, **row_provenance(cfg, cfg.repeats), "timestamp": now()}
 
 
 # ---------------------------------------------------------------------------

@@ -74,16 +74,6 @@ def one_call(call: Callable[[], torch.Tensor]) -> Run:
     return run
 
 
-def next_step_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """A padded batch's ``mask`` and ``position_ids`` for the next one-token step, as FMS's
-    ``generate`` extends them (its attention op's update, then the next position)."""
-    if not kwargs:
-        return kwargs
-    kwargs = get_attention_type(**kwargs)["update_attn_kwargs"](**kwargs)
-    kwargs["position_ids"] = kwargs["position_ids"][:, -1:] + 1
-    return kwargs
-
-
 def greedy_decode(model: nn.Module, ids: torch.Tensor, steps: int, padding: dict[str, Any] | None = None) -> Run:
     """A run of a prefill with a cache, then ``steps`` greedy one-token steps, FMS's calling
     convention (which LlamaRing follows); ``padding``: a left-padded batch's ``mask`` and
@@ -106,7 +96,9 @@ def greedy_decode(model: nn.Module, ids: torch.Tensor, steps: int, padding: dict
         tokens, spans = [next_ids], []
         for _ in range(steps):
             start = clock.mark()
-            kwargs = next_step_kwargs(kwargs)
+            if kwargs:  # a padded batch's mask and positions, extended as FMS's generate extends them
+                kwargs = get_attention_type(**kwargs)["update_attn_kwargs"](**kwargs)
+                kwargs["position_ids"] = kwargs["position_ids"][:, -1:] + 1
             logits, cache = model(next_ids, past_key_value_states=cache, use_cache=True, last_n_tokens=1, **kwargs)
             spans.append((start, clock.mark()))
             sync(clock.device)
