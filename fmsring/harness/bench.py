@@ -278,7 +278,7 @@ def run(cfg: BenchConfig) -> list[dict[str, Any]]:
         state = Run(cfg, env, info, shape, rates, recompute)
         # Every length runs the graphs a process's first generation at that length compiles
         # (static shapes), not the dynamic one a process reaches after decoding at another length,
-        # which is up to ~2% slower per step (docs/performance.md): rows stay one user's first prompt.
+        # which is slower per step (docs/performance.md): rows stay one user's first prompt.
         with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
             for variant, points in plan:
                 if variant != Variant(Strategy.SINGLE) and cfg.check:
