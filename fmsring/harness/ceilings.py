@@ -17,7 +17,7 @@ import torch.distributed as dist
 from fmsring.harness.provenance import now, write_json
 from fmsring.rates import CUDA_SIZES, FASTEST_SDPA, Rates, measure, ring_shift_gbps
 
-__all__ = ["FASTEST_SDPA", "ceilings_path", "interconnect", "load_or_measure", "measure_ring_shift_gbps", "rates_key"]
+__all__ = ["FASTEST_SDPA", "ceilings_path", "load_or_measure", "measure_ring_shift_gbps", "rates_key"]
 
 
 def ceilings_path(out: str | os.PathLike) -> Path:
@@ -67,33 +67,3 @@ def measure_ring_shift_gbps(group: dist.ProcessGroup | None = None) -> float:
         return float("nan")
     device = torch.device("cuda", torch.cuda.current_device())
     return ring_shift_gbps(group, device, CUDA_SIZES.shift_bytes)
-
-
-def interconnect(device_type: str, gpu_count: int) -> str:
-    """How the GPUs of this run talk: "pcie-like" when ``NCCL_P2P_DISABLE`` sends NCCL through
-    host memory, else "nvlink" or "pcie" as ``nvidia-smi topo -m`` links GPU 0 and GPU 1; ""
-    for CPUs, one GPU, or when nvidia-smi cannot tell."""
-    if device_type != "cuda" or gpu_count < 2:
-        return ""
-    if os.environ.get("NCCL_P2P_DISABLE", "0").strip().lower() in ("1", "true", "yes"):
-        return "pcie-like"
-    import subprocess
-
-    try:
-        out = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return topo_link(out)
-
-
-def topo_link(topo: str) -> str:
-    """GPU 0's link to GPU 1 in ``nvidia-smi topo -m``'s matrix: "nvlink" (NV#), "pcie" (PIX, PXB,
-    PHB, NODE, SYS), "" when the matrix has no such cell."""
-    for line in topo.splitlines():
-        cells = line.split()
-        if line.startswith("GPU0") and len(cells) > 2:  # GPU0's row, not the header that names it
-            link = cells[2]
-            if link.startswith("NV"):
-                return "nvlink"
-            return "pcie" if link in ("PIX", "PXB", "PHB", "NODE", "SYS") else ""
-    return ""

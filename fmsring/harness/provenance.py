@@ -79,8 +79,6 @@ def row_provenance(spec: Any, repeats: int, device_index: int = 0) -> dict[str, 
     """Columns that describe the model, machine and code, identical on every row of a launch."""
     import torch
 
-    from fmsring.harness.ceilings import interconnect
-
     cuda = spec.device == "cuda" and torch.cuda.is_available()
     gpus = torch.cuda.device_count() if cuda else 0
     return {
@@ -135,3 +133,31 @@ def environment() -> dict[str, Any]:
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "slurm_nnodes": os.environ.get("SLURM_NNODES"),
     }
+
+
+def interconnect(device_type: str, gpu_count: int) -> str:
+    """How the GPUs of this run talk: "pcie-like" when ``NCCL_P2P_DISABLE`` sends NCCL through
+    host memory, else "nvlink" or "pcie" as ``nvidia-smi topo -m`` links GPU 0 and GPU 1; ""
+    for CPUs, one GPU, or when nvidia-smi cannot tell."""
+    if device_type != "cuda" or gpu_count < 2:
+        return ""
+    if os.environ.get("NCCL_P2P_DISABLE", "0").strip().lower() in ("1", "true", "yes"):
+        return "pcie-like"
+    try:
+        out = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return topo_link(out)
+
+
+def topo_link(topo: str) -> str:
+    """GPU 0's link to GPU 1 in ``nvidia-smi topo -m``'s matrix: "nvlink" (NV#), "pcie" (PIX, PXB,
+    PHB, NODE, SYS), "" when the matrix has no such cell."""
+    for line in topo.splitlines():
+        cells = line.split()
+        if line.startswith("GPU0") and len(cells) > 2:  # GPU0's row, not the header that names it
+            link = cells[2]
+            if link.startswith("NV"):
+                return "nvlink"
+            return "pcie" if link in ("PIX", "PXB", "PHB", "NODE", "SYS") else ""
+    return ""
