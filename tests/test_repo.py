@@ -204,3 +204,8 @@ def test_the_harness_is_smaller_than_the_library():
     harness = _lines(HARNESS.rglob("*.py"))
     library = _lines(p for p in PACKAGE.rglob("*.py") if HARNESS not in p.parents)
     assert harness < library, (harness, library)
+
+
+def test_the_readme_is_a_guide_a_newcomer_reads_in_ten_minutes():
+    """Full results live in docs/results.md (rendered from runs/), the state of each phase in docs/performance.md."""
+    assert _lines([ROOT / "README.md"]) < 250
