@@ -203,9 +203,7 @@ class RingCache(list):
                 "now: pass that one (each step's returned cache replaces the one it was given)"
             )
 
-    def extend(
-        self, rank: int, new_indices: Sequence[Sequence[int]], headroom: int, max_position: int
-    ) -> RingCache:
+    def extend(self, rank: int, new_indices: Sequence[Sequence[int]], headroom: int, max_position: int) -> RingCache:
         """The cache after this step appends ``new_indices[r]`` (global indices) on rank r,
         with the largest position now ``max_position``; its buffers grown if they must."""
         state = replace(self.state.extended(rank, new_indices, headroom), max_position=max_position)

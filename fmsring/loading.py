@@ -15,10 +15,10 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from fmsring.comm import broadcast_weights
-from fmsring.modes.followup import FOLLOWUP_MODES
 from fmsring.layout import LAYOUTS
 from fmsring.mesh import build_mesh, mesh_groups
 from fmsring.model import LlamaRing
+from fmsring.modes.followup import FOLLOWUP_MODES
 from fmsring.strategy import RingAttentionStrategy
 
 STRATEGIES = ("ring", "replicated", None, "", "tp", "mp", "fsdp", "hsdp", "ddp")

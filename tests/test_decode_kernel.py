@@ -5,9 +5,8 @@ that is no power of two -- and not only the GPU runs."""
 
 from __future__ import annotations
 
-import random
-
 import inspect
+import random
 
 import pytest
 import torch

@@ -19,9 +19,14 @@ from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.utils import counters
 
 from fmsring import fusion
-from fmsring.fusion import FusedGatedLinearUnit, FusedLayerNorm, FusedRotaryEmbedding, fuse_elementwise
+from fmsring.fusion import (
+    FusedGatedLinearUnit,
+    FusedLayerNorm,
+    FusedRotaryEmbedding,
+    chunk_feedforward,
+    fuse_elementwise,
+)
 from fmsring.kernels import merge_stacked, merge_stacked_auto, pack_partial, pack_partial_auto
-from fmsring.fusion import chunk_feedforward
 from tests.distributed import run_ranks
 from tests.tiny_checkpoint import VOCAB, fms_model, hf_model
 

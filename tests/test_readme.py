@@ -131,7 +131,9 @@ def test_make_commands_resolve():
         argv = shlex.split(line)[1:]
         targets = [a for a in argv if "=" not in a]
         settings = [a.partition("=")[0] for a in argv if "=" in a]
-        assert all(re.search(rf"^  {t}\b", help_text, re.MULTILINE) for t in targets), f"{line}: a target make help lacks"
+        assert all(re.search(rf"^  {t}\b", help_text, re.MULTILINE) for t in targets), (
+            f"{line}: a target make help lacks"
+        )
         assert all(re.search(rf"\b{v}=", help_text) for v in settings), f"{line}: a setting make help lacks"
         res = subprocess.run(["make", "-n", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, f"{line}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
@@ -143,7 +145,11 @@ def test_make_sweep_runs(tmp_path):
     the CPU default sweep ends with every point ok, its rows and figures in one run folder. Only
     where the folder goes is changed (OUT_DIR, a setting like any other), to keep runs/local clean."""
     res = subprocess.run(
-        ["make", "sweep", f"OUT_DIR={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=1800,
+        ["make", "sweep", f"OUT_DIR={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
         env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"},
     )
     assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}"

@@ -175,9 +175,17 @@ def test_performance_numbers_come_from_the_runs_their_sections_name():
                 if line.startswith("|") and "ms" in line:  # a table of times: its bare decimals are times too
                     quoted = CELL.findall(line)
                 else:
-                    quoted = [s for m in TIME.finditer(line) if line[max(m.start() - 1, 0)] not in "~+-" for s in m.groups() if s]
+                    quoted = [
+                        s
+                        for m in TIME.finditer(line)
+                        if line[max(m.start() - 1, 0)] not in "~+-"
+                        for s in m.groups()
+                        if s
+                    ]
                 count += len(quoted)
-                missing += [f"{s} ms in {line!r}" for s in quoted if (round(float(s), places(s)), places(s)) not in runs]
+                missing += [
+                    f"{s} ms in {line!r}" for s in quoted if (round(float(s), places(s)), places(s)) not in runs
+                ]
     assert count > 50
     assert not missing, f"performance.md times found in no run named before them: {missing}"
 

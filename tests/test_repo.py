@@ -103,6 +103,7 @@ def test_fmsring_imports_without_triton():
 
 # ---------------------------------------------------------------- the package's shape (issue 23)
 
+
 def module_paths() -> dict[str, Path]:
     """Every module of the package by its dotted name (a package by its ``__init__.py``)."""
     paths = {}
@@ -137,7 +138,9 @@ def import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], *filter(None, [base])])
+                    base = ".".join(
+                        [*package.split(".")[: len(package.split(".")) - node.level + 1], *filter(None, [base])]
+                    )
                 # `from pkg import sub` imports the submodule pkg.sub; `from mod import name` imports mod
                 targets |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
         graph[name] = {t for t in targets if t in modules and t != name}

@@ -41,7 +41,6 @@ from fmsring.harness.session import Session
 from fmsring.harness.settings import BenchConfig, parse_args
 from fmsring.harness.watchdog import STALL_EXIT, StallGuard, predicted_s
 
-
 # ----------------------------------------------------------------------------- model facts
 
 

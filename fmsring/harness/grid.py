@@ -16,7 +16,18 @@ from typing import Any
 from fmsring.harness import launch
 from fmsring.harness.plan import fitting_ring_variants, planned_points, ring_tp_of, variants
 from fmsring.harness.schema import Point, Strategy
-from fmsring.harness.settings import BenchConfig, Settings, json_object, one_of, optional, redefault, setting, sizes, text
+from fmsring.harness.settings import (
+    BenchConfig,
+    Settings,
+    json_object,
+    one_of,
+    optional,
+    redefault,
+    setting,
+    sizes,
+    text,
+)
+
 
 def env_vars(value: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in json_object(value or {}).items()}
@@ -175,7 +186,9 @@ def validate(cfg: SweepConfig) -> None:
             if short:
                 problems.append(f"ring at world size {w} needs prompts (and cached_lens) of >= {w} tokens: {short}")
     tp_worlds = sorted({w for w, s in cfg.groups() if s == Strategy.TP})
-    ring_tps = sorted({ring_tp_of(kw) for kw in cfg.ring_variants.values()} - {1}) if Strategy.RING in cfg.strategies else []
+    ring_tps = (
+        sorted({ring_tp_of(kw) for kw in cfg.ring_variants.values()} - {1}) if Strategy.RING in cfg.strategies else []
+    )
     unused = [t for t in ring_tps if all(w % t for w in cfg.world_sizes)]
     if unused:
         problems.append(f"ring_tp {unused} divides none of the world sizes {cfg.world_sizes}")

@@ -31,6 +31,7 @@ from fmsring.harness.schema import Strategy
 from fmsring.harness.settings import BenchConfig
 from fmsring.harness.torch_cp import make_cp_mesh, torch_cp_length, torch_cp_prefill
 
+
 def model_args(cfg: BenchConfig, device: str | None = None) -> dict[str, Any]:
     return dict(architecture=cfg.architecture, variant=cfg.variant, model_path=cfg.model_path, source=cfg.source,
                 device_type=device or cfg.device, data_type=cfg.dtype, **cfg.model_kwargs)  # fmt: skip

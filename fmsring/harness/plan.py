@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fmsring.cache import headroom_for
-from fmsring.loading import get_model
 from fmsring.harness.schema import AS_SHIPPED, Phase, Point, Strategy
+from fmsring.loading import get_model
 
 
 def parse_ring_variants(value: Any) -> dict[str, dict[str, Any]]:

@@ -44,7 +44,9 @@ def git_sha() -> str:
         if head.returncode or not head.stdout.strip():
             return "unknown"
         dirty = subprocess.run(
-            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
             timeout=10,
         )
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

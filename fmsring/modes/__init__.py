@@ -99,7 +99,9 @@ def run_sharded(
     n_out = plan.seq_len if last_n <= 0 else min(last_n, plan.seq_len)
     counts = [plan.tail_count(r, n_out) for r in range(st.world_size)]
     mine = max(counts[st.rank], 1) if last_n > 0 else 0
-    logits, out_layers = ring.run(x.index_select(1, local), positions.index_select(1, local), layers, use_cache, mine, ctx)
+    logits, out_layers = ring.run(
+        x.index_select(1, local), positions.index_select(1, local), layers, use_cache, mine, ctx
+    )
     return gather_logits(st, logits[:, logits.shape[1] - counts[st.rank] :], plan, counts), out_layers
 
 

@@ -20,10 +20,10 @@ from fmsring.cache import RingCache
 from fmsring.comm import RingComm
 from fmsring.decode_graph import DecodeGraphs, StepInputs
 from fmsring.kernels import decode_attention_with_lse, decode_split_kv
-from fmsring.split_kv import SplitKV
 from fmsring.masks import mask_at_slots
 from fmsring.modes import Call, Ring
 from fmsring.ring import merge_shards
+from fmsring.split_kv import SplitKV
 
 
 @dataclass

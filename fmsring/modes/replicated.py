@@ -81,7 +81,10 @@ def step(ring: Ring, call: Call, cache: RingCache) -> tuple[torch.Tensor, RingCa
     positions, top = ring.rope.positions(call.ids, call.position_ids, state.seq_len, state.max_position)
     new_cache = cache.advance(st.rank, owners, ring.cache_headroom, max(state.max_position, top))
     ctx = ReplicatedStep(
-        st.comm, state.fills[st.rank], RingCacheState.owned(owners, st.rank), blocks(call, state, new_cache.state, st.rank)
+        st.comm,
+        state.fills[st.rank],
+        RingCacheState.owned(owners, st.rank),
+        blocks(call, state, new_cache.state, st.rank),
     )
     logits, _ = ring.run(call.ids, positions, list(new_cache), True, call.last_n_tokens, ctx)
     return logits, new_cache

@@ -14,13 +14,17 @@ import yaml
 from fmsring.harness import analysis, seed
 from fmsring.harness.schema import AS_SHIPPED, COLUMNS
 from tests.harness.synthetic_runs import (
-    factorisation_rows, followup_rows, row, scaling_rows, seed_rows, sweep_rows, write_run,
+    factorisation_rows,
+    followup_rows,
+    row,
+    scaling_rows,
+    seed_rows,
+    sweep_rows,
+    write_run,
 )
 
 
 @pytest.fixture
-
-
 def gpu_run(tmp_path: Path) -> Path:
     return write_run(tmp_path / "runs", "h100-llama-3-8b", sweep_rows())
 
@@ -61,9 +65,13 @@ def test_legacy_csv_gets_variants_and_is_judged(tmp_path: Path):
     rows = [
         row("single", 1, 7000, dtype="float32", latency_ms=10.0),
         row("ring", 4, 7000, dtype="float32", latency_ms=3.0, max_abs_err=3e-5, rel_err=1.99),
-        *(row(s, 4, 7000, dtype="float32", latency_ms=ms, rel_err=1e-6, max_abs_err=1e-6, model=label)
-          for s, ms, label in [("ring", 3.5, 'llama/3-8b ring{"ring_cuda_graphs": false}'),
-                               ("tp", 4.0, "llama/3-8b fused-peers")]),  # fmt: skip
+        *(
+            row(s, 4, 7000, dtype="float32", latency_ms=ms, rel_err=1e-6, max_abs_err=1e-6, model=label)
+            for s, ms, label in [
+                ("ring", 3.5, 'llama/3-8b ring{"ring_cuda_graphs": false}'),
+                ("tp", 4.0, "llama/3-8b fused-peers"),
+            ]
+        ),  # fmt: skip
     ]
     run = tmp_path / "legacy"
     run.mkdir()

@@ -47,7 +47,8 @@ def error_file(tmp_path: Path, message: str) -> Path:
 def test_failure_reason_from_the_error_file(tmp_path: Path):
     oom = error_file(tmp_path, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB")
     assert launch.failure_reason(oom, 1, False, 60) == (
-        "oom", "out of memory: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB"
+        "oom",
+        "out of memory: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB",
     )
     err = error_file(tmp_path, "RuntimeError: boom\n  on two lines")
     assert launch.failure_reason(err, 1, False, 60) == ("error", "exit code 1: RuntimeError: boom on two lines")

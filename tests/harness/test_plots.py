@@ -12,7 +12,13 @@ import pytest
 
 from fmsring.harness import analysis, plots, seed
 from tests.harness.synthetic_runs import (
-    factorisation_rows, followup_rows, row, scaling_rows, seed_rows, sweep_rows, write_run,
+    factorisation_rows,
+    followup_rows,
+    row,
+    scaling_rows,
+    seed_rows,
+    sweep_rows,
+    write_run,
 )  # fmt: skip
 
 

@@ -21,8 +21,19 @@ def test_a_small_run_renders_to_the_expected_tables(tmp_path: Path):
     late = {"timestamp": "2026-11-26T00:00:00+00:00", "git_sha": "0123456789abcdef"}
     write_run(tmp_path, "old", [row("single", 1, 1024, latency_ms=10.0)])
     rows = [
-        row("tp", 2, 8192, latency_ms=60.0, floor_ms=40.0, rel_err=4e-3, max_abs_err=0.05, ref_norm=900.0, tp_size=2,
-            cp_size=1, same_next_token=True),
+        row(
+            "tp",
+            2,
+            8192,
+            latency_ms=60.0,
+            floor_ms=40.0,
+            rel_err=4e-3,
+            max_abs_err=0.05,
+            ref_norm=900.0,
+            tp_size=2,
+            cp_size=1,
+            same_next_token=True,
+        ),
         row("single", 1, 8192, latency_ms=100.0, floor_ms=80.0, peak_mem_gib=20.5),
         row("ring", 2, 8192, variant="eager", latency_ms=123.456, floor_ms=40.0, cp_size=2, tp_size=1),
         row("ring", 2, 16384, status="oom", error="CUDA out of memory", floor_ms=90.0, cp_size=2, tp_size=1),
@@ -36,7 +47,7 @@ def test_a_small_run_renders_to_the_expected_tables(tmp_path: Path):
     write_run(tmp_path / "local", "mine", [row("ring", 2, 1024, latency_ms=1.0)])
     text = results.render(tmp_path)
     assert f"`{results.COMMAND}`" in text.splitlines()[2]
-    body = text[text.index("## new"):]
+    body = text[text.index("## new") :]
     assert body.index("## new") < body.index("## old") and "mine" not in text  # newest run first
     assert body.index("`results.csv`: 8x NVIDIA H100 80GB HBM3; llama/3-8b; bfloat16; code 0123456") < body.index(
         "`results_fp32.csv`: 8x NVIDIA H100 80GB HBM3; llama/3-8b; float32; code 0123456"
