@@ -89,11 +89,11 @@ def report(
         hf_text = tokenizer.decode(hf_tokens[:-1] if hf_tokens[-1] == tokenizer.eos_token_id else hf_tokens)
         print(f"\nturn {i}: {question!r}")
         print(
-            f"  fmsring ({world} ranks): {reply.text!r}\n    {len(tokens)} tokens; {reply.ttft_s * 1e3:.1f} ms to first "
+            f"  fmsring, {world} ranks: {reply.text!r}\n    {len(tokens)} tokens; {reply.ttft_s * 1e3:.1f} ms to first "
             f"token, then {reply.per_token_s * 1e3:.1f} ms per token"
         )
         print(
-            f"  HF transformers:     {hf_text!r}\n    {len(hf_tokens)} tokens; {hf_s * 1e3:.1f} ms in all "
+            f"  HF transformers:   {hf_text!r}\n    {len(hf_tokens)} tokens; {hf_s * 1e3:.1f} ms in all "
             f"({hf_s / len(hf_tokens) * 1e3:.1f} ms per token)"
         )
         same = tokens == hf_tokens
@@ -106,15 +106,17 @@ def report(
 def run_ranks(args: argparse.Namespace) -> int:
     """On each torchrun rank: the chat through ``fmsring.inference``; then, on rank 0, HF's and the report."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()  # a loading bar between the two sets of replies says nothing
     checkpoint = str(demo_checkpoint())
     argv = cli_args(checkpoint, QUESTIONS, args.max_new_tokens)
     world = int(os.environ["WORLD_SIZE"])
     if int(os.environ["RANK"]) == 0:
         print(
-            f"fmsring.demo: {SMOLLM2.name} ({SMOLLM2.layers} layers, {SMOLLM2.heads} heads, {SMOLLM2.kv_heads} kv-heads),"
+            f"fmsring.demo: SmolLM2-135M-Instruct ({SMOLLM2.layers} layers, {SMOLLM2.heads} heads, "
+            f"{SMOLLM2.kv_heads} kv-heads), greedy, on {world} CPU ranks (gloo) through the chat template:"
         )
-        print(f"greedy, on {world} CPU ranks (gloo) through the chat template:")
         print(f"$ torchrun --standalone --nproc_per_node={world} -m fmsring.inference {shlex.join(argv)}", flush=True)
     replies = inference.main(argv)
     rank = dist.get_rank()
