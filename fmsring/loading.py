@@ -174,11 +174,15 @@ def _unshardable(model: nn.Module, name: str, tp: int, world: int, exc: Assertio
     model has and which ring_tp values fit. ``model`` is the unsharded one built on the meta device (no
     weights): whatever the architecture, its attention layers know the heads."""
     attn = next(m for m in model.modules() if isinstance(m, MultiHeadAttention))
-    fits = ", ".join(map(str, tp_sizes(world, attn.nheads, attn.kvheads)))
+    heads = f"{attn.nheads} attention heads and {attn.kvheads} kv-heads"
+    fits = tp_sizes(world, attn.nheads, attn.kvheads)
+    if tp in fits:  # the heads split: a width FMS shards does not
+        return ValueError(
+            f"ring_tp={tp}: FMS's tensor parallelism cannot split {name} over {tp} ranks ({exc}); its {heads} would split"
+        )
     return ValueError(
-        f"ring_tp={tp}: {name} has {attn.nheads} attention heads and {attn.kvheads} kv-heads, which FMS's tensor "
-        f"parallelism cannot split over {tp} ranks ({exc}); ring_tp values that divide both the world ({world}) "
-        f"and the heads: {fits}"
+        f"ring_tp={tp}: {name} has {heads}, which FMS's tensor parallelism cannot split over {tp} ranks ({exc}); "
+        f"ring_tp values that divide both the world ({world}) and the heads: {', '.join(map(str, fits))}"
     )
 
 

@@ -51,7 +51,7 @@ def write_checkpoint(path, kvheads: int = 2, max_pos: int = MAX_POS, heads: int 
 
     Args:
         path: the directory.
-        kvheads, heads: its attention's kv-heads and heads (16 dimensions each).
+        kvheads, heads: its attention's kv-heads and heads (16 dimensions each; the widths follow them).
         max_pos: its RoPE table's size.
         chat: a ChatML tokenizer (see the module's docstring), and the end-of-turn token's logit
             scaled up, so that replies often end at it, as an instruct model's do.
@@ -61,7 +61,7 @@ def write_checkpoint(path, kvheads: int = 2, max_pos: int = MAX_POS, heads: int 
     cfg = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=16 * heads,
-        intermediate_size=160,
+        intermediate_size=40 * heads,  # 160 for 4 heads; splits over whatever TP splits the heads
         num_hidden_layers=2,
         num_attention_heads=heads,
         num_key_value_heads=kvheads,
