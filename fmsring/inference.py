@@ -10,7 +10,8 @@ with --chat each turn (or --prompt) is a user message, rendered by the
 tokenizer's chat template, and a reply ends at its end-of-turn token
 (fmsring.chat). Without --chat a prompt or a conversation's first turn gets
 the special tokens the tokenizer adds itself (a BOS for LLaMA's, none for
-ChatML's), later turns none. Errors are one line, from rank 0.
+ChatML's), later turns none. Refusals (bad flags, options the model does
+not fit) are one line, from rank 0.
 """
 
 from __future__ import annotations
