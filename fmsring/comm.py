@@ -11,14 +11,18 @@ import torch
 import torch.distributed as dist
 
 
-def maybe_init_dist(device_type: str | None = None, timeout_s: float = 600.0, alone: bool = False) -> tuple[int, int]:
-    """Join the process group that ``torchrun`` describes; return (rank, world).
+def maybe_init_dist(device_type: str | None = None, timeout_s: float = 600.0) -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes, or make one of this process alone; return (rank, world).
 
-    The backend follows ``device_type`` (NCCL for "cuda", gloo otherwise;
-    default: the host has a GPU): CPU ranks on a GPU machine need gloo.
-    Without torchrun, ``alone`` makes a group of one process (ring attention
-    runs on one too); otherwise none is made. The timeout turns a dead or
-    stuck peer into an error instead of a hang.
+    Without torchrun the same script then runs as one process (ring
+    attention runs on one rank too), so ``python script.py`` works as
+    ``torchrun script.py`` does. A group that already exists is kept.
+
+    Args:
+        device_type: "cuda" picks NCCL, anything else gloo (CPU ranks on a GPU
+            machine need gloo); default: "cuda" where the host has a GPU.
+        timeout_s: how long a collective waits for its peers: a dead or stuck
+            peer becomes an error instead of a hang.
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -29,10 +33,8 @@ def maybe_init_dist(device_type: str | None = None, timeout_s: float = 600.0, al
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend, timeout=timeout)
-    elif alone:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
-        return 0, 1
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from fms.utils.generation import generate
 
 from fmsring.cache import RingCache
 from fmsring.comm import sync_rng
+from fmsring.generation import generate
 from fmsring.model import LlamaRing
 
 
@@ -69,11 +69,19 @@ class Conversation:
         self.tokens = torch.empty(0, dtype=torch.long, device=self.device)
         self._cache: RingCache | None = None
 
-    def say(self, ids: torch.Tensor | Sequence[int], max_new_tokens: int) -> Turn:
-        """Append a turn (``ids``: 1-D or [1, n] token ids) and generate the reply.
+    def say(self, ids: torch.Tensor | Sequence[int], max_new_tokens: int, eos_token_id: int | None = None) -> Turn:
+        """Append a turn and generate the reply.
 
-        The first turn is the prompt: at least one token per rank. A later
-        turn may be empty, which continues the previous reply.
+        The reply's tokens, its last one included, are the conversation's: the
+        next turn's step feeds that last token (generated, never fed) before its own.
+
+        Args:
+            ids: the turn's token ids, 1-D or [1, n]. The first turn is the prompt
+                (at least one token); a later one may be empty, which continues the
+                previous reply.
+            max_new_tokens: the most tokens the reply has.
+            eos_token_id: the reply stops at this token (an end-of-turn token), which
+                it then ends with; None: it has ``max_new_tokens`` tokens.
         """
         ids = self._turn_ids(ids)
         if max_new_tokens < 1:
@@ -99,8 +107,8 @@ class Conversation:
             out, times = generate(
                 self.model,
                 step.unsqueeze(0),
-                max_seq_len=step.numel() + max_new_tokens,  # generate keeps only this many last tokens
                 max_new_tokens=max_new_tokens,
+                eos_token_id=eos_token_id,
                 do_sample=self.do_sample,
                 temperature=self.temperature,
                 top_k=self.top_k,

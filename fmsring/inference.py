@@ -5,41 +5,61 @@
 
 Rank 0 prints each completion, the time to first token and the median
 per-token latency. --turns FILE and --interactive hold a conversation whose
-KV cache stays sharded over the ranks between turns (fmsring.conversation).
-Prompts start with the tokenizer's BOS token, as in FMS's script.
+KV cache stays sharded over the ranks between turns (fmsring.conversation);
+with --chat each turn (or --prompt) is a user message, rendered by the
+tokenizer's chat template, and a reply ends at its end-of-turn token
+(fmsring.chat). Without --chat a prompt or a conversation's first turn gets
+the special tokens the tokenizer adds itself (a BOS for LLaMA's, none for
+ChatML's), later turns none. Refusals (bad flags, options the model does
+not fit) are one line, from rank 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import sys
 import warnings
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
-from fms.utils.generation import generate, pad_input_ids
+from fms.utils.generation import pad_input_ids
 from fms.utils.tokenizers import BaseTokenizer, get_tokenizer
 from torch import nn
 
 import fmsring
 from fmsring.allocator import configure_allocator
 from fmsring.cache import headroom_for
+from fmsring.chat import Chat, Reply
 from fmsring.conversation import Conversation
+from fmsring.loading import check_model_path
 
+PROG = "fmsring.inference"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HF_PRETRAINED = "hf_pretrained"
+DEFAULT_PROMPT = "Hello, ring attention!"
+
+
+def die(message: str, status: int = 1) -> NoReturn:
+    """Exit with ``message`` as one line on stderr, printed by rank 0 only: under torchrun every rank
+    runs this command and meets the same error, and the message says what to do (no traceback)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(status)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        die(f"{message} (--help lists the flags)", 2)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="fmsring.inference", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--architecture",
         default="llama",
@@ -79,16 +99,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="a conversation through the tokenizer's chat template: each --prompt, --turns block or "
+        "--interactive line (without its final newline) is a user message; replies stop at the "
+        "end-of-turn token",
+    )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
+    src.add_argument("--prompt", action="append", help="a prompt; repeat for a batch (with --chat: for turns)")
     src.add_argument("--prompt_file", type=Path, help="one prompt per line")
     src.add_argument(
         "--turns",
         type=Path,
         help="a conversation: blocks of text separated by blank lines, the first the prompt, each next "
-        "one a follow-up on the kept cache, its text appended as it is (batch 1)",
+        "one a follow-up on the kept cache, its text (final newline included) appended as written (batch 1)",
     )
-    src.add_argument("--interactive", action="store_true", help="a conversation read from stdin, one turn a line")
+    src.add_argument(
+        "--interactive", action="store_true", help="a conversation read from stdin, one turn a line (its newline kept)"
+    )
     args = p.parse_args(argv)
     _check_args(p, args)
     return args
@@ -109,8 +138,17 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             f"--architecture {args.architecture} needs --variant (e.g. micro, a tiny random model); "
             f"for a Hugging Face checkpoint directory use --architecture {HF_PRETRAINED} --model_path DIR"
         )
-    if args.turns or args.interactive:
-        mode = "--turns" if args.turns else "--interactive"
+    try:
+        check_model_path(args.architecture, args.model_path)
+    except FileNotFoundError as e:
+        p.error(f"--model_path: {e}")
+    tokenizer = Path(args.tokenizer).expanduser()
+    if args.tokenizer != "char_tokenizer" and _is_path(args.tokenizer) and not tokenizer.exists():
+        p.error(f"--tokenizer: no such {'file' if tokenizer.suffix == '.model' else 'directory'}: {args.tokenizer}")
+    if args.chat and args.prompt_file:
+        p.error("--chat takes its user messages from --prompt, --turns or --interactive, not --prompt_file")
+    if args.chat or args.turns or args.interactive:
+        mode = "--chat" if args.chat else "--turns" if args.turns else "--interactive"
         if args.distributed_strategy != "ring":
             p.error(f"{mode} keeps the ring's sharded cache between turns: it needs --distributed_strategy ring")
         if args.no_use_cache:
@@ -125,6 +163,11 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--ring_tp shards the ring's weights: it needs --distributed_strategy ring")
     if args.ring_tp < 1:
         p.error("--ring_tp must be at least 1")
+
+
+def _is_path(name: str) -> bool:
+    """Whether a tokenizer name can only be a local path: a Hugging Face repo id is NAME or ORG/NAME."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
 def load_model(args: argparse.Namespace) -> nn.Module:
@@ -160,23 +203,31 @@ def check_vocab(tokenizer: BaseTokenizer, name: str, model: nn.Module) -> None:
     first forward (an index error on CPUs, a device-side assert on GPUs): say so first."""
     n_tok, n_model = tokenizer_size(tokenizer), model.config.src_vocab_size
     if n_tok > n_model:
-        raise SystemExit(
-            f"fmsring.inference: error: tokenizer {name!r} has {n_tok} token ids but the model's vocabulary "
-            f"has {n_model}: pass the checkpoint's tokenizer, --tokenizer PATH (the default, char_tokenizer, "
-            "fits only the micro variant)"
+        die(
+            f"tokenizer {name!r} has {n_tok} token ids but the model's vocabulary has {n_model}: pass the "
+            "checkpoint's tokenizer, --tokenizer PATH (the default, char_tokenizer, fits only the micro variant)"
         )
 
 
-def encode(tokenizer: BaseTokenizer, text: str, bos: bool) -> list[int]:
-    # FMS flags its tokenize/convert API deprecated, yet its HF and char tokenizers have no other
-    # common API; silenced so every run does not print the warnings.
+def encode(tokenizer: BaseTokenizer, text: str, first: bool) -> list[int]:
+    """``text``'s ids; before the first text of a sequence the special tokens the tokenizer adds itself
+    (a Hugging Face tokenizer's ``add_special_tokens``: LLaMA's a BOS, ChatML's none, so a text already
+    starting with the tokenizer's markup gets nothing twice); FMS's own tokenizers a BOS, as FMS's script."""
+    hf = getattr(tokenizer, "tokenizer", None)  # FMS's HF wrapper holds the HF tokenizer
+    if hf is not None:
+        return hf(text, add_special_tokens=first).input_ids
+    # FMS flags its tokenize/convert API deprecated, yet its char tokenizer has no other; silenced so
+    # every run does not print the warnings.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text))
-    return ([tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []) + ids
+    return ([tokenizer.bos_token_id] if first and tokenizer.bos_token_id is not None else []) + ids
 
 
 def decode(tokenizer: BaseTokenizer, ids: torch.Tensor) -> str:
+    hf = getattr(tokenizer, "tokenizer", None)
+    if hf is not None:
+        return hf.decode(ids)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(ids))
@@ -189,17 +240,14 @@ def print_timing(ttft_s: float, per_token_s: float) -> None:
 
 def complete(args: argparse.Namespace, model: nn.Module, tokenizer: BaseTokenizer, rank: int) -> list[str]:
     """One generate() over the prompts, left-padded into a batch."""
-    prompts = (
-        args.prompt_file.read_text().splitlines() if args.prompt_file else (args.prompt or ["Hello, ring attention!"])
-    )
+    prompts = args.prompt_file.read_text().splitlines() if args.prompt_file else (args.prompt or [DEFAULT_PROMPT])
     device = next(model.parameters()).device
-    encoded = [torch.tensor(encode(tokenizer, p, bos=True), dtype=torch.long, device=device) for p in prompts]
+    encoded = [torch.tensor(encode(tokenizer, p, first=True), dtype=torch.long, device=device) for p in prompts]
     ids, padding = pad_input_ids(encoded) if len(encoded) > 1 else (encoded[0].unsqueeze(0), None)
     with torch.no_grad():
-        out, times = generate(
+        out, times = fmsring.generate(
             model,
             ids,
-            max_seq_len=ids.shape[1] + args.max_new_tokens,  # generate keeps only this many last tokens
             max_new_tokens=args.max_new_tokens,
             use_cache=not args.no_use_cache,
             do_sample=args.do_sample,
@@ -218,13 +266,25 @@ def complete(args: argparse.Namespace, model: nn.Module, tokenizer: BaseTokenize
 
 
 def split_turns(text: str) -> list[str]:
-    """A --turns file's blocks: text separated by blank (or whitespace-only) lines."""
-    return [block.strip("\n") for block in re.split(r"\n[ \t]*\n", text) if block.strip()]
+    """A --turns file's blocks: runs of lines between blank (or whitespace-only) lines, each block's
+    text exactly as written, its lines' newlines (the last one's too) included."""
+    blocks, block = [], ""
+    for line in text.splitlines(keepends=True):
+        if line.strip():
+            block += line
+        elif block:
+            blocks.append(block)
+            block = ""
+    return blocks + [block] if block else blocks
 
 
 def read_turns(args: argparse.Namespace) -> Iterator[str]:
+    """The conversation's turns: the --prompt values (with --chat), the --turns blocks, or stdin's lines."""
     if args.turns:
         yield from split_turns(args.turns.read_text())
+        return
+    if not args.interactive:
+        yield from args.prompt or [DEFAULT_PROMPT]
         return
     while True:
         if sys.stdin.isatty():
@@ -233,7 +293,7 @@ def read_turns(args: argparse.Namespace) -> Iterator[str]:
         if not line:
             return
         if line.strip():
-            yield line.rstrip("\n")
+            yield line
 
 
 def shared_turns(turns: Iterator[str] | None) -> Iterator[str]:
@@ -249,28 +309,53 @@ def shared_turns(turns: Iterator[str] | None) -> Iterator[str]:
         yield box[0]
 
 
-def converse(args: argparse.Namespace, model: nn.Module, tokenizer: BaseTokenizer, rank: int) -> list[str]:
-    """A conversation on one kept, sharded cache: each turn is one follow-up step."""
-    chat = Conversation(model, do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k)
-    replies: list[str] = []
+def converse(args: argparse.Namespace, model: nn.Module, tokenizer: BaseTokenizer, rank: int) -> list[Reply]:
+    """A conversation on one kept, sharded cache: each turn is one follow-up step. With --chat each turn
+    is a user message (its final newline dropped) rendered by the chat template; without, its text is
+    appended to the conversation as it is."""
+    sampling = {"do_sample": args.do_sample, "temperature": args.temperature, "top_k": args.top_k}
+    if args.chat:
+        chat = Chat(model, tokenizer.tokenizer, **sampling)
+
+        def say(text: str) -> tuple[str, Reply]:
+            message = text.removesuffix("\n")
+            return message, chat.say(message, args.max_new_tokens)
+    else:
+        conversation = Conversation(model, **sampling)
+
+        def say(text: str) -> tuple[str, Reply]:
+            first = not conversation.tokens.numel()
+            turn = conversation.say(encode(tokenizer, text, first), args.max_new_tokens)
+            return text, Reply(turn.tokens, turn.ttft_s, turn.token_s, decode(tokenizer, turn.tokens))
+
+    replies: list[Reply] = []
     for text in shared_turns(read_turns(args) if rank == 0 else None):
-        turn = chat.say(encode(tokenizer, text, bos=not replies), args.max_new_tokens)
-        replies.append(decode(tokenizer, turn.tokens))
+        shown, reply = say(text)
+        replies.append(reply)
         if rank == 0:
-            print(f"{text!r} -> {replies[-1]!r}")
-            print_timing(turn.ttft_s, turn.per_token_s)
+            print(f"{shown!r} -> {reply.text!r}")
+            print_timing(reply.ttft_s, reply.per_token_s)
     return replies
 
 
-def main(argv: list[str] | None = None) -> list[str]:
+def main(argv: list[str] | None = None) -> list[str] | list[Reply]:
+    """Run the command; the completions' texts, or a conversation's replies."""
     args = parse_args(argv)
     configure_allocator()  # before CUDA allocates: no stall near the memory limit
-    rank, _ = fmsring.maybe_init_dist(args.device_type, alone=args.distributed_strategy == "ring")
+    rank, _ = fmsring.maybe_init_dist(args.device_type)
     torch.manual_seed(args.seed)
     tokenizer = get_tokenizer(args.tokenizer)  # before the weights: a bad path fails fast
-    model = load_model(args)
+    if args.chat and getattr(getattr(tokenizer, "tokenizer", None), "chat_template", None) is None:
+        die(
+            f"--chat renders the conversation with the tokenizer's chat template, and {args.tokenizer!r} has "
+            "none: pass an instruct model's checkpoint directory, --tokenizer DIR"
+        )
+    try:
+        model = load_model(args)
+    except (ValueError, OSError) as e:  # refusals (ring_tp that does not fit, a bad option): say them once
+        die(str(e))
     check_vocab(tokenizer, args.tokenizer, model)
-    if args.turns or args.interactive:
+    if args.chat or args.turns or args.interactive:
         return converse(args, model, tokenizer, rank)
     return complete(args, model, tokenizer, rank)
 

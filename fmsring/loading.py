@@ -5,18 +5,20 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
+from pathlib import Path
 from typing import Any
 
 import fms.models
 import torch
 import torch.distributed as dist
+from fms.modules.attention import MultiHeadAttention
 from fms.modules.tp import TPModule
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from fmsring.comm import broadcast_weights
 from fmsring.layout import LAYOUTS
-from fmsring.mesh import build_mesh, mesh_groups
+from fmsring.mesh import build_mesh, mesh_groups, tp_sizes
 from fmsring.model import LlamaRing
 from fmsring.modes.followup import FOLLOWUP_MODES
 from fmsring.strategy import RingAttentionStrategy
@@ -74,6 +76,7 @@ def get_model(
     """
     if distributed_strategy not in STRATEGIES:
         raise ValueError(f"unknown distributed_strategy {distributed_strategy!r}; choose one of {STRATEGIES}")
+    check_model_path(architecture, model_path)
     unknown = sorted(k for k in kwargs if k.startswith("ring_"))
     if unknown:
         raise ValueError(f"unknown ring option(s) {unknown}; fmsring.get_model takes {RING_OPTIONS}")
@@ -121,10 +124,9 @@ def get_model(
     except AssertionError as exc:  # FMS's TP checks head and width divisibility with asserts
         if tp_group is None:
             raise
-        raise ValueError(
-            f"ring_tp={strategy.tp_size}: FMS cannot shard {variant or model_path or architecture} over that many "
-            f"ranks ({exc})"
-        ) from exc
+        world = strategy.world_size * strategy.tp_size
+        model = fms.models.get_model(architecture, variant, model_path, source, "meta", None, "replicated", **kwargs)
+        raise _unshardable(model, variant or model_path or architecture, strategy.tp_size, world, exc) from exc
     if not ours:
         return model
     if dist.is_initialized() and model_path is None and architecture != "hf_pretrained":
@@ -144,6 +146,43 @@ def get_model(
         fuse_layers=ring_fuse_layers,
         followup=ring_followup,
         prefill_chunk=ring_prefill_chunk,
+    )
+
+
+def check_model_path(architecture: str, model_path: str | None) -> None:
+    """Refuse a checkpoint path that is not there, saying so. FMS hands an ``hf_pretrained`` path to
+    transformers, which takes a missing directory for a Hugging Face repo id and fails with "Repo id
+    must be in the form ..." deep in a traceback.
+
+    Args:
+        architecture: FMS's architecture name; ``hf_pretrained`` reads a checkpoint directory.
+        model_path: the checkpoint: a directory, a file, or (FMS) a directory and a glob (``dir/*.pth``).
+    """
+    if model_path is None:
+        return
+    path = Path(str(model_path).partition("*")[0]).expanduser()
+    if architecture == "hf_pretrained" and not path.is_dir():
+        raise FileNotFoundError(
+            f"no such directory: {model_path}" if not path.exists() else f"not a directory: {model_path}"
+        )
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or directory: {model_path}")
+
+
+def _unshardable(model: nn.Module, name: str, tp: int, world: int, exc: AssertionError) -> ValueError:
+    """FMS's tensor parallelism refuses a model it cannot shard with a bare assert; say which heads the
+    model has and which ring_tp values fit. ``model`` is the unsharded one built on the meta device (no
+    weights): whatever the architecture, its attention layers know the heads."""
+    attn = next(m for m in model.modules() if isinstance(m, MultiHeadAttention))
+    heads = f"{attn.nheads} attention heads and {attn.kvheads} kv-heads"
+    fits = tp_sizes(world, attn.nheads, attn.kvheads)
+    if tp in fits:  # the heads split: a width FMS shards does not
+        return ValueError(
+            f"ring_tp={tp}: FMS's tensor parallelism cannot split {name} over {tp} ranks ({exc}); its {heads} would split"
+        )
+    return ValueError(
+        f"ring_tp={tp}: {name} has {heads}, which FMS's tensor parallelism cannot split over {tp} ranks ({exc}); "
+        f"ring_tp values that divide both the world ({world}) and the heads: {', '.join(map(str, fits))}"
     )
 
 

@@ -41,7 +41,11 @@ def build_mesh(device_type: str, tp: int, group: dist.ProcessGroup | None = None
         )
     world = dist.get_world_size()
     if world % tp:
-        raise ValueError(f"ring_tp={tp} does not divide the world size {world}: the mesh is cp x tp = world")
+        fits = ", ".join(str(t) for t in range(1, world + 1) if world % t == 0)
+        raise ValueError(
+            f"ring_tp={tp} does not divide the world size {world} (the mesh is cp x tp = world); "
+            f"ring_tp values that do: {fits}"
+        )
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if per_node % tp:
         warnings.warn(
@@ -50,6 +54,16 @@ def build_mesh(device_type: str, tp: int, group: dist.ProcessGroup | None = None
             stacklevel=3,
         )
     return init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=MESH_DIMS)
+
+
+def tp_sizes(world: int, nheads: int, kvheads: int) -> list[int]:
+    """The ring_tp values that divide the world and that FMS's tensor parallelism can split these
+    heads over: the query heads evenly, the kv-heads evenly or each one replicated over whole groups."""
+    return [
+        t
+        for t in range(1, world + 1)
+        if world % t == 0 and nheads % t == 0 and (kvheads % t == 0 if kvheads >= t else t % kvheads == 0)
+    ]
 
 
 def mesh_groups(mesh: DeviceMesh) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:

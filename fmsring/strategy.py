@@ -42,9 +42,9 @@ class RingAttentionStrategy(DistributedStrategy):
         super().__init__(from_meta)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
-                "RingAttentionStrategy needs an initialised torch.distributed process group: "
-                "launch with torchrun and call fmsring.maybe_init_dist() (or "
-                "torch.distributed.init_process_group) before building the model"
+                "RingAttentionStrategy needs an initialised torch.distributed process group: call "
+                "fmsring.maybe_init_dist() (or torch.distributed.init_process_group) before building the model; "
+                "it joins torchrun's group, or makes one of this process alone"
             )
         if layout not in LAYOUTS:
             raise ValueError(f"unknown ring layout {layout!r}; choose one of {LAYOUTS}")

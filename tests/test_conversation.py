@@ -5,7 +5,8 @@ scratch on the whole conversation so far (the turns and the earlier replies),
 while the ring model only ever sees each turn as one follow-up step on the
 cache it kept. Turns are fresh random draws: one token, fewer tokens than
 ranks, empty, odd lengths, longer than the prompt; the conversation outgrows
-the checkpoint's RoPE table and the cache's preallocated slots.
+the checkpoint's RoPE table and the cache's preallocated slots. Replies that
+stop at an end-of-turn token hold it, and the next turn is fed after it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def fresh_turns(world: int) -> tuple[list[list[int]], list[int]]:
     return turns, n_new
 
 
-def _converse(rank: int, world: int, path: str, turns: list[list[int]], n_new: list[int]):
+def _converse(rank: int, world: int, path: str, turns: list[list[int]], n_new: list[int], eos: int):
     import fmsring
     from fmsring.conversation import Conversation
 
@@ -56,21 +57,30 @@ def _converse(rank: int, world: int, path: str, turns: list[list[int]], n_new: l
         reply = greedy.say(turn, max_new_tokens=n)
         replies.append(reply.tokens.tolist())
         timings.append((reply.ttft_s, len(reply.token_s), reply.per_token_s))
+    stopping = Conversation(model)
+    stopped = [stopping.say(turn, max_new_tokens=n, eos_token_id=eos).tokens.tolist() for turn, n in zip(turns, n_new)]
     sampling = Conversation(model, do_sample=True, temperature=1.5, top_k=0)
     sampled = []
     for i, (turn, n) in enumerate(zip(turns, n_new)):
         torch.manual_seed(1000 * rank + i)  # ranks drift apart between turns: the conversation must align them
         sampled.append(sampling.say(turn, max_new_tokens=n).tokens.tolist())
-    return replies, greedy.tokens.tolist(), timings, sampled
+    return replies, greedy.tokens.tolist(), timings, sampled, stopped, stopping.tokens.tolist()
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_turns_match_hf_on_the_whole_conversation(world, checkpoint):
+    """Greedy replies of their full length; then replies that stop at an end-of-turn token (one the
+    greedy replies hold, so that some stop early) and enter the conversation with it, as HF's do."""
     turns, n_new = fresh_turns(world)
-    want = hf_conversation(hf_model(checkpoint), turns, n_new)
-    results = run_ranks(world, _converse, checkpoint, turns, n_new)
-    for rank, (replies, tokens, timings, _) in enumerate(results):
+    hf = hf_model(checkpoint)
+    want = hf_conversation(hf, turns, n_new)
+    eos = random.choice([t for reply in want for t in reply])
+    want_stopped = hf_conversation(hf, turns, n_new, eos_token_id=eos)
+    results = run_ranks(world, _converse, checkpoint, turns, n_new, eos)
+    for rank, (replies, tokens, timings, _, stopped, stopped_tokens) in enumerate(results):
         assert replies == want, (rank, turns)
+        assert stopped == want_stopped, (rank, turns, eos)
+        assert stopped_tokens == [t for turn, reply in zip(turns, stopped) for t in turn + reply]
         assert tokens == [t for turn, reply in zip(turns, replies) for t in turn + reply]
         for (ttft, n_later, per_token), n in zip(timings, n_new):
             assert ttft > 0 and n_later == n - 1

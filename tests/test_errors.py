@@ -29,6 +29,32 @@ def test_unknown_names_are_clear_errors():
         fmsring.get_model("llama", "micro", distributed_strategy="ring", ring_followup="pass_x")
 
 
+def test_a_missing_checkpoint_path_says_so():
+    for strategy in ("ring", "replicated", None):
+        with pytest.raises(FileNotFoundError, match="^no such directory: /no/such$"):
+            fmsring.get_model("hf_pretrained", model_path="/no/such", distributed_strategy=strategy)
+    with pytest.raises(FileNotFoundError, match="^no such file or directory: /no/such.pth$"):
+        fmsring.get_model("llama", "micro", model_path="/no/such.pth")
+
+
+def test_generate_feeds_the_whole_prompt_or_refuses():
+    """FMS's generate keeps only the last max_seq_len tokens (4096 unless told): fmsring's covers the
+    prompt and the new tokens unless told, and refuses a window that would cut what a step feeds."""
+    from fms.utils.generation import generate
+
+    model = fmsring.get_model("llama", "micro", nlayers=1)
+    ids = torch.randint(0, 256, (1, 9))
+    with pytest.raises(ValueError, match=r"max_seq_len=8 is shorter than the prompt \(9 tokens\)"):
+        fmsring.generate(model, ids, max_seq_len=8, max_new_tokens=2, use_cache=True)
+    with pytest.raises(ValueError, match=r"the new tokens a step without a cache re-feeds \(11 tokens\)"):
+        fmsring.generate(model, ids, max_seq_len=10, max_new_tokens=3)
+    for use_cache in (True, False):
+        ours = fmsring.generate(model, ids, max_new_tokens=3, use_cache=use_cache, do_sample=False)
+        assert torch.equal(
+            ours, generate(model, ids, max_seq_len=12, max_new_tokens=3, use_cache=use_cache, do_sample=False)
+        )
+
+
 def _bad_chunk(rank, world):
     try:
         fmsring.get_model("llama", "micro", distributed_strategy="ring", nlayers=1, ring_prefill_chunk=world - 1)

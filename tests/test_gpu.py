@@ -78,7 +78,7 @@ def one_rank_group():
 
     import fmsring
 
-    fmsring.maybe_init_dist("cuda", alone=True)
+    fmsring.maybe_init_dist("cuda")
     yield
     dist.destroy_process_group()
 

@@ -87,7 +87,11 @@ def test_every_factorisation_matches_hf_and_unsharded_fms(world, tps, checkpoint
             assert e <= 1e-4, (key, e)
     assert all(e == errs[0] for e in errs), "ranks returned different logits"
     for _, msg in res:  # every rank refuses alike: 4 ranks are not 3 x anything, 6 are but 4 heads are not
-        assert ("does not divide the world size 4" if world == 4 else "ring_tp=3: FMS cannot shard") in msg, msg
+        if world == 4:
+            assert "does not divide the world size 4" in msg and "ring_tp values that do: 1, 2, 4" in msg, msg
+        else:
+            assert "ring_tp=3: " in msg and "has 4 attention heads and 4 kv-heads" in msg, msg
+            assert msg.endswith("ring_tp values that divide both the world (6) and the heads: 1, 2"), msg
 
 
 def test_greedy_and_sampled_generation_on_a_2x2_mesh(checkpoints):

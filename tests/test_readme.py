@@ -2,11 +2,14 @@
 
 Its fenced blocks are read from README.md on every run. Each ``python`` block starts with
 ``# <file>.py`` and is saved under that name; each ``bash`` block runs through bash in that folder,
-on CPU ranks (gloo), with only ``CKPT`` set: a tiny checkpoint with its own tokenizer written here.
+on CPU ranks (gloo), with only ``CKPT`` set: a tiny checkpoint written here, with a tokenizer like
+the demo model's (ChatML's chat template, no BOS added) and its heads split as the demo model's are.
 Their outputs are held against HF transformers' greedy ``generate`` on the same checkpoint (for a
-conversation: on the whole conversation so far, turn by turn); the bench's rows are read back.
-A block of ``make`` lines cannot run inside the tests (``make test`` is this suite, a GPU sweep needs
-GPUs, the CPU sweep takes minutes and ``tests/test_sweep.py`` runs one end to end): each target and
+conversation: on the template's rendering of the whole conversation so far, turn by turn); the
+bench's rows are read back. The set-up block runs from a fresh shell in the repository.
+``make`` lines cannot run inside the tests (``make test`` is this suite, ``make venv`` would install
+into the shared environment, a GPU sweep needs GPUs, the CPU sweep takes minutes and
+``tests/test_sweep.py`` runs one end to end, ``tests/test_demo.py`` runs the demo): each target and
 setting must be one ``make help`` lists, make must accept the line as written (``make -n``), and
 ``make test`` must be what CI runs (``.ci/run``).
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import ast
 import csv
 import os
+import random
 import re
 import shlex
 import subprocess
@@ -25,13 +29,15 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from fmsring.demo import hf_chat
 from fmsring.inference import split_turns
-from tests.tiny_checkpoint import hf_conversation, hf_greedy, hf_model, write_checkpoint
+from tests.tiny_checkpoint import CHARS, hf_greedy, hf_model, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # Which bash block each test runs, by a string it holds; a block holding several belongs to the
 # one listed last (the ring x TP command is a CLI command too). Blocks of make lines apart.
 COMMANDS = {
+    "setup": "source .venv/bin/activate",
     "example": "example.py",
     "cli": "--prompt",
     "chat": "chat.py",
@@ -49,11 +55,15 @@ def blocks(lang: str) -> list[str]:
     return re.findall(rf"^```{lang}\n(.*?)^```$", readme(), re.MULTILINE | re.DOTALL)
 
 
-def make_lines(block: str) -> list[str] | None:
-    """The make command lines of a block made only of them (comments dropped), else None."""
+def make_lines(block: str) -> list[str]:
+    """The make command lines of a block (comments dropped)."""
     lines = [line.split("#")[0].strip() for line in block.splitlines()]
-    lines = [line for line in lines if line]
-    return lines if lines and all(line.startswith("make ") for line in lines) else None
+    return [line for line in lines if line.startswith("make ")]
+
+
+def runnable(block: str) -> str:
+    """The block without its make lines: what a test runs."""
+    return "\n".join(line for line in block.splitlines() if not line.strip().startswith("make "))
 
 
 def scripts() -> dict[str, str]:
@@ -84,7 +94,7 @@ def flag(block: str, name: str) -> str:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> str:
-    return write_checkpoint(tmp_path_factory.mktemp("ckpt"), kvheads=2)
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt"), heads=6, kvheads=3, chat=True)
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +102,10 @@ def references(ckpt):
     return hf_model(ckpt), AutoTokenizer.from_pretrained(ckpt)
 
 
-def run_block(block: str, ckpt: str, cwd: Path) -> subprocess.CompletedProcess:
-    """A bash block as a user runs it: the scripts saved beside it, torchrun on PATH, CPU only."""
-    for name, text in scripts().items():
+def run_block(block: str, ckpt: str, cwd: Path, files: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """A bash block as a user runs it: the scripts saved beside it (``files`` in place of some), torchrun
+    on PATH, CPU only."""
+    for name, text in {**scripts(), **(files or {})}.items():
         (cwd / name).write_text(text)
     env = {
         **os.environ,
@@ -110,7 +121,7 @@ def run_block(block: str, ckpt: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_every_block_is_run():
-    bash = [b for b in blocks("bash") if make_lines(b) is None]
+    bash = [b for b in blocks("bash") if runnable(b).strip()]
     for name, key in COMMANDS.items():
         assert sum(owner(b) == name for b in bash) == 1, f"one bash block must hold {key!r} ({name})"
     assert all(owner(b) for b in bash), "a bash block that no test runs"
@@ -121,10 +132,10 @@ def test_every_block_is_run():
 
 
 def test_make_commands_resolve():
-    """The README's make lines: the two set-up commands first, each target one make knows, each
+    """The README's make lines: the three first commands first, each target one make knows, each
     setting one ``make help`` lists, and each line accepted by make as written (``make -n``)."""
-    lines = [line for b in blocks("bash") if (m := make_lines(b)) for line in m]
-    assert lines[:2] == ["make sweep", "make test"], lines
+    lines = [line for b in blocks("bash") for line in make_lines(b)]
+    assert lines[:3] == ["make sweep", "make test", "make demo"], lines
     assert "make test" in (ROOT / ".ci" / "run").read_text().splitlines(), "CI no longer runs `make test`"
     help_text = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
     for line in lines:
@@ -170,14 +181,46 @@ def test_bench_command(tmp_path):
     assert {(r["strategy"], r["phase"]) for r in rows if r["status"] == "ok"} == want, rows
 
 
+def test_setup_from_a_fresh_shell(ckpt, tmp_path):
+    """The set-up lines (but ``make venv``), in the repository, from a shell whose PATH lacks the venv:
+    afterwards torchrun is the venv's and CKPT the demo checkpoint's directory."""
+    block = runnable(command("setup")) + '\necho "$(command -v torchrun)"; echo "$CKPT"'
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CKPT")}
+    venv_bin = (ROOT / ".venv" / "bin").resolve()
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if Path(p).resolve() != venv_bin)
+    res = subprocess.run(["bash", "-ec", block], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun, path = res.stdout.splitlines()[-2:]
+    assert Path(torchrun).resolve() == venv_bin / "torchrun"
+    assert (Path(path) / "config.json").is_file() and (Path(path) / "chat_template.jinja").is_file()
+
+
 def test_python_example(ckpt, references, tmp_path):
+    """Under torchrun and as one process (``python example.py``), HF's greedy tokens."""
     hf, tok = references
     script = scripts()["example.py"]
     prompt = re.search(r'tokenizer\("([^"]*)"', script).group(1)
     n_new = int(re.search(r"max_new_tokens=(\d+)", script).group(1))
-    assert "torchrun --standalone --nproc_per_node=2" in command("example")
+    assert "torchrun --standalone --nproc_per_node=2 example.py\npython example.py" in command("example")
     out = run_block(command("example"), ckpt, tmp_path).stdout
-    assert out == tok.decode(hf_greedy(hf, tok(prompt).input_ids, n_new)) + "\n"
+    assert out == 2 * (tok.decode(hf_greedy(hf, tok(prompt).input_ids, n_new)) + "\n")
+
+
+def test_python_example_keeps_a_prompt_longer_than_fms_default_window(ckpt, references, tmp_path):
+    """FMS's generate feeds only a prompt's last 4096 tokens unless told; the README's example feeds
+    all of a longer one (RoPE grown past the checkpoint's 64 positions): HF's tokens on the whole prompt."""
+    hf, tok = references
+    script = scripts()["example.py"]
+    text = "".join(random.choice(CHARS) for _ in range(random.randrange(4100, 4400)))
+    long = script.replace('tokenizer("Once upon a time"', 'tokenizer(open("prompt.txt").read()')
+    assert long != script
+    (tmp_path / "prompt.txt").write_text(text)
+    ids = tok(text).input_ids
+    assert len(ids) > 4096
+    n_new = int(re.search(r"max_new_tokens=(\d+)", script).group(1))
+    torchrun = command("example").splitlines()[0]
+    out = run_block(torchrun, ckpt, tmp_path, files={"example.py": long}).stdout
+    assert out == tok.decode(hf_greedy(hf, ids, n_new)) + "\n"
 
 
 def test_cli(ckpt, references, tmp_path):
@@ -200,27 +243,31 @@ def test_mesh_cli(ckpt, references, tmp_path):
     assert lines[0] == f"{prompt!r} -> {tok.decode(hf_greedy(hf, tok(prompt).input_ids, n_new))!r}"
 
 
+def hf_replies(hf, tok, messages: list[str], n_new: int) -> list[str]:
+    """HF's greedy replies on the chat template's rendering, as Chat's ``text``: no end-of-turn token."""
+    eos = tok.eos_token_id
+    return [tok.decode(r[:-1] if r[-1] == eos else r) for r, _ in hf_chat(hf, tok, messages, n_new)]
+
+
 def test_multi_turn_python(ckpt, references, tmp_path):
     hf, tok = references
     script = scripts()["chat.py"]
     (loop,) = [node for node in ast.walk(ast.parse(script)) if isinstance(node, ast.For)]
-    texts = ast.literal_eval(loop.iter.args[0])  # for i, text in enumerate([...])
+    messages = ast.literal_eval(loop.iter)  # for text in [...]
     n_new = int(re.search(r"max_new_tokens=(\d+)", script).group(1))
-    turns = [tok(t, add_special_tokens=i == 0).input_ids for i, t in enumerate(texts)]
-    want = [tok.decode(r) for r in hf_conversation(hf, turns, [n_new] * len(turns))]
     lines = run_block(command("chat"), ckpt, tmp_path).stdout.splitlines()
     got = [re.fullmatch(r"(.*) [\d.]+ ms to first token", line) for line in lines]
     assert all(got), lines
-    assert [ast.literal_eval(m.group(1)) for m in got] == want
+    assert [ast.literal_eval(m.group(1)) for m in got] == hf_replies(hf, tok, messages, n_new)
 
 
 def test_multi_turn_cli(ckpt, references, tmp_path):
     hf, tok = references
     n_new = int(flag(command("turns"), "--max_new_tokens"))
+    assert "--chat" in command("turns")
     lines = run_block(command("turns"), ckpt, tmp_path).stdout.splitlines()
-    texts = split_turns((tmp_path / "turns.txt").read_text())  # the file the block wrote
-    assert len(texts) > 1
-    turns = [tok(t, add_special_tokens=i == 0).input_ids for i, t in enumerate(texts)]
-    want = [f"{t!r} -> {tok.decode(r)!r}" for t, r in zip(texts, hf_conversation(hf, turns, [n_new] * len(turns)))]
+    messages = [t.removesuffix("\n") for t in split_turns((tmp_path / "turns.txt").read_text())]  # the block's file
+    assert len(messages) > 1
+    want = [f"{m!r} -> {r!r}" for m, r in zip(messages, hf_replies(hf, tok, messages, n_new))]
     assert lines[::2] == want
-    assert len(lines) == 2 * len(texts) and all("time to first token" in line for line in lines[1::2])
+    assert len(lines) == 2 * len(messages) and all("time to first token" in line for line in lines[1::2])

@@ -13,6 +13,9 @@ PACKAGE = ROOT / "fmsring"
 HARNESS = PACKAGE / "harness"
 BENCH_DEPENDENCIES = {"torch", "ibm-fms", "psutil"}  # distribution names; what the bench may import:
 BENCH_IMPORTS = {"torch", "fms", "psutil"}
+# the demo extra's modules (the real checkpoint, make demo) and what they may import besides the core
+DEMO_MODULES = {"fmsring.checkpoints", "fmsring.demo"}
+DEMO_IMPORTS = {"transformers", "gguf"}
 
 
 def test_environment_yml_pins_what_pyproject_needs():
@@ -21,7 +24,8 @@ def test_environment_yml_pins_what_pyproject_needs():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     python = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python="))
-    wanted = project["dependencies"] + extras["harness"] + [d for d in extras["dev"] if not d.startswith("fmsring")]
+    wanted = project["dependencies"] + extras["harness"] + extras["demo"]
+    wanted += [d for d in extras["dev"] if not d.startswith("fmsring")]
     assert sorted(p for p in pip if not p.startswith("-e")) == sorted(wanted)
     assert "-e .[dev]" in pip
     assert project["requires-python"].startswith(">=" + python.split("=")[1])
@@ -29,12 +33,12 @@ def test_environment_yml_pins_what_pyproject_needs():
 
 def test_dependencies_are_split_by_who_needs_them():
     """The library needs torch and ibm-fms (the bench psutil too, which GPU images have); the harness's
-    tools are an extra; dev pulls in the harness."""
+    tools and the demo's transformers are extras; dev pulls in both."""
     project = PROJECT["project"]
     names = [d.split(">")[0].split("=")[0] for d in project["dependencies"]]
     assert names[:2] == ["torch", "ibm-fms"] and set(names) <= BENCH_DEPENDENCIES
-    assert "fmsring[harness]" in project["optional-dependencies"]["dev"]
-    assert any(d.startswith("transformers") for d in project["optional-dependencies"]["dev"])
+    assert "fmsring[harness,demo]" in project["optional-dependencies"]["dev"]
+    assert any(d.startswith("transformers") for d in project["optional-dependencies"]["demo"])
     assert "cuda" in PROJECT["tool"]["pytest"]["ini_options"]["markers"][0]
 
 
@@ -67,14 +71,18 @@ def test_library_and_bench_import_only_core_dependencies():
     """So fmsring and ``python -m fmsring.bench`` run where only torch and ibm-fms (and psutil) are
     installed (a GPU machine); pandas, matplotlib, tqdm and yaml stay in the harness's sweep and
     analysis. The bench's modules are whatever ``fmsring.bench`` imports, directly or not. Triton
-    comes with torch on CUDA; fmsring imports its kernel only where Triton is installed."""
+    comes with torch on CUDA; fmsring imports its kernel only where Triton is installed. The demo's
+    modules read a real checkpoint with transformers (the demo extra); neither ``import fmsring``
+    nor the bench imports them."""
     core = {"fmsring", *BENCH_IMPORTS, *sys.stdlib_module_names}
-    if_present = {"fmsring.decode_kernel": {"triton"}}
+    if_present = {"fmsring.decode_kernel": {"triton"}, **dict.fromkeys(DEMO_MODULES, DEMO_IMPORTS)}
     paths = module_paths()
     library = {name for name, path in paths.items() if HARNESS not in path.parents}
-    for name in sorted(library | needed_by(import_graph(), "fmsring.bench")):
+    graph = import_graph()
+    for name in sorted(library | needed_by(graph, "fmsring.bench")):
         allowed = core | if_present.get(name, set())
         assert _imports(paths[name]) <= allowed, (name, _imports(paths[name]) - allowed)
+    assert not DEMO_MODULES & (needed_by(graph, "fmsring") | needed_by(graph, "fmsring.bench"))
 
 
 def test_fms_is_used_through_its_hooks_not_patched():

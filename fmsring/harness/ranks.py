@@ -41,7 +41,7 @@ def setup_dist(device: str, timeout_s: float) -> DistEnv:
         raise RuntimeError("--device cuda but torch sees no GPU")
     owns = not dist.is_initialized()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    maybe_init_dist(device, timeout_s=timeout_s, alone=True)
+    maybe_init_dist(device, timeout_s=timeout_s)
     timeout = timedelta(seconds=timeout_s)
     ctrl = dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else dist.group.WORLD
     dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
