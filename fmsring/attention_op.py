@@ -11,8 +11,9 @@ prefill/decode split, says which attention runs.
 
 from __future__ import annotations
 
-from typing import Unpack
+from typing import NotRequired, Unpack
 
+import torch
 from fms.modules.attention import AttentionKwargs, register_attention_op
 
 from fmsring.modes import AttentionMode
@@ -24,6 +25,11 @@ class RingAttentionKwargs(AttentionKwargs):
     """The kwargs LlamaRing passes the FMS model for the ``"ring"`` op (FMS types each op's kwargs so)."""
 
     ring: AttentionMode
+    sinks: NotRequired[torch.Tensor]  # FMS passes these to layers with attention sinks (SinkAttentionKwargs)
+    sliding_window: NotRequired[int | None]
+
+
+KNOWN_KWARGS = RingAttentionKwargs.__required_keys__ | RingAttentionKwargs.__optional_keys__
 
 
 def _store_op(keys, values, key_cache, value_cache, **kwargs: Unpack[RingAttentionKwargs]):
@@ -31,6 +37,11 @@ def _store_op(keys, values, key_cache, value_cache, **kwargs: Unpack[RingAttenti
 
 
 def _compute_op(query, keys, values, nheads, kvheads, p_dropout, scale_factor, **kwargs: Unpack[RingAttentionKwargs]):
+    unknown = sorted(set(kwargs) - KNOWN_KWARGS)
+    if unknown:  # an FMS family passing its attention something the ring would silently ignore
+        raise TypeError(f"the {ATTN_NAME!r} attention op does not know the keyword argument(s) {unknown}")
+    if kwargs.get("sinks") is not None or kwargs.get("sliding_window"):
+        raise NotImplementedError(f"the {ATTN_NAME!r} attention op does not apply attention sinks or sliding windows")
     scale = scale_factor if scale_factor is not None else query.shape[-1] ** -0.5
     return kwargs["ring"].attend(query, keys, values, scale)
 
