@@ -48,6 +48,9 @@ _PER_TOKEN = (
     nn.SiLU, nn.GELU, nn.ReLU, nn.Tanh, activation.GELUTanh,
 )  # fmt: skip
 EXACT: frozenset[type] = frozenset(_DECODERS + _PER_TOKEN)
+# Where a checked decoder's block keeps the sliding window it passes its attention (FMS passes a
+# window, and sinks, only to layers with sinks; the op reads both from its kwargs).
+_WINDOWS = {gpt_oss.GptOssBlock: "layer_sliding_window", granite_swa.GraniteSWABlock: "window_length"}
 
 # Why a class FMS has is not run, where that is known, for the refusal to say.
 _ENCODER = "attends in both directions (an encoder): the ring runs causal decoders only"
@@ -81,8 +84,6 @@ def _attention_reason(attn: attention.MultiHeadAttention) -> str | None:
     if not isinstance(attn.position_encoder, positions.RotaryEmbedding):
         found = type(attn.position_encoder).__name__
         return f"has position encoder {found}: the ring runs rotary-position (RotaryEmbedding) attention only"
-    if attn.has_sinks:
-        return "has attention sinks (and FMS may pass it a sliding window), which the ring does not apply yet"
     return None
 
 
@@ -108,6 +109,11 @@ def refusal(model: nn.Module) -> str | None:
             f"({len(unchecked)} such module(s))"
         )
     return None
+
+
+def windowed(model: nn.Module) -> bool:
+    """Whether some layer of ``model`` attends through a sliding window (:mod:`fmsring.windows`)."""
+    return any(getattr(m, attr) for m in model.modules() for cls, attr in _WINDOWS.items() if isinstance(m, cls))
 
 
 def check(model: nn.Module) -> None:

@@ -10,11 +10,14 @@ picks it and makes the FMS call for it.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
+from fms.utils.headless import gather_outputs
 from torch import nn
 
+from fmsring import families
 from fmsring import rates as device_rates
 from fmsring.attention_op import ATTN_NAME
 from fmsring.cache import DEFAULT_HEADROOM, RingCache
@@ -83,6 +86,9 @@ class LlamaRing(nn.Module):
         self.prefill_chunk = prefill_chunk
         self.attn = attns[0]
         self.n_layers = len(attns)
+        self.windowed = families.windowed(model)
+        # gpt-oss's forward takes no last_n_tokens (it would reach the op): all logits, narrowed here
+        self.narrows = "last_n_tokens" in inspect.signature(model.forward).parameters
         self.graphs = DecodeGraphs()
         self.rope = RopeTables(position_encoders(model))
         self.device_rates: Rates | None = None  # measured at the first follow-up that needs them
@@ -153,16 +159,13 @@ class LlamaRing(nn.Module):
         ctx: AttentionMode,
     ) -> tuple[torch.Tensor, list | None]:
         """The FMS model on ``ids`` with ``ctx`` as every layer's attention (:class:`fmsring.modes.Ring`)."""
+        narrow = {"last_n_tokens": last_n_tokens} if self.narrows else {}
         out = self.model(
-            ids,
-            position_ids=positions,
-            past_key_value_states=layers,
-            use_cache=use_cache,
-            last_n_tokens=last_n_tokens,
-            attn_name=ATTN_NAME,
-            ring=ctx,
-        )
-        return out if use_cache else (out, None)
+            ids, position_ids=positions, past_key_value_states=layers, use_cache=use_cache, **narrow,
+            attn_name=ATTN_NAME, ring=ctx,
+        )  # fmt: skip
+        logits, layers = out if use_cache else (out, None)
+        return (logits if self.narrows else gather_outputs(logits, last_n_tokens)), layers
 
     def rates(self, dtype: torch.dtype) -> Rates:
         """This device's rates, measured at the first call (collective: every rank of the mesh

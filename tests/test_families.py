@@ -118,7 +118,7 @@ def test_vision_families_and_unchecked_classes_are_refused_by_llama_ring():
         assert why[name] in message and INSTEAD in message, (name, message)
 
 
-def _randomize(model: torch.nn.Module) -> None:
+def randomize(model: torch.nn.Module) -> None:
     """Every parameter drawn afresh (FMS's random init leaves some uninitialised, e.g. gpt-oss's
     expert biases), the same on every rank: norm scales near 1, the rest small."""
     from fms.modules.layernorm import LayerNormParameterized
@@ -134,7 +134,7 @@ def _ring_against_fms(rank, world, arch, variant, overrides, ids, n_new):
     """The ring's prompt logits (both layouts) and greedy decode steps against the unsharded FMS
     model of the same weights: the largest absolute differences."""
     ref = fmsring.get_model(arch, variant, distributed_strategy="replicated", **overrides)
-    _randomize(ref)
+    randomize(ref)
     errs = {}
     with torch.no_grad():
         want, ref_cache = ref(ids, use_cache=True)

@@ -1,0 +1,174 @@
+"""gpt-oss and Granite-SWA through the ring: attention sinks and sliding windows, exactly as FMS.
+
+Each is held to the unsharded FMS model of the same weights (float32, 1e-4) on real gloo
+ranks: prompt logits at world sizes 1-4 and both layouts, prompts shorter and longer than
+the window and of odd lengths; greedy ``generate()`` with and without cache; follow-ups
+(pass-KV, pass-Q, chunked prefill, a step shorter than the world); and a dropped sink or a
+window off by one is caught by the same comparison. FMS 1.13.1's gpt-oss hard-codes every
+sliding layer's window to 128 (``GptOssHeadless``, whatever the config says), so the tests
+set the blocks' window attribute, which FMS reads at every forward, to a few tokens.
+
+Not against HF transformers: FMS 1.13.1's gpt-oss adapter maps only the MXFP4-packed expert
+weights (``*_blocks``/``*_scales``) and leaves a bf16 checkpoint's ``mlp.experts.gate_up_proj``
+and ``down_proj`` uncopied, so plain FMS already differs from HF there; the ring is held to
+what FMS computes.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tests.distributed import run_ranks
+from tests.test_families import GQA, randomize
+
+WINDOW = 5
+FAMILIES = {  # layer 0 slides, layer 1 attends everything; both have sinks
+    "gpt_oss": ("gpt_oss", "20b", dict(GQA, num_experts=4)),
+    "granite_swa": ("granite_swa", "3b", dict(GQA, is_swa_layer=[True, False], window_length=WINDOW, pad_id=0)),
+}
+
+
+def set_window(model: torch.nn.Module, window: int) -> None:
+    """Every sliding layer's window (the attribute each family's block passes its attention)."""
+    for m in model.modules():
+        for attr in ("layer_sliding_window", "window_length"):
+            if getattr(m, attr, 0):
+                setattr(m, attr, window)
+
+
+def _models(family: str, **ring_options):
+    """The unsharded FMS model (sinks drawn large enough to matter) and the ring of its weights."""
+    import fmsring
+
+    arch, variant, overrides = FAMILIES[family]
+    ref = fmsring.get_model(arch, variant, distributed_strategy="replicated", **overrides)
+    randomize(ref)
+    with torch.no_grad():
+        for m in ref.modules():
+            if getattr(m, "has_sinks", False):
+                m.sinks.normal_(0.0, 1.5, generator=torch.Generator().manual_seed(7))
+    set_window(ref, WINDOW)
+    ring = fmsring.get_model(arch, variant, distributed_strategy="ring", **overrides, **ring_options)
+    ring.model.load_state_dict(ref.state_dict())
+    set_window(ring.model, WINDOW)
+    return ref, ring
+
+
+def reference(ref: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """FMS's logits, through its cache path: without a cache FMS 1.13.1 takes keys [b, L, kvh, d]
+    for [b, kvh, L, d] when a prompt's length equals the kv-head count (``_sdpa_compute_op``)."""
+    return ref(ids, use_cache=True)[0]
+
+
+def _prompt_errors(rank, world, family, prompts):
+    ref, _ = _models(family)
+    errs = {}
+    with torch.no_grad():
+        for layout in ("zigzag", "contiguous"):
+            _, ring = _models(family, ring_layout=layout)
+            for ids in prompts:
+                errs[layout, ids.shape[1]] = (ring(ids) - reference(ref, ids)).abs().max().item()
+    return errs
+
+
+def _prompts() -> list[torch.Tensor]:
+    """Shorter than the window, just past it, and long, odd lengths among them."""
+    lengths = [random.randrange(2, WINDOW), WINDOW + 1, random.randrange(8, 48) | 1]
+    return [torch.randint(1, 96, (2, n)) for n in lengths]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_prompt_logits_match_fms(family, world):
+    for errs in run_ranks(world, _prompt_errors, family, _prompts()):
+        assert max(errs.values()) <= 1e-4, errs
+
+
+def _generate(rank, world, family, ids, n_new):
+    from fms.utils.generation import generate
+
+    ref, ring = _models(family)
+    kw = dict(max_seq_len=ids.shape[1] + n_new, max_new_tokens=n_new, do_sample=False)
+    return {
+        "fms": generate(ref, ids, use_cache=True, **kw),
+        "ring_cache": generate(ring, ids, use_cache=True, **kw),
+        "ring_no_cache": generate(ring, ids, use_cache=False, **kw),
+    }
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_greedy_generate_matches_fms_with_and_without_cache(family):
+    """Decode steps run past the window: the oldest cached tokens fall out of it."""
+    ids = torch.randint(1, 96, (1, random.randrange(3, 12)))
+    for out in run_ranks(3, _generate, family, ids, 2 * WINDOW):
+        assert torch.equal(out["ring_cache"], out["fms"]) and torch.equal(out["ring_no_cache"], out["fms"])
+
+
+def _followup_errors(rank, world, family, ids, cuts):
+    """Each way of feeding ``ids`` in pieces on a kept cache, against FMS's logits of the whole."""
+    ref, _ = _models(family)
+    errs = {}
+    with torch.no_grad():
+        want = reference(ref, ids)
+        for name, options in {
+            "pass_kv": dict(ring_followup="pass_kv"),
+            "pass_q": dict(ring_followup="pass_q"),
+            "chunked": dict(ring_prefill_chunk=cuts[0]),
+        }.items():
+            _, ring = _models(family, **options)
+            if name == "chunked":
+                errs[name] = (ring(ids) - want).abs().max().item()
+                continue
+            got, cache, start = [], None, 0
+            for stop in [*cuts, ids.shape[1]]:
+                step, cache = ring(ids[:, start:stop], past_key_value_states=cache, use_cache=True)
+                got.append(step)
+                start = stop
+            errs[name] = (torch.cat(got, dim=1) - want).abs().max().item()
+    return errs
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_followups_match_fms(family):
+    """A prompt, a follow-up longer than the window, one shorter than the world (replicated),
+    then a one-token step and a last follow-up: each piece's logits as FMS's over the whole."""
+    first = random.randrange(7, 15)
+    cuts = [first, first + 2 * WINDOW + 1, first + 2 * WINDOW + 3, first + 2 * WINDOW + 4]
+    ids = torch.randint(1, 96, (2, cuts[-1] + random.randrange(4, 12)))
+    for errs in run_ranks(3, _followup_errors, family, ids, cuts):
+        assert max(errs.values()) <= 1e-4, errs
+
+
+def _sabotaged_errors(rank, world, family, ids, fault):
+    """The prompt's and one decode step's errors against FMS with the ring's reading of the
+    layer's kwargs broken: the sink dropped, or the window one token too long or too short."""
+    from fmsring import attention_op
+    from fmsring.windows import LayerAttention
+
+    class Broken(LayerAttention):
+        @classmethod
+        def of(cls, kwargs):
+            sinks, window = kwargs.get("sinks"), kwargs.get("sliding_window") or 0
+            if fault == "no_sink":
+                return LayerAttention(None, window)
+            return LayerAttention(sinks, window + (1 if fault == "window+1" else -1) if window else 0)
+
+    ref, ring = _models(family)
+    attention_op.LayerAttention = Broken  # module globals are put back after the call
+    with torch.no_grad():
+        want, ref_cache = ref(ids, use_cache=True)
+        got, cache = ring(ids, use_cache=True)
+        nxt = want[:, -1:].argmax(-1)
+        step, _ = ring(nxt, past_key_value_states=cache, use_cache=True)
+        want_step, _ = ref(nxt, past_key_value_states=ref_cache, use_cache=True)
+    return (got - want).abs().max().item(), (step - want_step).abs().max().item()
+
+
+@pytest.mark.parametrize("fault", ["no_sink", "window+1", "window-1"])
+def test_a_dropped_sink_or_a_window_off_by_one_fails_the_comparison(fault):
+    ids = torch.randint(1, 96, (2, random.randrange(15, 31) | 1))
+    for prompt_err, step_err in run_ranks(2, _sabotaged_errors, "gpt_oss", ids, fault):
+        assert prompt_err > 1e-3 and step_err > 1e-3, (prompt_err, step_err)
