@@ -62,10 +62,12 @@ class LayerAttention:
             return "none"
         return "some"
 
-    def bias(self, q_index: torch.Tensor, k_index: torch.Tensor) -> torch.Tensor:
+    def bias(self, q_index: torch.Tensor, k_index: torch.Tensor, causal: bool = False) -> torch.Tensor:
         """Additive fp32 [1, Lq, Lk]: 0 where the query at ``q_index`` [Lq] sees the key at
-        ``k_index`` [Lk] through the window, -inf where the key is too far back."""
-        hidden = k_index.unsqueeze(0) <= q_index.unsqueeze(1) - self.window
+        ``k_index`` [Lk] through the window, -inf where the key is too far back (or, ``causal``,
+        after the query)."""
+        q, k = q_index.unsqueeze(1), k_index.unsqueeze(0)
+        hidden = (k <= q - self.window) | (k > q) if causal else k <= q - self.window
         return torch.zeros(hidden.shape, device=hidden.device).masked_fill_(hidden, float("-inf")).unsqueeze(0)
 
 
@@ -74,11 +76,13 @@ def windowed_calls(
     layer: LayerAttention,
     q_index: torch.Tensor | None,
     k_index: torch.Tensor | None,
-    device: torch.device,
+    device: torch.device | str,
 ) -> list[tuple[BlockCall, torch.Tensor | None]]:
-    """``calls`` through ``layer``'s window: each with None (attend as planned) or its bias, and
-    the calls the window hides wholly dropped. ``q_index``/``k_index``: host int tensors, the
-    sequence indices of the query rows and key rows the calls index, ascending (every layout
+    """``calls`` through ``layer``'s window: each with None (attend as planned) or a bias. A call
+    the window hides wholly is dropped; one it straddles loses the keys behind every query's
+    window and gets the band (window and causality, by sequence index) as its bias, so a window
+    of w costs about w keys per query, not the prompt. ``q_index``/``k_index``: host int tensors,
+    the sequence indices of the query rows and key rows the calls index, ascending (every layout
     stores a rank's tokens, and the cache its slots, in sequence order)."""
     if not layer.window:
         return [(c, None) for c in calls]
@@ -87,6 +91,10 @@ def windowed_calls(
     for c in calls:
         qi, ki = q_index[c.q_lo : c.q_hi], k_index[c.k_lo : c.k_hi]
         seen = layer.sees(int(qi[0]), int(qi[-1]), int(ki[0]), int(ki[-1]))
-        if seen != "none":
-            out.append((c, None if seen == "all" else layer.bias(qi.to(device), ki.to(device))))
+        if seen == "all":
+            out.append((c, None))
+        elif seen == "some":
+            skip = int(torch.searchsorted(ki, int(qi[0]) - layer.window, right=True))
+            kept = BlockCall(c.q_lo, c.q_hi, c.k_lo + skip, c.k_hi, False)
+            out.append((kept, layer.bias(qi.to(device), ki[skip:].to(device), c.causal)))
     return out

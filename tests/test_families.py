@@ -1,4 +1,5 @@
-"""Every family FMS 1.13.1 registers, under the ring: run exactly, or refused when it is loaded.
+"""Every family FMS 1.13.1 registers, under the ring: run exactly, or refused when it is loaded
+(gpt-oss and Granite-SWA run exactly too: tests/test_sinks_windows.py).
 
 A refusal names the layer or feature and says what to load instead -- never a shape
 error in the forward, never a silently wrong answer. Families FMS builds from a
@@ -33,8 +34,6 @@ REFUSED = {
     "bert": ("bert", "base", dict(nlayers=1, emb_dim=64, nheads=4, src_vocab_size=96), 1),
     "bert_classification": ("bert_classification", "base", dict(nlayers=1, emb_dim=64, nheads=4), 1),
     "mpnet": ("mpnet", "v2", dict(nlayers=1, emb_dim=64, nheads=4, src_vocab_size=96), 1),
-    "gpt_oss": ("gpt_oss", "20b", dict(GQA, num_experts=4), 1),
-    "granite_swa": ("granite_swa", "3b", dict(GQA, is_swa_layer=[False, True], window_length=8, pad_id=0), 1),
     "mixtral_tp": (
         "mixtral", "8x7b", dict(TINY, dim=64, hidden_dim=96, num_experts=4), 2,
     ),
@@ -49,8 +48,6 @@ WHY = {
     "bert": ENCODER,
     "bert_classification": ENCODER,
     "mpnet": ENCODER,
-    "gpt_oss": "attention sinks",
-    "granite_swa": "attention sinks",
     "mixtral_tp": "TPConditionalFeedForward",
 }
 INSTEAD = "distributed_strategy='replicated'"

@@ -172,3 +172,33 @@ def test_a_dropped_sink_or_a_window_off_by_one_fails_the_comparison(fault):
     ids = torch.randint(1, 96, (2, random.randrange(15, 31) | 1))
     for prompt_err, step_err in run_ranks(2, _sabotaged_errors, "gpt_oss", ids, fault):
         assert prompt_err > 1e-3 and step_err > 1e-3, (prompt_err, step_err)
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_window_block_calls_cover_the_band_and_skip_the_rest(layout):
+    """Every rank's prefill calls under a window, composed into one dense mask, are exactly the
+    causal band (key j seen by query i iff i - w < j <= i); no call kept is wholly hidden, and the
+    keys attended grow with the window, not the prompt (O(n w) work, not O(n^2))."""
+    from fmsring.layout import ShardPlan
+    from fmsring.windows import LayerAttention, windowed_calls
+
+    world, n, window = random.randrange(2, 5), random.randrange(200, 400), random.randrange(1, 12)
+    plan, layer = ShardPlan.build(n, world, layout), LayerAttention(None, window)
+    index = [plan.index_tensor(r) for r in range(world)]
+    seen, work = torch.zeros(n, n, dtype=torch.bool), 0
+    for rank in range(world):
+        for src in range(world):
+            for c, bias in windowed_calls(plan.block_calls(rank, src), layer, index[rank], index[src], "cpu"):
+                q, k = index[rank][c.q_lo : c.q_hi], index[src][c.k_lo : c.k_hi]
+                block = torch.ones(len(q), len(k), dtype=torch.bool)
+                if c.causal:
+                    block = block.tril()
+                if bias is not None:
+                    block &= bias[0] == 0
+                assert block.any(), (rank, src, c)
+                seen[q.unsqueeze(1), k.unsqueeze(0)] |= block
+                work += len(q) * len(k)
+    i, j = torch.arange(n).unsqueeze(1), torch.arange(n).unsqueeze(0)
+    assert torch.equal(seen, (j <= i) & (j > i - window))
+    chunk = -(-n // (2 * world))  # the largest block a layout makes
+    assert work <= n * (window + 2 * chunk), (work, n, window, chunk)
