@@ -88,23 +88,28 @@ def test_prompt_logits_match_fms(family, world):
         assert max(errs.values()) <= 1e-4, errs
 
 
-def _generate(rank, world, family, ids, n_new):
+def _generate(rank, world, family, ids, pad_kw, n_new):
     from fms.utils.generation import generate
 
     ref, ring = _models(family)
     kw = dict(max_seq_len=ids.shape[1] + n_new, max_new_tokens=n_new, do_sample=False)
-    return {
-        "fms": generate(ref, ids, use_cache=True, **kw),
-        "ring_cache": generate(ring, ids, use_cache=True, **kw),
-        "ring_no_cache": generate(ring, ids, use_cache=False, **kw),
-    }
+    out = {}
+    for name, model, use_cache in (("fms", ref, True), ("ring_cache", ring, True), ("ring_no_cache", ring, False)):
+        out[name] = generate(model, ids, use_cache=use_cache, extra_kwargs=dict(pad_kw) if pad_kw else None, **kw)
+    return out
 
 
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_greedy_generate_matches_fms_with_and_without_cache(family):
-    """Decode steps run past the window: the oldest cached tokens fall out of it."""
-    ids = torch.randint(1, 96, (1, random.randrange(3, 12)))
-    for out in run_ranks(3, _generate, family, ids, 2 * WINDOW):
+def test_greedy_generate_matches_fms_with_and_without_cache(family, padded):
+    """Decode steps run past the window: the oldest cached tokens fall out of it. Padded: a batch
+    of unequal prompts, left-padded by FMS's ``pad_input_ids``, whose window counts the pads as
+    FMS's does (cache slots, not positions)."""
+    from fms.utils.generation import pad_input_ids
+
+    lengths = [random.randrange(3, 12), random.randrange(3, 12)] if padded else [random.randrange(3, 12)]
+    ids, pad_kw = pad_input_ids([torch.randint(1, 96, (n,)) for n in lengths])
+    for out in run_ranks(3, _generate, family, ids, pad_kw if padded else None, 2 * WINDOW):
         assert torch.equal(out["ring_cache"], out["fms"]) and torch.equal(out["ring_no_cache"], out["fms"])
 
 
@@ -227,4 +232,40 @@ def _compiled_decode_errors(rank, world, ids, n_new):
 def test_decode_with_whole_layers_compiled_matches_fms():
     ids = torch.randint(1, 96, (2, random.randrange(3, 12)))
     for errs in run_ranks(2, _compiled_decode_errors, ids, WINDOW + 3):
+        assert max(errs) <= 1e-4, errs
+
+
+def _save(rank, world, path):
+    ref, _ = _models("granite_swa")
+    torch.save(ref.state_dict(), path)
+
+
+def _tp_errors(rank, world, path, ids, n_new):
+    """Ring x TP as 2x2 from one FMS checkpoint, which FMS's TP loads sharded (the sinks split by
+    head like the queries): prompt logits and greedy steps against the unsharded model."""
+    import fmsring
+
+    arch, variant, overrides = FAMILIES["granite_swa"]
+    kw = dict(model_path=path, source="fms", **overrides)
+    ref = fmsring.get_model(arch, variant, distributed_strategy="replicated", **kw)
+    ring = fmsring.get_model(arch, variant, distributed_strategy="ring", ring_tp=2, **kw)
+    set_window(ref, WINDOW)
+    set_window(ring.model, WINDOW)
+    with torch.no_grad():
+        want, ref_cache = ref(ids, use_cache=True)
+        got, cache = ring(ids, use_cache=True)
+        errs = [(got - want).abs().max().item()]
+        for _ in range(n_new):
+            nxt = want[:, -1:].argmax(-1)
+            got, cache = ring(nxt, past_key_value_states=cache, use_cache=True)
+            want, ref_cache = ref(nxt, past_key_value_states=ref_cache, use_cache=True)
+            errs.append((got[:, -1] - want[:, -1]).abs().max().item())
+    return errs
+
+
+def test_ring_x_tensor_parallel_with_sinks_and_windows_matches_fms(tmp_path):
+    path = str(tmp_path / "model.pth")
+    run_ranks(1, _save, path)
+    ids = torch.randint(1, 96, (2, random.randrange(WINDOW + 1, 40) | 1))
+    for errs in run_ranks(4, _tp_errors, path, ids, WINDOW + 2):
         assert max(errs) <= 1e-4, errs
