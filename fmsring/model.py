@@ -34,8 +34,9 @@ from fmsring.validation import attention_layers, check_inputs
 class LlamaRing(nn.Module):
     """Ring-attention (context-parallel) inference for an FMS decoder.
 
-    Works for any FMS decoder whose attention is ``MultiHeadAttention`` with
-    rotary positions (LLaMA, Granite, Mistral, Qwen3 were tested), unsharded
+    Works for the FMS decoders it runs exactly (:mod:`fmsring.families`:
+    LLaMA, Granite, Mistral, Qwen3, Mixtral, gpt-oss and Granite-SWA with
+    their sinks and sliding windows; any other model is refused here), unsharded
     or sharded by FMS's tensor parallelism over the strategy's TP group: the
     ring then runs on each TP rank's heads and caches its kv-heads. Call it like
     the FMS model: ``model(ids, position_ids=..., mask=..., last_n_tokens=n,
@@ -161,9 +162,14 @@ class LlamaRing(nn.Module):
         """The FMS model on ``ids`` with ``ctx`` as every layer's attention (:class:`fmsring.modes.Ring`)."""
         narrow = {"last_n_tokens": last_n_tokens} if self.narrows else {}
         out = self.model(
-            ids, position_ids=positions, past_key_value_states=layers, use_cache=use_cache, **narrow,
-            attn_name=ATTN_NAME, ring=ctx,
-        )  # fmt: skip
+            ids,
+            position_ids=positions,
+            past_key_value_states=layers,
+            use_cache=use_cache,
+            attn_name=ATTN_NAME,
+            ring=ctx,
+            **narrow,
+        )
         logits, layers = out if use_cache else (out, None)
         return (logits if self.narrows else gather_outputs(logits, last_n_tokens)), layers
 
