@@ -167,3 +167,13 @@ def test_families_the_ring_runs_match_unsharded_fms(family, world):
     ids = torch.randint(1, 96, (2, random.randrange(9, 40) | 1))
     for errs in run_ranks(world, _ring_against_fms, arch, variant, overrides, ids, 3):
         assert max(errs.values()) <= 1e-4, errs
+
+
+def test_the_ring_op_refuses_attention_kwargs_it_does_not_know():
+    """A family that passes its attention something new (say ALiBi slopes) gets an error, not a
+    ring that ignores it; the sinks and window FMS passes are known (tests/test_sinks_windows.py)."""
+    from fmsring import attention_op
+
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(TypeError, match=r"does not know the keyword argument\(s\) \['alibi_slopes'\]"):
+        attention_op._compute_op(q, q, q, 4, 4, 0.0, None, attn_name="ring", ring=None, alibi_slopes=q)
