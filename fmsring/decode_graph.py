@@ -25,6 +25,8 @@ class StepInputs:
     write_slot: torch.Tensor  # [1] int64: this rank's slot for the new K/V
     kv_lens: torch.Tensor  # [b] int32: this rank's valid slots after the write
     slot_bias: torch.Tensor | None = None  # [b, capacity] fp32: a padding mask at this rank's slots
+    slot_index: torch.Tensor | None = None  # [capacity] int64: each slot's sequence index (windowed models)
+    query_index: torch.Tensor | None = None  # [1] int64: the new token's sequence index (windowed models)
 
     def tensors(self) -> list[torch.Tensor]:
         """The fields themselves that are set (``dataclasses.astuple`` would deep-copy them)."""

@@ -10,11 +10,14 @@ picks it and makes the FMS call for it.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
+from fms.utils.headless import gather_outputs
 from torch import nn
 
+from fmsring import families
 from fmsring import rates as device_rates
 from fmsring.attention_op import ATTN_NAME
 from fmsring.cache import DEFAULT_HEADROOM, RingCache
@@ -31,8 +34,9 @@ from fmsring.validation import attention_layers, check_inputs
 class LlamaRing(nn.Module):
     """Ring-attention (context-parallel) inference for an FMS decoder.
 
-    Works for any FMS decoder whose attention is ``MultiHeadAttention`` with
-    rotary positions (LLaMA, Granite, Mistral, Qwen3 were tested), unsharded
+    Works for the FMS decoders it runs exactly (:mod:`fmsring.families`:
+    LLaMA, Granite, Mistral, Qwen3, Mixtral, gpt-oss and Granite-SWA with
+    their sinks and sliding windows; any other model is refused here), unsharded
     or sharded by FMS's tensor parallelism over the strategy's TP group: the
     ring then runs on each TP rank's heads and caches its kv-heads. Call it like
     the FMS model: ``model(ids, position_ids=..., mask=..., last_n_tokens=n,
@@ -83,6 +87,9 @@ class LlamaRing(nn.Module):
         self.prefill_chunk = prefill_chunk
         self.attn = attns[0]
         self.n_layers = len(attns)
+        self.windowed = families.windowed(model)
+        # gpt-oss's forward takes no last_n_tokens (it would reach the op): all logits, narrowed here
+        self.narrows = "last_n_tokens" in inspect.signature(model.forward).parameters
         self.graphs = DecodeGraphs()
         self.rope = RopeTables(position_encoders(model))
         self.device_rates: Rates | None = None  # measured at the first follow-up that needs them
@@ -153,16 +160,18 @@ class LlamaRing(nn.Module):
         ctx: AttentionMode,
     ) -> tuple[torch.Tensor, list | None]:
         """The FMS model on ``ids`` with ``ctx`` as every layer's attention (:class:`fmsring.modes.Ring`)."""
+        narrow = {"last_n_tokens": last_n_tokens} if self.narrows else {}
         out = self.model(
             ids,
             position_ids=positions,
             past_key_value_states=layers,
             use_cache=use_cache,
-            last_n_tokens=last_n_tokens,
             attn_name=ATTN_NAME,
             ring=ctx,
+            **narrow,
         )
-        return out if use_cache else (out, None)
+        logits, layers = out if use_cache else (out, None)
+        return (logits if self.narrows else gather_outputs(logits, last_n_tokens)), layers
 
     def rates(self, dtype: torch.dtype) -> Rates:
         """This device's rates, measured at the first call (collective: every rank of the mesh

@@ -26,6 +26,7 @@ from fmsring.kernels import (
     pack_partial_auto,
 )
 from fmsring.layout import ShardPlan
+from fmsring.windows import LayerAttention, windowed_calls
 
 # torch has named this collective both ways; take the one this torch has.
 _all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
@@ -34,14 +35,15 @@ _all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_ten
 class RingBuffers:
     """Flat scratch buffers for one forward's ring exchanges, allocated on the
     first layer (sized for the largest block any rank sends) and reused by
-    every layer, so a 32-layer forward allocates them once."""
+    every layer, so a 32-layer forward allocates them once (twice where a
+    windowed layer's pass-Q comes before a full layer's larger pass-KV)."""
 
     def __init__(self) -> None:
         self._flat: dict[int, torch.Tensor] = {}
 
     def get(self, index: int, shape: tuple[int, ...], capacity: int, like: torch.Tensor) -> torch.Tensor:
         """Buffer ``index`` (of ``capacity`` elements, like ``like``) viewed as ``shape``."""
-        if index not in self._flat:
+        if index not in self._flat or self._flat[index].numel() < capacity:
             self._flat[index] = like.new_empty(capacity)
         return self._flat[index][: math.prod(shape)].view(shape)
 
@@ -135,7 +137,9 @@ def pass_kv(
     comm: RingComm,
     buffers: RingBuffers,
     scale: float,
+    layer: LayerAttention,
     bias_blocks: list[torch.Tensor | None] | None = None,
+    seq_index: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of this rank's queries q [b, h, Lq, d] over every rank's keys,
     the K/V blocks travelling around the ring while the block in hand is computed.
@@ -145,22 +149,33 @@ def pass_kv(
     tokens of ``plan``. Only kv-heads travel (GQA is never expanded), heads
     before tokens, which is the layout cuDNN reads fastest. ``bias_blocks``
     (a prefill with a user mask) is the additive mask of the queries against
-    each rank's keys, None where fully masked. Returns out [b, h, Lq, d].
+    each rank's keys, None where fully masked. ``layer``'s sink joins the
+    merge; its window (a prefill's only: ``seq_index[r]`` are rank r's tokens'
+    sequence indices, on the host) skips the blocks it hides and masks those it
+    straddles. Returns out [b, h, Lq, d].
     """
     _, b, kvh, _, d = kv.shape
+    rank = comm.rank
+    assert not layer.window or (seq_index is not None and not any(cached)), "a window needs every key's index"
+    index = seq_index or [None] * comm.world_size
     capacity = 2 * b * kvh * d * max(c + n for c, n in zip(cached, plan.local_lens))
-    acc = Partials(q, pairwise=comm.world_size <= 2 and not any(cached) and bias_blocks is None)
+    pairwise = comm.world_size <= 2 and not any(cached) and bias_blocks is None and layer.sinks is None
+    acc = Partials(q, pairwise=pairwise)
     shape_from = lambda src: (2, b, kvh, cached[src] + plan.local_len(src), d)  # noqa: E731
     for src, block in ring_blocks(comm, kv, buffers, shape_from, capacity):
         if bias_blocks is not None:
             bias = bias_blocks[src]
             if bias is not None:
+                if layer.window:
+                    bias = bias + layer.bias(seq_index[rank].to(q.device), seq_index[src].to(q.device))
                 acc.add(0, q.shape[2], *attention_with_lse(q, block[0], block[1], scale, bias=bias))
             continue
-        for c in plan.block_calls(comm.rank, src, cached[src]):
+        calls = plan.block_calls(rank, src, cached[src])
+        for c, bias in windowed_calls(calls, layer, index[rank], index[src], q.device):
             keys, values = block[0, :, :, c.k_lo : c.k_hi], block[1, :, :, c.k_lo : c.k_hi]
-            acc.add(c.q_lo, c.q_hi, *attention_with_lse(q[:, :, c.q_lo : c.q_hi], keys, values, scale, causal=c.causal))
-    return acc.result()[0]
+            blk = attention_with_lse(q[:, :, c.q_lo : c.q_hi], keys, values, scale, causal=c.causal, bias=bias)
+            acc.add(c.q_lo, c.q_hi, *blk)
+    return layer.add_sink(*acc.result())[0]
 
 
 def heads_major(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import torch
 from fms.modules.attention import MultiHeadAttention, TPMultiHeadAttention
-from fms.modules.positions import RotaryEmbedding
 from torch import nn
 
+from fmsring import families
 from fmsring.modes.followup import FOLLOWUP_MODES
 from fmsring.strategy import RingAttentionStrategy
 
 
 def attention_layers(model: nn.Module, strategy: RingAttentionStrategy, followup: str, prefill_chunk: int):
-    """``model``'s attention layers, if the ring can drive them with these options."""
+    """``model``'s attention layers, if the ring runs the model exactly (:mod:`fmsring.families`)
+    and can drive them with these options."""
+    families.check(model)
     attns = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
     name = type(model).__name__
     if not attns:
@@ -26,8 +28,6 @@ def attention_layers(model: nn.Module, strategy: RingAttentionStrategy, followup
             f"rank(s) but the strategy's TP group has {strategy.tp_size}: load it with "
             "fmsring.get_model(..., ring_tp=...) so both come from one mesh"
         )
-    if any(not isinstance(m.position_encoder, RotaryEmbedding) for m in attns):
-        raise ValueError(f"{name}: ring attention supports rotary-position decoders only")
     if followup not in FOLLOWUP_MODES:
         raise ValueError(f"unknown ring_followup {followup!r}; choose one of {FOLLOWUP_MODES}")
     if prefill_chunk and prefill_chunk < strategy.world_size:

@@ -27,6 +27,7 @@ from fmsring.comm import all_gather_padded
 from fmsring.layout import ShardPlan
 from fmsring.rope import RopeTables
 from fmsring.strategy import RingAttentionStrategy
+from fmsring.windows import LayerAttention
 
 
 class AttentionMode(Protocol):
@@ -38,8 +39,11 @@ class AttentionMode(Protocol):
         """FMS's store op: (keys to compute on, values to compute on, key cache, value cache)."""
         ...
 
-    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-        """Attention of query [b, L, h, d] given what :meth:`store` returned; [b, L, h, d] in query's dtype."""
+    def attend(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, layer: LayerAttention
+    ) -> torch.Tensor:
+        """Attention of query [b, L, h, d] given what :meth:`store` returned, with ``layer``'s sinks
+        and window; [b, L, h, d] in query's dtype."""
         ...
 
 
@@ -66,6 +70,7 @@ class Ring(Protocol):
     rope: RopeTables
     attn: MultiHeadAttention  # the first layer's: every layer has its shape
     n_layers: int
+    windowed: bool  # some layer has a sliding window: steps that attend a cache need its slots' indices
 
     def parameters(self) -> Iterator[torch.nn.Parameter]: ...
 

@@ -33,7 +33,10 @@ class DecodeStep:
     first ``kv_lens`` slots, plus ``slot_bias`` [b, capacity] where the step
     has a padding mask (the user's mask read at each slot's token).
     ``split_kv`` is the split-KV plan every layer's attention shares (None:
-    fp32 math).
+    fp32 math). A model with windowed layers also gets ``slot_index``
+    [capacity] and ``query_index`` [1], the sequence indices of this rank's
+    slots and of the new token, so each windowed layer masks the slots behind
+    its window; rank 0 merges the layer's sink into its partial.
 
     With no Python branch on data and static shapes, a decoder layer running
     this step can also be compiled whole (``whole_layer``:
@@ -45,6 +48,8 @@ class DecodeStep:
     kv_lens: torch.Tensor
     split_kv: SplitKV | None = None
     slot_bias: torch.Tensor | None = None
+    slot_index: torch.Tensor | None = None
+    query_index: torch.Tensor | None = None
 
     def store(self, keys, values, key_cache, value_cache):
         # an indexed assignment (index_put_), which the compiler writes in place into the cache
@@ -52,10 +57,18 @@ class DecodeStep:
         value_cache[:, self.write_slot] = values
         return key_cache, value_cache, key_cache, value_cache
 
-    def attend(self, query, key_cache, value_cache, scale):
+    def attend(self, query, key_cache, value_cache, scale, layer):
+        bias = self.slot_bias
+        if layer.window:
+            if self.slot_index is None or self.query_index is None:
+                raise RuntimeError("a layer passed a sliding window that the model's blocks did not declare")
+            behind = layer.bias(self.query_index, self.slot_index)[0].expand(query.shape[0], -1)
+            bias = behind if bias is None else bias + behind
         out, lse = decode_attention_with_lse(
-            query.transpose(1, 2), key_cache, value_cache, self.kv_lens, scale, self.split_kv, self.slot_bias
+            query.transpose(1, 2), key_cache, value_cache, self.kv_lens, scale, self.split_kv, bias
         )
+        if self.comm.rank == 0:
+            out, lse = layer.add_sink(out, lse)
         return merge_shards(out, lse, query, self.comm)
 
 
@@ -77,18 +90,25 @@ def step(ring: DecodeRing, call: Call, cache: RingCache) -> tuple[torch.Tensor, 
         at_slots = mask_at_slots(call.mask, 1, new_state)[:, 0]
         slot_bias = at_slots.new_zeros(x.shape[0], new_state.capacity)
         slot_bias[:, : at_slots.shape[1]] = at_slots
+    slot_index = query_index = None
+    if ring.windowed:
+        slot_index = torch.zeros(new_state.capacity, dtype=torch.long, device=x.device)
+        slot_index[: new_state.fills[st.rank]] = new_state.slot_index_on(x.device)
+        query_index = torch.full((1,), state.seq_len, device=x.device)
     inputs = StepInputs(
         ids=x,
         positions=positions,
         write_slot=torch.full((1,), state.fills[st.rank], device=x.device),
         kv_lens=torch.full((x.shape[0],), new_state.fills[st.rank], dtype=torch.int32, device=x.device),
         slot_bias=slot_bias,
+        slot_index=slot_index,
+        query_index=query_index,
     )
     layers = list(new_cache)
 
     def run(inp: StepInputs) -> torch.Tensor:
         split = decode_split_kv(inp.kv_lens, layers[0][0])  # once per step, not per layer
-        ctx = DecodeStep(st.comm, inp.write_slot, inp.kv_lens, split, inp.slot_bias)
+        ctx = DecodeStep(st.comm, inp.write_slot, inp.kv_lens, split, inp.slot_bias, inp.slot_index, inp.query_index)
         return ring.run(inp.ids, inp.positions, layers, True, call.last_n_tokens, ctx)[0]
 
     if ring.cuda_graphs and x.is_cuda:

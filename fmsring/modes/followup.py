@@ -37,6 +37,7 @@ from fmsring.layout import ShardPlan
 from fmsring.modes import Call, Ring, run_sharded
 from fmsring.rates import Rates
 from fmsring.ring import Partials, RingBuffers, heads_major, pass_kv, ring_blocks, to_query_layout
+from fmsring.windows import LayerAttention, windowed_calls
 
 FOLLOWUP_MODES = ("auto", "pass_kv", "pass_q")
 
@@ -104,6 +105,8 @@ def pass_q(
     comm: RingComm,
     buffers: RingBuffers,
     scale: float,
+    layer: LayerAttention,
+    seq_index: tuple[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """pass-Q: attention of this rank's queries [b, Lq, h, d] over every rank's
     keys; returns out [b, h, Lq, d] in query's dtype.
@@ -112,7 +115,11 @@ def pass_q(
     rank attends every rank's queries over its own keys -- the first
     cached[rank] + Lq slots of its [b, capacity, kvh, d] cache, read in place
     -- and keeps one packed fp32 partial per source rank; one all-to-all
-    returns them to their owners, which merge them.
+    returns them to their owners, which merge them. ``layer``'s sink joins a
+    query's own rank's partial; its window needs ``seq_index``: the cache's
+    sequence length before this follow-up and this rank's slots' sequence
+    indices (host), which only this rank knows -- why a windowed layer's
+    follow-up runs pass-Q.
     """
     rank = comm.rank
     b, _, h, d = query.shape
@@ -123,15 +130,24 @@ def pass_q(
     parts[..., :-1].zero_()
     parts[..., -1].fill_(float("-inf"))  # rows past a rank's share contribute nothing
     shape_from = lambda src: (b, plan.local_len(src), h, d)  # noqa: E731
+    start, k_index = seq_index if layer.window else (0, None)
     for src, q_in in ring_blocks(comm, query.contiguous(), buffers, shape_from, b * t_max * h * d):
         q = q_in.transpose(1, 2)
         acc = Partials(q, pairwise=True)  # per source: the cache and the own causal block at most
-        for c in plan.block_calls(src, rank, cached[rank]):
+        q_index = start + plan.index_tensor(src) if layer.window else None
+        calls = windowed_calls(plan.block_calls(src, rank, cached[rank]), layer, q_index, k_index, q.device)
+        for c, bias in calls:
             blk = attention_with_lse(
-                q[:, :, c.q_lo : c.q_hi], keys[:, :, c.k_lo : c.k_hi], values[:, :, c.k_lo : c.k_hi], scale, c.causal
+                q[:, :, c.q_lo : c.q_hi],
+                keys[:, :, c.k_lo : c.k_hi],
+                values[:, :, c.k_lo : c.k_hi],
+                scale,
+                c.causal,
+                bias,
             )
             acc.add(c.q_lo, c.q_hi, *blk)
-        parts[src, :, :, : q.shape[2]] = pack_partial_auto(*acc.result())
+        out, lse = layer.add_sink(*acc.result()) if src == rank else acc.result()
+        parts[src, :, :, : q.shape[2]] = pack_partial_auto(out, lse)
     if comm.world_size > 1:
         parts = all_to_all(parts, comm.group)
     mine = parts[:, :, :, : query.shape[1]]
@@ -141,12 +157,15 @@ def pass_q(
 @dataclass
 class Followup:
     """A follow-up of ``plan.seq_len`` new tokens laid out by ``plan``, after
-    ``cached[r]`` tokens in rank r's cache shard; ``mode`` is pass_kv or pass_q."""
+    ``cached[r]`` tokens in rank r's cache shard; ``mode`` is pass_kv or pass_q
+    (always pass_q for a layer with a window: ``seq_index`` is the cache's length
+    before the follow-up and this rank's slots' sequence indices after it)."""
 
     comm: RingComm
     plan: ShardPlan
     cached: tuple[int, ...]
     mode: str
+    seq_index: tuple[int, torch.Tensor]
     buffers: RingBuffers = field(default_factory=RingBuffers)
 
     def store(self, keys, values, key_cache, value_cache):
@@ -155,13 +174,14 @@ class Followup:
         value_cache[:, lo : lo + values.shape[1]].copy_(values)
         return key_cache, value_cache, key_cache, value_cache
 
-    def attend(self, query, key_cache, value_cache, scale):
-        if self.mode == "pass_q":
-            out = pass_q(query, key_cache, value_cache, self.plan, self.cached, self.comm, self.buffers, scale)
+    def attend(self, query, key_cache, value_cache, scale, layer):
+        plan, cached, comm, buffers = self.plan, self.cached, self.comm, self.buffers
+        if self.mode == "pass_q" or layer.window:
+            out = pass_q(query, key_cache, value_cache, plan, cached, comm, buffers, scale, layer, self.seq_index)
         else:
-            n = self.cached[self.comm.rank] + self.plan.local_len(self.comm.rank)
+            n = cached[comm.rank] + plan.local_len(comm.rank)
             kv = heads_major(key_cache[:, :n], value_cache[:, :n])
-            out = pass_kv(query.transpose(1, 2), kv, self.plan, self.cached, self.comm, self.buffers, scale)
+            out = pass_kv(query.transpose(1, 2), kv, plan, cached, comm, buffers, scale, layer)
         return to_query_layout(out, query)
 
 
@@ -200,6 +220,6 @@ def step(ring: FollowupRing, call: Call, cache: RingCache) -> tuple[torch.Tensor
     mode = mode_for(ring, x.shape[1], cache)
     positions, top = ring.rope.positions(x, call.position_ids, state.seq_len, state.max_position)
     new_cache = cache.extend(st.rank, new_indices, ring.cache_headroom, max(state.max_position, top))
-    ctx = Followup(st.comm, plan, state.fills, mode)
+    ctx = Followup(st.comm, plan, state.fills, mode, (state.seq_len, new_cache.state.slot_index))
     logits, _ = run_sharded(ring, call, positions, plan, list(new_cache), True, ctx)
     return logits, new_cache

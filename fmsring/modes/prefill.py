@@ -11,6 +11,7 @@ sized for the prompt plus headroom. A long prompt can be prefilled in chunks
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -37,10 +38,17 @@ class Prefill:
     def store(self, keys, values, key_cache, value_cache):
         return keys, values, allocate_layer(keys, self.capacity), allocate_layer(values, self.capacity)
 
-    def attend(self, query, keys, values, scale):
+    @cached_property
+    def seq_index(self) -> list[torch.Tensor]:
+        """Each rank's tokens' sequence indices (host), for windowed layers; made once per forward."""
+        return [self.plan.index_tensor(r) for r in range(self.plan.world_size)]
+
+    def attend(self, query, keys, values, scale, layer):
         kv = heads_major(keys, values)
         zeros = (0,) * self.comm.world_size
-        out = pass_kv(query.transpose(1, 2), kv, self.plan, zeros, self.comm, self.buffers, scale, self.bias_blocks)
+        index = self.seq_index if layer.window else None
+        q = query.transpose(1, 2)
+        out = pass_kv(q, kv, self.plan, zeros, self.comm, self.buffers, scale, layer, self.bias_blocks, index)
         return to_query_layout(out, query)
 
 

@@ -18,6 +18,7 @@ from fmsring.kernels import attention_with_lse, empty_partial, merge_pair_auto
 from fmsring.masks import additive, mask_at_slots
 from fmsring.modes import Call, Ring
 from fmsring.ring import merge_shards
+from fmsring.windows import LayerAttention
 
 
 @dataclass
@@ -27,12 +28,16 @@ class ReplicatedStep:
     slot, additive bias or None). Without a mask that is the old slots
     unmasked -- every cached token precedes every new one -- and the owned
     new slots with a causal bias of n x owned; with one, every slot under the
-    user's mask."""
+    user's mask. A model with windowed layers also gets ``seq_index``: the
+    sequence indices of the new tokens and of this rank's slots, so each
+    windowed layer masks the slots behind its window; rank 0 merges the
+    layer's sink into its partial."""
 
     comm: RingComm
     fill: int
     owned: slice | list[int]
     blocks: list[tuple[int, int, torch.Tensor | None]]
+    seq_index: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def store(self, keys, values, key_cache, value_cache):
         k_new, v_new = keys[:, self.owned], values[:, self.owned]
@@ -41,13 +46,13 @@ class ReplicatedStep:
         value_cache[:, self.fill : end].copy_(v_new)
         return key_cache, value_cache, key_cache, value_cache
 
-    def attend(self, query, key_cache, value_cache, scale):
+    def attend(self, query, key_cache, value_cache, scale, layer):
         q = query.transpose(1, 2)
         parts = [
             attention_with_lse(
                 q, key_cache[:, lo:hi].transpose(1, 2), value_cache[:, lo:hi].transpose(1, 2), scale, bias=bias
             )
-            for lo, hi, bias in self.blocks
+            for lo, hi, bias in self._blocks(layer)
             if hi > lo
         ]
         if not parts:
@@ -56,7 +61,22 @@ class ReplicatedStep:
             out, lse = parts[0]
         else:
             out, lse = merge_pair_auto(*parts[0], *parts[1])
+        if self.comm.rank == 0:
+            out, lse = layer.add_sink(out, lse)
         return merge_shards(out, lse, query, self.comm)
+
+    def _blocks(self, layer: LayerAttention) -> list[tuple[int, int, torch.Tensor | None]]:
+        """:attr:`blocks` with ``layer``'s window added to their biases."""
+        if not layer.window:
+            return self.blocks
+        if self.seq_index is None:
+            raise RuntimeError("a layer passed a sliding window that the model's blocks did not declare")
+        queries, slots = self.seq_index
+        out = []
+        for lo, hi, bias in self.blocks:
+            behind = layer.bias(queries, slots[lo:hi])
+            out.append((lo, hi, behind if bias is None else bias + behind))
+        return out
 
 
 def blocks(
@@ -80,11 +100,16 @@ def step(ring: Ring, call: Call, cache: RingCache) -> tuple[torch.Tensor, RingCa
     owners = state.place(call.ids.shape[1])
     positions, top = ring.rope.positions(call.ids, call.position_ids, state.seq_len, state.max_position)
     new_cache = cache.advance(st.rank, owners, ring.cache_headroom, max(state.max_position, top))
+    seq_index = None
+    if ring.windowed:
+        queries = torch.arange(state.seq_len, state.seq_len + call.ids.shape[1], device=call.ids.device)
+        seq_index = (queries, new_cache.state.slot_index_on(call.ids.device))
     ctx = ReplicatedStep(
         st.comm,
         state.fills[st.rank],
         RingCacheState.owned(owners, st.rank),
         blocks(call, state, new_cache.state, st.rank),
+        seq_index,
     )
     logits, _ = ring.run(call.ids, positions, list(new_cache), True, call.last_n_tokens, ctx)
     return logits, new_cache

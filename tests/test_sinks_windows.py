@@ -1,0 +1,271 @@
+"""gpt-oss and Granite-SWA through the ring: attention sinks and sliding windows, exactly as FMS.
+
+Each is held to the unsharded FMS model of the same weights (float32, 1e-4) on real gloo
+ranks: prompt logits at world sizes 1-4 and both layouts, prompts shorter and longer than
+the window and of odd lengths; greedy ``generate()`` with and without cache; follow-ups
+(pass-KV, pass-Q, chunked prefill, a step shorter than the world); and a dropped sink or a
+window off by one is caught by the same comparison. FMS 1.13.1's gpt-oss hard-codes every
+sliding layer's window to 128 (``GptOssHeadless``, whatever the config says), so the tests
+set the blocks' window attribute, which FMS reads at every forward, to a few tokens.
+
+Not against HF transformers: FMS 1.13.1's gpt-oss adapter maps only the MXFP4-packed expert
+weights (``*_blocks``/``*_scales``) and leaves a bf16 checkpoint's ``mlp.experts.gate_up_proj``
+and ``down_proj`` uncopied (it says so when loading one), so plain FMS already differs from
+``GptOssForCausalLM`` (by 0.26 in the logits of a tiny transformers 5.25 checkpoint); the ring is
+held to what FMS computes.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tests.distributed import run_ranks
+from tests.test_families import GQA, randomize
+
+WINDOW = 5
+FAMILIES = {  # layer 0 slides, layer 1 attends everything; both have sinks
+    "gpt_oss": ("gpt_oss", "20b", dict(GQA, num_experts=4)),
+    "granite_swa": ("granite_swa", "3b", dict(GQA, is_swa_layer=[True, False], window_length=WINDOW, pad_id=0)),
+}
+
+
+def set_window(model: torch.nn.Module, window: int) -> None:
+    """Every sliding layer's window (the attribute each family's block passes its attention)."""
+    for m in model.modules():
+        for attr in ("layer_sliding_window", "window_length"):
+            if getattr(m, attr, 0):
+                setattr(m, attr, window)
+
+
+def _models(family: str, **ring_options):
+    """The unsharded FMS model (sinks drawn large enough to matter) and the ring of its weights."""
+    import fmsring
+
+    arch, variant, overrides = FAMILIES[family]
+    ref = fmsring.get_model(arch, variant, distributed_strategy="replicated", **overrides)
+    randomize(ref)
+    with torch.no_grad():
+        for m in ref.modules():
+            if getattr(m, "has_sinks", False):
+                m.sinks.normal_(0.0, 1.5, generator=torch.Generator().manual_seed(7))
+    set_window(ref, WINDOW)
+    ring = fmsring.get_model(arch, variant, distributed_strategy="ring", **overrides, **ring_options)
+    ring.model.load_state_dict(ref.state_dict())
+    set_window(ring.model, WINDOW)
+    return ref, ring
+
+
+def reference(ref: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """FMS's logits, through its cache path: without a cache FMS 1.13.1 takes keys [b, L, kvh, d]
+    for [b, kvh, L, d] when a prompt's length equals the kv-head count (``_sdpa_compute_op``)."""
+    return ref(ids, use_cache=True)[0]
+
+
+def _prompt_errors(rank, world, family, prompts):
+    ref, _ = _models(family)
+    errs = {}
+    with torch.no_grad():
+        for layout in ("zigzag", "contiguous"):
+            _, ring = _models(family, ring_layout=layout)
+            for ids in prompts:
+                errs[layout, ids.shape[1]] = (ring(ids) - reference(ref, ids)).abs().max().item()
+    return errs
+
+
+def _prompts() -> list[torch.Tensor]:
+    """Shorter than the window, just past it, and long, odd lengths among them."""
+    lengths = [random.randrange(2, WINDOW), WINDOW + 1, random.randrange(8, 48) | 1]
+    return [torch.randint(1, 96, (2, n)) for n in lengths]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_prompt_logits_match_fms(family, world):
+    for errs in run_ranks(world, _prompt_errors, family, _prompts()):
+        assert max(errs.values()) <= 1e-4, errs
+
+
+def _generate(rank, world, family, ids, pad_kw, n_new):
+    from fms.utils.generation import generate
+
+    ref, ring = _models(family)
+    kw = dict(max_seq_len=ids.shape[1] + n_new, max_new_tokens=n_new, do_sample=False)
+    out = {}
+    for name, model, use_cache in (("fms", ref, True), ("ring_cache", ring, True), ("ring_no_cache", ring, False)):
+        out[name] = generate(model, ids, use_cache=use_cache, extra_kwargs=dict(pad_kw) if pad_kw else None, **kw)
+    return out
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_greedy_generate_matches_fms_with_and_without_cache(family, padded):
+    """Decode steps run past the window: the oldest cached tokens fall out of it. Padded: a batch
+    of unequal prompts, left-padded by FMS's ``pad_input_ids``, whose window counts the pads as
+    FMS's does (cache slots, not positions)."""
+    from fms.utils.generation import pad_input_ids
+
+    lengths = [random.randrange(3, 12), random.randrange(3, 12)] if padded else [random.randrange(3, 12)]
+    ids, pad_kw = pad_input_ids([torch.randint(1, 96, (n,)) for n in lengths])
+    for out in run_ranks(3, _generate, family, ids, pad_kw if padded else None, 2 * WINDOW):
+        assert torch.equal(out["ring_cache"], out["fms"]) and torch.equal(out["ring_no_cache"], out["fms"])
+
+
+def _followup_errors(rank, world, family, ids, cuts):
+    """Each way of feeding ``ids`` in pieces on a kept cache, against FMS's logits of the whole."""
+    ref, _ = _models(family)
+    errs = {}
+    with torch.no_grad():
+        want = reference(ref, ids)
+        for name, options in {
+            "pass_kv": dict(ring_followup="pass_kv"),
+            "pass_q": dict(ring_followup="pass_q"),
+            "chunked": dict(ring_prefill_chunk=cuts[0]),
+        }.items():
+            _, ring = _models(family, **options)
+            if name == "chunked":
+                errs[name] = (ring(ids) - want).abs().max().item()
+                continue
+            got, cache, start = [], None, 0
+            for stop in [*cuts, ids.shape[1]]:
+                step, cache = ring(ids[:, start:stop], past_key_value_states=cache, use_cache=True)
+                got.append(step)
+                start = stop
+            errs[name] = (torch.cat(got, dim=1) - want).abs().max().item()
+    return errs
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_followups_match_fms(family):
+    """A prompt, a follow-up longer than the window, one shorter than the world (replicated),
+    then a one-token step and a last follow-up: each piece's logits as FMS's over the whole."""
+    first = random.randrange(7, 15)
+    cuts = [first, first + 2 * WINDOW + 1, first + 2 * WINDOW + 3, first + 2 * WINDOW + 4]
+    ids = torch.randint(1, 96, (2, cuts[-1] + random.randrange(4, 12)))
+    for errs in run_ranks(3, _followup_errors, family, ids, cuts):
+        assert max(errs.values()) <= 1e-4, errs
+
+
+def _sabotaged_errors(rank, world, family, ids, fault):
+    """The prompt's and one decode step's errors against FMS with the ring's reading of the
+    layer's kwargs broken: the sink dropped, or the window one token too long or too short."""
+    from fmsring import attention_op
+    from fmsring.windows import LayerAttention
+
+    class Broken(LayerAttention):
+        @classmethod
+        def of(cls, kwargs):
+            sinks, window = kwargs.get("sinks"), kwargs.get("sliding_window") or 0
+            if fault == "no_sink":
+                return LayerAttention(None, window)
+            return LayerAttention(sinks, window + (1 if fault == "window+1" else -1) if window else 0)
+
+    ref, ring = _models(family)
+    attention_op.LayerAttention = Broken  # module globals are put back after the call
+    with torch.no_grad():
+        want, ref_cache = ref(ids, use_cache=True)
+        got, cache = ring(ids, use_cache=True)
+        nxt = want[:, -1:].argmax(-1)
+        step, _ = ring(nxt, past_key_value_states=cache, use_cache=True)
+        want_step, _ = ref(nxt, past_key_value_states=ref_cache, use_cache=True)
+    return (got - want).abs().max().item(), (step - want_step).abs().max().item()
+
+
+@pytest.mark.parametrize("fault", ["no_sink", "window+1", "window-1"])
+def test_a_dropped_sink_or_a_window_off_by_one_fails_the_comparison(fault):
+    ids = torch.randint(1, 96, (2, random.randrange(15, 31) | 1))
+    for prompt_err, step_err in run_ranks(2, _sabotaged_errors, "gpt_oss", ids, fault):
+        assert prompt_err > 1e-3 and step_err > 1e-3, (prompt_err, step_err)
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_window_block_calls_cover_the_band_and_skip_the_rest(layout):
+    """Every rank's prefill calls under a window, composed into one dense mask, are exactly the
+    causal band (key j seen by query i iff i - w < j <= i); no call kept is wholly hidden, and the
+    keys attended grow with the window, not the prompt (O(n w) work, not O(n^2))."""
+    from fmsring.layout import ShardPlan
+    from fmsring.windows import LayerAttention, windowed_calls
+
+    world, n, window = random.randrange(2, 5), random.randrange(200, 400), random.randrange(1, 12)
+    plan, layer = ShardPlan.build(n, world, layout), LayerAttention(None, window)
+    index = [plan.index_tensor(r) for r in range(world)]
+    seen, work = torch.zeros(n, n, dtype=torch.bool), 0
+    for rank in range(world):
+        for src in range(world):
+            for c, bias in windowed_calls(plan.block_calls(rank, src), layer, index[rank], index[src], "cpu"):
+                q, k = index[rank][c.q_lo : c.q_hi], index[src][c.k_lo : c.k_hi]
+                block = torch.ones(len(q), len(k), dtype=torch.bool)
+                if c.causal:
+                    block = block.tril()
+                if bias is not None:
+                    block &= bias[0] == 0
+                assert block.any(), (rank, src, c)
+                seen[q.unsqueeze(1), k.unsqueeze(0)] |= block
+                work += len(q) * len(k)
+    i, j = torch.arange(n).unsqueeze(1), torch.arange(n).unsqueeze(0)
+    assert torch.equal(seen, (j <= i) & (j > i - window))
+    chunk = -(-n // (2 * world))  # the largest block a layout makes
+    assert work <= n * (window + 2 * chunk), (work, n, window, chunk)
+
+
+def _compiled_decode_errors(rank, world, ids, n_new):
+    """Greedy steps with every decoder layer of a step compiled whole (forced onto CPU), as a GPU
+    decodes: the sink and window reach the compiled op as kwargs, the MoE runs inside the graph."""
+    from fmsring import fusion
+
+    fusion.FUSE_DEVICES.add("cpu")
+    ref, ring = _models("gpt_oss")
+    errs = []
+    with torch.no_grad():
+        _, cache = ring(ids, use_cache=True, last_n_tokens=1)
+        want, ref_cache = ref(ids, use_cache=True)
+        for _ in range(n_new):
+            nxt = want[:, -1:].argmax(-1)
+            got, cache = ring(nxt, past_key_value_states=cache, use_cache=True, last_n_tokens=1)
+            want, ref_cache = ref(nxt, past_key_value_states=ref_cache, use_cache=True)
+            errs.append((got[:, -1] - want[:, -1]).abs().max().item())
+    return errs
+
+
+def test_decode_with_whole_layers_compiled_matches_fms():
+    ids = torch.randint(1, 96, (2, random.randrange(3, 12)))
+    for errs in run_ranks(2, _compiled_decode_errors, ids, WINDOW + 3):
+        assert max(errs) <= 1e-4, errs
+
+
+def _save(rank, world, path):
+    ref, _ = _models("granite_swa")
+    torch.save(ref.state_dict(), path)
+
+
+def _tp_errors(rank, world, path, ids, n_new):
+    """Ring x TP as 2x2 from one FMS checkpoint, which FMS's TP loads sharded (the sinks split by
+    head like the queries): prompt logits and greedy steps against the unsharded model."""
+    import fmsring
+
+    arch, variant, overrides = FAMILIES["granite_swa"]
+    kw = dict(model_path=path, source="fms", **overrides)
+    ref = fmsring.get_model(arch, variant, distributed_strategy="replicated", **kw)
+    ring = fmsring.get_model(arch, variant, distributed_strategy="ring", ring_tp=2, **kw)
+    set_window(ref, WINDOW)
+    set_window(ring.model, WINDOW)
+    with torch.no_grad():
+        want, ref_cache = ref(ids, use_cache=True)
+        got, cache = ring(ids, use_cache=True)
+        errs = [(got - want).abs().max().item()]
+        for _ in range(n_new):
+            nxt = want[:, -1:].argmax(-1)
+            got, cache = ring(nxt, past_key_value_states=cache, use_cache=True)
+            want, ref_cache = ref(nxt, past_key_value_states=ref_cache, use_cache=True)
+            errs.append((got[:, -1] - want[:, -1]).abs().max().item())
+    return errs
+
+
+def test_ring_x_tensor_parallel_with_sinks_and_windows_matches_fms(tmp_path):
+    path = str(tmp_path / "model.pth")
+    run_ranks(1, _save, path)
+    ids = torch.randint(1, 96, (2, random.randrange(WINDOW + 1, 40) | 1))
+    for errs in run_ranks(4, _tp_errors, path, ids, WINDOW + 2):
+        assert max(errs) <= 1e-4, errs
