@@ -10,10 +10,10 @@ model's, and greedy generation must give HF's tokens. A missing model fails, say
 from __future__ import annotations
 
 import random
+from pydoc_data.topics import topics
 
 import pytest
 import torch
-from pydoc_data.topics import topics
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fmsring
@@ -35,8 +35,6 @@ def real_text_prompt(tokenizer, n_tokens: int) -> list[int]:
 
 
 def _ring(rank: int, world: int, path: str, ids: list[int], positions: list[int]) -> dict:
-    from fms.utils.generation import generate
-
     out = {}
     x = torch.tensor([ids])
     for layout in LAYOUTS:
@@ -45,9 +43,7 @@ def _ring(rank: int, world: int, path: str, ids: list[int], positions: list[int]
         )
         with torch.no_grad():
             logits = model(x)[0, positions]
-            tokens = generate(
-                model, x, max_seq_len=len(ids) + NEW_TOKENS, max_new_tokens=NEW_TOKENS, use_cache=True, do_sample=False
-            )
+            tokens = fmsring.generate(model, x, max_new_tokens=NEW_TOKENS, use_cache=True, do_sample=False)
         out[layout] = (logits, tokens[0, len(ids) :].tolist())
     return out
 
