@@ -171,7 +171,9 @@ class RingCache(list):
     usable from its own state (the next call overwrites the same slots) --
     unless the step had to grow the buffers: the grown cache then takes them
     over and the old one is ``consumed`` (using it raises), so no cache ever
-    holds buffers its state does not describe.
+    holds buffers its state does not describe. A cache holding Mamba2 layers'
+    states (``SSMCacheUnit``, the same on every rank: :mod:`fmsring.ssm`) is
+    consumed by every step, which advances those states in place.
     """
 
     def __init__(self, layers, state: RingCacheState):
@@ -199,20 +201,23 @@ class RingCache(list):
     def check_usable(self) -> None:
         if self.consumed:
             raise RuntimeError(
-                "this RingCache was grown into the cache a later step returned, which holds its tokens "
-                "now: pass that one (each step's returned cache replaces the one it was given)"
+                "this RingCache was grown (or its Mamba2 states advanced) into the cache a later step "
+                "returned, which holds its tokens now: pass that one (each step's returned cache replaces the one it was given)"
             )
 
     def extend(self, rank: int, new_indices: Sequence[Sequence[int]], headroom: int, max_position: int) -> RingCache:
         """The cache after this step appends ``new_indices[r]`` (global indices) on rank r,
         with the largest position now ``max_position``; its buffers grown if they must."""
         state = replace(self.state.extended(rank, new_indices, headroom), max_position=max_position)
-        if state.capacity == self.state.capacity:
+        recurrent = not all(isinstance(layer, tuple) for layer in self)
+        if state.capacity == self.state.capacity and not recurrent:
             return RingCache(self, state)
         fill = self.state.fills[rank]
         grown = RingCache([], state)
         for i, layer in enumerate(self):  # one layer at a time: at most one extra layer is held
-            grown.append(tuple(allocate_layer(t[:, :fill], state.capacity) for t in layer))
+            # a Mamba2 layer's state (fmsring.ssm) is kept: the step advances it in place
+            keep = not isinstance(layer, tuple) or state.capacity == self.state.capacity
+            grown.append(layer if keep else tuple(allocate_layer(t[:, :fill], state.capacity) for t in layer))
             self[i] = None
         self.clear()
         self.consumed = True

@@ -17,7 +17,7 @@ import torch
 from fms.utils.headless import gather_outputs
 from torch import nn
 
-from fmsring import families
+from fmsring import families, ssm
 from fmsring import rates as device_rates
 from fmsring.attention_op import ATTN_NAME
 from fmsring.cache import DEFAULT_HEADROOM, RingCache
@@ -82,7 +82,9 @@ class LlamaRing(nn.Module):
         self.strategy = strategy
         self.check_inputs = check_inputs
         self.cache_headroom = cache_headroom
-        self.cuda_graphs = cuda_graphs
+        self.recurrent = ssm.has_ssm(model)  # Mamba2 layers (fmsring.ssm)
+        # FMS's Mamba2 decode step rebinds its conv state each step, which a captured graph would not see
+        self.cuda_graphs = cuda_graphs and not self.recurrent
         self.followup = followup
         self.prefill_chunk = prefill_chunk
         self.attn = attns[0]
@@ -93,6 +95,7 @@ class LlamaRing(nn.Module):
         self.graphs = DecodeGraphs()
         self.rope = RopeTables(position_encoders(model))
         self.device_rates: Rates | None = None  # measured at the first follow-up that needs them
+        ssm.make_ring(model)
         if fuse:
             fuse_elementwise(model)
         if fuse and fuse_layers:
@@ -127,10 +130,14 @@ class LlamaRing(nn.Module):
         if isinstance(past_key_value_states, RingCache):
             past_key_value_states.check_usable()  # a consumed cache is empty: it would read as no cache
         call = Call(x, position_ids, last_n_tokens, mask)
-        one_step = use_cache and bool(past_key_value_states) and x.shape[1] == 1
+        cached = use_cache and bool(past_key_value_states)
+        refused = ssm.refusal(x.shape[1], cached, mask is not None, self.strategy.world_size) if self.recurrent else None
+        if refused:
+            raise ValueError(f"ring attention cannot run this call on {type(self.model).__name__}: {refused}")
+        one_step = cached and x.shape[1] == 1
         if self.check_inputs and not one_step:  # once per prompt or follow-up; a decode step never syncs
             check_same_on_all_ranks([x, position_ids, mask], self.strategy.model_groups)
-        if use_cache and past_key_value_states:
+        if cached:
             return self._continue(call, past_key_value_states)
         if self.prefill_chunk and x.shape[1] > self.prefill_chunk and mask is None:
             return prefill.chunked(self, call, self.prefill_chunk, use_cache)

@@ -21,6 +21,7 @@ from fmsring.comm import RingComm, sync_rng
 from fmsring.layout import ShardPlan
 from fmsring.masks import query_rows
 from fmsring.modes import Call, Ring, followup, replicated, run_sharded
+from fmsring import ssm
 from fmsring.ring import RingBuffers, heads_major, pass_kv, to_query_layout
 
 
@@ -89,7 +90,8 @@ def prefill(ring: Ring, call: Call, use_cache: bool, capacity: int = 0):
     capacity = capacity or prefill_capacity(plan.local_lens, ring.cache_headroom)
     blocks = bias_blocks(call.mask, plan, st.rank) if call.mask is not None else None
     ctx = Prefill(st.comm, plan, capacity, blocks)
-    logits, layers = run_sharded(ring, call, positions, plan, None, use_cache, ctx)
+    with ssm.sharded(ssm.ShardedScan(plan, st.rank, st.group)):  # Mamba2 layers, where the model has them
+        logits, layers = run_sharded(ring, call, positions, plan, None, use_cache, ctx)
     warn_if_fragmented(x.device)  # once per prompt, on the host: the allocator's own counters
     if not use_cache:
         return logits
