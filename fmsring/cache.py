@@ -182,11 +182,24 @@ class RingCache(list):
         self.consumed = False
 
     @classmethod
-    def empty(cls, layers: int, like: torch.Tensor, shape: tuple[int, int, int, int], v_dim: int, world_size: int):
+    def empty(
+        cls,
+        layers: int,
+        like: torch.Tensor,
+        shape: tuple[int, int, int, int],
+        v_dim: int,
+        world_size: int,
+        states: Sequence[object | None] = (),
+    ):
         """A cache holding no token yet: ``layers`` pairs of zeroed K [b, capacity, kvh, d] (``shape``)
-        and V [b, capacity, kvh, ``v_dim``], dtype and device of ``like``."""
+        and V [b, capacity, kvh, ``v_dim``], dtype and device of ``like``; with ``states`` (Mamba2
+        layers' zero states, in the model's layer order, None at each attention layer), those
+        with the pairs in the attention layers' places."""
         b, capacity, kvh, d = shape
         pairs = [(like.new_zeros(b, capacity, kvh, d), like.new_zeros(b, capacity, kvh, v_dim)) for _ in range(layers)]
+        if states:
+            attention = iter(pairs)
+            pairs = [next(attention) if s is None else s for s in states]
         state = RingCacheState(0, (0,) * world_size, torch.empty(0, dtype=torch.long), capacity, new_cache_id())
         return cls(pairs, state)
 
@@ -198,11 +211,17 @@ class RingCache(list):
         )
         return cls(layers, state)
 
+    @property
+    def first_keys(self) -> torch.Tensor:
+        """The first attention layer's K buffer (a Mamba2 layer's state holds none)."""
+        return next(layer[0] for layer in self if isinstance(layer, tuple))
+
     def check_usable(self) -> None:
         if self.consumed:
             raise RuntimeError(
                 "this RingCache was grown (or its Mamba2 states advanced) into the cache a later step "
-                "returned, which holds its tokens now: pass that one (each step's returned cache replaces the one it was given)"
+                "returned, which holds its tokens now: pass that one (each step's returned cache replaces "
+                "the one it was given)"
             )
 
     def extend(self, rank: int, new_indices: Sequence[Sequence[int]], headroom: int, max_position: int) -> RingCache:

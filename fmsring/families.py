@@ -38,7 +38,7 @@ _DECODERS = (
     granite_swa.GraniteSWA, granite_swa.GraniteSWAHeadless, granite_swa.GraniteSWABlock,
     bamba.Bamba, bamba.BambaHeadless, bamba.BambaBlock,  # its Mamba2 layers: fmsring.ssm
 )  # fmt: skip
-# Mamba2 layers, whose conv and scan fmsring.ssm carries across the shards (prefill, decode; ring_tp=1)
+# Mamba2 layers, whose conv and scan fmsring.ssm carries across the shards (ring_tp=1, no padding mask)
 _RECURRENT = (ssm.SSM, ssm.RMSNormGated, nn.Conv1d)
 # Modules that work token by token (MoE routes each token alone: no capacity, nothing dropped),
 # and the attention the ring drives.

@@ -36,7 +36,8 @@ class LlamaRing(nn.Module):
 
     Works for the FMS decoders it runs exactly (:mod:`fmsring.families`:
     LLaMA, Granite, Mistral, Qwen3, Mixtral, gpt-oss and Granite-SWA with
-    their sinks and sliding windows; any other model is refused here), unsharded
+    their sinks and sliding windows, Bamba with its Mamba2 layers
+    (:mod:`fmsring.ssm`); any other model is refused here), unsharded
     or sharded by FMS's tensor parallelism over the strategy's TP group: the
     ring then runs on each TP rank's heads and caches its kv-heads. Call it like
     the FMS model: ``model(ids, position_ids=..., mask=..., last_n_tokens=n,
@@ -131,9 +132,11 @@ class LlamaRing(nn.Module):
             past_key_value_states.check_usable()  # a consumed cache is empty: it would read as no cache
         call = Call(x, position_ids, last_n_tokens, mask)
         cached = use_cache and bool(past_key_value_states)
-        refused = ssm.refusal(x.shape[1], cached, mask is not None, self.strategy.world_size) if self.recurrent else None
-        if refused:
-            raise ValueError(f"ring attention cannot run this call on {type(self.model).__name__}: {refused}")
+        if self.recurrent and mask is not None:
+            raise ValueError(
+                f"ring attention cannot run {type(self.model).__name__} with a padding mask (padded batches): "
+                "its Mamba2 layers run unmasked prompts only (fmsring.ssm)"
+            )
         one_step = cached and x.shape[1] == 1
         if self.check_inputs and not one_step:  # once per prompt or follow-up; a decode step never syncs
             check_same_on_all_ranks([x, position_ids, mask], self.strategy.model_groups)
@@ -179,6 +182,10 @@ class LlamaRing(nn.Module):
         )
         logits, layers = out if use_cache else (out, None)
         return (logits if self.narrows else gather_outputs(logits, last_n_tokens)), layers
+
+    def zero_states(self, batch: int) -> list:
+        """Per decoder layer, a zero Mamba2 state or None (attention); empty without Mamba2 layers."""
+        return ssm.zero_states(self.model, batch, next(self.model.parameters())) if self.recurrent else []
 
     def rates(self, dtype: torch.dtype) -> Rates:
         """This device's rates, measured at the first call (collective: every rank of the mesh

@@ -19,11 +19,13 @@ rest of the sequence contributes:
   exp(sum_{s<=t} A dt_s) C_t . h_in: added to FMS's y before the gated norm,
   which is not linear.
 
-Every rank then also holds the whole sequence's final state and conv window,
-which a one-token step needs on every rank: FMS's own recurrence runs there
-(decode), identically on all ranks. Prompts with a padding mask, follow-ups
-on a cache and prompts shorter than the ring are refused for such models
-(:func:`refusal`).
+Every rank then also holds the whole sequence's final state and conv window
+(FMS's ``SSMCacheUnit``, kept in the ring's cache beside the sharded K/V): a
+one-token step runs FMS's own recurrence on it, identically on every rank; a
+follow-up is sharded like a prompt, going on from that state and window; a
+step every rank computes whole (too short to shard) is one segment on each.
+A padding mask is refused: FMS zeroes pads' states by a mask convention the
+ring does not pass its Mamba2 layers.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from fms.models.bamba import BambaBlock
 from fms.modules.ssm import SSM, SSMCacheUnit
 from torch import nn
 from torch.nn import functional as F
@@ -50,6 +53,11 @@ class ShardedScan:
     plan: ShardPlan
     rank: int
     group: dist.ProcessGroup | None
+
+    @classmethod
+    def whole(cls, seq_len: int) -> ShardedScan:
+        """Every token on this rank (a replicated step): one segment, nothing exchanged."""
+        return cls(ShardPlan.build(seq_len, 1), 0, None)
 
 
 _SCAN: ContextVar[ShardedScan | None] = ContextVar("fmsring_sharded_scan", default=None)
@@ -77,18 +85,22 @@ def make_ring(model: nn.Module) -> None:
             m.__class__ = RingSSM
 
 
-def refusal(new_tokens: int, cached: bool, masked: bool, world_size: int) -> str | None:
-    """Why a call cannot run on a model with SSM layers, or None."""
-    if masked:
-        return "a padding mask (padded batches) is not supported on Mamba2 layers: pass unpadded prompts"
-    if cached and new_tokens > 1:
-        return (
-            "new tokens on a kept cache (a follow-up) are not supported on Mamba2 layers: "
-            "only one-token decode steps continue a cache"
-        )
-    if not cached and new_tokens < world_size:
-        return f"a prompt of {new_tokens} tokens is shorter than the ring ({world_size} ranks) on Mamba2 layers"
-    return None
+def zero_states(model: nn.Module, batch: int, like: torch.Tensor) -> list[SSMCacheUnit | None]:
+    """Per decoder layer of a Bamba model, in order, a zero Mamba2 state (as FMS's first call with
+    a cache makes them; dtype and device of ``like``), or None for an attention layer."""
+    return [
+        _zero_unit(m.ssm, batch, like.dtype, like.device) if m.is_mamba_layer else None
+        for m in model.modules()
+        if isinstance(m, BambaBlock)
+    ]
+
+
+def _zero_unit(ssm: SSM, batch: int, dtype: torch.dtype, device: torch.device) -> SSMCacheUnit:
+    expand = ssm.intermediate_size / ssm.emb_dim
+    return SSMCacheUnit(
+        ssm.emb_dim, ssm.nheads, ssm.head_dim, ssm.conv_kernel_size, expand, ssm.n_groups, ssm.ssm_state_size,
+        batch, dtype, str(device),
+    )  # fmt: skip
 
 
 class RingSSM(SSM):
@@ -126,7 +138,11 @@ def _by_sequence(scan: ShardedScan, parts: list[torch.Tensor]) -> list[tuple[int
 
 
 def _sharded_forward(ssm: SSM, scan: ShardedScan, x: torch.Tensor, unit: SSMCacheUnit | None):
+    """The layer's output on this rank's tokens of ``scan``, the sequence going on from ``unit``'s
+    state and conv window (a cache's; zeros for a prompt), which then hold the sequence's end."""
     k = ssm.conv_kernel_size
+    b = x.shape[0]
+    window = torch.zeros(b, ssm.conv_dim, k, dtype=x.dtype, device=x.device) if unit is None else unit.conv_state
     mine = _segments(scan.plan, scan.rank)
     slots = max(len(segs) for segs in scan.plan.segments)
     # 1. every segment's last k pre-conv columns (left-padded with zeros when shorter), all ranks'
@@ -134,23 +150,24 @@ def _sharded_forward(ssm: SSM, scan: ShardedScan, x: torch.Tensor, unit: SSMCach
     everyone = _by_sequence(scan, _gather(tails, scan, slots))
 
     def before(start: int, width: int) -> torch.Tensor:
-        """The ``width`` pre-conv columns before sequence index ``start`` (zeros before the first)."""
+        """The ``width`` pre-conv columns before sequence index ``start`` (the window's before the first)."""
         cols = [t[..., k - min(n, k) :] for s, n, t in everyone if s < start]
-        zeros = tails.new_zeros(*tails.shape[1:-1], width)
-        return torch.cat([zeros, *cols], dim=-1)[..., -width:]
+        return torch.cat([window.to(tails.dtype), *cols], dim=-1)[..., -width:]
 
     # 2. FMS's forward on each segment from a zero state, its conv on the halo
     runs = [_run_segment(ssm, x[:, off : off + n], before(s, k - 1)) for s, n, off in mine]
     # 3. every segment's (final state from zero, total decay), chained in sequence order
     finals = torch.stack([torch.cat([r.state.flatten(1), r.decay[:, -1]], dim=1) for r in runs])
-    h = torch.zeros_like(runs[0].state)
+    h = torch.zeros_like(runs[0].state) if unit is None else unit.ssm_state.float()
     incoming = {}
     for s, _, packed in _by_sequence(scan, _gather(finals, scan, slots)):
         incoming[s] = h
         state, decay = packed[:, : h[0].numel()].reshape(h.shape), packed[:, h[0].numel() :]
         h = decay.exp()[..., None, None] * h + state
     # 4. each token's share of its segment's incoming state, added before the gated norm
-    outs = [ssm.out_proj(ssm.norm(r.y + r.readout(incoming[s]), r.gate).to(x.dtype)) for (s, _, _), r in zip(mine, runs)]
+    outs = [
+        ssm.out_proj(ssm.norm(r.y + r.readout(incoming[s]), r.gate).to(x.dtype)) for (s, _, _), r in zip(mine, runs)
+    ]
     if unit is not None:  # the whole sequence's state and conv window, on every rank, for decode
         unit.ssm_state.copy_(h)
         unit.conv_state.copy_(before(scan.plan.seq_len, k))
@@ -199,10 +216,7 @@ def _run_segment(ssm: SSM, x: torch.Tensor, halo: torch.Tensor) -> _Segment:
         return out[:, :0]
 
     b = x.shape[0]
-    unit = SSMCacheUnit(
-        ssm.emb_dim, ssm.nheads, ssm.head_dim, ssm.conv_kernel_size, ssm.intermediate_size / ssm.emb_dim,
-        ssm.n_groups, ssm.ssm_state_size, b, torch.float32, x.device,
-    )  # fmt: skip
+    unit = _zero_unit(ssm, b, torch.float32, x.device)
     hooks = [
         ssm.in_proj.register_forward_hook(in_proj),
         ssm.conv1d.register_forward_hook(conv),

@@ -28,12 +28,8 @@ def attention_layers(model: nn.Module, strategy: RingAttentionStrategy, followup
             f"rank(s) but the strategy's TP group has {strategy.tp_size}: load it with "
             "fmsring.get_model(..., ring_tp=...) so both come from one mesh"
         )
-    if ssm.has_ssm(model) and (strategy.tp_size > 1 or prefill_chunk):
-        raise ValueError(
-            f"{name} has Mamba2 layers, which the ring runs with ring_tp=1 and without ring_prefill_chunk "
-            f"(a chunk after the first is a follow-up, not supported on them); got ring_tp={strategy.tp_size}, "
-            f"ring_prefill_chunk={prefill_chunk}"
-        )
+    if ssm.has_ssm(model) and strategy.tp_size > 1:
+        raise ValueError(f"{name} has Mamba2 layers, which the ring runs with ring_tp=1 (fmsring.ssm)")
     if followup not in FOLLOWUP_MODES:
         raise ValueError(f"unknown ring_followup {followup!r}; choose one of {FOLLOWUP_MODES}")
     if prefill_chunk and prefill_chunk < strategy.world_size:

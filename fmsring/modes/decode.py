@@ -105,10 +105,9 @@ def step(ring: DecodeRing, call: Call, cache: RingCache) -> tuple[torch.Tensor, 
         query_index=query_index,
     )
     layers = list(new_cache)
-    keys = next(layer[0] for layer in layers if isinstance(layer, tuple))  # the first attention layer's
 
     def run(inp: StepInputs) -> torch.Tensor:
-        split = decode_split_kv(inp.kv_lens, keys)  # once per step, not per layer
+        split = decode_split_kv(inp.kv_lens, new_cache.first_keys)  # once per step, not per layer
         ctx = DecodeStep(st.comm, inp.write_slot, inp.kv_lens, split, inp.slot_bias, inp.slot_index, inp.query_index)
         return ring.run(inp.ids, inp.positions, layers, True, call.last_n_tokens, ctx)[0]
 

@@ -15,13 +15,13 @@ from functools import cached_property
 
 import torch
 
+from fmsring import ssm
 from fmsring.allocator import warn_if_fragmented
 from fmsring.cache import RingCache, allocate_layer, empty_capacity, prefill_capacity
 from fmsring.comm import RingComm, sync_rng
 from fmsring.layout import ShardPlan
 from fmsring.masks import query_rows
 from fmsring.modes import Call, Ring, followup, replicated, run_sharded
-from fmsring import ssm
 from fmsring.ring import RingBuffers, heads_major, pass_kv, to_query_layout
 
 
@@ -81,7 +81,8 @@ def prefill(ring: Ring, call: Call, use_cache: bool, capacity: int = 0):
         like = next(ring.parameters())
         capacity = capacity or empty_capacity(x.shape[1], ring.cache_headroom)
         shape = (x.shape[0], capacity, attn.kvheads, attn.emb_kq_per_head)
-        cache = RingCache.empty(ring.n_layers, like, shape, attn.emb_v_per_head, st.world_size)
+        states = ring.zero_states(x.shape[0])
+        cache = RingCache.empty(ring.n_layers, like, shape, attn.emb_v_per_head, st.world_size, states)
         logits, cache = replicated.step(ring, call, cache)
         return (logits, cache) if use_cache else logits
     plan = st.plan(x.shape[1])
