@@ -219,9 +219,9 @@ class RingCache(list):
     def check_usable(self) -> None:
         if self.consumed:
             raise RuntimeError(
-                "this RingCache was grown (or its Mamba2 states advanced) into the cache a later step "
-                "returned, which holds its tokens now: pass that one (each step's returned cache replaces "
-                "the one it was given)"
+                "this RingCache was grown into the cache a later step returned, which holds its tokens "
+                "now (a cache with Mamba2 layers is at every step: their states advance in place): pass "
+                "that one (each step's returned cache replaces the one it was given)"
             )
 
     def extend(self, rank: int, new_indices: Sequence[Sequence[int]], headroom: int, max_position: int) -> RingCache:
