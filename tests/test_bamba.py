@@ -4,11 +4,11 @@ FMS's own Bamba, tiny (three layers, the middle one attention; Mamba2 chunks of 
 groups), every weight drawn by the test, held to the unsharded FMS model of the same weights
 (float32, 1e-4): prompt logits at world sizes 1-4 and both layouts, prompts shorter and longer
 than a chunk, odd lengths, and a chunk boundary on a rank boundary; greedy ``generate()`` with
-and without cache (prefill, then FMS's Mamba2 recurrence on every rank). The decays are drawn
-slow, so a state passed out of order or not at all is caught by the same comparison
-(:func:`test_a_broken_state_pass_is_caught`). Follow-ups on a kept cache (pass-KV, pass-Q,
-replicated steps, chunked prefill) go on from the cached state and conv window. Padded batches
-and ``ring_tp`` > 1 are refused.
+and without cache (prefill, then FMS's Mamba2 recurrence on every rank); follow-ups on a kept
+cache (pass-KV, pass-Q, both layouts, replicated steps, chunked prefill), which go on from the
+cached state and conv window. The decays are drawn slow, so a state passed out of order or not
+at all, or a conv halo not passed, is caught by the same comparison
+(:func:`test_a_broken_state_pass_is_caught`). Padded batches and ``ring_tp`` > 1 are refused.
 
 Not against HF transformers: FMS 1.13.1's Bamba adapter does not load a small transformers 5.x
 ``BambaForCausalLM`` checkpoint cleanly (shape mismatch), so the ring is held to what FMS computes.
@@ -69,8 +69,8 @@ def _prompt_errors(rank, world, prompts, broken):
 
 
 def broken_state_pass(ssm, broken: str | None):
-    """The state pass of :mod:`fmsring.ssm` broken on purpose: segments chained in reverse
-    sequence order, or every incoming state zero (None: as it is)."""
+    """What :mod:`fmsring.ssm` passes between segments, broken on purpose: the segments chained in
+    reverse sequence order, every incoming state zero, or every conv halo zero (None: as it is)."""
     if broken is None:
         return contextlib.nullcontext()
     real = ssm._by_sequence
@@ -79,7 +79,10 @@ def broken_state_pass(ssm, broken: str | None):
         segs = real(scan, parts)
         if broken == "reversed":
             return segs[::-1]
-        return segs if parts[0].dim() == 4 else [(s, n, torch.zeros_like(t)) for s, n, t in segs]
+        halos = parts[0].dim() == 4  # the conv tails [segments, b, conv_dim, k]; else the states
+        if halos == (broken == "zero_halo"):
+            return [(s, n, torch.zeros_like(t)) for s, n, t in segs]
+        return segs
 
     return mock.patch.object(ssm, "_by_sequence", wrong)
 
@@ -97,9 +100,10 @@ def test_prompt_logits_match_fms(world):
         assert max(errs.values()) <= 1e-4, errs
 
 
-@pytest.mark.parametrize("broken", ["reversed", "zero"])
+@pytest.mark.parametrize("broken", ["reversed", "zero_state", "zero_halo"])
 def test_a_broken_state_pass_is_caught(broken):
-    """The comparison above fails when the states are chained out of order or not passed."""
+    """The comparison above fails when the states are chained out of order or not passed, or
+    when the conv halo is not passed."""
     ids = torch.randint(1, 96, (2, 5 * CHUNK + 1))
     for errs in run_ranks(3, _prompt_errors, [ids], broken):
         assert min(errs.values()) > 1e-3, errs
@@ -133,6 +137,7 @@ def _followup_errors(rank, world, ids, cuts):
         for name, options in {
             "pass_kv": dict(ring_followup="pass_kv"),
             "pass_q": dict(ring_followup="pass_q"),
+            "contiguous": dict(ring_layout="contiguous"),
             "chunked": dict(ring_prefill_chunk=cuts[1]),
         }.items():
             _, ring = _models(**options)
