@@ -75,6 +75,7 @@ def sharded(scan: ShardedScan) -> Iterator[None]:
 
 
 def has_ssm(model: nn.Module) -> bool:
+    """Whether ``model`` has Mamba2 layers."""
     return any(isinstance(m, SSM) for m in model.modules())
 
 
@@ -116,11 +117,7 @@ class RingSSM(SSM):
 
 def _segments(plan: ShardPlan, rank: int) -> list[tuple[int, int, int]]:
     """(global start, length, local offset) of each of ``rank``'s segments."""
-    out, off = [], 0
-    for s, e in plan.segments[rank]:
-        out.append((s, e - s, off))
-        off += e - s
-    return out
+    return [(s, e - s, off) for s, e, off in plan.offsets(rank)]
 
 
 def _gather(t: torch.Tensor, scan: ShardedScan, slots: int) -> list[torch.Tensor]:
