@@ -122,9 +122,10 @@ def _generate(rank, world, ids, n_new):
     return out
 
 
-def test_greedy_generate_matches_fms_with_and_without_cache():
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_greedy_generate_matches_fms_with_and_without_cache(world):
     ids = torch.randint(1, 96, (2, random.randrange(2 * CHUNK, 3 * CHUNK)))
-    for out in run_ranks(3, _generate, ids, CHUNK + 3):
+    for out in run_ranks(world, _generate, ids, CHUNK + 3):
         assert torch.equal(out["ring_cache"], out["fms"]) and torch.equal(out["ring_no_cache"], out["fms"])
 
 
@@ -153,13 +154,15 @@ def _followup_errors(rank, world, ids, cuts):
     return errs
 
 
-def test_followups_match_fms():
-    """A prompt shorter than the ring (every rank runs it whole), a follow-up of several chunks,
-    one shorter than the ring (replicated), a one-token step and a last follow-up: each piece's
-    logits as FMS's over the whole; and a chunked prefill (a prefill, then follow-ups)."""
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_followups_match_fms(world):
+    """A prompt of two tokens (from three ranks on, shorter than the ring: every rank runs it
+    whole), a follow-up of several chunks, one of two tokens (replicated there), a one-token step
+    and a last follow-up: each piece's logits as FMS's over the whole; and a chunked prefill (a
+    prefill, then follow-ups)."""
     cuts = [2, 2 + 3 * CHUNK + 1, 2 + 3 * CHUNK + 3, 2 + 3 * CHUNK + 4]
     ids = torch.randint(1, 96, (2, cuts[-1] + random.randrange(CHUNK, 2 * CHUNK)))
-    for errs in run_ranks(3, _followup_errors, ids, cuts):
+    for errs in run_ranks(world, _followup_errors, ids, cuts):
         assert max(errs.values()) <= 1e-4, errs
 
 
