@@ -48,7 +48,8 @@ from fmsring.layout import ShardPlan
 
 @dataclass(frozen=True)
 class ShardedScan:
-    """The prompt's layout: every SSM layer of this forward runs on ``rank``'s segments of ``plan``."""
+    """A forward's token layout (a prompt's or a follow-up's): every SSM layer in it runs on
+    ``rank``'s segments of ``plan``, exchanging over ``group``."""
 
     plan: ShardPlan
     rank: int
