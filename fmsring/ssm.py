@@ -184,14 +184,16 @@ class _Segment:
 
     y: torch.Tensor  # [b, n, heads * head_dim] fp32: the scan's output with D's skip, before the gated norm
     gate: torch.Tensor
-    C: torch.Tensor  # [b, n, heads, state] fp32
+    C: torch.Tensor  # [b, n, groups, state] fp32: each group's heads read through it
     decay: torch.Tensor  # [b, n, heads]: sum of A dt over the segment up to each token
     state: torch.Tensor  # [b, heads, head_dim, state] fp32: the final state from zero
 
     def readout(self, h_in: torch.Tensor) -> torch.Tensor:
         """The incoming state's share of y: exp(decay_t) C_t . h_in, [b, n, heads * head_dim]."""
-        y = torch.einsum("bhpn,blhn->blhp", h_in, self.C) * self.decay.exp()[..., None]
-        return y.flatten(2)
+        b, heads, p, n = h_in.shape
+        grouped = h_in.reshape(b, self.C.shape[2], heads // self.C.shape[2], p, n)
+        y = torch.einsum("bgrpn,blgn->blgrp", grouped, self.C).reshape(b, -1, heads, p)
+        return (y * self.decay.exp()[..., None]).flatten(2)
 
 
 def _run_segment(ssm: SSM, x: torch.Tensor, halo: torch.Tensor) -> _Segment:
@@ -228,5 +230,4 @@ def _run_segment(ssm: SSM, x: torch.Tensor, halo: torch.Tensor) -> _Segment:
     dt = F.softplus(seen["dt"] + ssm.dt_bias).clamp(*ssm.time_step_limit)
     decay = torch.cumsum(-torch.exp(ssm.A_log.float()) * dt.float(), dim=1)
     C = seen["C"].float().reshape(b, x.shape[1], ssm.n_groups, ssm.ssm_state_size)
-    C = C.repeat_interleave(ssm.nheads // ssm.n_groups, dim=2)
     return _Segment(seen["y"], seen["gate"], C, decay, unit.ssm_state)
