@@ -171,7 +171,9 @@ class RingCache(list):
     usable from its own state (the next call overwrites the same slots) --
     unless the step had to grow the buffers: the grown cache then takes them
     over and the old one is ``consumed`` (using it raises), so no cache ever
-    holds buffers its state does not describe.
+    holds buffers its state does not describe. A cache holding Mamba2 layers'
+    states (``SSMCacheUnit``, the same on every rank: :mod:`fmsring.ssm`) is
+    consumed by every step, which advances those states in place.
     """
 
     def __init__(self, layers, state: RingCacheState):
@@ -180,11 +182,24 @@ class RingCache(list):
         self.consumed = False
 
     @classmethod
-    def empty(cls, layers: int, like: torch.Tensor, shape: tuple[int, int, int, int], v_dim: int, world_size: int):
+    def empty(
+        cls,
+        layers: int,
+        like: torch.Tensor,
+        shape: tuple[int, int, int, int],
+        v_dim: int,
+        world_size: int,
+        states: Sequence[object | None] = (),
+    ):
         """A cache holding no token yet: ``layers`` pairs of zeroed K [b, capacity, kvh, d] (``shape``)
-        and V [b, capacity, kvh, ``v_dim``], dtype and device of ``like``."""
+        and V [b, capacity, kvh, ``v_dim``], dtype and device of ``like``; with ``states`` (Mamba2
+        layers' zero states, in the model's layer order, None at each attention layer), those
+        with the pairs in the attention layers' places."""
         b, capacity, kvh, d = shape
         pairs = [(like.new_zeros(b, capacity, kvh, d), like.new_zeros(b, capacity, kvh, v_dim)) for _ in range(layers)]
+        if states:
+            attention = iter(pairs)
+            pairs = [next(attention) if s is None else s for s in states]
         state = RingCacheState(0, (0,) * world_size, torch.empty(0, dtype=torch.long), capacity, new_cache_id())
         return cls(pairs, state)
 
@@ -196,23 +211,32 @@ class RingCache(list):
         )
         return cls(layers, state)
 
+    @property
+    def first_keys(self) -> torch.Tensor:
+        """The first attention layer's K buffer (a Mamba2 layer's state holds none)."""
+        return next(layer[0] for layer in self if isinstance(layer, tuple))
+
     def check_usable(self) -> None:
         if self.consumed:
             raise RuntimeError(
                 "this RingCache was grown into the cache a later step returned, which holds its tokens "
-                "now: pass that one (each step's returned cache replaces the one it was given)"
+                "now (a cache with Mamba2 layers is at every step: their states advance in place): pass "
+                "that one (each step's returned cache replaces the one it was given)"
             )
 
     def extend(self, rank: int, new_indices: Sequence[Sequence[int]], headroom: int, max_position: int) -> RingCache:
         """The cache after this step appends ``new_indices[r]`` (global indices) on rank r,
         with the largest position now ``max_position``; its buffers grown if they must."""
         state = replace(self.state.extended(rank, new_indices, headroom), max_position=max_position)
-        if state.capacity == self.state.capacity:
+        recurrent = not all(isinstance(layer, tuple) for layer in self)
+        if state.capacity == self.state.capacity and not recurrent:
             return RingCache(self, state)
         fill = self.state.fills[rank]
         grown = RingCache([], state)
         for i, layer in enumerate(self):  # one layer at a time: at most one extra layer is held
-            grown.append(tuple(allocate_layer(t[:, :fill], state.capacity) for t in layer))
+            # a Mamba2 layer's state (fmsring.ssm) is kept: the step advances it in place
+            keep = not isinstance(layer, tuple) or state.capacity == self.state.capacity
+            grown.append(layer if keep else tuple(allocate_layer(t[:, :fill], state.capacity) for t in layer))
             self[i] = None
         self.clear()
         self.consumed = True

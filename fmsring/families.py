@@ -4,9 +4,11 @@ The ring shards tokens: each rank runs the model on its share of them, at
 their global positions, and only attention reaches other ranks' tokens. That
 is exact for a model whose every module works token by token except causal
 self-attention with rotary positions. A module that carries a state along the
-sequence (a Mamba2 scan), attends both ways (an encoder), embeds an image, or
-embeds positions its own way would compute something else on a share -- at
-best a shape error deep in the forward, at worst a plausible wrong answer.
+sequence, attends both ways (an encoder), embeds an image, or embeds
+positions its own way would compute something else on a share -- at best a
+shape error deep in the forward, at worst a plausible wrong answer. Mamba2
+layers (Bamba) are the one sequence-carrying module the ring runs: their
+conv halo and scan state pass between ranks (:mod:`fmsring.ssm`).
 
 So fmsring runs a model only if every module in it is of a class it has
 checked (:data:`EXACT`). It is an allow-list, not a list of what fails: a
@@ -17,8 +19,8 @@ run instead (:func:`check`).
 
 from __future__ import annotations
 
-from fms.models import gpt_oss, granite, granite_moe_hybrid, granite_swa, llama, mistral, mixtral, qwen3
-from fms.modules import attention, embedding, feedforward, head, layernorm, positions
+from fms.models import bamba, gpt_oss, granite, granite_moe_hybrid, granite_swa, llama, mistral, mixtral, qwen3
+from fms.modules import attention, embedding, feedforward, head, layernorm, positions, ssm
 from fms.utils import activation
 from torch import nn
 
@@ -34,7 +36,10 @@ _DECODERS = (
     mixtral.Mixtral, mixtral.MixtralHeadless, mixtral.MixtralBlock,
     gpt_oss.GptOss, gpt_oss.GptOssHeadless, gpt_oss.GptOssBlock,
     granite_swa.GraniteSWA, granite_swa.GraniteSWAHeadless, granite_swa.GraniteSWABlock,
+    bamba.Bamba, bamba.BambaHeadless, bamba.BambaBlock,  # its Mamba2 layers: fmsring.ssm
 )  # fmt: skip
+# Mamba2 layers, whose conv and scan fmsring.ssm carries across the shards (ring_tp=1, no padding mask)
+_RECURRENT = (ssm.SSM, ssm.RMSNormGated, nn.Conv1d)
 # Modules that work token by token (MoE routes each token alone: no capacity, nothing dropped),
 # and the attention the ring drives.
 _PER_TOKEN = (
@@ -47,7 +52,7 @@ _PER_TOKEN = (
     nn.Embedding, embedding.TPEmbedding, nn.Linear, nn.Dropout, nn.ModuleList, nn.Identity,
     nn.SiLU, nn.GELU, nn.ReLU, nn.Tanh, activation.GELUTanh,
 )  # fmt: skip
-EXACT: frozenset[type] = frozenset(_DECODERS + _PER_TOKEN)
+EXACT: frozenset[type] = frozenset(_DECODERS + _PER_TOKEN + _RECURRENT)
 # Where a checked decoder's block keeps the sliding window it passes its attention (FMS passes a
 # window, and sinks, only to layers with sinks; the op reads both from its kwargs).
 _WINDOWS = {gpt_oss.GptOssBlock: "layer_sliding_window", granite_swa.GraniteSWABlock: "window_length"}
@@ -56,10 +61,6 @@ _WINDOWS = {gpt_oss.GptOssBlock: "layer_sliding_window", granite_swa.GraniteSWAB
 _ENCODER = "attends in both directions (an encoder): the ring runs causal decoders only"
 _VISION = "is a vision tower: the ring shards a token sequence, not an image"
 REASONS: dict[str, str] = {
-    "fms.modules.ssm.SSM": (
-        "is a Mamba2 layer: its scan carries a state along the sequence, which each rank would start "
-        "from zero on its share; fmsring does not pass that state between ranks (not implemented)"
-    ),
     "fms.modules.feedforward.TPConditionalFeedForward": (
         "is FMS's tensor-parallel MoE expert layer, whose forward does not take the router scores "
         "MOEFeedForward passes it (FMS 1.13.1): MoE models run with ring_tp=1"
@@ -90,8 +91,8 @@ def _attention_reason(attn: attention.MultiHeadAttention) -> str | None:
 def refusal(model: nn.Module) -> str | None:
     """Why the ring cannot run ``model`` exactly, naming the module; None if it can.
 
-    A module with a known reason is named first (a Mamba2 layer says more
-    than the Bamba class holding it), then any class fmsring has not checked.
+    A module with a known reason is named first (an MoE expert layer says more
+    than the Mixtral class holding it), then any class fmsring has not checked.
     """
     unchecked = []
     for path, m in model.named_modules():

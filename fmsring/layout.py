@@ -96,7 +96,7 @@ class ShardPlan:
                 return r
         raise IndexError(f"token {index} is outside a sequence of {self.seq_len}")
 
-    def _offsets(self, rank: int) -> list[tuple[int, int, int]]:
+    def offsets(self, rank: int) -> list[tuple[int, int, int]]:
         """(global start, global end, local offset) of each of rank's segments."""
         out, off = [], 0
         for s, e in self.segments[rank]:
@@ -131,7 +131,7 @@ class ShardPlan:
                     calls.append(BlockCall(0, n, 0, cached, False))
                 calls.append(BlockCall(0, n, cached, cached + n, True))
             else:
-                for qs, qe, qoff in self._offsets(rank):
+                for qs, qe, qoff in self.offsets(rank):
                     prefix = cached + sum(e - s for s, e in self.segments[src] if e <= qs)
                     if not prefix:
                         continue

@@ -17,7 +17,7 @@ import torch
 from fms.utils.headless import gather_outputs
 from torch import nn
 
-from fmsring import families
+from fmsring import families, ssm
 from fmsring import rates as device_rates
 from fmsring.attention_op import ATTN_NAME
 from fmsring.cache import DEFAULT_HEADROOM, RingCache
@@ -36,7 +36,8 @@ class LlamaRing(nn.Module):
 
     Works for the FMS decoders it runs exactly (:mod:`fmsring.families`:
     LLaMA, Granite, Mistral, Qwen3, Mixtral, gpt-oss and Granite-SWA with
-    their sinks and sliding windows; any other model is refused here), unsharded
+    their sinks and sliding windows, Bamba with its Mamba2 layers
+    (:mod:`fmsring.ssm`); any other model is refused here), unsharded
     or sharded by FMS's tensor parallelism over the strategy's TP group: the
     ring then runs on each TP rank's heads and caches its kv-heads. Call it like
     the FMS model: ``model(ids, position_ids=..., mask=..., last_n_tokens=n,
@@ -82,7 +83,9 @@ class LlamaRing(nn.Module):
         self.strategy = strategy
         self.check_inputs = check_inputs
         self.cache_headroom = cache_headroom
-        self.cuda_graphs = cuda_graphs
+        self.recurrent = ssm.has_ssm(model)  # Mamba2 layers (fmsring.ssm)
+        # FMS's Mamba2 decode step rebinds its conv state each step, which a captured graph would not see
+        self.cuda_graphs = cuda_graphs and not self.recurrent
         self.followup = followup
         self.prefill_chunk = prefill_chunk
         self.attn = attns[0]
@@ -93,6 +96,7 @@ class LlamaRing(nn.Module):
         self.graphs = DecodeGraphs()
         self.rope = RopeTables(position_encoders(model))
         self.device_rates: Rates | None = None  # measured at the first follow-up that needs them
+        ssm.make_ring(model)
         if fuse:
             fuse_elementwise(model)
         if fuse and fuse_layers:
@@ -127,10 +131,16 @@ class LlamaRing(nn.Module):
         if isinstance(past_key_value_states, RingCache):
             past_key_value_states.check_usable()  # a consumed cache is empty: it would read as no cache
         call = Call(x, position_ids, last_n_tokens, mask)
-        one_step = use_cache and bool(past_key_value_states) and x.shape[1] == 1
+        cached = use_cache and bool(past_key_value_states)
+        if self.recurrent and mask is not None:
+            raise ValueError(
+                f"ring attention cannot run {type(self.model).__name__} with a padding mask (padded batches): "
+                "its Mamba2 layers run unmasked prompts only (fmsring.ssm)"
+            )
+        one_step = cached and x.shape[1] == 1
         if self.check_inputs and not one_step:  # once per prompt or follow-up; a decode step never syncs
             check_same_on_all_ranks([x, position_ids, mask], self.strategy.model_groups)
-        if use_cache and past_key_value_states:
+        if cached:
             return self._continue(call, past_key_value_states)
         if self.prefill_chunk and x.shape[1] > self.prefill_chunk and mask is None:
             return prefill.chunked(self, call, self.prefill_chunk, use_cache)
@@ -172,6 +182,10 @@ class LlamaRing(nn.Module):
         )
         logits, layers = out if use_cache else (out, None)
         return (logits if self.narrows else gather_outputs(logits, last_n_tokens)), layers
+
+    def zero_states(self, batch: int) -> list:
+        """Per decoder layer, a zero Mamba2 state or None (attention); empty without Mamba2 layers."""
+        return ssm.zero_states(self.model, batch, next(self.model.parameters())) if self.recurrent else []
 
     def rates(self, dtype: torch.dtype) -> Rates:
         """This device's rates, measured at the first call (collective: every rank of the mesh

@@ -8,7 +8,7 @@ import torch
 from fms.modules.attention import MultiHeadAttention, TPMultiHeadAttention
 from torch import nn
 
-from fmsring import families
+from fmsring import families, ssm
 from fmsring.modes.followup import FOLLOWUP_MODES
 from fmsring.strategy import RingAttentionStrategy
 
@@ -28,6 +28,8 @@ def attention_layers(model: nn.Module, strategy: RingAttentionStrategy, followup
             f"rank(s) but the strategy's TP group has {strategy.tp_size}: load it with "
             "fmsring.get_model(..., ring_tp=...) so both come from one mesh"
         )
+    if ssm.has_ssm(model) and strategy.tp_size > 1:
+        raise ValueError(f"{name} has Mamba2 layers, which the ring runs with ring_tp=1 (fmsring.ssm)")
     if followup not in FOLLOWUP_MODES:
         raise ValueError(f"unknown ring_followup {followup!r}; choose one of {FOLLOWUP_MODES}")
     if prefill_chunk and prefill_chunk < strategy.world_size:

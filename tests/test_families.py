@@ -1,5 +1,5 @@
 """Every family FMS 1.13.1 registers, under the ring: run exactly, or refused when it is loaded
-(gpt-oss and Granite-SWA run exactly too: tests/test_sinks_windows.py).
+(gpt-oss and Granite-SWA run exactly too: tests/test_sinks_windows.py; Bamba: tests/test_bamba.py).
 
 A refusal names the layer or feature and says what to load instead -- never a shape
 error in the forward, never a silently wrong answer. Families FMS builds from a
@@ -23,10 +23,6 @@ TINY = dict(nlayers=2, nheads=4, kvheads=2, src_vocab_size=96, max_expected_seq_
 GQA = dict(emb_dim=64, head_dim=16, **TINY)
 # (architecture, variant, overrides, ring_tp): FMS's own builds, small
 REFUSED = {
-    "bamba": (
-        "bamba", "9_8b",
-        dict(GQA, attn_layer_indices=[1], mamba_n_heads=4, state_size=16, n_groups=1, chunk_size=16), 1,
-    ),
     "gpt_bigcode": ("gpt_bigcode", "micro", {}, 1),
     "roberta": ("roberta", "micro", {}, 1),
     "roberta_classification": ("roberta_classification", "base", dict(nlayers=1, emb_dim=64, nheads=4), 1),
@@ -40,7 +36,6 @@ REFUSED = {
 }  # fmt: skip
 ENCODER = "attends in both directions"
 WHY = {
-    "bamba": "layers.0.ssm (SSM) is a Mamba2 layer",
     "gpt_bigcode": "learned absolute positions",
     "roberta": ENCODER,
     "roberta_classification": ENCODER,

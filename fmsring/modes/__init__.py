@@ -74,6 +74,10 @@ class Ring(Protocol):
 
     def parameters(self) -> Iterator[torch.nn.Parameter]: ...
 
+    def zero_states(self, batch: int) -> list:
+        """Per decoder layer, a zero Mamba2 state or None (attention); empty without Mamba2 layers."""
+        ...
+
     def run(
         self,
         ids: torch.Tensor,

@@ -107,7 +107,7 @@ def step(ring: DecodeRing, call: Call, cache: RingCache) -> tuple[torch.Tensor, 
     layers = list(new_cache)
 
     def run(inp: StepInputs) -> torch.Tensor:
-        split = decode_split_kv(inp.kv_lens, layers[0][0])  # once per step, not per layer
+        split = decode_split_kv(inp.kv_lens, new_cache.first_keys)  # once per step, not per layer
         ctx = DecodeStep(st.comm, inp.write_slot, inp.kv_lens, split, inp.slot_bias, inp.slot_index, inp.query_index)
         return ring.run(inp.ids, inp.positions, layers, True, call.last_n_tokens, ctx)[0]
 

@@ -30,6 +30,7 @@ from typing import Protocol
 
 import torch
 
+from fmsring import ssm
 from fmsring.cache import RingCache
 from fmsring.comm import RingComm, all_to_all
 from fmsring.kernels import attention_with_lse, merge_stacked_auto, pack_partial_auto
@@ -199,7 +200,7 @@ def mode_for(ring: FollowupRing, n_new: int, cache: RingCache) -> str:
     """The configured mode, or the rule's choice for ``auto``."""
     if ring.followup != "auto":
         return ring.followup
-    st, attn, kv = ring.strategy, ring.attn, cache[0][0]
+    st, attn, kv = ring.strategy, ring.attn, cache.first_keys
     shape = FollowupShape(
         new_tokens=n_new,
         cached_tokens=cache.state.seq_len,
@@ -221,5 +222,6 @@ def step(ring: FollowupRing, call: Call, cache: RingCache) -> tuple[torch.Tensor
     positions, top = ring.rope.positions(x, call.position_ids, state.seq_len, state.max_position)
     new_cache = cache.extend(st.rank, new_indices, ring.cache_headroom, max(state.max_position, top))
     ctx = Followup(st.comm, plan, state.fills, mode, (state.seq_len, new_cache.state.slot_index))
-    logits, _ = run_sharded(ring, call, positions, plan, list(new_cache), True, ctx)
+    with ssm.sharded(ssm.ShardedScan(plan, st.rank, st.group)):  # Mamba2 layers go on from the cache's state
+        logits, _ = run_sharded(ring, call, positions, plan, list(new_cache), True, ctx)
     return logits, new_cache

@@ -15,6 +15,7 @@ from functools import cached_property
 
 import torch
 
+from fmsring import ssm
 from fmsring.allocator import warn_if_fragmented
 from fmsring.cache import RingCache, allocate_layer, empty_capacity, prefill_capacity
 from fmsring.comm import RingComm, sync_rng
@@ -80,7 +81,8 @@ def prefill(ring: Ring, call: Call, use_cache: bool, capacity: int = 0):
         like = next(ring.parameters())
         capacity = capacity or empty_capacity(x.shape[1], ring.cache_headroom)
         shape = (x.shape[0], capacity, attn.kvheads, attn.emb_kq_per_head)
-        cache = RingCache.empty(ring.n_layers, like, shape, attn.emb_v_per_head, st.world_size)
+        states = ring.zero_states(x.shape[0])
+        cache = RingCache.empty(ring.n_layers, like, shape, attn.emb_v_per_head, st.world_size, states)
         logits, cache = replicated.step(ring, call, cache)
         return (logits, cache) if use_cache else logits
     plan = st.plan(x.shape[1])
@@ -89,7 +91,8 @@ def prefill(ring: Ring, call: Call, use_cache: bool, capacity: int = 0):
     capacity = capacity or prefill_capacity(plan.local_lens, ring.cache_headroom)
     blocks = bias_blocks(call.mask, plan, st.rank) if call.mask is not None else None
     ctx = Prefill(st.comm, plan, capacity, blocks)
-    logits, layers = run_sharded(ring, call, positions, plan, None, use_cache, ctx)
+    with ssm.sharded(ssm.ShardedScan(plan, st.rank, st.group)):  # Mamba2 layers, where the model has them
+        logits, layers = run_sharded(ring, call, positions, plan, None, use_cache, ctx)
     warn_if_fragmented(x.device)  # once per prompt, on the host: the allocator's own counters
     if not use_cache:
         return logits

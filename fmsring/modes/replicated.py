@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fmsring import ssm
 from fmsring.cache import RingCache, RingCacheState
 from fmsring.comm import RingComm
 from fmsring.kernels import attention_with_lse, empty_partial, merge_pair_auto
@@ -111,5 +112,6 @@ def step(ring: Ring, call: Call, cache: RingCache) -> tuple[torch.Tensor, RingCa
         blocks(call, state, new_cache.state, st.rank),
         seq_index,
     )
-    logits, _ = ring.run(call.ids, positions, list(new_cache), True, call.last_n_tokens, ctx)
+    with ssm.sharded(ssm.ShardedScan.whole(call.ids.shape[1])):  # Mamba2 layers: every token, on every rank
+        logits, _ = ring.run(call.ids, positions, list(new_cache), True, call.last_n_tokens, ctx)
     return logits, new_cache

@@ -1,0 +1,188 @@
+"""Bamba (hybrid Mamba2 + attention) through the ring, exactly as FMS (:mod:`fmsring.ssm`).
+
+FMS's own Bamba, tiny (three layers, the middle one attention; Mamba2 chunks of 8 tokens, two
+groups), every weight drawn by the test, held to the unsharded FMS model of the same weights
+(float32, 1e-4): prompt logits at world sizes 1-4 and both layouts, prompts shorter and longer
+than a chunk, odd lengths, and a chunk boundary on a rank boundary; greedy ``generate()`` with
+and without cache (prefill, then FMS's Mamba2 recurrence on every rank); follow-ups on a kept
+cache (pass-KV, pass-Q, both layouts, replicated steps, chunked prefill), which go on from the
+cached state and conv window. The decays are drawn slow, so a state passed out of order or not
+at all, or a conv halo not passed, is caught by the same comparison
+(:func:`test_a_broken_state_pass_is_caught`). Padded batches and ``ring_tp`` > 1 are refused.
+
+Not against HF transformers: FMS 1.13.1's Bamba adapter does not load a small transformers 5.x
+``BambaForCausalLM`` checkpoint cleanly (shape mismatch), so the ring is held to what FMS computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from unittest import mock
+
+import pytest
+import torch
+
+from tests.distributed import run_ranks
+
+CHUNK = 8
+CONFIG = dict(
+    emb_dim=64, head_dim=16, nlayers=3, nheads=4, kvheads=2, src_vocab_size=96, max_expected_seq_len=256,
+    attn_layer_indices=[1], mamba_n_heads=8, state_size=8, n_groups=2, chunk_size=CHUNK,
+)  # fmt: skip
+
+
+def randomize(model: torch.nn.Module) -> None:
+    """Every parameter drawn afresh, the same on every rank: norm scales near 1, the rest small,
+    and A = -exp(A_log) small, so a state carries far along the sequence."""
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + name.endswith(("ln.weight", "norm.weight")))
+            if name.endswith("A_log"):
+                p.copy_(torch.log(torch.rand(p.shape, generator=gen) * 0.05 + 0.01))
+    assert not any(p.isnan().any() for p in model.parameters())
+
+
+def _models(**ring_options):
+    import fmsring
+
+    ref = fmsring.get_model("bamba", "9_8b", distributed_strategy="replicated", **CONFIG)
+    randomize(ref)
+    ring = fmsring.get_model("bamba", "9_8b", distributed_strategy="ring", **CONFIG, **ring_options)
+    ring.model.load_state_dict(ref.state_dict())
+    return ref, ring
+
+
+def _prompt_errors(rank, world, prompts, broken):
+    from fmsring import ssm
+
+    ref, _ = _models()
+    errs = {}
+    with torch.no_grad(), broken_state_pass(ssm, broken):
+        for layout in ("zigzag", "contiguous"):
+            _, ring = _models(ring_layout=layout)
+            for ids in prompts:
+                expected = ref(ids, use_cache=True)[0]
+                errs[layout, ids.shape[1]] = (ring(ids) - expected).abs().max().item()
+    return errs
+
+
+def broken_state_pass(ssm, broken: str | None):
+    """What :mod:`fmsring.ssm` passes between segments, broken on purpose: the segments chained in
+    reverse sequence order, every incoming state zero, or every conv halo zero (None: as it is)."""
+    if broken is None:
+        return contextlib.nullcontext()
+    real = ssm._by_sequence
+
+    def wrong(scan, parts):
+        segs = real(scan, parts)
+        if broken == "reversed":
+            return segs[::-1]
+        halos = parts[0].dim() == 4  # the conv tails [segments, b, conv_dim, k]; else the states
+        if halos == (broken == "zero_halo"):
+            return [(s, n, torch.zeros_like(t)) for s, n, t in segs]
+        return segs
+
+    return mock.patch.object(ssm, "_by_sequence", wrong)
+
+
+def _prompts(world: int) -> list[torch.Tensor]:
+    """Shorter than a chunk, odd and several chunks long, and one whose contiguous shards end on
+    chunk boundaries (world x chunk tokens)."""
+    lengths = [random.randrange(world, CHUNK), random.randrange(3 * CHUNK, 6 * CHUNK) | 1, world * CHUNK]
+    return [torch.randint(1, 96, (2, n)) for n in lengths]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_prompt_logits_match_fms(world):
+    for errs in run_ranks(world, _prompt_errors, _prompts(world), None):
+        assert max(errs.values()) <= 1e-4, errs
+
+
+@pytest.mark.parametrize("broken", ["reversed", "zero_state", "zero_halo"])
+def test_a_broken_state_pass_is_caught(broken):
+    """The comparison above fails when the states are chained out of order or not passed, or
+    when the conv halo is not passed."""
+    ids = torch.randint(1, 96, (2, 5 * CHUNK + 1))
+    for errs in run_ranks(3, _prompt_errors, [ids], broken):
+        assert min(errs.values()) > 1e-3, errs
+
+
+def _generate(rank, world, ids, n_new):
+    from fms.utils.generation import generate
+
+    import fmsring
+
+    ref, ring = _models()
+    kw = dict(max_seq_len=ids.shape[1] + n_new, max_new_tokens=n_new, do_sample=False)
+    out = {"fms": generate(ref, ids, use_cache=True, **kw)}
+    out["ring_cache"] = fmsring.generate(ring, ids, use_cache=True, **kw)
+    out["ring_no_cache"] = fmsring.generate(ring, ids, use_cache=False, **kw)
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_greedy_generate_matches_fms_with_and_without_cache(world):
+    ids = torch.randint(1, 96, (2, random.randrange(2 * CHUNK, 3 * CHUNK)))
+    for out in run_ranks(world, _generate, ids, CHUNK + 3):
+        assert torch.equal(out["ring_cache"], out["fms"]) and torch.equal(out["ring_no_cache"], out["fms"])
+
+
+def _followup_errors(rank, world, ids, cuts):
+    """Each way of feeding ``ids`` in pieces on a kept cache, against FMS's logits of the whole."""
+    ref, _ = _models()
+    errs = {}
+    with torch.no_grad():
+        want = ref(ids, use_cache=True)[0]
+        for name, options in {
+            "pass_kv": dict(ring_followup="pass_kv"),
+            "pass_q": dict(ring_followup="pass_q"),
+            "contiguous": dict(ring_layout="contiguous"),
+            "chunked": dict(ring_prefill_chunk=cuts[1]),
+        }.items():
+            _, ring = _models(**options)
+            if name == "chunked":
+                errs[name] = (ring(ids) - want).abs().max().item()
+                continue
+            got, cache, start = [], None, 0
+            for stop in [*cuts, ids.shape[1]]:
+                step, cache = ring(ids[:, start:stop], past_key_value_states=cache, use_cache=True)
+                got.append(step)
+                start = stop
+            errs[name] = (torch.cat(got, dim=1) - want).abs().max().item()
+    return errs
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_followups_match_fms(world):
+    """A prompt of two tokens (from three ranks on, shorter than the ring: every rank runs it
+    whole), a follow-up of several chunks, one of two tokens (replicated there), a one-token step
+    and a last follow-up: each piece's logits as FMS's over the whole; and a chunked prefill (a
+    prefill, then follow-ups)."""
+    cuts = [2, 2 + 3 * CHUNK + 1, 2 + 3 * CHUNK + 3, 2 + 3 * CHUNK + 4]
+    ids = torch.randint(1, 96, (2, cuts[-1] + random.randrange(CHUNK, 2 * CHUNK)))
+    for errs in run_ranks(world, _followup_errors, ids, cuts):
+        assert max(errs.values()) <= 1e-4, errs
+
+
+def _refusals(rank, world):
+    import fmsring
+
+    ref, ring = _models()
+    ids = torch.randint(1, 96, (1, 12))
+    said = {}
+    calls = {
+        "padded": lambda: ring(ids, mask=torch.ones(1, 12, 12, dtype=torch.bool).tril()),
+        "tp": lambda: fmsring.get_model("bamba", "9_8b", distributed_strategy="ring", ring_tp=2, **CONFIG),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError) as err:
+            call()
+        said[name] = str(err.value)
+    return said
+
+
+def test_what_is_not_supported_is_refused():
+    for said in run_ranks(2, _refusals):
+        assert "padding mask" in said["padded"] and "ring_tp=1" in said["tp"]
