@@ -33,7 +33,7 @@ class DecodeStep:
     first ``kv_lens`` slots, plus ``slot_bias`` [b, capacity] where the step
     has a padding mask (the user's mask read at each slot's token).
     ``split_kv`` is the split-KV plan every layer's attention shares (None:
-    fp32 math).
+    the masked cache through :func:`fmsring.kernels.attention_with_lse`).
 
     With no Python branch on data and static shapes, a decoder layer running
     this step can also be compiled whole (``whole_layer``:
