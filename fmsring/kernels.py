@@ -14,7 +14,7 @@ import torch
 from fmsring.fusion import fused
 from fmsring.split_kv import SplitKV, decode_splits, sm_count, split_kv
 
-# fmsring's decode kernel is Triton's; without Triton (a CPU-only torch) decode attends in fp32 math.
+# fmsring's decode kernel is Triton's; without Triton (a CPU-only torch) decode attends as any block does.
 split_kv_decode = None
 if importlib.util.find_spec("triton") is not None:
     from fmsring.decode_kernel import split_kv_decode
@@ -53,24 +53,40 @@ def attention_with_lse(
         return cudnn_attention_with_lse(q, k, v, scale, causal)
     if kernel == "efficient":
         return efficient_attention_with_lse(q, k, v, scale, causal)
+    if kernel == "cpu_flash":
+        return cpu_flash_attention_with_lse(q, k, v, scale, causal, bias)
     return math_attention_with_lse(q, k, v, scale, causal, bias)
 
 
 DECODE_ROWS = 16
 FUSED_DTYPES = (torch.bfloat16, torch.float16)
+CPU_FUSED_DTYPES = (torch.float32, *FUSED_DTYPES)
 
 
 def select_kernel(device_type: str, dtype: torch.dtype, head_dim: int, q_rows: int, causal: bool, bias: bool) -> str:
-    """Which kernel :func:`attention_with_lse` runs for a block: "cudnn", "flash", "efficient" or "math".
+    """Which kernel :func:`attention_with_lse` runs for a block: "cudnn", "flash", "efficient",
+    "cpu_flash" or "math".
 
     On CUDA without a bias, a fused kernel that returns the log-sum-exp.
     Half precision: flash for a few query rows against many keys
     (decode-like blocks), cuDNN for everything else (the fastest measured
     for prefill blocks: docs/performance.md); both take GQA K/V as they
     are. float32: PyTorch's memory-efficient kernel, the only fused one
-    that takes fp32 (what FMS's own SDPA runs in fp32). Otherwise -- a
-    bias, a CPU -- the fp32 math path, which materialises the block's scores.
+    that takes fp32 (what FMS's own SDPA runs in fp32).
+
+    On a CPU, in fp32 or half precision, PyTorch's fused CPU kernel
+    (:func:`cpu_flash_attention_with_lse`, what FMS's own SDPA runs there),
+    a bias included: the math path's result without its score matrix (a
+    4071-token causal block of SmolLM2-135M's heads: 0.14 s against 1.45 s
+    on two cores). A block with both a causal flag and a bias (no mode makes
+    one) stays on the math path, since the fused kernel cannot say which
+    rows the two hide together.
+
+    Otherwise -- a bias or a head dim over 128 on CUDA, float64, another
+    device -- the fp32 math path, which materialises the block's scores.
     """
+    if device_type == "cpu":
+        return "cpu_flash" if dtype in CPU_FUSED_DTYPES and not (causal and bias) else "math"
     if device_type != "cuda" or bias or head_dim > 128:
         return "math"
     if dtype == torch.float32:
@@ -98,7 +114,7 @@ def decode_attention_with_lse(
     slot_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a few query rows over the first ``kv_lens[i]`` slots of a
-    preallocated cache, returning (out [b, h, Lq, d] fp32, lse fp32 [b, h, Lq]).
+    preallocated cache, returning (out [b, h, Lq, d], lse fp32 [b, h, Lq]).
 
     q: [b, h, Lq, d]; caches: [b, capacity, kvh, d]; kv_lens: int32 [b] on the
     device; ``slot_bias``: an additive fp32 [b, capacity] on every query row,
@@ -106,8 +122,9 @@ def decode_attention_with_lse(
     the cache is, so a decode step built on this can be captured once as a
     CUDA graph and replayed. On CUDA with half-precision inputs it is
     :func:`split_kv_decode_with_lse` along ``plan`` (every layer of a step
-    shares one: pass it, or it is made here); otherwise fp32 math with the
-    unused slots masked.
+    shares one: pass it, or it is made here), out in fp32; otherwise
+    :func:`attention_with_lse` over the whole cache with the unused slots
+    masked by the bias: fp32 math on CUDA, the fused kernel on a CPU.
     """
     plan = plan if plan is not None else decode_split_kv(kv_lens, k_cache)
     if plan is not None:
@@ -116,12 +133,12 @@ def decode_attention_with_lse(
     unused = torch.arange(cap, device=q.device).unsqueeze(0) >= kv_lens.unsqueeze(1)
     bias = torch.zeros(b, cap, device=q.device) if slot_bias is None else slot_bias.float()
     bias = bias.masked_fill(unused, float("-inf")).unsqueeze(1)
-    return math_attention_with_lse(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), scale, bias=bias)
+    return attention_with_lse(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), scale, bias=bias)
 
 
 def decode_split_kv(kv_lens: torch.Tensor, k_cache: torch.Tensor) -> SplitKV | None:
     """The split-KV plan a decode step over caches like ``k_cache`` [b, capacity, kvh, d] runs,
-    chunked by :func:`decode_splits`; None where the step attends in fp32 math instead (not
+    chunked by :func:`decode_splits`; None where the step attends as any block does instead (not
     CUDA, not half precision, a head dim over 256, or no Triton)."""
     if split_kv_decode is None or not k_cache.is_cuda:
         return None
@@ -191,6 +208,59 @@ def efficient_attention_with_lse(
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     out, lse = op(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
     return out, lse[..., :lq]
+
+
+def cpu_flash_attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    causal: bool = False,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's fused CPU attention (flash: the scores in tiles, never the whole block's),
+    returning (out in q's dtype, lse fp32).
+
+    Shapes and semantics are :func:`math_attention_with_lse`'s: the kernel
+    takes GQA K/V as they are, aligns its causal mask top-left like the math
+    path, adds the bias in fp32 and computes in fp32 (half-precision inputs
+    round the probabilities to their dtype before the product with V, as the
+    CUDA kernels do). A block without the causal mask, whose bias (if any)
+    is one row for all, packs the query heads of each kv-head as rows of one
+    head (the math path's trick), so K/V are read once per kv-head, not once
+    per query head: what a decode step over a long cache is bound by (half
+    the time of the unpacked call over 32K slots).
+
+    Where the kernel differs from the math path, this makes it the same:
+
+    * a row the bias hides wholly comes back as out 0 but lse 0, which the
+      merge would weigh as a real partial: its lse is set to -inf;
+    * a block of no query rows or no keys kills the process (the kernel
+      divides by zero): it is the empty partial, without a call;
+    * it reads the last dim of q, k, v and the bias as contiguous whatever
+      its stride (PyTorch's SDPA checks that before dispatching; the op
+      does not): a tensor with another stride there is copied first.
+    """
+    b, h, lq, d = q.shape
+    kvh = k.shape[1]
+    if not lq or not k.shape[2]:
+        return empty_partial(q)
+    q, k, v = (_unit_stride(t) for t in (q, k, v))
+    mask = None if bias is None else _unit_stride(bias.float()).unsqueeze(1)
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if kvh < h and not causal and (bias is None or bias.shape[-2] == 1):
+        out, lse = op(q.reshape(b, kvh, h // kvh * lq, d), k, v, 0.0, False, attn_mask=mask, scale=scale)
+        out, lse = out.reshape(b, h, lq, d), lse.reshape(b, h, lq)
+    else:
+        out, lse = op(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+    if bias is not None:
+        lse = lse.masked_fill(bias.isneginf().all(-1).unsqueeze(1), float("-inf"))
+    return out, lse
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """t, copied where its last dim is not contiguous (the fused CPU kernel reads it as if it were)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def cudnn_attention_with_lse(

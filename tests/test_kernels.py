@@ -11,6 +11,7 @@ import torch
 
 from fmsring.kernels import (
     attention_with_lse,
+    cpu_flash_attention_with_lse,
     decode_attention_with_lse,
     decode_split_kv,
     math_attention_with_lse,
@@ -102,6 +103,66 @@ def test_math_path_in_row_chunks_equals_the_whole_block(monkeypatch: pytest.Monk
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-6, atol=1e-6)
 
 
+CPU_MASKS = ["none", "causal", "bias per row", "bias one row"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask", CPU_MASKS)
+@pytest.mark.parametrize("h,kvh", [(4, 4), (6, 2), (9, 3)])
+def test_cpu_fused_kernel_equals_float64_attention(dtype, mask, h, kvh):
+    """The fused CPU kernel a CPU block runs, against float64 softmax attention of the same
+    (rounded) inputs: GQA, more or fewer query rows than keys (causal too: the math path's
+    top-left mask, which on the ring's square diagonal blocks is also bottom-right's), a bias
+    per row or one for all, rows the bias hides wholly (out 0, lse -inf, as the merge reads
+    "no contribution"). float32 to 1e-5; bfloat16 rounds each probability and the output once
+    (2^-8 relative each), so out is within 2^-8 (|out| + max |v|), and its lse, accumulated in
+    fp32, within 2^-10 relative (measured: under 1e-4)."""
+    b, d = 2, random.choice([16, 64])
+    lq, lk = random.randint(1, 150), random.randint(1, 150)
+    q, k, v = (t.to(dtype) for t in random_case(h, kvh, lq, lk, b=b, d=d))
+    causal, bias = mask == "causal", None
+    full = torch.zeros(b, lq, lk, dtype=torch.float64)
+    if causal:
+        full.masked_fill_(torch.ones(lq, lk, dtype=torch.bool).triu(1), float("-inf"))
+    if mask.startswith("bias"):
+        rows = lq if mask == "bias per row" else 1
+        bias = torch.where(torch.rand(b, rows, lk) < 0.3, float("-inf"), torch.randn(b, rows, lk))
+        bias[random.randrange(b), random.randrange(rows)] = float("-inf")  # a row (or sequence) that sees no key
+        full += bias.double()
+    assert select_kernel("cpu", dtype, d, lq, causal, bias is not None) == "cpu_flash"
+    out, lse = attention_with_lse(q, k, v, d**-0.5, causal, bias)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and out.shape == q.shape and lse.shape == q.shape[:-1]
+    seen = torch.isfinite(full).any(-1).unsqueeze(1).expand(b, h, lq)
+    assert torch.isneginf(lse[~seen]).all() and (out[~seen] == 0).all()
+    ref = reference(q, k, v, d**-0.5, full.masked_fill(~seen[:, :1].transpose(1, 2), 0.0))
+    g = h // kvh
+    s = q.double() @ k.double().repeat_interleave(g, 1).transpose(-1, -2) * d**-0.5 + full.unsqueeze(1)
+    ref_lse = torch.logsumexp(s, -1)
+    err, lse_err = (out.double() - ref).abs()[seen], (lse.double() - ref_lse).abs()[seen]
+    if dtype == torch.float32:
+        assert (err < 1e-5).all() and (lse_err < 1e-5).all()
+    else:
+        assert (err <= 2**-8 * (ref.abs()[seen] + v.abs().max().item())).all()
+        assert (lse_err <= 2**-10 * ref_lse.abs()[seen].clamp_min(1.0)).all()
+
+
+def test_cpu_fused_kernel_takes_what_it_would_crash_on_or_misread():
+    """A block of no keys or no query rows is the empty partial (the kernel itself divides by zero
+    and kills the process); q, k, v or a bias whose last dim is strided (the kernel reads it as
+    contiguous) gives what contiguous copies give."""
+    q, k, v = random_case(6, 2, 9, 11)
+    for qq, kk, vv in ((q, k[:, :, :0], v[:, :, :0]), (q[:, :, :0], k, v)):
+        out, lse = cpu_flash_attention_with_lse(qq, kk, vv, 0.3, causal=True)
+        assert out.shape == qq.shape and (out == 0).all() and torch.isneginf(lse).all()
+    bias = torch.randn(2, 9, 11)
+    strided = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v, bias)]
+    assert all(t.stride(-1) != 1 for t in strided)
+    for causal, b in ((True, None), (False, strided[3])):
+        got = cpu_flash_attention_with_lse(*strided[:3], 0.3, causal, b)
+        want = cpu_flash_attention_with_lse(q, k, v, 0.3, causal, None if b is None else bias)
+        torch.testing.assert_close(got, want)
+
+
 def test_merge_stacked_matches_sequential_merge():
     W = random.randint(2, 5)
     q, k, v = random_case(4, 2, 1, 8 * W)
@@ -182,7 +243,8 @@ def test_split_kv_chunks_cover_exactly_the_used_slots_and_merge_to_the_unsplit_r
 
 def test_kernel_selection():
     """Which kernel a block runs: fused on CUDA (fp32 included) unless a bias or a head dim past 128
-    asks for the math path; a CPU always runs the math path."""
+    asks for the math path; fused on a CPU (a bias included) unless a block is causal and biased at
+    once, or in float64."""
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     assert select_kernel("cuda", bf16, 128, 4096, True, False) == "cudnn"
     assert select_kernel("cuda", fp16, 128, 8, False, False) == "flash"  # decode-like: few rows, no mask
@@ -192,7 +254,12 @@ def test_kernel_selection():
     assert select_kernel("cuda", fp32, 128, 7000, False, True) == "math"  # a padding mask
     assert select_kernel("cuda", bf16, 256, 4096, True, False) == "math"
     assert select_kernel("cuda", torch.float64, 128, 4096, True, False) == "math"
-    assert select_kernel("cpu", bf16, 128, 4096, True, False) == "math"
+    assert select_kernel("cpu", bf16, 128, 4096, True, False) == "cpu_flash"
+    assert select_kernel("cpu", fp32, 256, 1, False, True) == "cpu_flash"  # a padding mask, any head dim
+    assert select_kernel("cpu", fp16, 64, 4096, True, False) == "cpu_flash"
+    assert select_kernel("cpu", fp32, 64, 4096, True, True) == "math"  # causal and a bias at once
+    assert select_kernel("cpu", torch.float64, 64, 4096, True, False) == "math"
+    assert select_kernel("mps", fp32, 64, 4096, True, False) == "math"
 
 
 def test_split_kv_plans_refuse_what_they_do_not_fit():

@@ -180,7 +180,7 @@ def _record_kernels(rank, world, path, prompt, turn):
 
 def test_unmasked_followup_runs_fused_kernels_without_a_dense_mask(checkpoints):
     """No attention call of a follow-up carries a bias (the T x P mask of the old path), no call
-    has more query rows than a rank's share, and each would run a fused kernel on a GPU in bf16."""
+    has more query rows than a rank's share, and each would run a fused kernel in bf16, on a GPU or a CPU."""
     from fmsring.kernels import select_kernel
 
     world, n_layers = 2, 2
@@ -191,7 +191,7 @@ def test_unmasked_followup_runs_fused_kernels_without_a_dense_mask(checkpoints):
             for c in calls:
                 assert not c["bias"] and c["rows"] <= 24 // world, (mode, c)
                 assert select_kernel("cuda", torch.bfloat16, 16, c["rows"], c["causal"], c["bias"]) != "math"
-                assert select_kernel("cpu", torch.bfloat16, 16, c["rows"], c["causal"], c["bias"]) == "math"
+                assert select_kernel("cpu", torch.bfloat16, 16, c["rows"], c["causal"], c["bias"]) == "cpu_flash"
 
 
 def _rope_sizes_while_decoding(rank, world, path, ids, steps):

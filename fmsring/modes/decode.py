@@ -33,10 +33,11 @@ class DecodeStep:
     first ``kv_lens`` slots, plus ``slot_bias`` [b, capacity] where the step
     has a padding mask (the user's mask read at each slot's token).
     ``split_kv`` is the split-KV plan every layer's attention shares (None:
-    fp32 math). A model with windowed layers also gets ``slot_index``
-    [capacity] and ``query_index`` [1], the sequence indices of this rank's
-    slots and of the new token, so each windowed layer masks the slots behind
-    its window; rank 0 merges the layer's sink into its partial.
+    the masked cache through :func:`fmsring.kernels.attention_with_lse`). A
+    model with windowed layers also gets ``slot_index`` [capacity] and
+    ``query_index`` [1], the sequence indices of this rank's slots and of the
+    new token, so each windowed layer masks the slots behind its window;
+    rank 0 merges the layer's sink into its partial.
 
     With no Python branch on data and static shapes, a decoder layer running
     this step can also be compiled whole (``whole_layer``:
