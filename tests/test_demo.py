@@ -2,7 +2,9 @@
 line's ``--chat``, every reply HF transformers' token for token.
 
 It needs the demo checkpoint (``make model``; ``make test`` fetches it first): where it is
-missing the test fails with the command that fetches it, never skips.
+missing the test fails with the command that fetches it, never skips. The run itself (~40 s on two
+cores) is in the slow tier (``make test-all``): ``make test`` already holds the same model on two
+ranks to HF (tests/test_real_weights.py) and ``--chat`` to HF (tests/test_inference.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from fmsring.checkpoints import demo_checkpoint
 from fmsring.demo import QUESTIONS
@@ -24,6 +28,7 @@ def test_make_demo_runs_the_demo_module():
     assert recipe and recipe.group(1) == "$(PY) -m fmsring.demo"
 
 
+@pytest.mark.slow
 def test_demo_chats_on_two_ranks_and_every_reply_is_hf_token_for_token():
     demo_checkpoint()
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
