@@ -25,7 +25,8 @@ YES, NO, NONE = "#2ca02c", "#d62728", "#d9d9d9"  # found / missed / failed or no
 def load(run_dir: str | os.PathLike) -> pd.DataFrame:
     """A run folder's cases, one row each (its ``ok`` row, else its latest: a failed case retried on
     resume keeps its answer), in panel order, with ``panel`` naming the strategy and its ranks."""
-    df = pd.read_csv(Path(run_dir) / CSV, keep_default_na=False, na_values=[""], dtype={"answer": str, "error": str})
+    text = {c: str for c in ("needle", "answer", "error", "model", "git_sha")}  # "0042" stays a string
+    df = pd.read_csv(Path(run_dir) / CSV, keep_default_na=False, na_values=[""], dtype=text)
     for col in ("retrieved", "identical_tokens"):
         df[col] = df[col].map({True: True, False: False, "True": True, "False": False})
     df["_ok"] = df["status"].eq("ok")
@@ -73,10 +74,13 @@ def heatmap(df: pd.DataFrame, column: str, title: str, yes: str, no: str) -> Fig
         text = d.assign(_t=np.where(d["status"] != "ok", d["status"], d[column].map({True: yes, False: no})))
         text = text.pivot_table(index="depth", columns="length", values="_t", aggfunc="first")
         value, text = (t.reindex(index=depths, columns=lengths) for t in (value, text))
-        sns.heatmap(value, ax=ax, vmin=0, vmax=1, cmap=ListedColormap([NO, YES]), cbar=False, annot=text.fillna(""),
-                    fmt="", annot_kws={"size": "x-small"}, linewidths=1, linecolor="white", square=False)  # fmt: skip
-        ax.set_facecolor(NONE)
-        ax.set_title(panel, size="medium")
+        sns.heatmap(value, ax=ax, vmin=0, vmax=1, cmap=ListedColormap([NO, YES]), cbar=False, linewidths=1,
+                    linecolor="white")  # fmt: skip
+        ax.set_facecolor(NONE)  # the cells seaborn leaves empty: failed cases, or none at that length and depth
+        for (i, j), label in np.ndenumerate(text.fillna("").to_numpy()):  # seaborn writes no text in empty cells
+            color = "black" if np.isnan(value.iat[i, j]) else "white"
+            ax.text(j + 0.5, i + 0.5, label, ha="center", va="center", size="x-small", color=color)
+        ax.set_title(f"{panel}: {int(d[column].sum())}/{int(d[column].notna().sum())}", size="medium")
         ax.set_xticklabels([tokens(n) for n in lengths], rotation=0)
         ax.set_yticklabels([f"{d:g}%" for d in depths], rotation=0)
         ax.set_xlabel("prompt tokens")
