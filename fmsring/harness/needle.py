@@ -107,11 +107,15 @@ class NeedleConfig:
 
     def problems(self) -> list[str]:
         """Everything wrong with this config, each said once; [] when it can run."""
-        out = [f"unknown strategy {s!r} (among {', '.join(STRATEGIES)})" for s in self.strategies if s not in STRATEGIES]
+        out = [
+            f"unknown strategy {s!r} (among {', '.join(STRATEGIES)})" for s in self.strategies if s not in STRATEGIES
+        ]
         out += [f"a depth is 0 to 100 (percent), got {d}" for d in self.depths if not 0 <= d <= 100]
         out += [f"a world size is a positive integer, got {w!r}" for w in self.world_sizes if
                 not isinstance(w, int) or w < 1]  # fmt: skip
-        if not (self.strategies and self.lengths and self.depths and ("ring" not in self.strategies or self.world_sizes)):
+        if not (
+            self.strategies and self.lengths and self.depths and ("ring" not in self.strategies or self.world_sizes)
+        ):
             out.append("the grid is empty: name strategies, lengths, depths (and world_sizes for ring)")
         if self.device not in ("cpu", "cuda") or self.dtype not in ("float32", "bfloat16", "float16"):
             out.append(f"device is cpu or cuda and dtype float32, bfloat16 or float16; got {self.device}, {self.dtype}")
@@ -304,7 +308,9 @@ def worker(run_dir: Path, strategy: str) -> None:
     if strategy == "ring":
         maybe_init_dist(cfg.device, timeout_s=cfg.timeout_s, alone=True)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cfg.device == "cuda" else torch.device("cpu")
+    device = (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cfg.device == "cuda" else torch.device("cpu")
+    )
     tokenizer = AutoTokenizer.from_pretrained(cfg.checkpoint)
     done = finished(run_dir)
     cases = [c for c in Haystack(tokenizer, cfg.seed).cases(cfg.lengths, cfg.depths)
@@ -349,7 +355,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m fmsring.harness.needle", description=__doc__.split("\n\n")[0])
     p.add_argument("--params", help="a YAML file of NeedleConfig fields (notebooks/needle.ipynb's parameters)")
     p.add_argument("--print-run-dir", action="store_true", help="print the run folder the config names, and exit")
-    p.add_argument("--worker", nargs=2, metavar=("RUN_DIR", "STRATEGY"), help="one launch's rank (run_needle starts it)")
+    p.add_argument(
+        "--worker", nargs=2, metavar=("RUN_DIR", "STRATEGY"), help="one launch's rank (run_needle starts it)"
+    )
     args = p.parse_args(argv)
     if args.worker:
         return record(worker)(Path(args.worker[0]), args.worker[1])  # an exception: torchrun's error file

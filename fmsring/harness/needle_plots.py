@@ -33,7 +33,9 @@ def load(run_dir: str | os.PathLike) -> pd.DataFrame:
     df = df.sort_values("_ok", kind="stable").groupby(KEY, sort=False).tail(1).drop(columns="_ok")
     ranks = "GPU" if (df["device"] == "cuda").any() else "rank"
     names = {"single": "FMS unsharded", "hf": "HF transformers"}
-    df["panel"] = [names.get(s) or f"ring, {w} {ranks}{'s' if w > 1 else ''}" for s, w in zip(df.strategy, df.world_size)]
+    df["panel"] = [
+        names.get(s) or f"ring, {w} {ranks}{'s' if w > 1 else ''}" for s, w in zip(df.strategy, df.world_size)
+    ]
     df["_order"] = df["strategy"].map({"single": 0, "hf": 1, "ring": 2})
     return df.sort_values(["_order", "world_size", "length", "depth"]).drop(columns="_order").reset_index(drop=True)
 
@@ -85,7 +87,7 @@ def heatmap(df: pd.DataFrame, column: str, title: str, yes: str, no: str) -> Fig
         ax.set_yticklabels([f"{d:g}%" for d in depths], rotation=0)
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel("needle depth" if ax is axes[0][0] else "")
-    handles = [Patch(color=YES, label=yes), Patch(color=NO, label=no), Patch(color=NONE, label="failed (status written)")]
+    handles = [Patch(color=c, label=t) for c, t in ((YES, yes), (NO, no), (NONE, "failed (status written)"))]
     fig.legend(handles=handles, loc="lower center", ncol=3, bbox_to_anchor=(0.5, -0.02), frameon=False)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
@@ -97,11 +99,9 @@ def figures(df: pd.DataFrame, out_dir: str | os.PathLike | None = None) -> dict[
     """The run's heatmaps by name (``retrieval``; ``identical`` where the unsharded model ran), each
     saved to ``out_dir`` as PNG and PDF."""
     model = ", ".join(df["model"].dropna().unique())
-    figs = {
-        "retrieval": heatmap(df, "retrieved", f"Needle in a haystack: {model}, greedy answers", "found", "missed"),
-        "identical": heatmap(df, "identical_tokens", f"{model}: answer tokens against FMS unsharded", "identical",
-                             "different"),  # fmt: skip
-    }
+    figs = {"retrieval": heatmap(df, "retrieved", f"Needle in a haystack: {model}, greedy answers", "found", "missed"),
+            "identical": heatmap(df, "identical_tokens", f"{model}: answer tokens against FMS unsharded", "identical",
+                                 "different")}  # fmt: skip
     figs = {name: fig for name, fig in figs.items() if fig is not None}
     for name, fig in figs.items() if out_dir is not None else ():
         Path(out_dir).mkdir(parents=True, exist_ok=True)

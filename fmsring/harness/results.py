@@ -37,7 +37,7 @@ SHOWN = {  # column -> header; a column no row of a table fills is left out
 
 FORMATS = {"seq_len": analysis.tokens, "cached_len": analysis.tokens, "rel_err": "{:.1e}".format,
            "x_floor": "{:.2f}".format, "cache_gain": "{:.2f}".format, "batch": "{:g}".format, "padding": "{:g}".format,
-           "max logit diff": "{:.1e}".format}
+           "max logit diff": "{:.1e}".format}  # fmt: skip
 
 
 def _cell(col: str, v) -> str:
