@@ -69,7 +69,7 @@ class NeedleConfig:
     """
 
     model_path: str = ""
-    lengths: list = field(default_factory=lambda: [1024, 2048, 4096, 8160])
+    lengths: list = field(default_factory=lambda: [1024, 4096])
     depths: list = field(default_factory=lambda: [0, 50, 100])
     strategies: list = field(default_factory=lambda: ["single", "ring"])
     world_sizes: list = field(default_factory=lambda: [2])
@@ -119,8 +119,11 @@ class NeedleConfig:
             out.append("the grid is empty: name strategies, lengths, depths (and world_sizes for ring)")
         if self.device not in ("cpu", "cuda") or self.dtype not in ("float32", "bfloat16", "float16"):
             out.append(f"device is cpu or cuda and dtype float32, bfloat16 or float16; got {self.device}, {self.dtype}")
-        elif self.device == "cuda" and not _cuda_count():
-            out.append("device cuda, but torch sees no GPU")
+        elif self.device == "cuda":
+            import torch  # here: reading a run's rows (needle_plots, results) needs no torch
+
+            if not torch.cuda.is_available():
+                out.append("device cuda, but torch sees no GPU")
         if self.max_new_tokens < 1 or self.timeout_s <= 0:
             out.append("max_new_tokens and timeout_s must be positive")
         config = self.checkpoint / "config.json"
@@ -131,12 +134,6 @@ class NeedleConfig:
         if too_long:
             out.append(f"lengths {too_long} plus {self.max_new_tokens} new tokens pass the model's context ({context})")
         return out
-
-
-def _cuda_count() -> int:
-    import torch
-
-    return torch.cuda.device_count()
 
 
 # ----------------------------------------------------------------------------- the run (the notebook's process)
@@ -213,9 +210,7 @@ def _launch(cfg: NeedleConfig, run_dir: Path, strategy: str, world: int, todo: l
     except _Stalled:
         returncode, timed_out, seconds = None, True, math.nan
     poll(final=True)
-    done = {(r["strategy"], int(r["world_size"]), int(r["length"]), float(r["depth"]))
-            for r in read_rows(results, offset) if r["status"] == "ok"}  # fmt: skip
-    left = [c for c in todo if (strategy, world, *c) not in done]
+    left = [c for c in todo if (strategy, world, *c) not in finished(run_dir)]
     if left:
         status, error = launch.failure_reason(error_file, returncode, timed_out, cfg.timeout_s)
         rows = [{"strategy": strategy, "world_size": world, "length": n, "depth": d, "status": status, "error": error,

@@ -59,8 +59,9 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def heatmap(df: pd.DataFrame, column: str, title: str, yes: str, no: str) -> Figure | None:
-    """``column`` (True/False) over length (x) and depth (y), a panel per strategy; cells of failed
-    cases grey with their status, of cases not compared grey and empty. None where no row has it."""
+    """``column`` (True/False) over length (x) and depth (y), a panel per strategy, its count in the
+    title; cells of failed cases grey with their status, of cases not run grey and empty. None where
+    no row has ``column``."""
     df = df[df[column].notna() | (df["status"] != "ok")]
     if not df[column].notna().any():
         return None
@@ -87,7 +88,7 @@ def heatmap(df: pd.DataFrame, column: str, title: str, yes: str, no: str) -> Fig
         ax.set_yticklabels([f"{d:g}%" for d in depths], rotation=0)
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel("needle depth" if ax is axes[0][0] else "")
-    handles = [Patch(color=c, label=t) for c, t in ((YES, yes), (NO, no), (NONE, "failed (status written)"))]
+    handles = [Patch(color=c, label=t) for c, t in ((YES, yes), (NO, no), (NONE, "failed (status written) or not run"))]
     fig.legend(handles=handles, loc="lower center", ncol=3, bbox_to_anchor=(0.5, -0.02), frameon=False)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
