@@ -84,7 +84,7 @@ class NeedleConfig:
 
     def __post_init__(self):
         self.lengths = [parse_seq_len(n) for n in self.lengths]
-        self.depths = [float(d) if float(d) != int(float(d)) else int(float(d)) for d in self.depths]
+        self.depths = [int(d) if d.is_integer() else d for d in map(float, self.depths)]  # 50, not 50.0, in rows
 
     @classmethod
     def names(cls) -> list[str]:

@@ -121,23 +121,24 @@ def test_the_table_and_heatmaps_of_a_run(tmp_path: Path):
     assert set(needle_plots.figures(df)) == {"retrieval"}
 
 
-# slow: four launches (FMS, HF, ring at 1 and 2 ranks) of the demo model, ~2-3 minutes on 2 cores
+# slow: three launches (FMS, HF, ring at 2 ranks) of the demo model, minutes on 2 shared cores
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_the_notebook_end_to_end(tmp_path: Path):
     run_dir = tmp_path / "runs" / "nb"
     run_dir.mkdir(parents=True)
     done = papermill(
         str(NOTEBOOKS / "needle.ipynb"), str(run_dir / "needle.ipynb"), "-p", "out_dir", str(tmp_path / "runs"),
         "-p", "name", "nb", "-y", "lengths: [200, 400]", "-y", "depths: [0, 100]",
-        "-y", "strategies: [single, ring, hf]", "-y", "world_sizes: [1, 2]", "-p", "max_new_tokens", "24",
-        timeout=900,
+        "-y", "strategies: [single, ring, hf]", "-y", "world_sizes: [2]", "-p", "max_new_tokens", "24",
+        timeout=1500,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     rows = read_rows(run_dir / CSV)
-    assert len(rows) == 16 and {r["status"] for r in rows} == {"ok"}
+    assert len(rows) == 12 and {r["status"] for r in rows} == {"ok"}
     assert {r["identical_tokens"] for r in rows if r["strategy"] != "single"} == {"True"}  # the ring is exact
     assert all(float(r["logits_max_abs_diff"]) < 1e-3 for r in rows if r["strategy"] != "single")
-    assert sum(r["retrieved"] == "True" for r in rows) >= 8  # the demo model finds most needles this short
+    assert sum(r["retrieved"] == "True" for r in rows) >= 6  # the demo model finds most needles this short
     assert all(int(r["prompt_tokens"]) <= int(r["length"]) and r["git_sha"] for r in rows)
     for name in ("retrieval", "identical"):
         assert (run_dir / "figures" / f"{name}.png").exists() and (run_dir / "figures" / f"{name}.pdf").exists()
@@ -145,12 +146,12 @@ def test_the_notebook_end_to_end(tmp_path: Path):
     images = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 2
     params = json.loads((run_dir / "params.json").read_text())
-    assert params["config"]["lengths"] == [200, 400] and len(params["sessions"][-1]["launches"]) == 4
+    assert params["config"]["lengths"] == [200, 400] and len(params["sessions"][-1]["launches"]) == 3
 
     # the same notebook again: every case has its row, so nothing is launched and nothing is added
     again = papermill(str(NOTEBOOKS / "needle.ipynb"), str(tmp_path / "again.ipynb"), "-p", "out_dir",
                       str(tmp_path / "runs"), "-p", "name", "nb", "-y", "lengths: [200, 400]", "-y", "depths: [0, 100]",
-                      "-y", "strategies: [single, ring, hf]", "-y", "world_sizes: [1, 2]", "-p", "max_new_tokens", "24")  # fmt: skip
+                      "-y", "strategies: [single, ring, hf]", "-y", "world_sizes: [2]", "-p", "max_new_tokens", "24")  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
-    assert len(read_rows(run_dir / CSV)) == 16
+    assert len(read_rows(run_dir / CSV)) == 12
     assert json.loads((run_dir / "params.json").read_text())["sessions"][-1]["launches"] == []
