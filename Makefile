@@ -8,6 +8,8 @@
 #   make analysis                               one figure set per run folder under runs/ (and runs/local/)
 #   make analysis RUNS="runs/a runs/b"          compare runs, a panel per run
 #   make results                                docs/results.md from the committed runs' CSVs
+#   make needle                                 needle in a haystack: the demo model on CPU, ring at 2 ranks beside FMS unsharded
+#   make needle PARAMS=my_grid.yaml             any notebooks/needle.ipynb parameters (lengths, depths, world_sizes, model_path)
 #
 # Sweep settings not given keep notebooks/run.ipynb's defaults (or PARAMS's values).
 # Everything generated here goes under runs/local/ (git-ignored); runs/README.md says how to commit a run.
@@ -29,7 +31,7 @@ RUNS ?=
 
 PAPERMILL := $(PY) -m papermill -k python3 --log-level WARNING
 
-.PHONY: help venv model demo test test-all test-gpu sweep analysis results kernel notebooks clean-venv
+.PHONY: help venv model demo test test-all test-gpu sweep analysis results needle kernel notebooks clean-venv
 
 help: ## list the targets
 	@echo "targets:"
@@ -89,11 +91,17 @@ analysis: venv ## run notebooks/analysis.ipynb: figures per run in ANALYSIS_DIR/
 results: venv ## render docs/results.md from the committed runs' CSVs (runs/*/results*.csv)
 	$(PY) -m fmsring.harness.results
 
+needle: venv model ## needle in a haystack (notebooks/needle.ipynb) on CPU with the demo model; PARAMS=file.yaml: other parameters
+	@set -e; run="$$($(PY) -m fmsring.harness.needle --print-run-dir $(if $(PARAMS),--params '$(PARAMS)'))"; mkdir -p "$$run"; \
+	if ! $(PAPERMILL) notebooks/needle.ipynb "$$run/needle.ipynb" $(if $(PARAMS),-f '$(PARAMS)'); then \
+		echo "needle failed: see $$run/needle.ipynb and $$run/logs/" >&2; exit 1; fi; \
+	echo "results: $$run/needle.csv"; echo "plots:   $$run/figures/"; ls "$$run/figures" | sed 's/^/  /'
+
 kernel: venv ## register this venv as the Jupyter kernel "fmsring" (for interactive use; user-wide)
 	$(PY) -m ipykernel install --user --name fmsring --display-name "Python (fmsring)"
 
 notebooks: venv ## regenerate the .ipynb files from their paired notebooks/*.py (outputs stripped)
-	$(PY) -m jupytext --update --to ipynb notebooks/run.py notebooks/analysis.py
+	$(PY) -m jupytext --update --to ipynb notebooks/run.py notebooks/analysis.py notebooks/needle.py
 
 clean-venv: ## delete .venv
 	rm -rf $(VENV)

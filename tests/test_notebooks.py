@@ -34,7 +34,7 @@ def parameter_names(source: str) -> list[str]:
     return [n.target.id for n in ast.parse(source).body if isinstance(n, ast.AnnAssign)]
 
 
-@pytest.mark.parametrize("name", ["run", "analysis"])
+@pytest.mark.parametrize("name", ["run", "analysis", "needle"])
 def test_paired_and_stripped(name: str):
     ipynb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     py = jupytext.read(NOTEBOOKS / f"{name}.py")
@@ -62,6 +62,17 @@ def test_help_notebook_lists_every_parameter():
     listed = {line.split(":")[0].strip() for line in out.stdout.splitlines() if line.startswith("  ") and ":" in line}
     assert set(names) <= listed, set(names) - listed
     assert "processes (GPUs) per launch" in out.stdout  # the help comments come through
+
+
+def test_the_needle_notebook_parameters_are_the_config_defaults():
+    """notebooks/needle.ipynb's parameters are NeedleConfig's fields with its defaults, in its order
+    (make needle reads the run folder from the config; the notebook runs it)."""
+    from fmsring.harness.needle import NeedleConfig
+
+    source = parameters_cell(nbformat.read(NOTEBOOKS / "needle.ipynb", as_version=4))
+    values = {n.target.id: ast.literal_eval(n.value) for n in ast.parse(source).body}
+    assert list(values) == NeedleConfig.names()
+    assert NeedleConfig(**values) == NeedleConfig()
 
 
 FIGURES = ("latency_prefill", "speedup_prefill", "efficiency_prefill", "max_prompt_prefill", "decode_per_token",

@@ -1,8 +1,9 @@
 """Starting, watching and stopping one benchmark launch: the torchrun (one node) or
 srun + torchrun (a Slurm allocation, c10d rendezvous) command line, a process
-tree that is killed whole on timeout or interrupt (psutil), and a one-line reason
-for a launch that left points unfinished, read from torchrun's error file (the
-first failed rank's exception, which the bench's ``main`` records).
+tree that is killed whole on timeout or interrupt (psutil) or when the process
+that started it dies, and a one-line reason for a launch that left points
+unfinished, read from torchrun's error file (the first failed rank's exception,
+which the bench's ``main`` records).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +26,9 @@ from pathlib import Path
 import psutil
 
 LAUNCHERS = ("torchrun", "srun")
+# Linux's prctl, looked up here: a launch's child only calls it (nothing loaded between fork and exec)
+_PRCTL = __import__("ctypes").CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+_PR_SET_PDEATHSIG = 1
 _SOURCE_ROOT = Path(os.path.abspath(__file__)).parents[2]
 
 
@@ -116,7 +121,8 @@ def run_launch(
     with open(out_log, "w") as fo, open(err_log, "w") as fe:
         fo.write("# " + shlex.join(cmd) + "\n")
         fo.flush()
-        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                preexec_fn=_die_with_parent)  # fmt: skip
         try:
             deadline = t0 + timeout_s
             while True:
@@ -135,6 +141,14 @@ def run_launch(
             kill_tree(proc, grace_s)
             raise
     return Outcome(returncode, timed_out, round(time.monotonic() - t0, 2))
+
+
+def _die_with_parent() -> None:
+    """In a launch's first process, before it runs: SIGTERM it when the process that started it dies.
+    A notebook kernel killed outright (papermill's timeout, a kernel restart) runs no cleanup, and
+    its launch would run on; torchrun stops its ranks on SIGTERM (Linux only; elsewhere nothing)."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def kill_tree(proc: subprocess.Popen, grace_s: float = 5.0) -> None:

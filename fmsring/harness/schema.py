@@ -94,25 +94,29 @@ def row_key(row: dict[str, Any]) -> Point | None:
         return None
 
 
-def check_header(path: str | os.PathLike | None) -> None:
-    """Refuse a CSV whose header is not COLUMNS: rows would land under the wrong names."""
+def check_header(path: str | os.PathLike | None, columns: tuple[str, ...] = COLUMNS) -> None:
+    """Refuse a CSV whose header is not ``columns``: rows would land under the wrong names."""
     if not path or not os.path.exists(path) or os.path.getsize(path) == 0:
         return
     with open(path, newline="") as fh:
         header = next(csv.reader([fh.readline()]), [])
-    if tuple(header) != COLUMNS:
-        raise ValueError(
-            f"{path} has other columns than fmsring.harness.schema.COLUMNS (an older schema?); write to a new file"
-        )
+    if tuple(header) != columns:
+        raise ValueError(f"{path} has other columns than this writer's (an older schema?); write to a new file")
 
 
-def append_rows(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+def append_rows(path: str | os.PathLike, rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> None:
     """Append ``rows`` in one write under an exclusive lock, the header first into an empty
-    file, never glued onto a torn last line. Bench ranks and the sweep both write this way,
-    so a row is either wholly in the file or not at all."""
+    file, never glued onto a torn last line. Bench ranks, the sweep and the needle runs all
+    write this way, so a row is either wholly in the file or not at all.
+
+    Args:
+        path: the CSV file.
+        rows: dicts by column name; a missing or None value is written empty.
+        columns: the file's header (default: the bench's :data:`COLUMNS`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    check_header(path)
+    check_header(path, columns)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -123,11 +127,11 @@ def append_rows(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
                 f.seek(size - 1)
                 if f.read(1) != b"\n":
                     buf.write("\n")
-        writer = csv.DictWriter(buf, fieldnames=list(COLUMNS), extrasaction="ignore")
+        writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
         if size == 0:
             writer.writeheader()
         for r in rows:
-            writer.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in COLUMNS})
+            writer.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in columns})
         if buf.getvalue():
             os.write(fd, buf.getvalue().encode())
     finally:

@@ -1,4 +1,4 @@
-"""Synthetic run folders for the analysis tests: results.csv rows with plausible defaults."""
+"""Synthetic run folders for the analysis tests: results.csv rows with plausible defaults, and a needle run's."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fmsring.harness.schema import AS_SHIPPED, COLUMNS
+from fmsring.harness import needle
+from fmsring.harness.schema import AS_SHIPPED, COLUMNS, append_rows
 
 GPU = "NVIDIA H100 80GB HBM3"
 
@@ -32,6 +33,25 @@ def write_run(root: Path, name: str, rows: list[dict], decode_tokens: int = 32, 
     pd.DataFrame(rows, columns=columns).to_csv(run / csv, index=False)
     (run / "params.json").write_text(json.dumps({"config": {"decode_tokens": decode_tokens}}))
     return run
+
+
+def write_needle_run(run_dir: Path, with_single: bool = True, timestamp: str = "2026-12-04T00:00:00+00:00") -> None:
+    """A needle run's needle.csv: two lengths x two depths, FMS unsharded, ring at 2 ranks (a miss, a
+    different answer) and at 4 (a case that failed, then finished on resume; another that failed for good)."""
+    rows = []
+    for strategy, world in [("single", 1), ("ring", 2), ("ring", 4)][0 if with_single else 1 :]:
+        for length in (1024, 2048):
+            for depth in (0, 100):
+                found = not (strategy == "ring" and world == 2 and length == 2048 and depth == 0)
+                same = None if strategy == "single" else not (world == 2 and length == 1024 and depth == 100)
+                rows.append({"strategy": strategy, "world_size": world, "length": length, "depth": depth,
+                             "prompt_tokens": length - 5, "needle": "a-b-1234", "answer": "a-b-1234" if found else "no",
+                             "retrieved": found, "identical_tokens": same, "logits_max_abs_diff": None if same is None else 2e-5,
+                             "prefill_s": length / 1000, "status": "ok"})  # fmt: skip
+    failed = {"strategy": "ring", "world_size": 4, "depth": 0, "status": "error", "error": "exit code 1"}
+    rows = rows[:-4] + [failed | {"length": 1024}] + rows[-4:-2] + [failed | {"length": 2048}] + rows[-1:]
+    provenance = {"model": "smol", "device": "cpu", "dtype": "float32", "git_sha": "0123456789", "timestamp": timestamp}
+    append_rows(run_dir / needle.CSV, [r | provenance for r in rows], needle.COLUMNS)
 
 
 def sweep_rows(device: str = "cuda", **kw) -> list[dict]:

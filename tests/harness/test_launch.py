@@ -38,6 +38,30 @@ def test_run_launch_times_out_and_kills(tmp_path: Path):
     assert (tmp_path / "o.log").read_text().startswith("# ")  # the command heads its log
 
 
+# a notebook's kernel, say: it starts a launch, then is killed outright (no cleanup of its own runs)
+STARTER = """
+import sys
+from pathlib import Path
+from fmsring.harness import launch
+launch.run_launch([sys.executable, "-c", "import time; time.sleep(600)"], {}, Path(sys.argv[1]) / "o.log",
+                  Path(sys.argv[1]) / "e.log", timeout_s=600, grace_s=1)
+"""
+
+
+def test_a_launch_dies_with_the_process_that_started_it(tmp_path: Path):
+    starter = subprocess.Popen([sys.executable, "-c", STARTER, str(tmp_path)], env=launch.child_env({}))
+    deadline = time.monotonic() + 60
+    while not psutil.Process(starter.pid).children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (child,) = psutil.Process(starter.pid).children()
+    starter.kill()
+    starter.wait()
+    gone, alive = psutil.wait_procs([child], timeout=30)
+    for p in alive:  # leave nothing behind when it fails
+        p.kill()
+    assert gone, "the launch outlived the process that started it"
+
+
 def error_file(tmp_path: Path, message: str) -> Path:
     path = tmp_path / "error.json"  # what torch.distributed.elastic's record writes
     path.write_text(json.dumps({"message": {"message": message, "extraInfo": {"py_callstack": "..."}}}))

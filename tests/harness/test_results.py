@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fmsring.harness import results
-from tests.harness.synthetic_runs import row, write_run
+from tests.harness.synthetic_runs import row, write_needle_run, write_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,3 +73,21 @@ def test_a_small_run_renders_to_the_expected_tables(tmp_path: Path):
 """
     assert f"prefill:\n\n{prefill}" in body and f"decode (ms per token):\n\n{decode}" in body
     assert f"followup:\n\n{followup}" in body
+
+
+def test_a_needle_run_renders_as_its_strategies_table(tmp_path: Path):
+    write_run(tmp_path, "bench", [row("single", 1, 1024, latency_ms=10.0)])
+    (tmp_path / "needle").mkdir()
+    write_needle_run(tmp_path / "needle")
+    text = results.render(tmp_path)
+    assert text.index("## needle") < text.index("## bench")  # newest first, by the rows' timestamps
+    table = """\
+`needle.csv`: needle in a haystack; smol; cpu; float32; code 0123456
+
+| strategy | cases | found | identical tokens | max logit diff | median prefill s | failed |
+| --- | ---: | --- | --- | ---: | ---: | ---: |
+| FMS unsharded | 4 | 4/4 | - |  | 1.536 | 0 |
+| ring, 2 ranks | 4 | 3/4 | 3/4 | 2.0e-05 | 1.536 | 0 |
+| ring, 4 ranks | 4 | 3/3 | 3/3 | 2.0e-05 | 1.024 | 1 |
+"""
+    assert table in text
