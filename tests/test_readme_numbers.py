@@ -120,6 +120,9 @@ def test_each_run_is_named_with_its_card():
     for section in sections():
         for folder in set(FOLDER.findall(section)):
             rows = run_values(folder)[2]
+            if "gpu_name" not in rows:  # a CPU run (the needle's rows name the device only)
+                assert set(rows["device"]) == {"cpu"} and "CPU" in section, f"runs/{folder} is quoted without CPU"
+                continue
             card = rows["gpu_name"].iloc[0].removeprefix("NVIDIA ").split()[0]
             named = f"{int(rows['gpu_count'].iloc[0])}x {card}"
             assert named in section, f"runs/{folder} is quoted without its card ({named})"
