@@ -73,8 +73,7 @@ class Peer:
 
     def _build(self) -> nn.Module:
         model = fms.models.get_model(**model_args(self.cfg), distributed_strategy="tp" if self.sharded else "none")
-        if self.sharded and self.cfg.model_path is None and self.cfg.check:
-            copy_full_weights(model, self.cfg, self.env)
+        seed_weights(model, self.cfg, self.env, self.sharded)
         return fuse_elementwise(model) if self.variant.tuned else model
 
     def context(self) -> contextlib.AbstractContextManager:
@@ -149,8 +148,7 @@ class Ring(Peer):
         cfg = self.cfg
         model = fmsring.get_model(**model_args(cfg), distributed_strategy="ring", ring_layout=cfg.layout,
                                   ring_check_inputs=False, **self.variant.ring_kwargs)  # fmt: skip
-        if self.variant.ring_tp > 1 and cfg.model_path is None and cfg.check:
-            copy_full_weights(model.model, cfg, self.env)
+        seed_weights(model.model, cfg, self.env, sharded=self.variant.ring_tp > 1)
         return model
 
     def context(self) -> contextlib.AbstractContextManager:
@@ -169,19 +167,51 @@ def make_peer(variant: Variant, cfg: BenchConfig, env: DistEnv) -> Peer:
     return PEERS[variant.strategy](variant, cfg, env)
 
 
+def seed_weights(model: nn.Module, cfg: BenchConfig, env: DistEnv, sharded: bool) -> None:
+    """The run's random weights (none with a checkpoint): drawn from the seed, or for a TP-sharded
+    model with the check on, the whole model's draw sharded by FMS (:func:`copy_full_weights`)."""
+    if cfg.model_path is not None:
+        return
+    if sharded and cfg.check:
+        copy_full_weights(model, cfg, env)
+    else:
+        draw_weights(model, cfg.seed)
+
+
+def draw_weights(model: nn.Module, seed: int) -> None:
+    """Every parameter drawn afresh from ``seed``, the same in every peer whatever FMS drew.
+
+    FMS 1.13.1's random init leaves some parameters as uninitialised memory (Mamba2's
+    ``A_log``, ``dt_bias``, ``D``, conv and projections; gpt-oss's norms and expert biases),
+    which made Bamba's and gpt-oss's logits NaN. Matrices get N(0, 1/fan_in), norm scales,
+    ``D`` and ``dt_bias`` 1, ``A_log`` FMS's own log(1..heads), biases and sinks 0.
+    """
+    gens: dict[torch.device, torch.Generator] = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            gen = gens.setdefault(p.device, torch.Generator(p.device).manual_seed(seed))
+            if leaf == "A_log":
+                p.copy_(torch.arange(1, p.numel() + 1, device=p.device).log().view_as(p))
+            elif p.dim() > 1:
+                p.normal_(0.0, p.shape[-1] ** -0.5, generator=gen)
+            else:
+                p.fill_(1.0 if leaf in ("weight", "D", "dt_bias") else 0.0)
+
+
 def copy_full_weights(tp_model: nn.Module, cfg: BenchConfig, env: DistEnv) -> None:
     """Give a TP-sharded model (tp, or ring with ring_tp) the unsharded model's random
     weights, sharded by FMS's own loader.
 
-    FMS initialises each TP shard with its own random draw, so without this TP
-    would run a different network and the exactness check would be meaningless.
+    Each TP shard drawn on its own would be a different network, and the exactness
+    check meaningless.
     Without the check (a model too large to build whole on one GPU) the shards
     keep their own draws: the same shapes, the same time.
     """
     from fms.utils import serialization
 
-    torch.manual_seed(cfg.seed)
     full = fms.models.get_model(**model_args(cfg), distributed_strategy="none")
+    draw_weights(full, cfg.seed)
     state = dict(full.state_dict())
     del full
     serialization.load_state_dict_into_model(model=tp_model, state_dict=state, architecture=cfg.architecture,
