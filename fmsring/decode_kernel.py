@@ -7,7 +7,7 @@ of which a GQA kv-head's decode step fills 4, and every chunk must be a
 sequence of its own. Here one program reads one chunk of one kv-head's cache
 for every query row that shares it (GQA packed: the K/V bytes are read once),
 keeps a 16-row tile, and writes that chunk's (out, lse); fmsring's one merge
-(:func:`fmsring.kernels.merge_split`) combines the chunks exactly.
+(:func:`fmsring.merge.merge_split`) combines the chunks exactly.
 
 The chunks are whatever the caller's plan says -- where each starts in its
 sequence's cache and how many slots it uses -- so they follow the cache's fill,

@@ -1,8 +1,6 @@
-"""Blockwise attention that also returns the log-sum-exp, and the exact merge.
-
-Ring attention sees one K/V block at a time, so each block's softmax is
-partial; carrying the log-sum-exp (lse) of every query row lets partial
-results be combined exactly, in any order, in fp32.
+"""Blockwise attention that also returns the log-sum-exp, so that partial
+results can be merged exactly (:mod:`fmsring.merge`): one kernel choice for
+every block a mode attends.
 """
 
 from __future__ import annotations
@@ -12,6 +10,7 @@ import importlib.util
 import torch
 
 from fmsring.fusion import fused
+from fmsring.merge import finite_lse, merge_split
 from fmsring.split_kv import SplitKV, decode_splits, sm_count, split_kv
 
 # fmsring's decode kernel is Triton's; without Triton (a CPU-only torch) decode attends as any block does.
@@ -26,11 +25,6 @@ def empty_partial(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         torch.zeros(q.shape, dtype=torch.float32, device=q.device),
         torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device),
     )
-
-
-def _finite(lse: torch.Tensor) -> torch.Tensor:
-    """lse with -inf (rows that saw no key) as 0, so exp(x - it) gives 0 instead of nan."""
-    return lse.masked_fill(lse == float("-inf"), 0.0)
 
 
 def attention_with_lse(
@@ -52,7 +46,7 @@ def attention_with_lse(
     if kernel == "cudnn":
         return cudnn_attention_with_lse(q, k, v, scale, causal)
     if kernel == "efficient":
-        return efficient_attention_with_lse(q, k, v, scale, causal)
+        return efficient_attention_with_lse(q, k, v, scale, causal, bias)
     if kernel == "cpu_flash":
         return cpu_flash_attention_with_lse(q, k, v, scale, causal, bias)
     return math_attention_with_lse(q, k, v, scale, causal, bias)
@@ -60,7 +54,7 @@ def attention_with_lse(
 
 DECODE_ROWS = 16
 FUSED_DTYPES = (torch.bfloat16, torch.float16)
-CPU_FUSED_DTYPES = (torch.float32, *FUSED_DTYPES)
+ANY_FUSED_DTYPES = (torch.float32, *FUSED_DTYPES)  # some fused kernel on CPU and CUDA takes these
 
 
 def select_kernel(device_type: str, dtype: torch.dtype, head_dim: int, q_rows: int, causal: bool, bias: bool) -> str:
@@ -82,17 +76,20 @@ def select_kernel(device_type: str, dtype: torch.dtype, head_dim: int, q_rows: i
     one) stays on the math path, since the fused kernel cannot say which
     rows the two hide together.
 
-    Otherwise -- a bias or a head dim over 128 on CUDA, float64, another
-    device -- the fp32 math path, which materialises the block's scores.
+    A block with a bias on CUDA (a padded batch's mask, a window's band)
+    takes the memory-efficient kernel too, the only fused one that adds a
+    bias and returns the log-sum-exp; with a causal flag as well it stays on
+    the math path, as on a CPU.
+
+    Otherwise -- a head dim over 128 on CUDA, float64, another device -- the
+    fp32 math path, which materialises the block's scores.
     """
     if device_type == "cpu":
-        return "cpu_flash" if dtype in CPU_FUSED_DTYPES and not (causal and bias) else "math"
-    if device_type != "cuda" or bias or head_dim > 128:
+        return "cpu_flash" if dtype in ANY_FUSED_DTYPES and not (causal and bias) else "math"
+    if device_type != "cuda" or head_dim > 128 or dtype not in ANY_FUSED_DTYPES or (causal and bias):
         return "math"
-    if dtype == torch.float32:
+    if dtype == torch.float32 or bias:
         return "efficient"
-    if dtype not in FUSED_DTYPES:
-        return "math"
     return "flash" if q_rows <= DECODE_ROWS and not causal else "cudnn"
 
 
@@ -178,36 +175,50 @@ def split_kv_decode_with_lse(
     return merge_split_auto(out.view(splits, b, kvh, g, lq, d), lse.view(splits, b, kvh, g, lq))
 
 
-def merge_split(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunks' partials [S, b, kvh, g, lq, (d)] merged into fp32 (out [b, h, lq, d], lse [b, h, lq])."""
-    _, b, kvh, g, lq, d = outs.shape
-    total = torch.logsumexp(lses, dim=0)
-    out = (outs.float() * torch.exp(lses - _finite(total)).unsqueeze(-1)).sum(dim=0)
-    return out.reshape(b, kvh * g, lq, d), total.reshape(b, kvh * g, lq)
-
-
 def efficient_attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = False
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    causal: bool = False,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch's memory-efficient fused attention in fp32, returning (out, lse fp32).
+    """PyTorch's memory-efficient fused attention, returning (out, lse fp32): fp32 blocks, and
+    blocks with a bias (additive, [b or 1, Lq, Lk], never with ``causal``).
 
     The kernel takes no GQA. A block without the causal mask packs the
-    query heads of each kv-head as rows of one head (the math path's trick),
-    so K/V are read as they are; a causal block, whose mask follows the row
-    index, gets K/V expanded to every query head -- one block's worth, never
-    the whole ring's. Its lse is padded to a multiple of 32 rows: cut.
+    query heads of each kv-head as rows of one head (the math path's trick;
+    the bias's rows repeat once per head), so K/V are read as they are; a
+    causal block, whose mask follows the row index, gets K/V expanded to
+    every query head -- one block's worth, never the whole ring's. Its lse
+    is padded to a multiple of 32 rows: cut. The bias is read in q's dtype,
+    its key dim padded to a multiple of 16 (the kernel's alignment) with
+    masked keys; a row it hides wholly comes back as the empty partial.
     """
     b, h, lq, d = q.shape
     kvh = k.shape[1]
     g = h // kvh
     op = torch.ops.aten._scaled_dot_product_efficient_attention
+    mask = None
+    if bias is not None:
+        pad = -k.shape[2] % 16
+        k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (k, v))
+        mask = torch.nn.functional.pad(bias, (0, pad), value=float("-inf")).to(q.dtype)
     if g > 1 and not causal:
-        out, lse = op(q.reshape(b, kvh, g * lq, d), k, v, None, True, 0.0, False, scale=scale)[:2]
-        return out.reshape(b, h, lq, d), lse[..., : g * lq].reshape(b, h, lq)
-    if g > 1:
-        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    out, lse = op(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
-    return out, lse[..., :lq]
+        if mask is not None:
+            mask = mask.repeat(1, g, 1).unsqueeze(1).expand(b, kvh, -1, -1)
+        out, lse = op(q.reshape(b, kvh, g * lq, d), k, v, mask, True, 0.0, False, scale=scale)[:2]
+        out, lse = out.reshape(b, h, lq, d), lse[..., : g * lq].reshape(b, h, lq)
+    else:
+        if g > 1:
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        mask = None if mask is None else mask.unsqueeze(1).expand(b, h, -1, -1)
+        out, lse = op(q, k, v, mask, True, 0.0, causal, scale=scale)[:2]
+        lse = lse[..., :lq]
+    if bias is not None:
+        dead = bias.isneginf().all(-1).unsqueeze(1)
+        out, lse = out.masked_fill(dead.unsqueeze(-1), 0.0), lse.masked_fill(dead, float("-inf"))
+    return out, lse
 
 
 def cpu_flash_attention_with_lse(
@@ -337,58 +348,9 @@ def _math_rows(
     if bias is not None:
         scores.add_(bias.float().unsqueeze(1).unsqueeze(1))
     lse = torch.logsumexp(scores, dim=-1)
-    probs = scores.sub_(_finite(lse).unsqueeze(-1)).exp_()
+    probs = scores.sub_(finite_lse(lse).unsqueeze(-1)).exp_()
     out = torch.matmul(probs.view(b, kvh, g * lq, lk), v.float()).view(b, h, lq, d)
     return out, lse.view(b, h, lq)
 
 
-def merge_into(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, blk_lse: torch.Tensor) -> None:
-    """Fold one block's (out, lse) into the running (out, lse), in place, in fp32.
-
-    out: [..., Lq, d], lse: [..., Lq]. Exact: the result equals attention over
-    the union of both key sets, whatever the order blocks arrive in.
-    """
-    new_lse = torch.logaddexp(lse, blk_lse)
-    ref = _finite(new_lse)
-    out.mul_(torch.exp(lse - ref).unsqueeze(-1)).addcmul_(blk_out, torch.exp(blk_lse - ref).unsqueeze(-1))
-    lse.copy_(new_lse)
-
-
-def merge_pair(
-    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two partial results merged in fp32, returned in out_a's dtype with their lse.
-
-    When a query row only ever gets two partials, this is the whole merge:
-    one fp32 computation and one rounding, as with an fp32 accumulator, but
-    without one. :data:`merge_pair_auto` runs it as one fused kernel on CUDA.
-    """
-    lse = torch.logaddexp(lse_a, lse_b)
-    ref = _finite(lse)
-    out = out_a.float() * torch.exp(lse_a - ref).unsqueeze(-1) + out_b.float() * torch.exp(lse_b - ref).unsqueeze(-1)
-    return out.to(out_a.dtype), lse
-
-
-def merge_stacked(outs: torch.Tensor, lses: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Merge partial results stacked on dim 0 (one per rank) into one output,
-    in ``dtype`` (default: the outs' dtype).
-
-    outs: [W, ..., Lq, d], lses: [W, ..., Lq]. Every rank merges the same
-    stack in the same order, so all ranks get bit-identical results.
-    """
-    total = torch.logsumexp(lses, dim=0)
-    ref = _finite(total)
-    return (outs * torch.exp(lses - ref).unsqueeze(-1)).sum(dim=0).to(dtype or outs.dtype)
-
-
-def pack_partial(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """(out [..., d], lse [...]) as one fp32 tensor [..., d + 1]: what one
-    collective carries so a decode step's shards can be merged."""
-    return torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1)
-
-
-# One fused kernel each on CUDA; a decode step is mostly one small kernel after another.
-merge_pair_auto = fused(merge_pair)
-merge_stacked_auto = fused(merge_stacked)
 merge_split_auto = fused(merge_split)
-pack_partial_auto = fused(pack_partial)

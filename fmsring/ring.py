@@ -17,14 +17,8 @@ import torch
 import torch.distributed as dist
 
 from fmsring.comm import RingComm
-from fmsring.kernels import (
-    attention_with_lse,
-    empty_partial,
-    merge_into,
-    merge_pair_auto,
-    merge_stacked_auto,
-    pack_partial_auto,
-)
+from fmsring.kernels import attention_with_lse, empty_partial
+from fmsring.merge import merge_into, merge_pair_auto, merge_stacked_auto, pack_partial_auto
 from fmsring.layout import ShardPlan
 from fmsring.windows import LayerAttention, windowed_calls
 
@@ -81,7 +75,7 @@ class Partials:
 
     A row's first partial is stored as is. When no row gets more than two
     partials (``pairwise``), the second is merged straight into the query
-    dtype by :func:`fmsring.kernels.merge_pair` -- one fp32 computation, one
+    dtype by :func:`fmsring.merge.merge_pair` -- one fp32 computation, one
     rounding -- so no fp32 accumulator is held or streamed through; otherwise
     an fp32 accumulator takes any number of merges. Rows that no key reaches
     read as "no contribution" (out 0, lse -inf).

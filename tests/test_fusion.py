@@ -26,7 +26,7 @@ from fmsring.fusion import (
     chunk_feedforward,
     fuse_elementwise,
 )
-from fmsring.kernels import merge_stacked, merge_stacked_auto, pack_partial, pack_partial_auto
+from fmsring.merge import merge_stacked, merge_stacked_auto, pack_partial, pack_partial_auto
 from tests.distributed import run_ranks
 from tests.tiny_checkpoint import VOCAB, fms_model, hf_model
 

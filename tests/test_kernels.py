@@ -15,13 +15,10 @@ from fmsring.kernels import (
     decode_attention_with_lse,
     decode_split_kv,
     math_attention_with_lse,
-    merge_into,
-    merge_pair,
-    merge_split,
-    merge_stacked,
     select_kernel,
     split_kv_decode_with_lse,
 )
+from fmsring.merge import merge_into, merge_pair, merge_split, merge_stacked
 from fmsring.split_kv import TILE_SLOTS, split_kv, split_kv_chunks
 
 
@@ -251,7 +248,9 @@ def test_kernel_selection():
     assert select_kernel("cuda", bf16, 128, 8, True, False) == "cudnn"
     assert select_kernel("cuda", fp32, 128, 7000, True, False) == "efficient"
     assert select_kernel("cuda", fp32, 128, 1, False, False) == "efficient"
-    assert select_kernel("cuda", fp32, 128, 7000, False, True) == "math"  # a padding mask
+    assert select_kernel("cuda", fp32, 128, 7000, False, True) == "efficient"  # a padding mask
+    assert select_kernel("cuda", bf16, 64, 128, False, True) == "efficient"  # a window's band
+    assert select_kernel("cuda", bf16, 64, 128, True, True) == "math"  # causal and a bias at once
     assert select_kernel("cuda", bf16, 256, 4096, True, False) == "math"
     assert select_kernel("cuda", torch.float64, 128, 4096, True, False) == "math"
     assert select_kernel("cpu", bf16, 128, 4096, True, False) == "cpu_flash"

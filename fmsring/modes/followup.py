@@ -33,7 +33,8 @@ import torch
 from fmsring import ssm
 from fmsring.cache import RingCache
 from fmsring.comm import RingComm, all_to_all
-from fmsring.kernels import attention_with_lse, merge_stacked_auto, pack_partial_auto
+from fmsring.kernels import attention_with_lse
+from fmsring.merge import merge_stacked_auto, pack_partial_auto
 from fmsring.layout import ShardPlan
 from fmsring.modes import Call, Ring, run_sharded
 from fmsring.rates import Rates

@@ -15,7 +15,8 @@ import torch
 from fmsring import ssm
 from fmsring.cache import RingCache, RingCacheState
 from fmsring.comm import RingComm
-from fmsring.kernels import attention_with_lse, empty_partial, merge_pair_auto
+from fmsring.kernels import attention_with_lse, empty_partial
+from fmsring.merge import merge_pair_auto
 from fmsring.masks import additive, mask_at_slots
 from fmsring.modes import Call, Ring
 from fmsring.ring import merge_shards
