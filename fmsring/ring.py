@@ -20,7 +20,7 @@ from fmsring.comm import RingComm
 from fmsring.kernels import attention_with_lse, empty_partial
 from fmsring.merge import merge_into, merge_pair_auto, merge_stacked_auto, pack_partial_auto
 from fmsring.layout import ShardPlan
-from fmsring.windows import LayerAttention, windowed_calls
+from fmsring.windows import LayerAttention, windowed_blocks
 
 # torch has named this collective both ways; take the one this torch has.
 _all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
@@ -165,9 +165,7 @@ def pass_kv(
                 acc.add(0, q.shape[2], *attention_with_lse(q, block[0], block[1], scale, bias=bias))
             continue
         calls = plan.block_calls(rank, src, cached[src])
-        for c, bias in windowed_calls(calls, layer, index[rank], index[src], q.device):
-            keys, values = block[0, :, :, c.k_lo : c.k_hi], block[1, :, :, c.k_lo : c.k_hi]
-            blk = attention_with_lse(q[:, :, c.q_lo : c.q_hi], keys, values, scale, causal=c.causal, bias=bias)
+        for c, blk in windowed_blocks(q, block[0], block[1], scale, calls, layer, index[rank], index[src]):
             acc.add(c.q_lo, c.q_hi, *blk)
     return layer.add_sink(*acc.result())[0]
 

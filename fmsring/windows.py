@@ -19,11 +19,13 @@ other one with a window). Its math op (``sdpa_with_sinks``) defines them:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
+from fmsring.kernels import attention_with_lse
 from fmsring.layout import BlockCall
 
 Seen = Literal["all", "none", "some"]
@@ -71,30 +73,83 @@ class LayerAttention:
         return torch.zeros(hidden.shape, device=hidden.device).masked_fill_(hidden, float("-inf")).unsqueeze(0)
 
 
-def windowed_calls(
+@dataclass(frozen=True)
+class Band:
+    """A straddled block cut into tiles of query rows, each with only the keys its rows can see.
+
+    ``rows`` [n, tile]: each tile's query rows (the last one repeated to fill the last tile),
+    ``cols`` [n, span]: each tile's key rows, ``bias`` [n, tile, span]: additive fp32, 0 where
+    the query sees the key (within the window, not after it), -inf elsewhere and on the
+    padding columns of tiles that see fewer than ``span`` keys.
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    bias: torch.Tensor
+
+
+def band(layer: LayerAttention, q_index: torch.Tensor, k_index: torch.Tensor, device: torch.device | str) -> Band:
+    """The tiles of a block that ``layer``'s window straddles (queries at sequence indices
+    ``q_index``, keys at ``k_index``: host, ascending). A tile of t query rows sees at most
+    t + w - 1 keys, so with t about w the block costs ~2w keys per query, not its width."""
+    w, lq = layer.window, len(q_index)
+    tile = min(-(-lq // 32) * 32, -(-max(w, 64) // 32) * 32)
+    rows = torch.arange(-(-lq // tile) * tile).clamp_max(lq - 1).view(-1, tile)
+    qi = q_index[rows]
+    lo = torch.searchsorted(k_index, qi[:, 0] - w, right=True)
+    hi = torch.searchsorted(k_index, qi[:, -1].contiguous(), right=True)
+    cols = lo.unsqueeze(1) + torch.arange(max(int((hi - lo).max()), 1))
+    kept = cols < hi.unsqueeze(1)
+    cols = cols.clamp_max(len(k_index) - 1)
+    q, k = qi.to(device).unsqueeze(2), k_index[cols].to(device).unsqueeze(1)
+    hidden = (k <= q - w) | (k > q) | ~kept.to(device).unsqueeze(1)
+    bias = torch.zeros(hidden.shape, device=device).masked_fill_(hidden, float("-inf"))
+    return Band(rows.to(device), cols.to(device), bias)
+
+
+def band_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, tiles: Band
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [b, h, Lq, d] over k, v [b, kvh, Lk, d] tile by tile (:func:`band`), every
+    tile in one batched call with its bias (a fused kernel that takes one: the memory-efficient
+    kernel on CUDA, the flash kernel on a CPU). Returns (out, lse) of the block's query rows."""
+    b, h, lq, d = q.shape
+    n, tile = tiles.rows.shape
+
+    def tiled(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # [b, heads, n * x, d] -> [b * n, heads, x, d]
+        t = t.index_select(2, index.flatten())
+        return t.view(b, t.shape[1], n, -1, d).transpose(1, 2).reshape(b * n, t.shape[1], -1, d)
+
+    out, lse = attention_with_lse(
+        tiled(q, tiles.rows), tiled(k, tiles.cols), tiled(v, tiles.cols), scale, bias=tiles.bias.repeat(b, 1, 1)
+    )
+    out = out.view(b, n, h, tile, d).transpose(1, 2).reshape(b, h, n * tile, d)[:, :, :lq]
+    return out, lse.view(b, n, h, tile).transpose(1, 2).reshape(b, h, n * tile)[:, :, :lq]
+
+
+def windowed_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
     calls: tuple[BlockCall, ...],
     layer: LayerAttention,
     q_index: torch.Tensor | None,
     k_index: torch.Tensor | None,
-    device: torch.device | str,
-) -> list[tuple[BlockCall, torch.Tensor | None]]:
-    """``calls`` through ``layer``'s window: each with None (attend as planned) or a bias. A call
-    the window hides wholly is dropped; one it straddles loses the keys behind every query's
-    window and gets the band (window and causality, by sequence index) as its bias, so a window
-    of w costs about w keys per query, not the prompt. ``q_index``/``k_index``: host int tensors,
-    the sequence indices of the query rows and key rows the calls index, ascending (every layout
-    stores a rank's tokens, and the cache its slots, in sequence order)."""
-    if not layer.window:
-        return [(c, None) for c in calls]
-    assert q_index is not None and k_index is not None
-    out = []
+) -> Iterator[tuple[BlockCall, tuple[torch.Tensor, torch.Tensor]]]:
+    """Each of ``calls`` attended through ``layer``'s window: (call, its rows' (out, lse)). A call
+    the window hides wholly is skipped, one it wholly shows is attended as planned, one it
+    straddles tile by tile (:func:`band_attention`), so a window of w costs about 2w keys per
+    query, not the prompt. ``q_index``/``k_index``: host int tensors, the sequence indices of the
+    rows of q and of k, v, ascending (every layout stores a rank's tokens, and the cache its
+    slots, in sequence order); None without a window."""
     for c in calls:
-        qi, ki = q_index[c.q_lo : c.q_hi], k_index[c.k_lo : c.k_hi]
-        seen = layer.sees(int(qi[0]), int(qi[-1]), int(ki[0]), int(ki[-1]))
+        rows, keys, values = q[:, :, c.q_lo : c.q_hi], k[:, :, c.k_lo : c.k_hi], v[:, :, c.k_lo : c.k_hi]
+        seen = "all"
+        if layer.window:
+            qi, ki = q_index[c.q_lo : c.q_hi], k_index[c.k_lo : c.k_hi]
+            seen = layer.sees(int(qi[0]), int(qi[-1]), int(ki[0]), int(ki[-1]))
         if seen == "all":
-            out.append((c, None))
+            yield c, attention_with_lse(rows, keys, values, scale, c.causal)
         elif seen == "some":
-            skip = int(torch.searchsorted(ki, int(qi[0]) - layer.window, right=True))
-            kept = BlockCall(c.q_lo, c.q_hi, c.k_lo + skip, c.k_hi, False)
-            out.append((kept, layer.bias(qi.to(device), ki[skip:].to(device), c.causal)))
-    return out
+            yield c, band_attention(rows, keys, values, scale, band(layer, qi, ki, q.device))

@@ -156,8 +156,8 @@ def test_padded_batch_followup_matches_hf(checkpoints):
 
 def _record_kernels(rank, world, path, prompt, turn):
     """The attention calls of one unmasked follow-up, per forced mode."""
-    import fmsring.modes.followup
     import fmsring.ring
+    import fmsring.windows
     from fmsring.kernels import attention_with_lse
 
     calls = []
@@ -166,8 +166,8 @@ def _record_kernels(rank, world, path, prompt, turn):
         calls.append({"rows": q.shape[2], "keys": k.shape[2], "causal": causal, "bias": bias is not None})
         return attention_with_lse(q, k, v, scale, causal, bias)
 
-    fmsring.modes.followup.attention_with_lse = recording
-    fmsring.ring.attention_with_lse = recording
+    fmsring.windows.attention_with_lse = recording  # every block a mode plans
+    fmsring.ring.attention_with_lse = recording  # a masked prefill's
     out = {}
     for mode in ("pass_kv", "pass_q"):
         ring = fms_model(path, torch.float32, "ring", ring_followup=mode)

@@ -182,32 +182,57 @@ def test_a_dropped_sink_or_a_window_off_by_one_fails_the_comparison(fault):
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 def test_window_block_calls_cover_the_band_and_skip_the_rest(layout):
-    """Every rank's prefill calls under a window, composed into one dense mask, are exactly the
-    causal band (key j seen by query i iff i - w < j <= i); no call kept is wholly hidden, and the
-    keys attended grow with the window, not the prompt (O(n w) work, not O(n^2))."""
+    """Every rank's prefill calls under a window, composed into one dense mask (a straddled call
+    tile by tile), are exactly the causal band (key j seen by query i iff i - w < j <= i); no tile
+    kept is wholly hidden, and the keys attended grow with the window, not the prompt."""
     from fmsring.layout import ShardPlan
-    from fmsring.windows import LayerAttention, windowed_calls
+    from fmsring.windows import LayerAttention, band
 
-    world, n, window = random.randrange(2, 5), random.randrange(200, 400), random.randrange(1, 12)
+    world, n, window = random.randrange(2, 5), random.randrange(1500, 3000), random.randrange(1, 100)
     plan, layer = ShardPlan.build(n, world, layout), LayerAttention(None, window)
     index = [plan.index_tensor(r) for r in range(world)]
     seen, work = torch.zeros(n, n, dtype=torch.bool), 0
     for rank in range(world):
         for src in range(world):
-            for c, bias in windowed_calls(plan.block_calls(rank, src), layer, index[rank], index[src], "cpu"):
+            for c in plan.block_calls(rank, src):
                 q, k = index[rank][c.q_lo : c.q_hi], index[src][c.k_lo : c.k_hi]
-                block = torch.ones(len(q), len(k), dtype=torch.bool)
-                if c.causal:
-                    block = block.tril()
-                if bias is not None:
-                    block &= bias[0] == 0
-                assert block.any(), (rank, src, c)
-                seen[q.unsqueeze(1), k.unsqueeze(0)] |= block
-                work += len(q) * len(k)
+                kind = layer.sees(int(q[0]), int(q[-1]), int(k[0]), int(k[-1]))
+                if kind == "all":
+                    block = torch.ones(len(q), len(k), dtype=torch.bool)
+                    seen[q.unsqueeze(1), k.unsqueeze(0)] |= block.tril() if c.causal else block
+                    work += len(q) * len(k)
+                elif kind == "some":
+                    tiles = band(layer, q, k, "cpu")
+                    assert (tiles.bias == 0).any(), (rank, src, c)
+                    for rows, cols, bias in zip(tiles.rows, tiles.cols, tiles.bias):
+                        r, col = (bias == 0).nonzero(as_tuple=True)  # padding repeats rows and columns, hidden
+                        seen[q[rows[r]], k[cols[col]]] = True
+                        work += bias.numel()
     i, j = torch.arange(n).unsqueeze(1), torch.arange(n).unsqueeze(0)
     assert torch.equal(seen, (j <= i) & (j > i - window))
-    chunk = -(-n // (2 * world))  # the largest block a layout makes
-    assert work <= n * (window + 2 * chunk), (work, n, window, chunk)
+    assert work <= n * (3 * max(window, 64) + 64), (work, n, window, world, layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_band_attention_equals_the_masked_block(dtype):
+    """A straddled block attended tile by tile gives the dense block's (out, lse) under the band
+    mask, GQA, batch 2, keys that start before or inside the window of the first query."""
+    from fmsring.kernels import math_attention_with_lse
+    from fmsring.windows import LayerAttention, band, band_attention
+
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    window, lq, lk = (int(torch.randint(lo, hi, (), generator=gen)) for lo, hi in ((1, 200), (1, 300), (1, 400)))
+    layer = LayerAttention(None, window)
+    k_index = torch.arange(lk) + int(torch.randint(0, 50, (), generator=gen))
+    q_index = torch.arange(lq) + int(k_index[-1]) - lq + 1 + int(torch.randint(0, 3, (), generator=gen))
+    q = torch.randn(2, 6, lq, 16, generator=gen).to(dtype)
+    k, v = (torch.randn(2, 3, lk, 16, generator=gen).to(dtype) for _ in range(2))
+    out, lse = band_attention(q, k, v, 0.25, band(layer, q_index, k_index, "cpu"))
+    want, want_lse = math_attention_with_lse(q, k, v, 0.25, bias=layer.bias(q_index, k_index, causal=True))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-4, msg=f"seed {seed}")
+    torch.testing.assert_close(out.float(), want.float(), rtol=tol, atol=tol, msg=f"seed {seed}")
 
 
 def _compiled_decode_errors(rank, world, ids, n_new):

@@ -33,13 +33,12 @@ import torch
 from fmsring import ssm
 from fmsring.cache import RingCache
 from fmsring.comm import RingComm, all_to_all
-from fmsring.kernels import attention_with_lse
 from fmsring.merge import merge_stacked_auto, pack_partial_auto
 from fmsring.layout import ShardPlan
 from fmsring.modes import Call, Ring, run_sharded
 from fmsring.rates import Rates
 from fmsring.ring import Partials, RingBuffers, heads_major, pass_kv, ring_blocks, to_query_layout
-from fmsring.windows import LayerAttention, windowed_calls
+from fmsring.windows import LayerAttention, windowed_blocks
 
 FOLLOWUP_MODES = ("auto", "pass_kv", "pass_q")
 
@@ -137,16 +136,8 @@ def pass_q(
         q = q_in.transpose(1, 2)
         acc = Partials(q, pairwise=True)  # per source: the cache and the own causal block at most
         q_index = start + plan.index_tensor(src) if layer.window else None
-        calls = windowed_calls(plan.block_calls(src, rank, cached[rank]), layer, q_index, k_index, q.device)
-        for c, bias in calls:
-            blk = attention_with_lse(
-                q[:, :, c.q_lo : c.q_hi],
-                keys[:, :, c.k_lo : c.k_hi],
-                values[:, :, c.k_lo : c.k_hi],
-                scale,
-                c.causal,
-                bias,
-            )
+        calls = plan.block_calls(src, rank, cached[rank])
+        for c, blk in windowed_blocks(q, keys, values, scale, calls, layer, q_index, k_index):
             acc.add(c.q_lo, c.q_hi, *blk)
         out, lse = layer.add_sink(*acc.result()) if src == rank else acc.result()
         parts[src, :, :, : q.shape[2]] = pack_partial_auto(out, lse)
