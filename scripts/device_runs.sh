@@ -38,6 +38,9 @@
 #           at world 1: prefill 8K/32K/128K, decode 8K/32K/128K (32 greedy tokens), follow-ups 32K+1K
 #           and 128K+8K. Run each section in the old tree and the new one on one machine (cd OLD &&
 #           bash NEW/scripts/device_runs.sh same-prefill OUT/old) and compare the two CSVs
+# families  Bamba-9.8B and gpt-oss-20b shapes beside FMS's own model (single) at world 1: a window
+#           layer's attention against a full layer's at 32K (scripts/profile_windows.py), Bamba prefill
+#           and decode at 32K and 128K, gpt-oss prefill at 8K and 32K and the ring's decode at 32K
 #
 # fp32 and interconnect take PEERS=ring,tp,torch_cp to leave out `single` (and the check against
 # it): the same section on fewer GPUs of the same machine (CUDA_VISIBLE_DEVICES=0,1) appending to
@@ -49,12 +52,13 @@ mkdir -p "$out"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 nproc=$(python3 -c "import torch; print(torch.cuda.device_count())")
 status=0
+architecture=llama
 variant=3-8b
 peers=${PEERS:-single,ring,tp,torch_cp}
 unchecked=$([[ $peers == *single* ]] || echo --no-check)
 factors=$(python3 -c "print(','.join(str(t) for t in range(1, $nproc + 1) if $nproc % t == 0))")  # every cp x tp
 bench() {
-    torchrun --standalone --nproc_per_node="$nproc" -m fmsring.bench --architecture llama --variant "$variant" \
+    torchrun --standalone --nproc_per_node="$nproc" -m fmsring.bench --architecture "$architecture" --variant "$variant" \
         --device cuda --dtype bfloat16 "$@" 2>&1 | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log"
     local rc=${PIPESTATUS[0]}
     if [ "$rc" != 0 ]; then
@@ -160,6 +164,16 @@ same-followup)
         bench --strategies single,ring --phases followup --cached-lens "${pair%%:*}" --seq-lens "${pair##*:}" \
             --no-followup-recompute --no-check --repeats 3 --warmup 1 --out "$out/results.csv"
     done
+    ;;
+families)
+    python3 scripts/profile_windows.py "$out" 32768 128 2>&1 | tee -a "$out/bench_$section.log" || status=1
+    architecture=bamba variant=9_8b
+    bench --strategies single,ring --phases prefill,decode --seq-lens 32K,128K --decode-tokens 16 --repeats 2 \
+        --warmup 1 --out "$out/results.csv"
+    architecture=gpt_oss variant=20b
+    bench --strategies single,ring --phases prefill --seq-lens 8K,32K --repeats 2 --warmup 1 --out "$out/results.csv"
+    bench --strategies ring --phases decode --seq-lens 32K --decode-tokens 16 --repeats 1 --warmup 1 --no-check \
+        --out "$out/results.csv"
     ;;
 ladder70b)
     variant=70b

@@ -206,6 +206,7 @@ def test_python_example(ckpt, references, tmp_path):
     assert out == 2 * (tok.decode(hf_greedy(hf, tok(prompt).input_ids, n_new)) + "\n")
 
 
+@pytest.mark.slow  # fmsring.generate's own cover of a long prompt is in make test: test_errors
 def test_python_example_keeps_a_prompt_longer_than_fms_default_window(ckpt, references, tmp_path):
     """FMS's generate feeds only a prompt's last 4096 tokens unless told; the README's example feeds
     all of a longer one (RoPE grown past the checkpoint's 64 positions): HF's tokens on the whole prompt."""

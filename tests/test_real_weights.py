@@ -3,7 +3,8 @@
 Random weights prove the ring exact; a trained model is where a user would notice if it were not
 (peaked softmaxes, large activations, tied embeddings). A prompt of ~1K tokens of real prose, cut at
 a random place of Python's language reference (a different cut every run, by the test's seed), is
-run at 2 and 4 ranks in both layouts: the logits must match HF transformers' and the unsharded FMS
+run at 2 ranks in the contiguous layout and at 4 in zigzag (each layout at every world size on
+random weights: test_model): the logits must match HF transformers' and the unsharded FMS
 model's, and greedy generation must give HF's tokens. A missing model fails, saying how to fetch it.
 """
 
@@ -18,7 +19,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fmsring
 from fmsring.checkpoints import demo_checkpoint
-from fmsring.layout import LAYOUTS
 from tests.distributed import run_ranks
 
 NEW_TOKENS = 12
@@ -34,18 +34,15 @@ def real_text_prompt(tokenizer, n_tokens: int) -> list[int]:
     return ids[:n_tokens]
 
 
-def _ring(rank: int, world: int, path: str, ids: list[int], positions: list[int]) -> dict:
-    out = {}
+def _ring(rank: int, world: int, path: str, layout: str, ids: list[int], positions: list[int]) -> tuple:
     x = torch.tensor([ids])
-    for layout in LAYOUTS:
-        model = fmsring.get_model(
-            "hf_pretrained", model_path=path, data_type=torch.float32, distributed_strategy="ring", ring_layout=layout
-        )
-        with torch.no_grad():
-            logits = model(x)[0, positions]
-            tokens = fmsring.generate(model, x, max_new_tokens=NEW_TOKENS, use_cache=True, do_sample=False)
-        out[layout] = (logits, tokens[0, len(ids) :].tolist())
-    return out
+    model = fmsring.get_model(
+        "hf_pretrained", model_path=path, data_type=torch.float32, distributed_strategy="ring", ring_layout=layout
+    )
+    with torch.no_grad():
+        logits = model(x)[0, positions]
+        tokens = fmsring.generate(model, x, max_new_tokens=NEW_TOKENS, use_cache=True, do_sample=False)
+    return logits, tokens[0, len(ids) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +66,11 @@ def references():
     return path, ids, positions, hf_logits, fms_logits, hf_tokens
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_demo_model_matches_hf_and_unsharded_fms(world, references):
+@pytest.mark.parametrize("world,layout", [(2, "contiguous"), (4, "zigzag")])
+def test_demo_model_matches_hf_and_unsharded_fms(world, layout, references):
     path, ids, positions, hf_logits, fms_logits, hf_tokens = references
-    for layout, (logits, tokens) in run_ranks(world, _ring, path, ids, positions)[0].items():
-        where = f"world {world}, {layout}, {len(ids)} tokens"
-        assert (logits - hf_logits).abs().max().item() <= TOL, f"logits differ from HF's ({where})"
-        assert (logits - fms_logits).abs().max().item() <= TOL, f"logits differ from unsharded FMS's ({where})"
-        assert tokens == hf_tokens, f"greedy tokens differ from HF's ({where})"
+    logits, tokens = run_ranks(world, _ring, path, layout, ids, positions)[0]
+    where = f"world {world}, {layout}, {len(ids)} tokens"
+    assert (logits - hf_logits).abs().max().item() <= TOL, f"logits differ from HF's ({where})"
+    assert (logits - fms_logits).abs().max().item() <= TOL, f"logits differ from unsharded FMS's ({where})"
+    assert tokens == hf_tokens, f"greedy tokens differ from HF's ({where})"
