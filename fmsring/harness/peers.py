@@ -27,9 +27,10 @@ from fmsring.fusion import fuse_elementwise
 from fmsring.harness.ceilings import FASTEST_SDPA
 from fmsring.harness.plan import Variant
 from fmsring.harness.ranks import DistEnv, free_memory
-from fmsring.harness.schema import Strategy
+from fmsring.harness.schema import Phase, Strategy
 from fmsring.harness.settings import BenchConfig
 from fmsring.harness.torch_cp import make_cp_mesh, torch_cp_length, torch_cp_prefill
+from fmsring.ssm import has_ssm
 
 
 def model_args(cfg: BenchConfig, device: str | None = None) -> dict[str, Any]:
@@ -63,9 +64,14 @@ class Peer:
     def mesh(self, world: int) -> tuple[int, int]:
         return self.strategy.mesh(world, self.variant.ring_tp)
 
-    def unavailable(self) -> str:
-        """Why this peer cannot run on this device at all ("" when it can)."""
+    def unavailable(self, phase: Phase) -> str:
+        """Why this peer cannot run ``phase`` on this device ("" when it can)."""
+        if phase == Phase.FOLLOWUP and self.cfg.model_path is None and has_ssm(self._meta()):
+            return "FMS's Mamba2 layers restart from a zero state on a multi-token input with a cache (ibm-fms 1.13.1)"
         return ""
+
+    def _meta(self) -> nn.Module:
+        return fms.models.get_model(**model_args(self.cfg, "meta"), distributed_strategy="none")
 
     def load(self) -> None:
         torch.manual_seed(self.cfg.seed)
@@ -126,7 +132,7 @@ class TorchCP(Peer):
     strategy = Strategy.TORCH_CP
     _mesh: ClassVar[Any] = None  # one per process: device meshes are built from the process group once
 
-    def unavailable(self) -> str:
+    def unavailable(self, phase: Phase) -> str:
         return "" if self.env.device.type == "cuda" else "torch_cp needs CUDA SDPA (flash/efficient/cudnn)"
 
     def load(self) -> None:
@@ -150,6 +156,9 @@ class Ring(Peer):
                                   ring_check_inputs=False, **self.variant.ring_kwargs)  # fmt: skip
         seed_weights(model.model, cfg, self.env, sharded=self.variant.ring_tp > 1)
         return model
+
+    def unavailable(self, phase: Phase) -> str:
+        return ""  # fmsring scans a follow-up's Mamba2 layers from the cached state
 
     def context(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # ring calls its own kernels

@@ -74,7 +74,7 @@ class Session:
         """Why a point cannot run at all (decided identically on every rank), or ''."""
         if pt.phase != Phase.PREFILL and not self.peer.cached:
             return f"{self.peer.strategy} has no KV cache"
-        return self.peer.unavailable()
+        return self.peer.unavailable(pt.phase)
 
     def _prompt(self, pt: Point, vocab: int) -> torch.Tensor:
         """A prefill's prompt; a ring recompute of P+T is the P-token prompt and its T follow-up tokens."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import fms.models
@@ -12,7 +13,7 @@ from fmsring.harness import peers
 from fmsring.harness.peers import make_peer
 from fmsring.harness.plan import Variant, variants
 from fmsring.harness.ranks import DistEnv
-from fmsring.harness.schema import AS_SHIPPED
+from fmsring.harness.schema import AS_SHIPPED, Phase
 from fmsring.harness.settings import parse_args
 from tests.distributed import run_ranks
 
@@ -69,7 +70,18 @@ def test_every_strategy_is_one_peer_class():
     # followup keeps room in ring's cache for the longest follow-up and the decode steps
     assert ring.variant.ring_kwargs == {"ring_cache_headroom": 512 + 32 + 2}
     cp = make_peer(Variant("torch_cp"), cfg, ENV)
-    assert not cp.cached and "CUDA" in cp.unavailable() and cp.mesh(2) == (2, 1)
+    assert not cp.cached and "CUDA" in cp.unavailable(Phase.PREFILL) and cp.mesh(2) == (2, 1)
+
+
+def test_fms_follow_ups_of_mamba_models_are_skipped_and_the_rings_are_not():
+    """FMS's Mamba2 layers restart from a zero state on a multi-token input with a cache: its
+    follow-up rows would time a wrong answer, so they are skipped, saying why; the ring's run."""
+    kwargs = ["--model-kwargs", json.dumps(BAMBA), "--phases", "prefill,followup", "--cached-lens", "64"]
+    bamba = parse_args(["--architecture", "bamba", "--variant", "9_8b", *kwargs])
+    assert "Mamba2" in make_peer(Variant("single"), bamba, ENV).unavailable(Phase.FOLLOWUP)
+    assert not make_peer(Variant("single"), bamba, ENV).unavailable(Phase.PREFILL)
+    assert not make_peer(variants("ring", bamba)[0], bamba, ENV).unavailable(Phase.FOLLOWUP)
+    assert not single().unavailable(Phase.FOLLOWUP)  # llama
 
 
 def test_torch_cp_runs_any_length_padded_to_whole_chunks():
