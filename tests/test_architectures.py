@@ -18,6 +18,7 @@ import transformers as tf
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from tests.distributed import run_ranks
+from tests.stepwise import greedy_step_errors
 
 COMMON = dict(
     vocab_size=96,
@@ -93,15 +94,10 @@ def _decode_errors(rank, world, path, ids, n_new):
     ref = fmsring.get_model("hf_pretrained", **kw, distributed_strategy="replicated")
     ring = fmsring.get_model("hf_pretrained", **kw, distributed_strategy="ring")
     block = ring.model.base_model.layers[0]
-    errs = []
     with torch.no_grad():
-        got, cache = ring(ids, use_cache=True, last_n_tokens=1)
+        _, cache = ring(ids, use_cache=True, last_n_tokens=1)
         want, ref_cache = ref(ids, use_cache=True)
-        for _ in range(n_new):
-            nxt = want[:, -1:].argmax(-1)
-            got, cache = ring(nxt, past_key_value_states=cache, use_cache=True, last_n_tokens=1)
-            want, ref_cache = ref(nxt, past_key_value_states=ref_cache, use_cache=True)
-            errs.append((got[:, -1] - want[:, -1]).abs().max().item())
+    errs = greedy_step_errors(ring, ref, want, ref_cache, cache, n_new)
     fms_block = next(c for c in type(block).__mro__ if c.__module__.startswith("fms."))
     return errs, len(_debug_get_cache_entry_list(fms_block.forward.__code__))
 

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from tests.distributed import run_ranks
+from tests.stepwise import piece_errors
 
 CHUNK = 8
 CONFIG = dict(
@@ -132,26 +133,15 @@ def test_greedy_generate_matches_fms_with_and_without_cache(world):
 def _followup_errors(rank, world, ids, cuts):
     """Each way of feeding ``ids`` in pieces on a kept cache, against FMS's logits of the whole."""
     ref, _ = _models()
-    errs = {}
     with torch.no_grad():
         want = ref(ids, use_cache=True)[0]
-        for name, options in {
-            "pass_kv": dict(ring_followup="pass_kv"),
-            "pass_q": dict(ring_followup="pass_q"),
-            "contiguous": dict(ring_layout="contiguous"),
-            "chunked": dict(ring_prefill_chunk=cuts[1]),
-        }.items():
-            _, ring = _models(**options)
-            if name == "chunked":
-                errs[name] = (ring(ids) - want).abs().max().item()
-                continue
-            got, cache, start = [], None, 0
-            for stop in [*cuts, ids.shape[1]]:
-                step, cache = ring(ids[:, start:stop], past_key_value_states=cache, use_cache=True)
-                got.append(step)
-                start = stop
-            errs[name] = (torch.cat(got, dim=1) - want).abs().max().item()
-    return errs
+    modes = {
+        "pass_kv": dict(ring_followup="pass_kv"),
+        "pass_q": dict(ring_followup="pass_q"),
+        "contiguous": dict(ring_layout="contiguous"),
+        "chunked": dict(ring_prefill_chunk=cuts[1]),
+    }
+    return piece_errors(lambda **options: _models(**options)[1], ids, cuts, want, modes)
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

@@ -18,6 +18,7 @@ import torch
 
 import fmsring
 from tests.distributed import run_ranks
+from tests.stepwise import greedy_step_errors
 
 TINY = dict(nlayers=2, nheads=4, kvheads=2, src_vocab_size=96, max_expected_seq_len=256)
 GQA = dict(emb_dim=64, head_dim=16, **TINY)
@@ -135,13 +136,7 @@ def _ring_against_fms(rank, world, arch, variant, overrides, ids, n_new):
             ring.model.load_state_dict(ref.state_dict())
             got, cache = ring(ids, use_cache=True)
             errs[layout] = (got - want).abs().max().item()
-        steps, ref_steps = [], ref_cache
-        for _ in range(n_new):
-            nxt = want[:, -1:].argmax(-1)
-            got, cache = ring(nxt, past_key_value_states=cache, use_cache=True)
-            want, ref_steps = ref(nxt, past_key_value_states=ref_steps, use_cache=True)
-            steps.append((got[:, -1] - want[:, -1]).abs().max().item())
-        errs["decode"] = max(steps)
+        errs["decode"] = max(greedy_step_errors(ring, ref, want, ref_cache, cache, n_new))
     return errs
 
 

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from tests.distributed import run_ranks
+from tests.stepwise import greedy_step_errors, piece_errors
 from tests.test_families import GQA, randomize
 
 WINDOW = 5
@@ -116,25 +117,14 @@ def test_greedy_generate_matches_fms_with_and_without_cache(family, padded):
 def _followup_errors(rank, world, family, ids, cuts):
     """Each way of feeding ``ids`` in pieces on a kept cache, against FMS's logits of the whole."""
     ref, _ = _models(family)
-    errs = {}
     with torch.no_grad():
         want = reference(ref, ids)
-        for name, options in {
-            "pass_kv": dict(ring_followup="pass_kv"),
-            "pass_q": dict(ring_followup="pass_q"),
-            "chunked": dict(ring_prefill_chunk=cuts[0]),
-        }.items():
-            _, ring = _models(family, **options)
-            if name == "chunked":
-                errs[name] = (ring(ids) - want).abs().max().item()
-                continue
-            got, cache, start = [], None, 0
-            for stop in [*cuts, ids.shape[1]]:
-                step, cache = ring(ids[:, start:stop], past_key_value_states=cache, use_cache=True)
-                got.append(step)
-                start = stop
-            errs[name] = (torch.cat(got, dim=1) - want).abs().max().item()
-    return errs
+    modes = {
+        "pass_kv": dict(ring_followup="pass_kv"),
+        "pass_q": dict(ring_followup="pass_q"),
+        "chunked": dict(ring_prefill_chunk=cuts[0]),
+    }
+    return piece_errors(lambda **options: _models(family, **options)[1], ids, cuts, want, modes)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -167,10 +157,7 @@ def _sabotaged_errors(rank, world, family, ids, fault):
     with torch.no_grad():
         want, ref_cache = ref(ids, use_cache=True)
         got, cache = ring(ids, use_cache=True)
-        nxt = want[:, -1:].argmax(-1)
-        step, _ = ring(nxt, past_key_value_states=cache, use_cache=True)
-        want_step, _ = ref(nxt, past_key_value_states=ref_cache, use_cache=True)
-    return (got - want).abs().max().item(), (step - want_step).abs().max().item()
+    return (got - want).abs().max().item(), greedy_step_errors(ring, ref, want, ref_cache, cache, 1)[0]
 
 
 @pytest.mark.parametrize("fault", ["no_sink", "window+1", "window-1"])
@@ -242,16 +229,10 @@ def _compiled_decode_errors(rank, world, ids, n_new):
 
     fusion.FUSE_DEVICES.add("cpu")
     ref, ring = _models("gpt_oss")
-    errs = []
     with torch.no_grad():
         _, cache = ring(ids, use_cache=True, last_n_tokens=1)
         want, ref_cache = ref(ids, use_cache=True)
-        for _ in range(n_new):
-            nxt = want[:, -1:].argmax(-1)
-            got, cache = ring(nxt, past_key_value_states=cache, use_cache=True, last_n_tokens=1)
-            want, ref_cache = ref(nxt, past_key_value_states=ref_cache, use_cache=True)
-            errs.append((got[:, -1] - want[:, -1]).abs().max().item())
-    return errs
+    return greedy_step_errors(ring, ref, want, ref_cache, cache, n_new)
 
 
 def test_decode_with_whole_layers_compiled_matches_fms():
@@ -279,13 +260,7 @@ def _tp_errors(rank, world, path, ids, n_new):
     with torch.no_grad():
         want, ref_cache = ref(ids, use_cache=True)
         got, cache = ring(ids, use_cache=True)
-        errs = [(got - want).abs().max().item()]
-        for _ in range(n_new):
-            nxt = want[:, -1:].argmax(-1)
-            got, cache = ring(nxt, past_key_value_states=cache, use_cache=True)
-            want, ref_cache = ref(nxt, past_key_value_states=ref_cache, use_cache=True)
-            errs.append((got[:, -1] - want[:, -1]).abs().max().item())
-    return errs
+    return [(got - want).abs().max().item(), *greedy_step_errors(ring, ref, want, ref_cache, cache, n_new)]
 
 
 def test_ring_x_tensor_parallel_with_sinks_and_windows_matches_fms(tmp_path):
