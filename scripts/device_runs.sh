@@ -34,10 +34,10 @@
 #           at 32K and batch 4 are 128 GiB a block (run _al)
 # ladder70b the longest prompt that generates, LLaMA-2-70B shapes: FMS TP at 256K (past its limit
 #           as its 32K/128K peaks extrapolate) and ring 2x2 at 512K, twice that rung, 8 tokens each
-# same-prefill, same-decode, same-followup  one GPU's speed before and after a change, single and ring
-#           at world 1: prefill 8K/32K/128K, decode 8K/32K/128K (32 greedy tokens), follow-ups 32K+1K
-#           and 128K+8K. Run each section in the old tree and the new one on one machine (cd OLD &&
-#           bash NEW/scripts/device_runs.sh same-prefill OUT/old) and compare the two CSVs
+# same, same-followup  one GPU's speed before and after a change, single and ring at world 1:
+#           prefill and decode (32 greedy tokens) at 8K/32K/128K in one launch, then follow-ups of 1K
+#           and 8K tokens on 32K and 128K cached. Run each section in the old tree and the new one on one
+#           machine (cd OLD && bash NEW/scripts/device_runs.sh same OUT/old) and compare the two CSVs
 # families  Bamba-9.8B and gpt-oss-20b shapes beside FMS's own model (single) at world 1: a window
 #           layer's attention against a full layer's at 32K (scripts/profile_windows.py), Bamba prefill
 #           and decode at 32K and 128K, gpt-oss prefill at 8K and 32K and the ring's decode at 32K
@@ -151,19 +151,13 @@ padded)
     bench --strategies ring --ring-tp "$factors" --no-check "${steps[@]}"
     bench --strategies single,ring --ring-tp "$factors" --padding 0.5 "${steps[@]}"
     ;;
-same-prefill)
-    bench --strategies single,ring --phases prefill --seq-lens 8K,32K,128K --no-check --repeats 3 --warmup 1 \
-        --out "$out/results.csv"
-    ;;
-same-decode)
-    bench --strategies single,ring --phases decode --seq-lens 8K,32K,128K --decode-tokens 32 --no-check \
+same)
+    bench --strategies single,ring --phases prefill,decode --seq-lens 8K,32K,128K --decode-tokens 32 --no-check \
         --repeats 2 --warmup 1 --out "$out/results.csv"
     ;;
 same-followup)
-    for pair in 32K:1K 128K:8K; do
-        bench --strategies single,ring --phases followup --cached-lens "${pair%%:*}" --seq-lens "${pair##*:}" \
-            --no-followup-recompute --no-check --repeats 3 --warmup 1 --out "$out/results.csv"
-    done
+    bench --strategies single,ring --phases followup --cached-lens 32K,128K --seq-lens 1K,8K \
+        --no-followup-recompute --no-check --repeats 2 --warmup 1 --out "$out/results.csv"
     ;;
 families)
     python3 scripts/profile_windows.py "$out" 32768 128 2>&1 | tee -a "$out/bench_$section.log" || status=1
