@@ -45,6 +45,34 @@ def test_fused_block_kernels_match_fp32_math(kvh, causal, token_major, dtype):
         assert (lse.float() - ref_lse).abs().max() < tol
 
 
+@pytest.mark.parametrize("kvh", [8, 32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_blocks_with_a_bias_and_window_bands_take_the_efficient_kernel(kvh, dtype):
+    """A block with an additive bias (a padded batch's mask: whole rows hidden, odd key counts) and a
+    window's band attended tile by tile both take the memory-efficient kernel and match fp32 math."""
+    from fmsring.kernels import attention_with_lse, math_attention_with_lse, select_kernel
+    from fmsring.windows import LayerAttention, band, band_attention
+
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
+    lq, lk = random.randrange(100, 700), random.randrange(700, 2000)
+    q = torch.randn(2, 32, lq, 64, device="cuda", dtype=dtype)
+    k, v = (torch.randn(2, kvh, lk, 64, device="cuda", dtype=dtype) for _ in range(2))
+    bias = torch.zeros(2, lq, lk, device="cuda").masked_fill_(torch.rand(2, lq, lk, device="cuda") < 0.3, float("-inf"))
+    bias[1, : lq // 3] = float("-inf")  # rows that see nothing: the empty partial
+    assert select_kernel("cuda", dtype, 64, lq, False, True) == "efficient"
+    out, lse = attention_with_lse(q, k, v, 0.125, bias=bias)
+    ref_out, ref_lse = math_attention_with_lse(q, k, v, 0.125, bias=bias)
+    assert torch.isneginf(lse[1, :, : lq // 3]).all() and (out[1, :, : lq // 3] == 0).all()
+    seen = torch.isfinite(ref_lse)
+    assert _rel(out.float()[seen], ref_out[seen]) < tol and (lse - ref_lse)[seen].abs().max() < tol
+    layer, index = LayerAttention(None, random.randrange(50, 300)), torch.arange(lk)
+    out, lse = band_attention(q, k, v, 0.125, band(layer, index[-lq:], index, "cuda"))
+    ref_out, ref_lse = math_attention_with_lse(
+        q, k, v, 0.125, bias=layer.bias(index[-lq:].cuda(), index.cuda(), causal=True)
+    )
+    assert _rel(out.float(), ref_out) < tol and (lse - ref_lse).abs().max() < tol
+
+
 @pytest.mark.parametrize("h,kvh", [(32, 8), (8, 2), (4, 4)])
 def test_split_kv_decode_matches_the_unsplit_kernel_and_fp32_math(h, kvh):
     """The decode kernel at LLaMA-3-8B's head dim and GQA shapes at several chunk counts (1 =
