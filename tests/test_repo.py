@@ -220,3 +220,17 @@ def test_the_harness_is_smaller_than_the_library():
 def test_the_readme_is_a_guide_a_newcomer_reads_in_ten_minutes():
     """Full results live in docs/results.md (rendered from runs/), the state of each phase in docs/performance.md."""
     assert _lines([ROOT / "README.md"]) < 250
+
+
+def test_no_merge_conflict_markers_are_committed():
+    """A merge left half-resolved once shipped both sides of a table in docs/architecture.md."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    marked = []
+    for name in files:
+        if Path(name).suffix in (".md", ".py", ".toml", ".yaml", ".yml", ".sh", ".cfg") or name == "Makefile":
+            text = (ROOT / name).read_text(errors="replace")
+            if any(line.startswith(("<<<<<<< ", ">>>>>>> ")) for line in text.splitlines()):
+                marked.append(name)
+    assert not marked, f"conflict markers in {marked}"

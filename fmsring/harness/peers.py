@@ -199,7 +199,9 @@ def draw_weights(model: nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
-            gen = gens.setdefault(p.device, torch.Generator(p.device).manual_seed(seed))
+            if p.device not in gens:
+                gens[p.device] = torch.Generator(p.device).manual_seed(seed)
+            gen = gens[p.device]
             if leaf == "A_log":
                 p.copy_(torch.arange(1, p.numel() + 1, device=p.device).log().view_as(p))
             elif p.dim() > 1:
