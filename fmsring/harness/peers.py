@@ -15,6 +15,7 @@ Decode goes through FMS's calling convention, which every peer follows
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, ClassVar
 
 import fms.models
@@ -66,12 +67,16 @@ class Peer:
 
     def unavailable(self, phase: Phase) -> str:
         """Why this peer cannot run ``phase`` on this device ("" when it can)."""
-        if phase == Phase.FOLLOWUP and self.cfg.model_path is None and has_ssm(self._meta()):
+        if phase == Phase.FOLLOWUP and self._fms_restarts_ssm:
             return "FMS's Mamba2 layers restart from a zero state on a multi-token input with a cache (ibm-fms 1.13.1)"
         return ""
 
-    def _meta(self) -> nn.Module:
-        return fms.models.get_model(**model_args(self.cfg, "meta"), distributed_strategy="none")
+    @functools.cached_property
+    def _fms_restarts_ssm(self) -> bool:
+        """Random weights of a model with Mamba2 layers (decided once, on a meta model: asked per point)."""
+        if self.cfg.model_path is not None:
+            return False
+        return has_ssm(fms.models.get_model(**model_args(self.cfg, "meta"), distributed_strategy="none"))
 
     def load(self) -> None:
         torch.manual_seed(self.cfg.seed)
