@@ -67,6 +67,7 @@ STATUSES = tuple(s.value for s in Status)
 DONE_STATUSES = ("ok", "skipped", "mismatch")
 DTYPES = ("float32", "bfloat16", "float16")
 AS_SHIPPED = "as-shipped"  # the peers' variant as FMS and PyTorch ship them: unfused, default SDPA backend
+COMPILED = "compiled"  # the peers' variant compiled whole, as FMS's inference script compiles them (--compile-peers)
 
 
 def mesh_sizes(strategy: str, world: int, ring_tp: int = 1) -> tuple[int, int]:
@@ -157,5 +158,6 @@ def done_points(path: str | os.PathLike) -> set[Point]:
     return {k for r in read_rows(path) if r.get("status") in DONE_STATUSES and (k := row_key(r)) is not None}
 
 
-__all__ = ["AS_SHIPPED", "COLUMNS", "PHASES", "STATUSES", "STRATEGIES", "TOLERANCES", "Phase", "Point", "Status",
-           "Strategy", "append_rows", "check_header", "done_points", "judge", "mesh_sizes", "read_rows", "row_key"]  # fmt: skip
+__all__ = ["AS_SHIPPED", "COLUMNS", "COMPILED", "PHASES", "STATUSES", "STRATEGIES", "TOLERANCES", "Phase", "Point",
+           "Status", "Strategy", "append_rows", "check_header", "done_points", "judge", "mesh_sizes", "read_rows",
+           "row_key"]  # fmt: skip

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from fms.modules.attention import get_attention_type
+from fms.utils.generation import _make_cache_dynamic
 from torch import nn
 
 from fmsring.harness.ranks import DistEnv, Measured, align, sync
@@ -74,7 +75,9 @@ def one_call(call: Callable[[], torch.Tensor]) -> Run:
     return run
 
 
-def greedy_decode(model: nn.Module, ids: torch.Tensor, steps: int, padding: dict[str, Any] | None = None) -> Run:
+def greedy_decode(
+    model: nn.Module, ids: torch.Tensor, steps: int, padding: dict[str, Any] | None = None, dynamic_cache: bool = False
+) -> Run:
     """A run of a prefill with a cache, then ``steps`` greedy one-token steps, FMS's calling
     convention (which LlamaRing follows); ``padding``: a left-padded batch's ``mask`` and
     ``position_ids`` (:func:`fmsring.harness.session.left_pad`), extended every step inside
@@ -83,6 +86,10 @@ def greedy_decode(model: nn.Module, ids: torch.Tensor, steps: int, padding: dict
     The device is drained after every step, as a generator streaming tokens must,
     so a step's time includes its launch overhead instead of hiding it behind the
     previous step's (or the prefill's) GPU work.
+
+    ``dynamic_cache``: after every call the returned FMS cache's length is marked dynamic,
+    outside the timed spans, as ``generate`` marks it (a padded batch's mask FMS marks
+    itself), so a compiled model compiles one step for every cache length, not one per length.
     """
 
     def run(clock: Clock):
@@ -90,6 +97,8 @@ def greedy_decode(model: nn.Module, ids: torch.Tensor, steps: int, padding: dict
         start = clock.mark()
         logits, cache = model(ids, use_cache=True, last_n_tokens=1, **kwargs)
         prefill = (start, clock.mark())
+        if dynamic_cache:
+            _make_cache_dynamic(cache)
         sync(clock.device)
         rows = [logits[:, -1]]
         next_ids = rows[-1].argmax(-1, keepdim=True)
@@ -101,6 +110,8 @@ def greedy_decode(model: nn.Module, ids: torch.Tensor, steps: int, padding: dict
                 kwargs["position_ids"] = kwargs["position_ids"][:, -1:] + 1
             logits, cache = model(next_ids, past_key_value_states=cache, use_cache=True, last_n_tokens=1, **kwargs)
             spans.append((start, clock.mark()))
+            if dynamic_cache:
+                _make_cache_dynamic(cache)
             sync(clock.device)
             rows.append(logits[:, -1])
             next_ids = rows[-1].argmax(-1, keepdim=True)
