@@ -2,13 +2,16 @@
 
 Every timed run is preceded by ``warmup`` untimed ones and the ranks are lined up
 before each, so a repeat's time is its own and not another rank's lag. The last
-run's logits are kept for the exactness check. Not torch.utils.benchmark's Timer: it
+run's logits are kept for the exactness check, and of a generation the first
+run's first one-token step: what a user's first token after the prefill costs,
+a compile or a CUDA graph's capture included. Not torch.utils.benchmark's Timer: it
 times a statement in a loop of its own, where a run here must line the ranks up first
 and record every decode step's span without stalling the host mid-run.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,12 +50,15 @@ class Clock:
 
 
 def repeat(run: Run, warmup: int, repeats: int, env: DistEnv, all_ranks: bool) -> Measured:
-    """``warmup`` untimed then ``repeats`` timed runs; the last run's (logits, tokens) kept."""
-    clock, spans, firsts, out = Clock(env.device), [], [], None
+    """``warmup`` untimed then ``repeats`` timed runs; the last run's (logits, tokens) kept, and
+    of a generation (a run with a first token) the first run's first step, warm-up or not."""
+    clock, spans, firsts, first_step, out = Clock(env.device), [], [], [], None
     for i in range(warmup + repeats):
         out = None  # the previous run's output is freed before the next one runs
         align(env, all_ranks)
         timed, first, *out = run(clock)
+        if i == 0 and first:  # a generation: it has a first token, then steps
+            first_step = timed[:1]
         if i >= warmup:
             spans += timed
             firsts += first
@@ -61,6 +67,7 @@ def repeat(run: Run, warmup: int, repeats: int, env: DistEnv, all_ranks: bool) -
     logits, tokens = out
     tokens = logits.argmax(-1) if tokens is None else tokens
     return Measured(latencies=[clock.ms(s) for s in spans], ttfts=[clock.ms(s) for s in firsts],
+                    first_step_ms=clock.ms(first_step[0]) if first_step else math.nan,
                     output=(logits.float().cpu(), tokens.cpu()))  # fmt: skip
 
 
