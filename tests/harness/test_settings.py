@@ -112,8 +112,9 @@ def test_every_setting_is_a_make_variable(tmp_path: Path):
 
 def test_make_sweep_writes_the_notebook_settings(tmp_path: Path):
     """make sweep's first step: its command-line variables, through make itself, as the notebook's parameters."""
-    out = subprocess.run(["make", "-n", "sweep", "DEVICE=cuda", "MODEL=3-8b", "NPROC=2,4", "PADDING=0.5", "BATCH=2", "PHASES=decode",
-                          f"OUT_DIR={tmp_path}", 'RING_VARIANTS={"": {}, "e": {"ring_fuse": false}}'],
+    out = subprocess.run(["make", "-n", "sweep", "DEVICE=cuda", "MODEL=3-8b", "NPROC=2,4", "PADDING=0.5", "BATCH=2",
+                          "PHASES=decode", "COMPILE_PEERS=reduce-overhead", f"OUT_DIR={tmp_path}",
+                          'RING_VARIANTS={"": {}, "e": {"ring_fuse": false}}'],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout  # fmt: skip
     line = next(x for x in out.splitlines() if "--notebook-settings" in x)
     words = line.split("--notebook-settings", 1)[1].split(")", 1)[0]
@@ -124,7 +125,8 @@ def test_make_sweep_writes_the_notebook_settings(tmp_path: Path):
 
     settings = yaml.safe_load((Path(run) / "notebook.yaml").read_text())
     assert settings["padding"] == "0.5" and settings["world_sizes"] == "2,4" and settings["model_kwargs"] == {}
-    assert SweepConfig.from_dict(settings).ring_variants == {"": {}, "e": {"ring_fuse": False}}
+    cfg = SweepConfig.from_dict(settings)
+    assert cfg.ring_variants == {"": {}, "e": {"ring_fuse": False}} and cfg.compile_peers == "reduce-overhead"
 
 
 def test_identity_settings_tell_run_folders_apart():
