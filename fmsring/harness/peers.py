@@ -242,7 +242,7 @@ def copy_full_weights(tp_model: nn.Module, cfg: BenchConfig, env: DistEnv) -> No
     state = dict(full.state_dict())
     del full
     serialization.load_state_dict_into_model(model=tp_model, state_dict=state, architecture=cfg.architecture,
-                                             source="fms", dtype=getattr(torch, cfg.dtype),
-                                             distributed_strategy="tp", initial_device=env.device, rank=env.rank)  # fmt: skip
+                                             source="fms", dtype=getattr(torch, cfg.dtype), distributed_strategy="tp",
+                                             initial_device=env.device, rank=env.rank)  # fmt: skip
     del state
     free_memory()

@@ -86,7 +86,7 @@ def recomputed(seq_lens: list[int], phases: list[str], cached_lens: list[int]) -
 def planned_points(
     strategy: str, world: int, variants: list[str], seq_lens: list[int], phases: list[str], cached_lens: list[int],
     followup_recompute: bool,
-) -> list[Point]:
+) -> list[Point]:  # fmt: skip
     """Every row a bench launch writes for ``strategy`` at ``world``, in the order it measures them.
 
     ``followup`` points have seq_len = the new tokens T and cached_len = the cached P.
@@ -105,7 +105,7 @@ def planned_points(
 def point(
     strategy: str, world: int, seq_len: int, phase: str, *, batch: int, dtype: str, layout: str, variant: str = "",
     cached_len: int = 0, ring_tp: int = 1, padding: float = 0.0,
-) -> dict[str, Any]:
+) -> dict[str, Any]:  # fmt: skip
     """The columns that say which point a row measures (the sweep's failure rows use them too)."""
     cp, tp = Strategy(strategy).mesh(world, ring_tp)
     return {
