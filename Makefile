@@ -42,6 +42,7 @@ help: ## list the targets
 	@echo "  DTYPE=float32|bfloat16 NPROC=1,2,4 STRATEGIES=single,ring,tp,torch_cp SEQ_LENS=128,8K"
 	@echo "  PHASES=prefill,decode,followup CACHED_LENS=32K,128K (followup: tokens already cached; SEQ_LENS = new tokens)"
 	@echo "  RING_VARIANTS='{\"\": {}, \"eager\": {\"ring_cuda_graphs\": false}}' AS_SHIPPED=true (peers unfused too)"
+	@echo "  COMPILE_PEERS=default|reduce-overhead|max-autotune|max-autotune-no-cudagraphs (single/tp compiled too)"
 	@echo "  RING_TP=1,2,4 (every ring variant at each TP size: ring x tensor parallel, cp = NPROC / tp)"
 	@echo "  PADDING= CHECK= FOLLOWUP_RECOMPUTE= DECODE_TOKENS= REPEATS= WARMUP= BATCH= LAYOUT= LAUNCHER=torchrun|srun"
 	@echo "  TIMEOUT=<s per launch> NAME=<run folder> OUT_DIR=runs/local PARAMS=<file.yaml>  (python -m fmsring.sweep --help)"

@@ -27,7 +27,9 @@
 #   `error`/`oom`/`timeout` rows and the sweep goes on; a row whose logits differ from `single`'s
 #   beyond the dtype's tolerance is `mismatch`. The notebook fails at the end if no point succeeded.
 # * **Baselines**: the peers (`single`, `tp`, `torch_cp`) run in their strongest configuration (fused,
-#   fastest SDPA backend); `as_shipped` adds them as FMS/PyTorch ship them, labelled `as-shipped`.
+#   fastest SDPA backend); `as_shipped` adds them as FMS/PyTorch ship them, labelled `as-shipped`, and
+#   `compile_peers` (a torch.compile mode) `single` and `tp` compiled whole as FMS's inference script compiles
+#   them, labelled `compiled`; decode rows' `first_step_ms` shows what the compile costs the first token.
 # * **Follow-ups**: with the `followup` phase, every `seq_lens` value T is a follow-up prompt on a cache
 #   of each `cached_lens` value P (ring also times a fresh prefill of P+T).
 # * Headless: `make sweep` (CPU smoke test),
@@ -60,6 +62,7 @@ ring_variants: dict = {'': {}}  # JSON {name: {fmsring.get_model ring_* options}
 ring_kwargs: dict = {}  # JSON ring_* options merged into every ring variant
 ring_tp: list = [1]  # TP sizes for ring, e.g. 1,2,4: each ring variant once per size (cp: world / tp)
 as_shipped: bool = False  # also measure single/tp/torch_cp unfused, default SDPA backend
+compile_peers: str = ''  # also measure single/tp compiled whole, as FMS's inference script compiles them, in this torch.compile mode (default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs), labelled compiled; empty: not. Their first points compile: leave stall_min_s room for it
 followup_recompute: bool = True  # with followup: also time ring's fresh prefill of P+T tokens
 check: bool = True  # compare logits with single's (beyond the dtype's tolerance: mismatch)
 stall_factor: float = 5.0  # a point past this many times its predicted time plus stall_min_s is recorded as timeout and the launch stops; 0 turns it off

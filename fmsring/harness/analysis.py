@@ -17,9 +17,11 @@ import pandas as pd
 from fmsring.harness.schema import AS_SHIPPED, STATUSES, TOLERANCES, judge, mesh_sizes
 
 TEXT = ("strategy", "variant", "dtype", "layout", "phase", "same_next_token", "status", "error", "model", "device",
-        "gpu_name", "interconnect", "git_sha", "torch_version", "cuda_version", "nccl_version", "env", "timestamp")
+        "gpu_name", "interconnect", "git_sha", "torch_version", "cuda_version", "nccl_version", "env",
+        "timestamp")  # fmt: skip
 NUMERIC = ("world_size", "cp_size", "tp_size", "seq_len", "cached_len", "batch", "padding", "latency_ms", "floor_ms",
-           "peak_mem_gib", "max_abs_err", "rel_err", "ref_norm", "ttft_ms", "gpu_memory_gib")  # read even where absent
+           "peak_mem_gib", "max_abs_err", "rel_err", "ref_norm", "ttft_ms", "first_step_ms",
+           "gpu_memory_gib")  # fmt: skip  # read even where absent
 KEY = ("run", "strategy", "variant", "world_size", "seq_len", "cached_len", "batch", "padding", "phase", "interconnect")
 FAILED = ("oom", "timeout", "error")  # no timings: shown as markers with their status
 
@@ -204,7 +206,8 @@ def max_prompt_table(df: pd.DataFrame, phase: str = "prefill") -> pd.DataFrame:
         return pd.DataFrame()
     at = d.assign(ok=d["seq_len"].where(d["status"] == "ok"), oom=d["seq_len"].where(d["status"] == "oom"))
     t = at.groupby(["run", "strategy", "variant", "world_size"], as_index=False).agg(
-        max_ok_seq_len=("ok", "max"), first_oom_seq_len=("oom", "min"), max_tested_seq_len=("seq_len", "max"))
+        max_ok_seq_len=("ok", "max"), first_oom_seq_len=("oom", "min"), max_tested_seq_len=("seq_len", "max")
+    )
     return t.astype({"world_size": int})
 
 
@@ -266,8 +269,9 @@ def interconnect_table(df: pd.DataFrame) -> pd.DataFrame:
     wide.columns = [f"{v}_{link}" for v, link in wide.columns]
     if single.empty or not {"latency_ms_nvlink", "latency_ms_pcie-like"} <= set(wide.columns):
         return pd.DataFrame(columns=cols)
-    t = wide.rename(columns={"latency_ms_nvlink": "nvlink_ms", "latency_ms_pcie-like": "pcie_like_ms",
-                             "link_gbps_pcie-like": "link_gbps_pcie_like"}).dropna(subset=["nvlink_ms", "pcie_like_ms"])
+    names = {"latency_ms_nvlink": "nvlink_ms", "latency_ms_pcie-like": "pcie_like_ms",
+             "link_gbps_pcie-like": "link_gbps_pcie_like"}  # fmt: skip
+    t = wide.rename(columns=names).dropna(subset=["nvlink_ms", "pcie_like_ms"])
     t = t.reset_index()
     t["single_ms"] = single.reindex(pd.MultiIndex.from_frame(t[["run", "seq_len"]])).to_numpy()
     t = t.assign(speedup_nvlink=t.single_ms / t.nvlink_ms, speedup_pcie_like=t.single_ms / t.pcie_like_ms)

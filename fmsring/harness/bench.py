@@ -111,13 +111,16 @@ class Run:
 
 
 def summarize(result: Measured, flops: float, gpus: int) -> dict[str, Any]:
-    """Median and spread of the latencies, TTFT median, FLOP rate per GPU."""
+    """Median and spread of the latencies, TTFT median, a generation's first step (its compile
+    and capture beside the steady state), FLOP rate per GPU."""
     lat = result.latencies
     if result.status not in ("ok", "mismatch") or not lat:
-        return {"latency_ms": math.nan, "latency_ms_min": math.nan, "latency_ms_max": math.nan, "ttft_ms": math.nan, "tflops_per_gpu": math.nan}
+        return dict.fromkeys(("latency_ms", "latency_ms_min", "latency_ms_max", "ttft_ms", "first_step_ms",
+                              "tflops_per_gpu"), math.nan)  # fmt: skip
     median = statistics.median(lat)
     return {"latency_ms": median, "latency_ms_min": min(lat), "latency_ms_max": max(lat),
             "ttft_ms": statistics.median(result.ttfts) if result.ttfts else math.nan,
+            "first_step_ms": result.first_step_ms,
             "tflops_per_gpu": flops / (median / 1e3) / max(gpus, 1) / 1e12 if median > 0 else math.nan}  # fmt: skip
 
 

@@ -79,8 +79,13 @@ class Peer:
         return has_ssm(fms.models.get_model(**model_args(self.cfg, "meta"), distributed_strategy="none"))
 
     def load(self) -> None:
+        """Build the model; a compiled variant's is then compiled as FMS's scripts/inference.py
+        compiles it: after ``eval()``, its calls made without grad (``Session.measure``). The
+        compile is lazy: each shape's first call pays for it, which ``first_step_ms`` shows."""
         torch.manual_seed(self.cfg.seed)
         self.model = self._build().eval()
+        if self.variant.compile_mode:
+            self.model.compile(mode=self.variant.compile_mode)
 
     def _build(self) -> nn.Module:
         model = fms.models.get_model(**model_args(self.cfg), distributed_strategy="tp" if self.sharded else "none")
@@ -88,10 +93,21 @@ class Peer:
         return fuse_elementwise(model) if self.variant.tuned else model
 
     def context(self) -> contextlib.AbstractContextManager:
-        """Around a tuned peer's calls on CUDA: every SDPA backend allowed, fastest first."""
-        if not self.variant.tuned or self.env.device.type != "cuda":
-            return contextlib.nullcontext()
-        return sdpa_kernel(FASTEST_SDPA, set_priority=True)
+        """Around a peer's calls: a tuned peer's on CUDA with every SDPA backend allowed, fastest
+        first; a compiled one's with dynamo's recompile limit raised to its accumulated one.
+
+        Each point compiles the static shapes of its length (``bench.run`` turns automatic
+        dynamic shapes off), so a launch of a few lengths passes dynamo's limit of 8 per model,
+        past which it would run the model eagerly and time that as ``compiled``: past the
+        raised limit the point fails instead.
+        """
+        out = contextlib.ExitStack()
+        if self.variant.tuned and self.env.device.type == "cuda":
+            out.enter_context(sdpa_kernel(FASTEST_SDPA, set_priority=True))
+        if self.variant.compile_mode:
+            limit = torch._dynamo.config.accumulated_recompile_limit
+            out.enter_context(torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True))
+        return out
 
     def timed_length(self, seq_len: int) -> int:
         """The prompt length a prefill of ``seq_len`` tokens actually runs at."""
@@ -231,7 +247,7 @@ def copy_full_weights(tp_model: nn.Module, cfg: BenchConfig, env: DistEnv) -> No
     state = dict(full.state_dict())
     del full
     serialization.load_state_dict_into_model(model=tp_model, state_dict=state, architecture=cfg.architecture,
-                                             source="fms", dtype=getattr(torch, cfg.dtype),
-                                             distributed_strategy="tp", initial_device=env.device, rank=env.rank)  # fmt: skip
+                                             source="fms", dtype=getattr(torch, cfg.dtype), distributed_strategy="tp",
+                                             initial_device=env.device, rank=env.rank)  # fmt: skip
     del state
     free_memory()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fmsring.cache import headroom_for
-from fmsring.harness.schema import AS_SHIPPED, Phase, Point, Strategy
+from fmsring.harness.schema import AS_SHIPPED, COMPILED, Phase, Point, Strategy
 from fmsring.loading import get_model
 
 
@@ -22,8 +22,10 @@ def parse_ring_variants(value: Any) -> dict[str, dict[str, Any]]:
         raise ValueError(f'ring variants must be a JSON object of objects, e.g. {{"": {{}}}}, got {value!r}')
     known = {n for n in inspect.signature(get_model).parameters if n.startswith("ring_")}  # a variant may set any
     for name, kwargs in variants.items():
-        if name == AS_SHIPPED or name.strip() != name or "," in name:
-            raise ValueError(f"ring variant name {name!r}: no leading/trailing space or comma, not {AS_SHIPPED!r}")
+        if name in (AS_SHIPPED, COMPILED) or name.strip() != name or "," in name:
+            raise ValueError(
+                f"ring variant name {name!r}: no leading/trailing space or comma, not {AS_SHIPPED!r} or {COMPILED!r}"
+            )
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise ValueError(
@@ -84,7 +86,7 @@ def recomputed(seq_lens: list[int], phases: list[str], cached_lens: list[int]) -
 def planned_points(
     strategy: str, world: int, variants: list[str], seq_lens: list[int], phases: list[str], cached_lens: list[int],
     followup_recompute: bool,
-) -> list[Point]:
+) -> list[Point]:  # fmt: skip
     """Every row a bench launch writes for ``strategy`` at ``world``, in the order it measures them.
 
     ``followup`` points have seq_len = the new tokens T and cached_len = the cached P.
@@ -103,7 +105,7 @@ def planned_points(
 def point(
     strategy: str, world: int, seq_len: int, phase: str, *, batch: int, dtype: str, layout: str, variant: str = "",
     cached_len: int = 0, ring_tp: int = 1, padding: float = 0.0,
-) -> dict[str, Any]:
+) -> dict[str, Any]:  # fmt: skip
     """The columns that say which point a row measures (the sweep's failure rows use them too)."""
     cp, tp = Strategy(strategy).mesh(world, ring_tp)
     return {
@@ -140,6 +142,7 @@ class Variant:
     label: str = ""
     ring_kwargs: dict[str, Any] = field(default_factory=dict)  # ring: fmsring.get_model ring_* options
     tuned: bool = True  # peers: fused elementwise work and the fastest SDPA backend
+    compile_mode: str = ""  # peers: the torch.compile mode the whole model is compiled in ("" none)
 
     @property
     def ring_tp(self) -> int:
@@ -150,15 +153,19 @@ class Variant:
 def variants(strategy: str, cfg: Any) -> list[Variant]:
     """The variants of ``strategy`` a run measures, in order.
 
-    ``cfg``: a bench or sweep config. Ring: one per ``cfg.ring_variants`` entry, each with ``cfg.ring_kwargs`` merged
-    in. With the followup phase ring's cache keeps room for the longest follow-up
-    and the decode steps beyond the prompt (unless a variant sets
-    ``ring_cache_headroom``), so a follow-up writes into the preallocated slots and
-    leaves the cached prompt valid for the next repeat.
+    ``cfg``: a bench or sweep config. The peers: tuned (the default variant); with
+    ``cfg.compile_peers`` single and tp also tuned and then compiled whole, FMS's fastest
+    decode (``compiled``); with ``cfg.as_shipped`` FMS as shipped. Ring: one per
+    ``cfg.ring_variants`` entry, each with ``cfg.ring_kwargs`` merged in. With the followup
+    phase ring's cache keeps room for the longest follow-up and the decode steps beyond the
+    prompt (unless a variant sets ``ring_cache_headroom``), so a follow-up writes into the
+    preallocated slots and leaves the cached prompt valid for the next repeat.
     """
-    if strategy != Strategy.RING:  # the peers' strongest configuration and, with as_shipped, FMS's own
+    if strategy != Strategy.RING:  # the peers' strongest configuration, compiled whole, and FMS's own
+        compiles = cfg.compile_peers and strategy in (Strategy.SINGLE, Strategy.TP)  # torch_cp has no decode
+        compiled = [Variant(strategy, COMPILED, compile_mode=cfg.compile_peers)] if compiles else []
         shipped = [Variant(strategy, AS_SHIPPED, tuned=False)] if cfg.as_shipped else []
-        return [Variant(strategy), *shipped]
+        return [Variant(strategy), *compiled, *shipped]
     headroom = {}
     if Phase.FOLLOWUP in cfg.phases:
         # as if every new token landed on one rank: room for any layout, whatever the world size

@@ -82,12 +82,14 @@ def free_memory() -> None:
 
 @dataclass
 class Measured:
-    """One rank's outcome of one point. ``output`` (logits, tokens) stays local; the rest is gathered."""
+    """One rank's outcome of one point. ``output`` (logits, tokens) stays local; the rest is gathered.
+    ``first_step_ms``: a generation's first one-token step in the point's first run, NaN for other calls."""
 
     status: str = "ok"
     error: str = ""
     latencies: list[float] = field(default_factory=list)
     ttfts: list[float] = field(default_factory=list)
+    first_step_ms: float = math.nan
     peak_gib: float = math.nan
     output: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -116,4 +118,5 @@ def agree(local: Measured, env: DistEnv) -> Measured:
         return merged
     merged.latencies = [max(v) for v in zip(*(p.latencies for p in parts))]
     merged.ttfts = [max(v) for v in zip(*(p.ttfts for p in parts))]
+    merged.first_step_ms = max(p.first_step_ms for p in parts)
     return merged

@@ -30,8 +30,8 @@ found, answers token for token the unsharded model's, the largest first-token lo
 SHOWN = {  # column -> header; a column no row of a table fills is left out
     "cached_len": "cached", "seq_len": "tokens", "config": "config (cp x tp)", "batch": "batch",
     "padding": "padding", "latency_ms": "ms", "floor_ms": "floor ms", "x_floor": "x floor", "ttft_ms": "TTFT ms",
-    "recompute_ms": "fresh prefill ms", "cache_gain": "cache gain", "peak_mem_gib": "peak GiB",
-    "rel_err": "rel err", "same_next_token": "same next token", "status": "status",
+    "first_step_ms": "first step ms", "recompute_ms": "fresh prefill ms", "cache_gain": "cache gain",
+    "peak_mem_gib": "peak GiB", "rel_err": "rel err", "same_next_token": "same next token", "status": "status",
 }  # fmt: skip
 
 

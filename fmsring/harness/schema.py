@@ -18,10 +18,10 @@ from fmsring.harness.exactness import TOLERANCES, judge
 
 COLUMNS = (
     "strategy", "variant", "world_size", "cp_size", "tp_size", "seq_len", "cached_len", "batch", "padding", "dtype",
-    "layout", "phase", "latency_ms", "latency_ms_min", "latency_ms_max", "ttft_ms", "floor_ms", "peak_mem_gib",
-    "tflops_per_gpu", "max_abs_err", "rel_err", "ref_norm", "same_next_token", "status", "error", "model", "device",
-    "repeats", "gpu_name", "gpu_count", "interconnect", "link_gbps", "git_sha", "torch_version", "cuda_version",
-    "nccl_version", "env", "timestamp", "gpu_memory_gib",
+    "layout", "phase", "latency_ms", "latency_ms_min", "latency_ms_max", "ttft_ms", "first_step_ms", "floor_ms",
+    "peak_mem_gib", "tflops_per_gpu", "max_abs_err", "rel_err", "ref_norm", "same_next_token", "status", "error",
+    "model", "device", "repeats", "gpu_name", "gpu_count", "interconnect", "link_gbps", "git_sha", "torch_version",
+    "cuda_version", "nccl_version", "env", "timestamp", "gpu_memory_gib",
 )  # fmt: skip
 
 
@@ -67,6 +67,7 @@ STATUSES = tuple(s.value for s in Status)
 DONE_STATUSES = ("ok", "skipped", "mismatch")
 DTYPES = ("float32", "bfloat16", "float16")
 AS_SHIPPED = "as-shipped"  # the peers' variant as FMS and PyTorch ship them: unfused, default SDPA backend
+COMPILED = "compiled"  # the peers' variant compiled whole, as FMS's inference script compiles them (--compile-peers)
 
 
 def mesh_sizes(strategy: str, world: int, ring_tp: int = 1) -> tuple[int, int]:
@@ -157,5 +158,6 @@ def done_points(path: str | os.PathLike) -> set[Point]:
     return {k for r in read_rows(path) if r.get("status") in DONE_STATUSES and (k := row_key(r)) is not None}
 
 
-__all__ = ["AS_SHIPPED", "COLUMNS", "PHASES", "STATUSES", "STRATEGIES", "TOLERANCES", "Phase", "Point", "Status",
-           "Strategy", "append_rows", "check_header", "done_points", "judge", "mesh_sizes", "read_rows", "row_key"]  # fmt: skip
+__all__ = ["AS_SHIPPED", "COLUMNS", "COMPILED", "PHASES", "STATUSES", "STRATEGIES", "TOLERANCES", "Phase", "Point",
+           "Status", "Strategy", "append_rows", "check_header", "done_points", "judge", "mesh_sizes", "read_rows",
+           "row_key"]  # fmt: skip

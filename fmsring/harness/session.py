@@ -135,7 +135,7 @@ class Session:
                     ids, padding = self._prompt(pt, vocab), {}
                     if cfg.padding:
                         ids, padding = left_pad(ids, cfg.padding)
-                    run = greedy_decode(peer.model, ids, cfg.decode_tokens, padding)
+                    run = greedy_decode(peer.model, ids, cfg.decode_tokens, padding, bool(peer.variant.compile_mode))
                 result = repeat(run, self.warmup, self.repeats, env, peer.everywhere)
                 timed = peer.timed_length(pt.seq_len) if pt.phase == Phase.PREFILL else pt.seq_len
                 if timed != pt.seq_len:  # an ok row that says what it timed

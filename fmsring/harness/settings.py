@@ -99,6 +99,18 @@ def text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
+def compile_mode(value: Any) -> str:
+    """One of torch.compile's :data:`COMPILE_MODES`, or "" (None too) for none: refused here, at
+    parse time, rather than by torch.compile at a launch's first compiled point."""
+    mode = text(value)
+    if mode and mode not in COMPILE_MODES:
+        raise ValueError(f"a torch.compile mode ({', '.join(COMPILE_MODES)}) or empty for none, got {value!r}")
+    return mode
+
+
 # ----------------------------------------------------------------------------- declaration
 
 
@@ -146,6 +158,10 @@ class Settings:
     ring_tp: list = setting([1], "TP sizes for ring, e.g. 1,2,4: each ring variant once per size (cp: world / tp)",
                             sizes)  # fmt: skip
     as_shipped: bool = setting(False, "also measure single/tp/torch_cp unfused, default SDPA backend", flag)
+    compile_peers: str = setting("", "also measure single/tp compiled whole, as FMS's inference script compiles "
+                                 f"them, in this torch.compile mode ({', '.join(COMPILE_MODES)}), labelled "
+                                 "compiled; empty: not. Their first points compile: leave stall_min_s room for it",
+                                 compile_mode)  # fmt: skip
     followup_recompute: bool = setting(True, "with followup: also time ring's fresh prefill of P+T tokens", flag)
     check: bool = setting(True, "compare logits with single's (beyond the dtype's tolerance: mismatch)", flag)
     stall_factor: float = setting(5.0, "a point past this many times its predicted time plus stall_min_s is "

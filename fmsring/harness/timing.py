@@ -2,19 +2,23 @@
 
 Every timed run is preceded by ``warmup`` untimed ones and the ranks are lined up
 before each, so a repeat's time is its own and not another rank's lag. The last
-run's logits are kept for the exactness check. Not torch.utils.benchmark's Timer: it
+run's logits are kept for the exactness check, and of a generation the first
+run's first one-token step: what a user's first token after the prefill costs,
+a compile or a CUDA graph's capture included. Not torch.utils.benchmark's Timer: it
 times a statement in a loop of its own, where a run here must line the ranks up first
 and record every decode step's span without stalling the host mid-run.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from fms.modules.attention import get_attention_type
+from fms.utils.generation import _make_cache_dynamic
 from torch import nn
 
 from fmsring.harness.ranks import DistEnv, Measured, align, sync
@@ -46,12 +50,15 @@ class Clock:
 
 
 def repeat(run: Run, warmup: int, repeats: int, env: DistEnv, all_ranks: bool) -> Measured:
-    """``warmup`` untimed then ``repeats`` timed runs; the last run's (logits, tokens) kept."""
-    clock, spans, firsts, out = Clock(env.device), [], [], None
+    """``warmup`` untimed then ``repeats`` timed runs; the last run's (logits, tokens) kept, and
+    of a generation (a run with a first token) the first run's first step, warm-up or not."""
+    clock, spans, firsts, first_step, out = Clock(env.device), [], [], [], None
     for i in range(warmup + repeats):
         out = None  # the previous run's output is freed before the next one runs
         align(env, all_ranks)
         timed, first, *out = run(clock)
+        if i == 0 and first:  # a generation: it has a first token, then steps
+            first_step = timed[:1]
         if i >= warmup:
             spans += timed
             firsts += first
@@ -60,6 +67,7 @@ def repeat(run: Run, warmup: int, repeats: int, env: DistEnv, all_ranks: bool) -
     logits, tokens = out
     tokens = logits.argmax(-1) if tokens is None else tokens
     return Measured(latencies=[clock.ms(s) for s in spans], ttfts=[clock.ms(s) for s in firsts],
+                    first_step_ms=clock.ms(first_step[0]) if first_step else math.nan,
                     output=(logits.float().cpu(), tokens.cpu()))  # fmt: skip
 
 
@@ -74,7 +82,9 @@ def one_call(call: Callable[[], torch.Tensor]) -> Run:
     return run
 
 
-def greedy_decode(model: nn.Module, ids: torch.Tensor, steps: int, padding: dict[str, Any] | None = None) -> Run:
+def greedy_decode(
+    model: nn.Module, ids: torch.Tensor, steps: int, padding: dict[str, Any] | None = None, dynamic_cache: bool = False
+) -> Run:
     """A run of a prefill with a cache, then ``steps`` greedy one-token steps, FMS's calling
     convention (which LlamaRing follows); ``padding``: a left-padded batch's ``mask`` and
     ``position_ids`` (:func:`fmsring.harness.session.left_pad`), extended every step inside
@@ -83,6 +93,10 @@ def greedy_decode(model: nn.Module, ids: torch.Tensor, steps: int, padding: dict
     The device is drained after every step, as a generator streaming tokens must,
     so a step's time includes its launch overhead instead of hiding it behind the
     previous step's (or the prefill's) GPU work.
+
+    ``dynamic_cache``: after every call the returned FMS cache's length is marked dynamic,
+    outside the timed spans, as ``generate`` marks it (a padded batch's mask FMS marks
+    itself), so a compiled model compiles one step for every cache length, not one per length.
     """
 
     def run(clock: Clock):
@@ -90,6 +104,8 @@ def greedy_decode(model: nn.Module, ids: torch.Tensor, steps: int, padding: dict
         start = clock.mark()
         logits, cache = model(ids, use_cache=True, last_n_tokens=1, **kwargs)
         prefill = (start, clock.mark())
+        if dynamic_cache:
+            _make_cache_dynamic(cache)
         sync(clock.device)
         rows = [logits[:, -1]]
         next_ids = rows[-1].argmax(-1, keepdim=True)
@@ -101,6 +117,8 @@ def greedy_decode(model: nn.Module, ids: torch.Tensor, steps: int, padding: dict
                 kwargs["position_ids"] = kwargs["position_ids"][:, -1:] + 1
             logits, cache = model(next_ids, past_key_value_states=cache, use_cache=True, last_n_tokens=1, **kwargs)
             spans.append((start, clock.mark()))
+            if dynamic_cache:
+                _make_cache_dynamic(cache)
             sync(clock.device)
             rows.append(logits[:, -1])
             next_ids = rows[-1].argmax(-1, keepdim=True)

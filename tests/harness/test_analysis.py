@@ -61,7 +61,7 @@ def test_legacy_csv_gets_variants_and_is_judged(tmp_path: Path):
     """A CSV from before `variant`: the variant was in the model label, peers ran as shipped,
     and a row beyond the tolerance could say ok. (The rel_err 1.99 here is synthetic: the 4xH100 fp32
     run it echoes measured 1.99e-5, shown without its exponent; docs/performance.md.)"""
-    old = [c for c in COLUMNS if c not in ("variant", "cached_len", "floor_ms", "ref_norm")]
+    old = [c for c in COLUMNS if c not in ("variant", "cached_len", "floor_ms", "ref_norm", "first_step_ms")]
     rows = [
         row("single", 1, 7000, dtype="float32", latency_ms=10.0),
         row("ring", 4, 7000, dtype="float32", latency_ms=3.0, max_abs_err=3e-5, rel_err=1.99),
@@ -82,6 +82,7 @@ def test_legacy_csv_gets_variants_and_is_judged(tmp_path: Path):
     assert df.loc[("ring", '{"ring_cuda_graphs": false}'), "status"] == "ok"
     assert df.loc[("tp", "fused"), "status"] == "ok"
     assert set(df["model"]) == {"llama/3-8b"} and (df["cached_len"] == 0).all() and df["floor_ms"].isna().all()
+    assert df["first_step_ms"].isna().all()  # a column the CSV predates: read as NaN
     acc = analysis.accuracy_table(df.reset_index())
     assert list(acc["status"]) == ["mismatch", "ok", "ok"] and "single" not in set(acc["strategy"])
 

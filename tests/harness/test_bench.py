@@ -14,7 +14,7 @@ import pytest
 
 from fmsring.harness import ceilings
 from fmsring.harness.flops import Rates, floor_ms, flop_shape
-from fmsring.harness.schema import AS_SHIPPED, COLUMNS, TOLERANCES
+from fmsring.harness.schema import AS_SHIPPED, COLUMNS, COMPILED, TOLERANCES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,7 +58,9 @@ def _check_common(df: pd.DataFrame) -> None:
     assert (df["latency_ms"] > 0).all() and (df["latency_ms_min"] <= df["latency_ms"]).all()
     assert (df["latency_ms"] <= df["latency_ms_max"]).all()
     assert (df["tflops_per_gpu"] > 0).all()
-    assert df.loc[df["phase"] == "decode", "ttft_ms"].gt(0).all()
+    decode = df["phase"] == "decode"
+    assert df.loc[decode, "ttft_ms"].gt(0).all()
+    assert df.loc[decode, "first_step_ms"].gt(0).all() and df.loc[~decode, "first_step_ms"].isna().all()
     assert df["timestamp"].notna().all() and df["git_sha"].notna().all()
     assert (df["model"] == 'llama/micro {"nlayers": 2}').all()
 
@@ -144,7 +146,10 @@ def test_followup_on_two_ranks(tmp_path: Path) -> None:
     assert (ring["floor_ms"].to_numpy() >= tp["floor_ms"].to_numpy()).all()
 
 
-def test_one_process_without_torchrun_and_resume(tmp_path: Path) -> None:
+def test_one_process_without_torchrun_resume_and_compiled_peers(tmp_path: Path) -> None:
+    """One process: ring checked against a reference computed on the side; a resumed launch
+    measures nothing; a launch appended to the file with --compile-peers adds `single` compiled
+    beside its default, checked against it, its first step (the compile) slower than its others."""
     out = tmp_path / "one.csv"
     _bench(out, None, "ring,tp", ["--layout", "contiguous"])  # no single: reference computed on the side
     df = _read(out)
@@ -155,9 +160,15 @@ def test_one_process_without_torchrun_and_resume(tmp_path: Path) -> None:
     before = out.read_bytes()
     _bench(out, None, "ring", ["--layout", "contiguous", "--resume"])  # every point done: nothing measured
     assert out.read_bytes() == before
-    _bench(out, None, "single", ["--no-check", "--seq-lens", "32"])  # appends: one header, more rows
+    _bench(out, None, "single", ["--compile-peers", "default", "--phases", "decode", "--seq-lens", "32"])  # appends
     again = _read(out)
-    assert len(again) == len(df) + 2 and list(again.columns) == list(COLUMNS)
+    assert len(again) == len(df) + 2 and list(again.columns) == list(COLUMNS)  # one header, more rows
+    single = again[again["strategy"] == "single"]
+    _check_common(single)
+    assert list(single["variant"]) == ["", COMPILED] and single["max_abs_err"].isna().tolist() == [True, False]
+    _check_exact(single[single["variant"] == COMPILED], 1)
+    compiled = single.iloc[1]
+    assert compiled["first_step_ms"] > compiled["latency_ms_max"]  # the compile: what the first token pays
 
 
 def test_failed_points_make_the_exit_code(tmp_path: Path) -> None:

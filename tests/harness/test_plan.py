@@ -23,10 +23,30 @@ def test_planned_points_for_followup_and_variants():
     assert [v.label for v in plan.variants("ring", cfg)] == ['{"ring_fuse": false}', 'x {"ring_fuse": false}']
 
 
+def test_compile_peers_adds_a_compiled_variant_to_single_and_tp_alone():
+    """The tuned peer compiled whole beside the default and the as-shipped variants, which stay as
+    they were; torch_cp (no decode) and ring (its own compiled step) get none."""
+    plain = SweepConfig(as_shipped=True, strategies=["single", "tp", "torch_cp", "ring"])
+    assert {s: [v.label for v in plan.variants(s, plain)] for s in plain.strategies} == {
+        "single": ["", schema.AS_SHIPPED], "tp": ["", schema.AS_SHIPPED], "torch_cp": ["", schema.AS_SHIPPED],
+        "ring": [""],
+    }  # fmt: skip
+    assert all(not v.compile_mode for s in plain.strategies for v in plan.variants(s, plain))
+    cfg = SweepConfig(as_shipped=True, strategies=plain.strategies, compile_peers="reduce-overhead")
+    for s in ("single", "tp"):
+        default, compiled, shipped = plan.variants(s, cfg)
+        assert (default, shipped) == tuple(plan.variants(s, plain))
+        assert compiled == plan.Variant(s, schema.COMPILED, tuned=True, compile_mode="reduce-overhead")
+    assert plan.variants("torch_cp", cfg) == plan.variants("torch_cp", plain)
+    assert plan.variants("ring", cfg) == plan.variants("ring", plain)
+    labels = [p.variant for p in cfg.points(2, "tp") if p.phase == "decode"]
+    assert labels == ["", "", schema.COMPILED, schema.COMPILED, schema.AS_SHIPPED, schema.AS_SHIPPED]
+
+
 def test_ring_variants_are_checked():
     assert plan.parse_ring_variants('{"": {}, "eager": {"ring_cuda_graphs": false}}')["eager"] == {
         "ring_cuda_graphs": False
     }
-    for bad in ('{"a": {"ring_bogus": 1}}', "[1]", '{"a": 3}', "{}", '{"as-shipped": {}}'):
+    for bad in ('{"a": {"ring_bogus": 1}}', "[1]", '{"a": 3}', "{}", '{"as-shipped": {}}', '{"compiled": {}}'):
         with pytest.raises(ValueError):
             plan.parse_ring_variants(bad)

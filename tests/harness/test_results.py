@@ -37,7 +37,19 @@ def test_a_small_run_renders_to_the_expected_tables(tmp_path: Path):
         row("single", 1, 8192, latency_ms=100.0, floor_ms=80.0, peak_mem_gib=20.5),
         row("ring", 2, 8192, variant="eager", latency_ms=123.456, floor_ms=40.0, cp_size=2, tp_size=1),
         row("ring", 2, 16384, status="oom", error="CUDA out of memory", floor_ms=90.0, cp_size=2, tp_size=1),
-        row("ring", 2, 8192, "decode", latency_ms=5.0, floor_ms=2.5, ttft_ms=300.0, batch=4, cp_size=2, tp_size=1),
+        row(
+            "ring",
+            2,
+            8192,
+            "decode",
+            latency_ms=5.0,
+            floor_ms=2.5,
+            ttft_ms=300.0,
+            first_step_ms=900.0,
+            batch=4,
+            cp_size=2,
+            tp_size=1,
+        ),
         row("ring", 2, 8192, "followup", cached_len=32768, latency_ms=200.0, floor_ms=150.0, cp_size=2, tp_size=1),
         row("ring", 2, 32768 + 8192, latency_ms=800.0, cp_size=2, tp_size=1),
     ]
@@ -62,9 +74,9 @@ def test_a_small_run_renders_to_the_expected_tables(tmp_path: Path):
 | 40k | ring 2x1 | 800.0 |  |  |  |  |  | ok |
 """
     decode = """\
-| tokens | config (cp x tp) | batch | ms | floor ms | x floor | TTFT ms | status |
-| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |
-| 8k | ring 2x1 | 4 | 5.000 | 2.500 | 2.00 | 300.0 | ok |
+| tokens | config (cp x tp) | batch | ms | floor ms | x floor | TTFT ms | first step ms | status |
+| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |
+| 8k | ring 2x1 | 4 | 5.000 | 2.500 | 2.00 | 300.0 | 900.0 | ok |
 """
     followup = """\
 | cached | tokens | config (cp x tp) | ms | floor ms | x floor | fresh prefill ms | cache gain | status |

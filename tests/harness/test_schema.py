@@ -61,3 +61,4 @@ def test_strategies_and_phases_are_strings_with_their_facts():
     assert [schema.mesh_sizes(s, 4, 2) for s in schema.STRATEGIES] == [(1, 1), (2, 2), (1, 4), (4, 1)]
     assert [schema.Strategy(s).cached for s in schema.STRATEGIES] == [True, True, True, False]
     assert schema.COLUMNS[-1] == "gpu_memory_gib" and f"{schema.Strategy.RING}" == "ring"
+    assert schema.COLUMNS.index("first_step_ms") == schema.COLUMNS.index("ttft_ms") + 1

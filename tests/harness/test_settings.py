@@ -14,7 +14,7 @@ import pytest
 from fmsring.harness import grid, sweep
 from fmsring.harness.grid import SweepConfig, from_make, notebook_parameters
 from fmsring.harness.plan import variants
-from fmsring.harness.schema import AS_SHIPPED
+from fmsring.harness.schema import AS_SHIPPED, COMPILED
 from fmsring.harness.settings import BenchConfig, Settings, parse_args, parse_seq_len, parse_seq_lens
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +23,8 @@ OTHER = dict(architecture="gpt_bigcode", variant="ibm.20b", model_path="/ckpt", 
              model_kwargs={"nlayers": 3}, device="cuda", dtype="bfloat16", strategies=["ring", "tp"],
              phases=["decode"], seq_lens=[8192, 100], cached_lens=[], batch=4, padding=0.5, layout="contiguous",
              repeats=5, warmup=0, decode_tokens=7, ring_variants={"x": {"ring_cuda_graphs": False}},
-             ring_kwargs={"ring_fuse": False}, ring_tp=[1], as_shipped=True, followup_recompute=False,
+             ring_kwargs={"ring_fuse": False}, ring_tp=[1], as_shipped=True, compile_peers="reduce-overhead",
+             followup_recompute=False,
              check=False, stall_factor=2.5, stall_min_s=7.0, seed=3)  # fmt: skip
 
 
@@ -47,10 +48,14 @@ def test_cli_parsing() -> None:
     assert ring[1].ring_kwargs == {"ring_cache_headroom": 512 + 32 + 2, "ring_fuse": False, "ring_cuda_graphs": False}
     assert [v.label for v in variants("tp", cfg)] == [""]
     assert [v.label for v in variants("tp", parse_args(["--as-shipped"]))] == ["", AS_SHIPPED]
+    assert parse_args([]).compile_peers == "" and parse_args(["--compile-peers", ""]).compile_peers == ""
+    compiled = variants("single", parse_args(["--compile-peers", "max-autotune-no-cudagraphs"]))
+    assert [(v.label, v.compile_mode) for v in compiled] == [("", ""), (COMPILED, "max-autotune-no-cudagraphs")]
     for bad in (["--strategies", "ring,bogus"], ["--cached-lens", "64"], ["--phases", "followup"],
                 ["--ring-variants", '{"x": {"ring_bogus": 1}}'], ["--seq-lens", "0"],
                 ["--padding", "0.5", "--phases", "decode"], ["--padding", "0.5", "--batch", "2"],
-                ["--padding", "1", "--batch", "2", "--phases", "decode"], ["--device", "tpu"]):  # fmt: skip
+                ["--padding", "1", "--batch", "2", "--phases", "decode"], ["--device", "tpu"],
+                ["--compile-peers", "fast"], ["--compile-peers", "none"]):  # fmt: skip
         with pytest.raises(SystemExit):
             parse_args(bad)
 
@@ -61,7 +66,8 @@ def test_every_setting_is_a_bench_flag_and_a_sweep_flag():
     for name in BenchConfig.names():
         assert f"--{name.replace('_', '-')}" in bench_help, name
     for name in ("--seq-lens", "--cached-lens", "--ring-variants", "--ring-tp", "--padding", "--as-shipped",
-                 "--no-check", "--no-followup-recompute", "--resume", "--out"):  # fmt: skip  # scripts and README use these
+                 "--compile-peers", "--no-check", "--no-followup-recompute", "--resume",
+                 "--out"):  # fmt: skip  # scripts and README use these
         assert name in bench_help
     cfg, _ = sweep.config_from_args([f"--{n.replace('_', '-')}={v}" if not isinstance(v, bool) else
                                      f"--{'' if v else 'no-'}{n.replace('_', '-')}" for n, v in OTHER.items()
@@ -106,8 +112,9 @@ def test_every_setting_is_a_make_variable(tmp_path: Path):
 
 def test_make_sweep_writes_the_notebook_settings(tmp_path: Path):
     """make sweep's first step: its command-line variables, through make itself, as the notebook's parameters."""
-    out = subprocess.run(["make", "-n", "sweep", "DEVICE=cuda", "MODEL=3-8b", "NPROC=2,4", "PADDING=0.5", "BATCH=2", "PHASES=decode",
-                          f"OUT_DIR={tmp_path}", 'RING_VARIANTS={"": {}, "e": {"ring_fuse": false}}'],
+    out = subprocess.run(["make", "-n", "sweep", "DEVICE=cuda", "MODEL=3-8b", "NPROC=2,4", "PADDING=0.5", "BATCH=2",
+                          "PHASES=decode", "COMPILE_PEERS=reduce-overhead", f"OUT_DIR={tmp_path}",
+                          'RING_VARIANTS={"": {}, "e": {"ring_fuse": false}}'],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout  # fmt: skip
     line = next(x for x in out.splitlines() if "--notebook-settings" in x)
     words = line.split("--notebook-settings", 1)[1].split(")", 1)[0]
@@ -118,7 +125,8 @@ def test_make_sweep_writes_the_notebook_settings(tmp_path: Path):
 
     settings = yaml.safe_load((Path(run) / "notebook.yaml").read_text())
     assert settings["padding"] == "0.5" and settings["world_sizes"] == "2,4" and settings["model_kwargs"] == {}
-    assert SweepConfig.from_dict(settings).ring_variants == {"": {}, "e": {"ring_fuse": False}}
+    cfg = SweepConfig.from_dict(settings)
+    assert cfg.ring_variants == {"": {}, "e": {"ring_fuse": False}} and cfg.compile_peers == "reduce-overhead"
 
 
 def test_identity_settings_tell_run_folders_apart():
