@@ -37,7 +37,8 @@
 # same, same-followup  one GPU's speed before and after a change, single and ring at world 1:
 #           prefill and decode (32 greedy tokens) at 8K/32K/128K in one launch, then follow-ups of 1K
 #           and 8K tokens on 32K and 128K cached. Run each section in the old tree and the new one on one
-#           machine (cd OLD && bash NEW/scripts/device_runs.sh same OUT/old) and compare the two CSVs
+#           machine (cd OLD && bash NEW/scripts/device_runs.sh same OUT/old) and compare the two CSVs;
+#           PEERS and SEQ_LENS narrow them where a device call's time is short
 # families  Bamba-9.8B and gpt-oss-20b shapes beside FMS's own model (single) at world 1: a window
 #           layer's attention against a full layer's at 32K (scripts/profile_windows.py), Bamba prefill
 #           and decode at 32K and 128K, gpt-oss prefill at 8K and 32K and the ring's decode at 32K
@@ -152,11 +153,12 @@ padded)
     bench --strategies single,ring --ring-tp "$factors" --padding 0.5 "${steps[@]}"
     ;;
 same)
-    bench --strategies single,ring --phases prefill,decode --seq-lens 8K,32K,128K --decode-tokens 32 --no-check \
+    bench --strategies "${PEERS:-single,ring}" --phases prefill,decode --seq-lens "${SEQ_LENS:-8K,32K,128K}" \
+        --decode-tokens 32 --no-check \
         --repeats 2 --warmup 1 --out "$out/results.csv"
     ;;
 same-followup)
-    bench --strategies single,ring --phases followup --cached-lens 32K,128K --seq-lens 1K,8K \
+    bench --strategies "${PEERS:-single,ring}" --phases followup --cached-lens 32K,128K --seq-lens 1K,8K \
         --no-followup-recompute --no-check --repeats 2 --warmup 1 --out "$out/results.csv"
     ;;
 families)

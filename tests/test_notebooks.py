@@ -9,9 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jupytext
-import nbformat
 import pytest
+
+jupytext = pytest.importorskip("jupytext", reason="the notebook tools (dev extra); the GPU machine has none")
+nbformat = pytest.importorskip("nbformat", reason="the notebook tools (dev extra); the GPU machine has none")
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"

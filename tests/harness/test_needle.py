@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import nbformat
 import pytest
 
 from fmsring.harness import launch, needle, needle_plots
@@ -17,6 +16,8 @@ from fmsring.harness.needle import COLUMNS, CSV, NeedleConfig, run_needle
 from fmsring.harness.schema import append_rows, read_rows
 from tests.harness.synthetic_runs import write_needle_run
 from tests.test_notebooks import NOTEBOOKS, papermill
+
+nbformat = pytest.importorskip("nbformat", reason="the notebook tools (dev extra); the GPU machine has none")
 
 
 def checkpoint(tmp_path: Path, context: int = 1024) -> str:

@@ -8,7 +8,6 @@ import dataclasses
 import subprocess
 from pathlib import Path
 
-import jupytext
 import pytest
 
 from fmsring.harness import grid, sweep
@@ -16,6 +15,8 @@ from fmsring.harness.grid import SweepConfig, from_make, notebook_parameters
 from fmsring.harness.plan import variants
 from fmsring.harness.schema import AS_SHIPPED, COMPILED
 from fmsring.harness.settings import BenchConfig, Settings, parse_args, parse_seq_len, parse_seq_lens
+
+jupytext = pytest.importorskip("jupytext", reason="the notebook tools (dev extra); the GPU machine has none")
 
 ROOT = Path(__file__).resolve().parents[2]
 # a value other than the default for every setting both configs share, each valid with the others
