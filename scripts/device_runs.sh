@@ -51,6 +51,7 @@ section=$1
 out=$2
 mkdir -p "$out"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the scripts/ run from the tree in the working directory, not an installed one
 nproc=$(python3 -c "import torch; print(torch.cuda.device_count())")
 status=0
 architecture=llama
