@@ -178,6 +178,38 @@ def test_padded_batch_decodes_on_the_captured_step(one_rank_group):
     assert ring.graphs.current is not None and ring.graphs.current.inputs.slot_bias is not None
 
 
+@pytest.mark.parametrize("family", ["gpt_oss", "granite_swa"])
+def test_sinks_and_windows_prefill_and_decode_on_the_captured_step(one_rank_group, family):
+    """gpt-oss and Granite-SWA in bf16 on one GPU: the windowed layers' prefill attends band
+    tiles on the memory-efficient kernel, and the captured decode step reads the window and the
+    sink through the split-KV kernel's bias, many steps past the window. The plain FMS model of
+    the same weights agrees with the prompt's logits and every step's."""
+    import fmsring
+    from tests.test_families import randomize
+    from tests.test_sinks_windows import FAMILIES, set_window
+
+    arch, variant, overrides = FAMILIES[family]
+    window = random.randrange(40, 90)
+    kw = dict(device_type="cuda", data_type=torch.bfloat16, **{**overrides, "max_expected_seq_len": 1024})
+    plain = fmsring.get_model(arch, variant, distributed_strategy="replicated", **kw)
+    randomize(plain)
+    ring = fmsring.get_model(arch, variant, distributed_strategy="ring", **kw)
+    ring.model.load_state_dict(plain.state_dict())
+    for model in (plain, ring.model):
+        set_window(model, window)
+    ids = torch.randint(1, 96, (1, random.randrange(300, 700)), device="cuda")
+    with torch.no_grad():
+        want, ref_cache = plain(ids, use_cache=True)
+        got, cache = ring(ids, use_cache=True)
+        assert _rel(got, want) < 2e-2, (family, window, ids.shape)
+        for step in range(window + 8):
+            nxt = want[:, -1:].argmax(-1)
+            got, cache = ring(nxt, past_key_value_states=cache, use_cache=True, last_n_tokens=1)
+            want, ref_cache = plain(nxt, past_key_value_states=ref_cache, use_cache=True)
+            assert _rel(got[:, -1], want[:, -1]) < 2e-2, (family, window, ids.shape, step)
+    assert ring.graphs.current is not None and ring.graphs.current.inputs.slot_index is not None
+
+
 def test_decode_on_many_cache_sizes_compiles_a_bounded_number_of_times(one_rank_group):
     """Prompts of four lengths, so four cache capacities and two split-KV chunk counts: the
     captured steps match the plain FMS model, and the decoder layer compiled whole holds a
