@@ -184,19 +184,11 @@ def test_sinks_and_windows_prefill_and_decode_on_the_captured_step(one_rank_grou
     tiles on the memory-efficient kernel, and the captured decode step reads the window and the
     sink through the split-KV kernel's bias, many steps past the window. The plain FMS model of
     the same weights agrees with the prompt's logits and every step's."""
-    import fmsring
-    from tests.test_families import randomize
-    from tests.test_sinks_windows import FAMILIES, set_window
+    from tests.test_sinks_windows import _models
 
-    arch, variant, overrides = FAMILIES[family]
     window = random.randrange(40, 90)
-    kw = dict(device_type="cuda", data_type=torch.bfloat16, **{**overrides, "max_expected_seq_len": 1024})
-    plain = fmsring.get_model(arch, variant, distributed_strategy="replicated", **kw)
-    randomize(plain)
-    ring = fmsring.get_model(arch, variant, distributed_strategy="ring", **kw)
-    ring.model.load_state_dict(plain.state_dict())
-    for model in (plain, ring.model):
-        set_window(model, window)
+    options = dict(device_type="cuda", data_type=torch.bfloat16, max_expected_seq_len=1024)
+    plain, ring = _models(family, window, options)
     ids = torch.randint(1, 96, (1, random.randrange(300, 700)), device="cuda")
     with torch.no_grad():
         want, ref_cache = plain(ids, use_cache=True)

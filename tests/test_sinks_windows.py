@@ -41,21 +41,24 @@ def set_window(model: torch.nn.Module, window: int) -> None:
                 setattr(m, attr, window)
 
 
-def _models(family: str, **ring_options):
-    """The unsharded FMS model (sinks drawn large enough to matter) and the ring of its weights."""
+def _models(family: str, window: int = WINDOW, model_options: dict | None = None, **ring_options):
+    """The unsharded FMS model (sinks drawn large enough to matter) and the ring of its weights,
+    their sliding layers' window set to ``window``; ``model_options``: more ``get_model`` kwargs
+    for both (the device, the dtype)."""
     import fmsring
 
     arch, variant, overrides = FAMILIES[family]
-    ref = fmsring.get_model(arch, variant, distributed_strategy="replicated", **overrides)
+    options = {**overrides, **(model_options or {})}
+    ref = fmsring.get_model(arch, variant, distributed_strategy="replicated", **options)
     randomize(ref)
     with torch.no_grad():
         for m in ref.modules():
-            if getattr(m, "has_sinks", False):
-                m.sinks.normal_(0.0, 1.5, generator=torch.Generator().manual_seed(7))
-    set_window(ref, WINDOW)
-    ring = fmsring.get_model(arch, variant, distributed_strategy="ring", **overrides, **ring_options)
+            if getattr(m, "has_sinks", False):  # drawn on the host: the same on any device
+                m.sinks.copy_(torch.randn(m.sinks.shape, generator=torch.Generator().manual_seed(7)) * 1.5)
+    set_window(ref, window)
+    ring = fmsring.get_model(arch, variant, distributed_strategy="ring", **options, **ring_options)
     ring.model.load_state_dict(ref.state_dict())
-    set_window(ring.model, WINDOW)
+    set_window(ring.model, window)
     return ref, ring
 
 

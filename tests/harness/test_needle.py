@@ -15,9 +15,7 @@ from fmsring.harness import launch, needle, needle_plots
 from fmsring.harness.needle import COLUMNS, CSV, NeedleConfig, run_needle
 from fmsring.harness.schema import append_rows, read_rows
 from tests.harness.synthetic_runs import write_needle_run
-from tests.test_notebooks import NOTEBOOKS, papermill
-
-nbformat = pytest.importorskip("nbformat", reason="the notebook tools (dev extra); the GPU machine has none")
+from tests.test_notebooks import NOTEBOOKS, nbformat, papermill  # skipped where the notebook tools are missing
 
 
 def checkpoint(tmp_path: Path, context: int = 1024) -> str:
