@@ -32,17 +32,22 @@ def decode_splits(batch: int, kv_heads: int, capacity: int, sms: int) -> int:
     return max(1, min(wanted, capacity // MIN_SPLIT_SLOTS))
 
 
-def split_kv_chunks(kv_lens: torch.Tensor, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_kv_chunks(
+    kv_lens: torch.Tensor, splits: int, first: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sequence's first ``kv_lens[i]`` cache slots cut into ``splits`` chunks of whole
     :data:`TILE_SLOTS` tiles, as equal as that allows: (starts [b*splits], a chunk's first slot in
     its sequence's cache, and used [b*splits], how many slots it reads), both int32. Chunks follow
     the fill, not the capacity, so every chunk has work until the last tiles run out; the ones past
-    them have nothing to read (used 0)."""
+    them have nothing to read (used 0). ``first`` [b] skips each sequence's slots before
+    ``first[i]``: a sliding window shows only the fill's last slots, so a windowed layer's step
+    reads those alone, not the shard."""
     if splits < 1:
         raise ValueError(f"cannot cut a cache into {splits} chunks")
     lens = kv_lens.to(torch.int64).unsqueeze(1)
-    chunk = (lens + splits * TILE_SLOTS - 1) // (splits * TILE_SLOTS) * TILE_SLOTS
-    starts = torch.arange(splits, device=kv_lens.device, dtype=torch.int64) * chunk
+    lo = 0 if first is None else first.to(torch.int64).unsqueeze(1)
+    chunk = (lens - lo + splits * TILE_SLOTS - 1) // (splits * TILE_SLOTS) * TILE_SLOTS
+    starts = lo + torch.arange(splits, device=kv_lens.device, dtype=torch.int64) * chunk
     used = (lens - starts).clamp(min=0).minimum(chunk)
     return starts.reshape(-1).to(torch.int32), used.reshape(-1).to(torch.int32)
 
@@ -63,6 +68,10 @@ class SplitKV(NamedTuple):
     @property
     def splits(self) -> int:
         return self.used.shape[0] // self.batch
+
+    def from_slot(self, kv_lens: torch.Tensor, first: torch.Tensor) -> SplitKV:
+        """As many chunks over slots ``first[i]`` to ``kv_lens[i]`` only (:func:`split_kv_chunks`)."""
+        return SplitKV(self.batch, *split_kv_chunks(kv_lens, self.splits, first))
 
 
 def split_kv(kv_lens: torch.Tensor, splits: int) -> SplitKV:

@@ -207,18 +207,21 @@ def test_decode_over_a_preallocated_cache_reads_only_the_used_slots(h, kvh):
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3, 7])
-def test_split_kv_chunks_cover_exactly_the_used_slots_and_merge_to_the_unsplit_result(splits):
+@pytest.mark.parametrize("windowed", [False, True])
+def test_split_kv_chunks_cover_exactly_the_used_slots_and_merge_to_the_unsplit_result(splits, windowed):
     """The chunk bookkeeping of split-KV decoding: the chunks' used slots are exactly each
-    sequence's first kv_lens slots, in order, disjoint, in whole tiles but the last; merging
-    per-chunk partials (math here, the decode kernel in tests/test_decode_kernel.py) gives the
-    unsplit attention. Empty chunks and empty sequences contribute nothing."""
+    sequence's first kv_lens slots (``windowed``: from a first slot on, the slots a sliding
+    window shows), in order, disjoint, in whole tiles but the last; merging per-chunk partials
+    (math here, the decode kernel in tests/test_decode_kernel.py) gives the unsplit attention
+    (with the skipped slots masked). Empty chunks and empty sequences contribute nothing."""
     b, h, kvh, d, cap = 3, 8, 2, 16, random.randint(splits, 700)
     lens = torch.tensor([random.randint(1, cap), 0, cap], dtype=torch.int32)
-    starts, used = split_kv_chunks(lens, splits)
+    first = torch.tensor([random.randint(0, int(n)) for n in lens]) if windowed else torch.zeros(b, dtype=torch.long)
+    starts, used = split_kv_chunks(lens, splits, first if windowed else None)
     assert starts.shape == used.shape == (b * splits,)
     for i in range(b):
         chunks = [(int(starts[i * splits + c]), int(used[i * splits + c])) for c in range(splits)]
-        assert [s for lo, n in chunks for s in range(lo, lo + n)] == list(range(int(lens[i])))
+        assert [s for lo, n in chunks for s in range(lo, lo + n)] == list(range(int(first[i]), int(lens[i])))
         assert all(n % TILE_SLOTS == 0 for lo, n in chunks if lo + n < lens[i])
     q = torch.randn(b, h, 1, d)
     k_cache, v_cache = torch.randn(b, cap, kvh, d) * 2, torch.randn(b, cap, kvh, d)
@@ -233,7 +236,9 @@ def test_split_kv_chunks_cover_exactly_the_used_slots_and_merge_to_the_unsplit_r
         outs.append(out_c.view(b, kvh, h // kvh, 1, d))
         lses.append(lse_c.view(b, kvh, h // kvh, 1))
     out, lse = merge_split(torch.stack(outs), torch.stack(lses))
-    ref, ref_lse = decode_attention_with_lse(q, k_cache, v_cache, lens, d**-0.5)
+    skipped = torch.arange(cap).unsqueeze(0) < first.unsqueeze(1)
+    bias = torch.zeros(b, cap).masked_fill(skipped, float("-inf"))
+    ref, ref_lse = decode_attention_with_lse(q, k_cache, v_cache, lens, d**-0.5, slot_bias=bias)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-6)
 

@@ -12,10 +12,12 @@ CASES = [(L, W) for W in (1, 2, 3, 4, 8) for L in (W, W + 1, 2 * W - 1, 2 * W, 1
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("L,W", CASES)
-def test_every_token_on_exactly_one_rank(layout, L, W):
+def test_every_token_on_exactly_one_rank_in_sequence_order(layout, L, W):
+    """In sequence order on each rank: a window's decode step reads only the shard's last slots."""
     plan = ShardPlan.build(L, W, layout)
     seen = sorted(i for r in range(W) for i in plan.indices(r))
     assert seen == list(range(L))
+    assert all(plan.indices(r) == sorted(set(plan.indices(r))) for r in range(W))
     assert all(n >= 1 for n in plan.local_lens)
     assert max(plan.local_lens) - min(plan.local_lens) <= 2
 

@@ -13,6 +13,10 @@ def test_split_kv_chunks_follow_the_fill_in_whole_tiles():
     starts, used = split_kv_chunks(torch.tensor([200, 64, 0], dtype=torch.int32), 3)
     assert starts.tolist() == [0, 128, 256, 0, 64, 128, 0, 0, 0]
     assert used.tolist() == [128, 72, 0, 64, 0, 0, 0, 0, 0]
+    # a window that hides the first 70 and 10 slots: the chunks start after them, still whole tiles
+    starts, used = split_kv_chunks(torch.tensor([200, 64], dtype=torch.int32), 3, torch.tensor([70, 10]))
+    assert starts.tolist() == [70, 134, 198, 10, 74, 138]
+    assert used.tolist() == [64, 64, 2, 54, 0, 0]
     with pytest.raises(ValueError, match="cannot cut a cache into 0 chunks"):
         split_kv_chunks(torch.tensor([5], dtype=torch.int32), 0)
 

@@ -59,14 +59,19 @@ class DecodeStep:
         return key_cache, value_cache, key_cache, value_cache
 
     def attend(self, query, key_cache, value_cache, scale, layer):
-        bias = self.slot_bias
+        bias, plan = self.slot_bias, self.split_kv
         if layer.window:
             if self.slot_index is None or self.query_index is None:
                 raise RuntimeError("a layer passed a sliding window that the model's blocks did not declare")
             behind = layer.bias(self.query_index, self.slot_index)[0].expand(query.shape[0], -1)
             bias = behind if bias is None else bias + behind
+            if plan is not None:
+                # a shard keeps its slots in sequence order, so the window shows the fill's last
+                # slots: the kernel starts after the hidden ones instead of masking the whole shard
+                filled = torch.arange(behind.shape[1], device=behind.device) < self.kv_lens.unsqueeze(1)
+                plan = plan.from_slot(self.kv_lens, (behind.isinf() & filled).sum(1))
         out, lse = decode_attention_with_lse(
-            query.transpose(1, 2), key_cache, value_cache, self.kv_lens, scale, self.split_kv, bias
+            query.transpose(1, 2), key_cache, value_cache, self.kv_lens, scale, plan, bias
         )
         if self.comm.rank == 0:
             out, lse = layer.add_sink(out, lse)
