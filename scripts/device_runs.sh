@@ -39,6 +39,10 @@
 #           and 8K tokens on 32K and 128K cached. Run each section in the old tree and the new one on one
 #           machine (cd OLD && bash NEW/scripts/device_runs.sh same OUT/old) and compare the two CSVs;
 #           PEERS and SEQ_LENS narrow them where a device call's time is short
+# compiled  decode (32 greedy tokens) at 8K/32K/128K: single eager and compiled as FMS's inference script
+#           compiles it (COMPILE_PEERS, default reduce-overhead) beside ring; then ring's 8K decode in two
+#           fresh processes over one empty compile cache: the second launch's first step finds the first's
+#           compiled code on disk (first_step_ms: what a user's second run pays), rows in results_first_step.csv
 # families  Bamba-9.8B and gpt-oss-20b shapes beside FMS's own model (single) at world 1: a window
 #           layer's attention against a full layer's at 32K (scripts/profile_windows.py), Bamba prefill
 #           and decode at 32K and 128K, gpt-oss prefill at 8K and 32K and the ring's decode at 32K
@@ -161,6 +165,16 @@ same)
 same-followup)
     bench --strategies "${PEERS:-single,ring}" --phases followup --cached-lens 32K,128K --seq-lens 1K,8K \
         --no-followup-recompute --no-check --repeats 2 --warmup 1 --out "$out/results.csv"
+    ;;
+compiled)
+    bench --strategies single,ring --compile-peers "${COMPILE_PEERS:-reduce-overhead}" --phases decode \
+        --seq-lens 8K,32K,128K --decode-tokens 32 --no-check --repeats 1 --warmup 1 --out "$out/results.csv"
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
+    export TORCHINDUCTOR_CACHE_DIR
+    for launch in 1 2; do
+        bench --strategies ring --phases decode --seq-lens 8K --decode-tokens 8 --no-check --repeats 1 --warmup 0 \
+            --out "$out/results_first_step.csv"
+    done
     ;;
 families)
     python3 scripts/profile_windows.py "$out" 32768 128 2>&1 | tee -a "$out/bench_$section.log" || status=1
