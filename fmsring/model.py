@@ -84,8 +84,7 @@ class LlamaRing(nn.Module):
         self.check_inputs = check_inputs
         self.cache_headroom = cache_headroom
         self.recurrent = ssm.has_ssm(model)  # Mamba2 layers (fmsring.ssm)
-        # FMS's Mamba2 decode step rebinds its conv state each step, which a captured graph would not see
-        self.cuda_graphs = cuda_graphs and not self.recurrent
+        self.cuda_graphs = cuda_graphs
         self.followup = followup
         self.prefill_chunk = prefill_chunk
         self.attn = attns[0]

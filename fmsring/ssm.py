@@ -111,9 +111,18 @@ class RingSSM(SSM):
 
     def forward(self, input_states, mask, past_key_value_state=None, cache_position=None, **kwargs):
         scan = _SCAN.get()
-        if scan is None:
-            return super().forward(input_states, mask, past_key_value_state, cache_position, **kwargs)
-        return _sharded_forward(self, scan, input_states, past_key_value_state)
+        if scan is not None:
+            return _sharded_forward(self, scan, input_states, past_key_value_state)
+        unit = past_key_value_state
+        conv_state = None if unit is None else unit.conv_state
+        out = super().forward(input_states, mask, unit, cache_position, **kwargs)
+        if conv_state is not None and unit.conv_state is not conv_state:
+            # FMS's one-token step rebinds the unit's conv window to a rolled copy; written back
+            # into the unit's own buffer, every state stays at one address, so a captured decode
+            # step (fmsring.decode_graph) advances them on each replay
+            conv_state.copy_(unit.conv_state)
+            unit.conv_state = conv_state
+        return out
 
 
 def _segments(plan: ShardPlan, rank: int) -> list[tuple[int, int, int]]:

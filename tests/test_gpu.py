@@ -202,6 +202,26 @@ def test_sinks_and_windows_prefill_and_decode_on_the_captured_step(one_rank_grou
     assert ring.graphs.current is not None and ring.graphs.current.inputs.slot_index is not None
 
 
+def test_bamba_decodes_on_the_captured_step(one_rank_group):
+    """Bamba in bf16 on one GPU: the captured decode step advances the Mamba2 states in place on
+    every replay (a replay on stale states drifts from FMS's within a step), against the plain FMS
+    model of the same weights, step by step."""
+    from tests.test_bamba import _models
+
+    plain, ring = _models(dict(device_type="cuda", data_type=torch.bfloat16))
+    ids = torch.randint(1, 96, (1, random.randrange(40, 200)), device="cuda")
+    with torch.no_grad():
+        want, ref_cache = plain(ids, use_cache=True)
+        got, cache = ring(ids, use_cache=True)
+        assert _rel(got, want) < 2e-2, ids.shape
+        for step in range(12):
+            nxt = want[:, -1:].argmax(-1)
+            got, cache = ring(nxt, past_key_value_states=cache, use_cache=True, last_n_tokens=1)
+            want, ref_cache = plain(nxt, past_key_value_states=ref_cache, use_cache=True)
+            assert _rel(got[:, -1], want[:, -1]) < 2e-2, (ids.shape, step)
+    assert ring.graphs.current is not None
+
+
 def test_decode_on_many_cache_sizes_compiles_a_bounded_number_of_times(one_rank_group):
     """Prompts of four lengths, so four cache capacities and two split-KV chunk counts: the
     captured steps match the plain FMS model, and the decoder layer compiled whole holds a
