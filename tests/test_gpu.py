@@ -204,8 +204,10 @@ def test_sinks_and_windows_prefill_and_decode_on_the_captured_step(one_rank_grou
 
 def test_bamba_decodes_on_the_captured_step(one_rank_group):
     """Bamba in bf16 on one GPU: the captured decode step advances the Mamba2 states in place on
-    every replay (a replay on stale states drifts from FMS's within a step), against the plain FMS
-    model of the same weights, step by step."""
+    every replay, against the plain FMS model of the same weights, step by step. The bound is
+    loose for bf16's sake: this model's steps differ from FMS's by a few percent on a GPU, while
+    a replay on stale states misses by tens of percent or more (restoring the states after a step
+    on CPU ranks showed 30-150%)."""
     from tests.test_bamba import _models
 
     plain, ring = _models(dict(device_type="cuda", data_type=torch.bfloat16))
@@ -218,7 +220,7 @@ def test_bamba_decodes_on_the_captured_step(one_rank_group):
             nxt = want[:, -1:].argmax(-1)
             got, cache = ring(nxt, past_key_value_states=cache, use_cache=True, last_n_tokens=1)
             want, ref_cache = plain(nxt, past_key_value_states=ref_cache, use_cache=True)
-            assert _rel(got[:, -1], want[:, -1]) < 2e-2, (ids.shape, step)
+            assert _rel(got[:, -1], want[:, -1]) < 0.1, (ids.shape, step)
     assert ring.graphs.current is not None
 
 
