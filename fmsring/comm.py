@@ -3,12 +3,18 @@ collectives fmsring needs (input check, RNG sync, padded gathers)."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+# how long a clean exit lets gloo's worker threads drop their last works (maybe_init_dist)
+GLOO_DRAIN_S = 0.1
 
 
 def maybe_init_dist(device_type: str | None = None, timeout_s: float = 600.0) -> tuple[int, int]:
@@ -17,6 +23,16 @@ def maybe_init_dist(device_type: str | None = None, timeout_s: float = 600.0) ->
     Without torchrun the same script then runs as one process (ring
     attention runs on one rank too), so ``python script.py`` works as
     ``torchrun script.py`` does. A group that already exists is kept.
+
+    A group made here is destroyed when the process exits cleanly, as torch
+    asks of every script. A gloo group's worker threads drop a finished
+    exchange's work a moment after ``wait`` returns; where that frees a
+    tensor Python let go of, the drop needs the GIL, and if the interpreter
+    is finalizing by then, the process aborts ("terminate called without an
+    active exception") in a share of runs. So a clean exit first gives the
+    GIL up for a moment; a barrier would not do, since its own work holds the
+    earlier ones. After an uncaught exception the group is left alone, so
+    that the failed rank's peers fail fast.
 
     Args:
         device_type: "cuda" picks NCCL, anything else gloo (CPU ranks on a GPU
@@ -29,6 +45,8 @@ def maybe_init_dist(device_type: str | None = None, timeout_s: float = 600.0) ->
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     backend = "nccl" if device_type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
+    atexit.unregister(_destroy_on_clean_exit)  # once, however many groups this process makes
+    atexit.register(_destroy_on_clean_exit)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -36,6 +54,15 @@ def maybe_init_dist(device_type: str | None = None, timeout_s: float = 600.0) ->
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _destroy_on_clean_exit() -> None:
+    # the interpreter sets sys.last_exc (3.12) / sys.last_value when an uncaught exception ended the script
+    failed = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    if dist.is_initialized() and failed is None:
+        if dist.get_backend() == "gloo":
+            time.sleep(GLOO_DRAIN_S)
+        dist.destroy_process_group()
 
 
 def group_device(group: dist.ProcessGroup | None) -> torch.device:

@@ -44,16 +44,23 @@ def fused(fn: Callable[..., Any], dynamic: bool | None = True) -> Callable[..., 
     eager otherwise. Inside code being compiled it is plain ``fn``, for the
     outer compilation to fuse with its neighbours. A machine where the
     compiler cannot build it (no Triton for the GPU, no C++ compiler) gets an
-    error that says how to run without fusion."""
-    compiled = torch.compile(fn, dynamic=dynamic)
+    error that says how to run without fusion.
+
+    The compiled function is made at its first call on such a device, not here:
+    ``torch.compile`` imports the compiler stack, seconds that every process
+    importing fmsring would pay, on CPU for nothing."""
+    compiled = None
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
+        nonlocal compiled
         if torch.compiler.is_compiling():
             return fn(*args, **kwargs)
         first = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
         if first.device.type not in FUSE_DEVICES:
             return fn(*args, **kwargs)
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=dynamic)
         try:
             return compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:

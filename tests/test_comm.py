@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import torch
 import torch.distributed as dist
 
@@ -52,3 +55,30 @@ def test_all_to_all_delivers_chunk_r_to_rank_r():
     world = 3
     for rank, got in enumerate(run_ranks(world, _a2a)):
         assert got.tolist() == [[src, rank] for src in range(world)]
+
+
+EXIT_SCRIPT = """
+import atexit, sys
+import torch.distributed as dist
+atexit.register(lambda: print("group alive at exit:", dist.is_initialized(), flush=True))  # runs after fmsring's
+import fmsring
+fmsring.maybe_init_dist("cpu")
+if sys.argv[1] == "raise":
+    raise RuntimeError("a rank failed")
+"""
+
+
+def test_the_group_it_makes_is_destroyed_at_a_clean_exit_and_left_after_a_failure():
+    """A gloo group left to interpreter teardown can abort the process; after a failure, destroying it could
+    wait on the failed rank's exchanges, so only a clean exit destroys it."""
+    runs = {
+        how: subprocess.Popen(
+            [sys.executable, "-c", EXIT_SCRIPT, how], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for how in ("clean", "raise")
+    }
+    out = {how: p.communicate(timeout=120) for how, p in runs.items()}
+    assert runs["clean"].returncode == 0, out["clean"][1]
+    assert "group alive at exit: False" in out["clean"][0], out["clean"]
+    assert runs["raise"].returncode == 1 and "a rank failed" in out["raise"][1], out["raise"]
+    assert "group alive at exit: True" in out["raise"][0], out["raise"]
