@@ -5,8 +5,9 @@ K-1 inputs reach back past a shard's first token) and a linear scan whose
 state h [b, heads, head_dim, state] runs along the whole sequence:
 h_t = exp(A dt_t) h_{t-1} + dt_t B_t x_t, read out as y_t = C_t . h_t + D x_t.
 Both carry across shards in closed form, so each rank runs FMS's own forward
-on each of its segments (a zigzag rank holds two, apart) and adds what the
-rest of the sequence contributes:
+on each of its segments (a zigzag rank holds two, apart; a segment longer
+than FMS's scan can hold in memory is cut into pieces, :func:`piece_len`)
+and adds what the rest of the sequence contributes:
 
 * **conv halo**: every segment's last K pre-conv ``xBC`` columns are
   all-gathered; a segment's conv then runs on the last K-1 columns before it,
@@ -125,9 +126,28 @@ class RingSSM(SSM):
         return out
 
 
-def _segments(plan: ShardPlan, rank: int) -> list[tuple[int, int, int]]:
-    """(global start, length, local offset) of each of ``rank``'s segments."""
-    return [(s, e - s, off) for s, e, off in plan.offsets(rank)]
+# FMS's scan holds [chunk, chunk] products per head and state (and head) dimension for every chunk
+# of what it runs at once: ~25 MB a token at Bamba-9.8B's shapes, so 32K tokens would need 512 GiB.
+# A segment longer than this budget allows runs in pieces, each passing its state on to the next
+# exactly as segments on different ranks do.
+SCAN_SCRATCH_BYTES = 16 * 2**30
+
+
+def piece_len(ssm: SSM) -> int:
+    """The most tokens FMS's scan runs at once within :data:`SCAN_SCRATCH_BYTES` (whole chunks, at
+    least one): its largest intermediates are [tokens, chunk, heads, state] and [..., head_dim], fp32."""
+    per_token = ssm.chunk_size * ssm.nheads * (ssm.ssm_state_size + ssm.head_dim) * 4
+    return max(1, SCAN_SCRATCH_BYTES // (per_token * ssm.chunk_size)) * ssm.chunk_size
+
+
+def _segments(plan: ShardPlan, rank: int, piece: int) -> list[tuple[int, int, int]]:
+    """(global start, length, local offset) of each of ``rank``'s segments, cut into pieces of at
+    most ``piece`` tokens (an empty segment stays one, of none)."""
+    return [
+        (s + i, min(piece, e - s - i), off + i)
+        for s, e, off in plan.offsets(rank)
+        for i in range(0, max(e - s, 1), piece)
+    ]
 
 
 def _gather(t: torch.Tensor, scan: ShardedScan, slots: int) -> list[torch.Tensor]:
@@ -137,10 +157,10 @@ def _gather(t: torch.Tensor, scan: ShardedScan, slots: int) -> list[torch.Tensor
     return all_gather_padded(t, 0, scan.group, slots)
 
 
-def _by_sequence(scan: ShardedScan, parts: list[torch.Tensor]) -> list[tuple[int, int, torch.Tensor]]:
-    """(start, length, tensor) of every segment of the sequence, in sequence order."""
+def _by_sequence(scan: ShardedScan, parts: list[torch.Tensor], piece: int) -> list[tuple[int, int, torch.Tensor]]:
+    """(start, length, tensor) of every segment (or piece) of the sequence, in sequence order."""
     ranks = range(scan.plan.world_size)
-    segs = [(s, n, parts[r][i]) for r in ranks for i, (s, n, _) in enumerate(_segments(scan.plan, r))]
+    segs = [(s, n, parts[r][i]) for r in ranks for i, (s, n, _) in enumerate(_segments(scan.plan, r, piece))]
     return sorted(segs, key=lambda seg: seg[0])
 
 
@@ -150,11 +170,12 @@ def _sharded_forward(ssm: SSM, scan: ShardedScan, x: torch.Tensor, unit: SSMCach
     k = ssm.conv_kernel_size
     b = x.shape[0]
     window = torch.zeros(b, ssm.conv_dim, k, dtype=x.dtype, device=x.device) if unit is None else unit.conv_state
-    mine = _segments(scan.plan, scan.rank)
-    slots = max(len(segs) for segs in scan.plan.segments)
+    piece = piece_len(ssm)
+    mine = _segments(scan.plan, scan.rank, piece)
+    slots = max(len(_segments(scan.plan, r, piece)) for r in range(scan.plan.world_size))
     # 1. every segment's last k pre-conv columns (left-padded with zeros when shorter), all ranks'
     tails = torch.stack([_conv_input(ssm, x[:, max(off, off + n - k) : off + n], k) for _, n, off in mine])
-    everyone = _by_sequence(scan, _gather(tails, scan, slots))
+    everyone = _by_sequence(scan, _gather(tails, scan, slots), piece)
 
     def before(start: int, width: int) -> torch.Tensor:
         """The ``width`` pre-conv columns before sequence index ``start`` (the window's before the first)."""
@@ -167,7 +188,7 @@ def _sharded_forward(ssm: SSM, scan: ShardedScan, x: torch.Tensor, unit: SSMCach
     finals = torch.stack([torch.cat([r.state.flatten(1), r.decay[:, -1]], dim=1) for r in runs])
     h = torch.zeros_like(runs[0].state) if unit is None else unit.ssm_state.float()
     incoming = {}
-    for s, _, packed in _by_sequence(scan, _gather(finals, scan, slots)):
+    for s, _, packed in _by_sequence(scan, _gather(finals, scan, slots), piece):
         incoming[s] = h
         state, decay = packed[:, : h[0].numel()].reshape(h.shape), packed[:, h[0].numel() :]
         h = decay.exp()[..., None, None] * h + state

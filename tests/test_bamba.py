@@ -58,12 +58,15 @@ def _models(model_options: dict | None = None, **ring_options):
     return ref, ring
 
 
-def _prompt_errors(rank, world, prompts, broken):
+def _prompt_errors(rank, world, prompts, broken, piece=None):
+    """Prompt logits' max error against FMS per layout and length (``piece``: the scan's pieces
+    cut to that many tokens, as a long segment's are)."""
     from fmsring import ssm
 
     ref, _ = _models()
     errs = {}
-    with torch.no_grad(), broken_state_pass(ssm, broken):
+    pieces = mock.patch.object(ssm, "piece_len", lambda _ssm: piece) if piece else contextlib.nullcontext()
+    with torch.no_grad(), broken_state_pass(ssm, broken), pieces:
         for layout in ("zigzag", "contiguous"):
             _, ring = _models(ring_layout=layout)
             for ids in prompts:
@@ -79,8 +82,8 @@ def broken_state_pass(ssm, broken: str | None):
         return contextlib.nullcontext()
     real = ssm._by_sequence
 
-    def wrong(scan, parts):
-        segs = real(scan, parts)
+    def wrong(scan, parts, piece):
+        segs = real(scan, parts, piece)
         if broken == "reversed":
             return segs[::-1]
         halos = parts[0].dim() == 4  # the conv tails [segments, b, conv_dim, k]; else the states
@@ -102,6 +105,27 @@ def _prompts(world: int) -> list[torch.Tensor]:
 def test_prompt_logits_match_fms(world):
     for errs in run_ranks(world, _prompt_errors, _prompts(world), None):
         assert max(errs.values()) <= 1e-4, errs
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_segments_longer_than_the_scan_can_hold_run_in_pieces(world):
+    """A segment past what FMS's scan holds in memory runs in pieces that pass state and conv halo
+    on as ranks do; pieces of 11 tokens (no whole chunks) still match FMS."""
+    for errs in run_ranks(world, _prompt_errors, _prompts(world), None, 11):
+        assert max(errs.values()) <= 1e-4, errs
+
+
+def test_the_scan_runs_at_most_what_its_memory_budget_holds():
+    """Bamba-9.8B's scan needs ~25 MB a token: 16 GiB hold two of its 256-token chunks, and a
+    smaller budget still runs one chunk at a time."""
+    from types import SimpleNamespace
+
+    from fmsring import ssm
+
+    shapes = SimpleNamespace(chunk_size=256, nheads=128, ssm_state_size=128, head_dim=64)
+    assert ssm.piece_len(shapes) == 512
+    with mock.patch.object(ssm, "SCAN_SCRATCH_BYTES", 2**30):
+        assert ssm.piece_len(shapes) == 256
 
 
 @pytest.mark.parametrize("broken", ["reversed", "zero_state", "zero_halo"])
