@@ -272,3 +272,30 @@ def test_ring_x_tensor_parallel_with_sinks_and_windows_matches_fms(tmp_path):
     ids = torch.randint(1, 96, (2, random.randrange(WINDOW + 1, 40) | 1))
     for errs in run_ranks(4, _tp_errors, path, ids, WINDOW + 2):
         assert max(errs) <= 1e-4, errs
+
+
+def _bf16_errors(rank, world, ids):
+    """Relative logit errors against FMS in float32 of FMS and of the ring, both in bfloat16."""
+    models = {dtype: _models("gpt_oss", model_options=dict(num_experts=16, data_type=dtype)) for dtype in ROUTED}
+    with torch.no_grad():
+        truth = reference(models[torch.float32][0], ids).float()
+
+        def err(logits):
+            return ((logits.float() - truth).norm() / truth.norm()).item()
+
+        ref, ring = models[torch.bfloat16]
+        return err(reference(ref, ids)), err(ring(ids))
+
+
+ROUTED = (torch.float32, torch.bfloat16)
+
+
+def test_in_bfloat16_a_routed_model_is_as_close_to_float32_as_fms_is():
+    """gpt-oss picks 4 experts of each token's 16 here: bf16 rounding flips some picks, so two bf16
+    runs differ by far more than a dense model's (the bench's 2% check against FMS fails at 20b
+    shapes). What holds is that the ring's bf16 logits are as close to FMS's float32 ones as FMS's
+    own bf16 logits are."""
+    ids = torch.randint(1, 96, (2, 201))
+    for fms_err, ring_err in run_ranks(2, _bf16_errors, ids):
+        assert fms_err > 1e-3, "bf16 rounding should show"
+        assert ring_err <= 1.5 * fms_err, (ring_err, fms_err)
