@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from fms.modules.attention import MultiHeadAttention
+from fms.modules.feedforward import MOEFeedForward
 from torch import nn
 
 from fmsring.rates import Rates
@@ -19,10 +20,12 @@ from fmsring.rates import Rates
 
 @dataclass(frozen=True)
 class FlopShape:
-    """What the counts need: linear weights (head apart), sum over layers of heads*(dk+dv),
-    bytes of the weights a forward reads (of which ``head_bytes`` are the LM head's,
-    which FMS's TP keeps whole on every rank), K/V bytes per cached token and the
-    kv-heads per layer (a TP rank holds at least one)."""
+    """What the counts need: linear weights a token passes through (head apart; of an
+    MoE layer's experts only the ones it is routed to), sum over layers of heads*(dk+dv),
+    bytes of all the weights (of which ``head_bytes`` are the LM head's, which FMS's TP
+    keeps whole on every rank, and ``expert_bytes`` MoE experts', of which a token
+    reads ``expert_share``), K/V bytes per cached token and the kv-heads per layer (a
+    TP rank holds at least one)."""
 
     linear_params: int
     head_params: int
@@ -31,13 +34,17 @@ class FlopShape:
     kv_bytes_per_token: int = 0
     head_bytes: int = 0
     kv_heads: int = 0
+    expert_bytes: int = 0
+    expert_share: float = 1.0
 
 
 def flop_shape(model: nn.Module, element_size: int) -> FlopShape:
     """Read from an unsharded (meta) model; ``element_size``: bytes per weight and per K/V value.
 
     Weight bytes are every parameter but the embedding tables (a look-up reads
-    one row per token); a head tied to the embedding is a linear and counts.
+    one row per token); a head tied to the embedding is a linear and counts. An MoE
+    layer's experts (FMS's ``MOEFeedForward``: stacked expert weights, not linears)
+    count in the linear FLOPs by the share of them each token is routed to.
     """
     head = getattr(model, "head", None)
     head_ids = {id(m) for m in head.modules()} if isinstance(head, nn.Module) else set()
@@ -52,9 +59,14 @@ def flop_shape(model: nn.Module, element_size: int) -> FlopShape:
     params = {id(p): p for p in model.parameters()}
     weights = sum(p.numel() for i, p in params.items() if i not in embedded or i in read)
     kv_heads = max((m.kvheads for m in attns), default=0)
+    moes = [
+        (m.cond_ffn.w13.numel() + m.cond_ffn.w2.numel(), m) for m in model.modules() if isinstance(m, MOEFeedForward)
+    ]
+    experts = sum(n for n, _ in moes)
+    routed = sum(n * m.num_activated_experts / m.cond_ffn.num_experts for n, m in moes)
     return FlopShape(
-        linear, head_params, width, weights * element_size, kv_values * element_size, head_params * element_size,
-        kv_heads,
+        linear + round(routed), head_params, width, weights * element_size, kv_values * element_size,
+        head_params * element_size, kv_heads, experts * element_size, routed / experts if experts else 1.0,
     )  # fmt: skip
 
 
@@ -96,11 +108,14 @@ def phase_flops(
     return model_flops(shape, batch, seq_len, context=cached_len)
 
 
-def held_bytes(shape: FlopShape, cp: int, tp: int, cached_tokens: int) -> float:
-    """Bytes one GPU of a cp x tp mesh reads per forward: its 1/tp of the layer weights and
-    the whole LM head (FMS's TP replicates it), plus its share of ``cached_tokens`` K/V --
-    1/cp of the tokens and its kv-heads (1/tp of them, at least one)."""
-    weights = (shape.weight_bytes - shape.head_bytes) / tp + shape.head_bytes
+def held_bytes(shape: FlopShape, cp: int, tp: int, cached_tokens: int, tokens: int | None = None) -> float:
+    """Bytes one GPU of a cp x tp mesh reads per forward of ``tokens`` tokens (None: enough
+    to route to every expert): its 1/tp of the layer weights and the whole LM head (FMS's
+    TP replicates it), plus its share of ``cached_tokens`` K/V -- 1/cp of the tokens and
+    its kv-heads (1/tp of them, at least one). Of MoE experts, the share ``tokens`` tokens
+    are expected to reach, each routed independently."""
+    unread = 0.0 if tokens is None else shape.expert_bytes * (1 - shape.expert_share) ** tokens
+    weights = (shape.weight_bytes - unread - shape.head_bytes) / tp + shape.head_bytes
     kv_share = max(shape.kv_heads // tp, 1) / shape.kv_heads if shape.kv_heads else 1 / tp
     return weights + cached_tokens * shape.kv_bytes_per_token * kv_share / cp
 
@@ -130,7 +145,7 @@ def floor_ms(
         return math.nan
     gpus = max(cp * tp, 1)
     if phase == "decode":
-        held = held_bytes(shape, cp, tp, batch * decode_context(seq_len, decode_tokens))
+        held = held_bytes(shape, cp, tp, batch * decode_context(seq_len, decode_tokens), tokens=batch)
         return held / (rates.memory_gbps * 1e9) * 1e3
     linear, attention = flop_parts(shape, batch, seq_len, context=cached_len)
     compute = linear / gpus / (rates.matmul_tflops * 1e12) + attention / gpus / (rates.attention_tflops * 1e12)

@@ -6,6 +6,7 @@ import math
 
 import fms.models
 import pytest
+import torch
 
 from fmsring.harness.flops import FlopShape, Rates, floor_ms, flop_shape, model_flops
 
@@ -67,3 +68,24 @@ def test_floor_formulas_with_given_rates():
         (1.8e9 / 16 + 0.2e9 + cache / 8) / gbps * 1e3
     )
     assert math.isnan(floor_ms(shape, None, 2, 1, "prefill", 1, L))
+
+
+def test_an_moe_token_counts_and_reads_only_the_experts_it_is_routed_to():
+    """gpt-oss with 2 of 4 experts per token: the linear FLOPs count half the experts; a decode
+    step of one token reads half of them, of 4 tokens 1 - (1/2)^4 of them; a prefill all."""
+    meta = fms.models.get_model("gpt_oss", "20b", device_type="meta", distributed_strategy="none", nlayers=1,
+                                emb_dim=64, hidden_dim=32, nheads=2, kvheads=1, head_dim=16, src_vocab_size=96,
+                                num_experts=4, top_k_experts=2)  # fmt: skip
+    moe = next(m for m in meta.modules() if type(m).__name__ == "MOEFeedForward")
+    experts = moe.cond_ffn.w13.numel() + moe.cond_ffn.w2.numel()
+    s = flop_shape(meta, element_size=4)
+    others = sum(m.weight.numel() for m in meta.modules() if isinstance(m, torch.nn.Linear)) - s.head_params
+    assert s.linear_params == others + experts // 2
+    assert s.expert_bytes == experts * 4 and s.expert_share == 0.5
+    rates = Rates(matmul_tflops=1.0, attention_tflops=1.0, memory_gbps=1.0)
+    cache = (8 + 1) * s.kv_bytes_per_token
+    for batch, unread in ((1, 0.5), (4, 0.5**4)):
+        expected = (s.weight_bytes - unread * experts * 4 + batch * cache) / 1e9 * 1e3
+        assert floor_ms(s, rates, 1, 1, "decode", batch, 8, 0, 2) == pytest.approx(expected)
+    weights_once = s.weight_bytes / 1e9 * 1e3
+    assert floor_ms(s, rates, 1, 1, "prefill", 1, 1) == pytest.approx(weights_once)
