@@ -40,7 +40,8 @@
 #           machine (cd OLD && bash NEW/scripts/device_runs.sh same OUT/old) and compare the two CSVs;
 #           PEERS and SEQ_LENS narrow them where a device call's time is short
 # compiled  decode (32 greedy tokens) at 8K/32K/128K: single eager and compiled as FMS's inference script
-#           compiles it (COMPILE_PEERS, default reduce-overhead) beside ring; then ring's 8K decode in two
+#           compiles it (COMPILE_PEERS, default `default`: FMS's growing cache leaves CUDA graphs
+#           nothing fixed to replay) beside ring; then ring's 8K decode in two
 #           fresh processes over one empty compile cache: the second launch's first step finds the first's
 #           compiled code on disk (first_step_ms: what a user's second run pays), rows in results_first_step.csv
 # families  Bamba-9.8B and gpt-oss-20b shapes beside FMS's own model (single) at world 1: a window
@@ -167,7 +168,7 @@ same-followup)
         --no-followup-recompute --no-check --repeats 2 --warmup 1 --out "$out/results.csv"
     ;;
 compiled)
-    bench --strategies single,ring --compile-peers "${COMPILE_PEERS:-reduce-overhead}" --phases decode \
+    bench --strategies single,ring --compile-peers "${COMPILE_PEERS:-default}" --phases decode \
         --seq-lens 8K,32K,128K --decode-tokens 32 --no-check --repeats 1 --warmup 1 --out "$out/results.csv"
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
     export TORCHINDUCTOR_CACHE_DIR

@@ -33,6 +33,9 @@ from fmsring.harness.settings import BenchConfig
 from fmsring.harness.torch_cp import make_cp_mesh, torch_cp_length, torch_cp_prefill
 from fmsring.ssm import has_ssm
 
+# torch.compile modes that capture CUDA graphs (cudagraph trees), whose outputs a later replay overwrites
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
 
 def model_args(cfg: BenchConfig, device: str | None = None) -> dict[str, Any]:
     return dict(architecture=cfg.architecture, variant=cfg.variant, model_path=cfg.model_path, source=cfg.source,
@@ -69,6 +72,11 @@ class Peer:
         """Why this peer cannot run ``phase`` on this device ("" when it can)."""
         if phase == Phase.FOLLOWUP and self._fms_restarts_ssm:
             return "FMS's Mamba2 layers restart from a zero state on a multi-token input with a cache (ibm-fms 1.13.1)"
+        graphs = self.variant.compile_mode in CUDA_GRAPH_MODES and self.env.device.type == "cuda"
+        if graphs and phase in (Phase.DECODE, Phase.FOLLOWUP):
+            return (f"FMS's cache grows by concatenation at every call, so the CUDA graphs of compile mode "
+                    f"{self.variant.compile_mode!r} overwrite the cache the next call reads (ibm-fms 1.13.1); "
+                    f"compile the peers with 'default' to time FMS compiled with a cache")  # fmt: skip
         return ""
 
     @functools.cached_property

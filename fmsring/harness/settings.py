@@ -160,7 +160,8 @@ class Settings:
     as_shipped: bool = setting(False, "also measure single/tp/torch_cp unfused, default SDPA backend", flag)
     compile_peers: str = setting("", "also measure single/tp compiled whole, as FMS's inference script compiles "
                                  f"them, in this torch.compile mode ({', '.join(COMPILE_MODES)}), labelled "
-                                 "compiled; empty: not. Their first points compile: leave stall_min_s room for it",
+                                 "compiled; empty: not. Their first points compile: leave stall_min_s room for it. "
+                                 "Modes with CUDA graphs time prefill only (FMS's growing cache)",
                                  compile_mode)  # fmt: skip
     followup_recompute: bool = setting(True, "with followup: also time ring's fresh prefill of P+T tokens", flag)
     check: bool = setting(True, "compare logits with single's (beyond the dtype's tolerance: mismatch)", flag)

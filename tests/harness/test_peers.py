@@ -127,3 +127,18 @@ def test_drawn_weights_are_finite_and_the_same_in_fms_and_ring():
     seed = random.randrange(2**31)
     for arch, (finite, err) in run_ranks(1, _drawn_errors, seed)[0].items():
         assert finite and err < 1e-4, (arch, seed, err)
+
+
+def test_fms_compiled_with_cuda_graphs_has_no_cached_points_on_cuda():
+    """On one H200, FMS compiled with reduce-overhead failed every decode point: its cache grows
+    by concatenation, so a later CUDA graph replay overwrote the cache the next step read. Such
+    a peer says so for decode and follow-ups; prefill, and 'default', stay measured."""
+    cuda = DistEnv(rank=0, world=1, device=torch.device("cuda"), ctrl=None, owns_group=False)
+    cfg = parse_args([])
+    for mode in ("reduce-overhead", "max-autotune"):
+        peer = make_peer(Variant("single", "compiled", compile_mode=mode), cfg, cuda)
+        assert "overwrite the cache" in peer.unavailable(Phase.DECODE)
+        assert "'default'" in peer.unavailable(Phase.FOLLOWUP)
+        assert peer.unavailable(Phase.PREFILL) == ""
+        assert make_peer(Variant("single", "compiled", compile_mode=mode), cfg, ENV).unavailable(Phase.DECODE) == ""
+    assert make_peer(Variant("single", "compiled", compile_mode="default"), cfg, cuda).unavailable(Phase.DECODE) == ""
