@@ -18,8 +18,9 @@ import torch.distributed as dist
 
 from fmsring.comm import RingComm
 from fmsring.kernels import attention_with_lse, empty_partial
-from fmsring.merge import merge_into, merge_pair_auto, merge_stacked_auto, pack_partial_auto
 from fmsring.layout import ShardPlan
+from fmsring.merge import merge_into, merge_pair_auto, merge_stacked_auto, pack_partial_auto
+from fmsring.segments import Segments, segmented_blocks
 from fmsring.windows import LayerAttention, windowed_blocks
 
 # torch has named this collective both ways; take the one this torch has.
@@ -134,6 +135,7 @@ def pass_kv(
     layer: LayerAttention,
     bias_blocks: list[torch.Tensor | None] | None = None,
     seq_index: list[torch.Tensor] | None = None,
+    segments: Segments | None = None,
 ) -> torch.Tensor:
     """Attention of this rank's queries q [b, h, Lq, d] over every rank's keys,
     the K/V blocks travelling around the ring while the block in hand is computed.
@@ -143,17 +145,22 @@ def pass_kv(
     tokens of ``plan``. Only kv-heads travel (GQA is never expanded), heads
     before tokens, which is the layout cuDNN reads fastest. ``bias_blocks``
     (a prefill with a user mask) is the additive mask of the queries against
-    each rank's keys, None where fully masked. ``layer``'s sink joins the
-    merge; its window (a prefill's only: ``seq_index[r]`` are rank r's tokens'
-    sequence indices, on the host) skips the blocks it hides and masks those it
-    straddles. Returns out [b, h, Lq, d].
+    each rank's keys, None where fully masked; ``segments`` (a prefill with a
+    padded batch's mask, :mod:`fmsring.segments`) the same mask as causal
+    attention within segments, attended without a bias. ``layer``'s sink joins
+    the merge; its window skips the blocks it hides and masks those it
+    straddles. Both need ``seq_index`` (a prefill's only: ``seq_index[r]`` are
+    rank r's tokens' sequence indices, on the host). Returns out [b, h, Lq, d].
     """
     _, b, kvh, _, d = kv.shape
     rank = comm.rank
-    assert not layer.window or (seq_index is not None and not any(cached)), "a window needs every key's index"
+    indexed = layer.window or segments is not None
+    assert not indexed or (seq_index is not None and not any(cached)), "a window or segments need every key's index"
+    assert not (layer.window and segments is not None), "a windowed layer takes a padded batch's mask as bias blocks"
     index = seq_index or [None] * comm.world_size
     capacity = 2 * b * kvh * d * max(c + n for c, n in zip(cached, plan.local_lens))
-    pairwise = comm.world_size <= 2 and not any(cached) and bias_blocks is None and layer.sinks is None
+    masked = bias_blocks is not None or segments is not None
+    pairwise = comm.world_size <= 2 and not any(cached) and not masked and layer.sinks is None
     acc = Partials(q, pairwise=pairwise)
     shape_from = lambda src: (2, b, kvh, cached[src] + plan.local_len(src), d)  # noqa: E731
     for src, block in ring_blocks(comm, kv, buffers, shape_from, capacity):
@@ -165,7 +172,11 @@ def pass_kv(
                 acc.add(0, q.shape[2], *attention_with_lse(q, block[0], block[1], scale, bias=bias))
             continue
         calls = plan.block_calls(rank, src, cached[src])
-        for c, blk in windowed_blocks(q, block[0], block[1], scale, calls, layer, index[rank], index[src]):
+        if segments is not None:
+            blocks = segmented_blocks(q, block[0], block[1], scale, calls, segments, index[rank], index[src])
+        else:
+            blocks = windowed_blocks(q, block[0], block[1], scale, calls, layer, index[rank], index[src])
+        for c, blk in blocks:
             acc.add(c.q_lo, c.q_hi, *blk)
     return layer.add_sink(*acc.result())[0]
 

@@ -2,8 +2,9 @@
 
 Each rank runs embeddings, MLPs and norms on its 1/W of the tokens; attention
 passes every rank's K/V around the ring (:func:`fmsring.ring.pass_kv`),
-causal by the layout's block calls, or under the user's mask cut into one
-block per source rank. With a cache, each layer's K/V go into new buffers
+causal by the layout's block calls: within each sequence's segments where the
+user's mask is a padded batch's (:mod:`fmsring.segments`), or under any other
+mask cut into one block per source rank. With a cache, each layer's K/V go into new buffers
 sized for the prompt plus headroom. A long prompt can be prefilled in chunks
 (:func:`chunked`): a prefill of the first chunk, follow-ups of the next.
 """
@@ -23,6 +24,7 @@ from fmsring.layout import ShardPlan
 from fmsring.masks import query_rows
 from fmsring.modes import Call, Ring, followup, replicated, run_sharded
 from fmsring.ring import RingBuffers, heads_major, pass_kv, to_query_layout
+from fmsring.segments import Segments
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Prefill:
     plan: ShardPlan
     capacity: int
     bias_blocks: list[torch.Tensor | None] | None = None
+    segments: Segments | None = None
     buffers: RingBuffers = field(default_factory=RingBuffers)
 
     def store(self, keys, values, key_cache, value_cache):
@@ -41,15 +44,17 @@ class Prefill:
 
     @cached_property
     def seq_index(self) -> list[torch.Tensor]:
-        """Each rank's tokens' sequence indices (host), for windowed layers; made once per forward."""
+        """Each rank's tokens' sequence indices (host), for windowed layers and segments; made once per forward."""
         return [self.plan.index_tensor(r) for r in range(self.plan.world_size)]
 
     def attend(self, query, keys, values, scale, layer):
         kv = heads_major(keys, values)
         zeros = (0,) * self.comm.world_size
-        index = self.seq_index if layer.window else None
+        index = self.seq_index if layer.window or self.segments else None
         q = query.transpose(1, 2)
-        out = pass_kv(q, kv, self.plan, zeros, self.comm, self.buffers, scale, layer, self.bias_blocks, index)
+        out = pass_kv(
+            q, kv, self.plan, zeros, self.comm, self.buffers, scale, layer, self.bias_blocks, index, self.segments
+        )
         return to_query_layout(out, query)
 
 
@@ -89,8 +94,11 @@ def prefill(ring: Ring, call: Call, use_cache: bool, capacity: int = 0):
     positions, top = ring.rope.positions(x, call.position_ids, 0)
     sync_rng(st.model_groups, x.device)  # every generate() step after a prefill samples alike on all ranks
     capacity = capacity or prefill_capacity(plan.local_lens, ring.cache_headroom)
-    blocks = bias_blocks(call.mask, plan, st.rank) if call.mask is not None else None
-    ctx = Prefill(st.comm, plan, capacity, blocks)
+    # a padded batch's mask runs as segments on the fast kernels; any other mask (or one beside a
+    # window, which the segments do not cut) as additive blocks
+    segments = Segments.of(call.mask) if call.mask is not None and not ring.windowed else None
+    blocks = bias_blocks(call.mask, plan, st.rank) if call.mask is not None and segments is None else None
+    ctx = Prefill(st.comm, plan, capacity, blocks, segments)
     with ssm.sharded(ssm.ShardedScan(plan, st.rank, st.group)):  # Mamba2 layers, where the model has them
         logits, layers = run_sharded(ring, call, positions, plan, None, use_cache, ctx)
     warn_if_fragmented(x.device)  # once per prompt, on the host: the allocator's own counters
