@@ -38,25 +38,34 @@ class Segments:
             mask = mask.squeeze(1)
         if mask.dim() != 3 or mask.shape[1] != mask.shape[2]:
             return None
-        if mask.dtype != torch.bool:
-            if not bool(((mask == 0) | (mask == float("-inf"))).all()):
-                return None
-            mask = mask == 0
+
         b, n, _ = mask.shape
+        diagonal = _allowed(mask.diagonal(-1, 1, 2))
+        if diagonal is None:
+            return None
         starts = torch.ones(b, n, dtype=torch.bool, device=mask.device)
-        starts[:, 1:] = ~mask.diagonal(-1, 1, 2)  # a token that does not see the one before starts a segment
+        starts[:, 1:] = ~diagonal  # a token that does not see the one before starts a segment
         segment = starts.cumsum(1)
-        for lo in range(0, n, ROWS):
+        for lo in range(0, n, ROWS):  # row blocks: no temporary of the mask's size
             rows = torch.arange(lo, min(lo + ROWS, n), device=mask.device)
             same = segment[:, rows, None] == segment[:, None, :]
             causal = torch.arange(n, device=mask.device) <= rows[:, None]
-            if not torch.equal(mask[:, rows], same & causal):
+            block = _allowed(mask[:, lo : lo + ROWS])
+            if block is None or not torch.equal(block, same & causal):
                 return None
         bounds = []
         for first in starts.cpu():
             edges = [*first.nonzero().flatten().tolist(), n]
             bounds.append(tuple(zip(edges[:-1], edges[1:])))
         return cls(tuple(bounds))
+
+
+def _allowed(block: torch.Tensor) -> torch.Tensor | None:
+    """A mask block as bool (True = attend), or None where an additive value is neither 0 nor -inf."""
+    if block.dtype == torch.bool:
+        return block
+    seen = block == 0
+    return seen if bool((seen | (block == float("-inf"))).all()) else None
 
 
 def segmented_blocks(
