@@ -118,6 +118,22 @@ def all_to_all(chunks: torch.Tensor, group: dist.ProcessGroup | None) -> torch.T
     return out.to(chunks.device)
 
 
+# elements a checksum reads at once: a padded batch's [b, L, L] mask is gigabytes at 32K, its float64 copy more
+CHECKSUM_CHUNK = 1 << 24
+
+
+def checksum(t: torch.Tensor) -> torch.Tensor:
+    """A float64 sum of ``t``'s values weighted by their position (mod a prime), read in chunks of
+    :data:`CHECKSUM_CHUNK` elements so its scratch stays small whatever ``t``'s size."""
+    flat = t.detach().reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=t.device)
+    for lo in range(0, flat.numel(), CHECKSUM_CHUNK):
+        part = torch.nan_to_num(flat[lo : lo + CHECKSUM_CHUNK].to(torch.float64), nan=7.0, posinf=3.0e6, neginf=-3.0e6)
+        weights = torch.arange(lo + 1, lo + 1 + part.numel(), device=t.device, dtype=torch.float64).remainder(9973)
+        total += (part * weights).sum()
+    return total + t.numel()
+
+
 def check_same_on_all_ranks(tensors: list[torch.Tensor | None], groups: Sequence[dist.ProcessGroup | None]) -> None:
     """Raise if any rank of ``groups`` was given different tensors (one tiny all-reduce per group).
 
@@ -126,16 +142,12 @@ def check_same_on_all_ranks(tensors: list[torch.Tensor | None], groups: Sequence
     mesh, the (max, -min) is reduced over its row then its column, which
     gives every rank the whole mesh's, so all raise together or none does.
     """
-    sums = []
-    for t in tensors:
-        if t is None:
-            sums.append(torch.zeros((), dtype=torch.float64, device=tensors[0].device))
-            continue
-        flat = t.detach().reshape(-1).to(torch.float64)
-        flat = torch.nan_to_num(flat, nan=7.0, posinf=3.0e6, neginf=-3.0e6)
-        weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64).remainder(9973)
-        sums.append((flat * weights).sum() + t.numel())
-    local = torch.stack(sums)
+    groups = [g for g in groups if dist.get_world_size(g) > 1]
+    if not groups:  # one rank: nothing to disagree with
+        return
+    device = tensors[0].device
+    local = torch.stack([checksum(t) if t is not None else torch.zeros((), dtype=torch.float64, device=device)
+                         for t in tensors])  # fmt: skip
     both = torch.cat([local, -local])
     for group in groups:  # the max of the rows' maxima is the mesh's: every rank sees the same verdict
         both = both.to(group_device(group))

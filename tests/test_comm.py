@@ -82,3 +82,23 @@ def test_the_group_it_makes_is_destroyed_at_a_clean_exit_and_left_after_a_failur
     assert "group alive at exit: False" in out["clean"][0], out["clean"]
     assert runs["raise"].returncode == 1 and "a rank failed" in out["raise"][1], out["raise"]
     assert "group alive at exit: True" in out["raise"][0], out["raise"]
+
+
+def test_the_input_checksum_reads_in_chunks_and_sees_every_element():
+    """The checksum of a tensor spanning many chunks is the one-pass weighted sum; changing its
+    last element, or swapping two, changes it."""
+    from unittest import mock
+
+    from fmsring import comm
+
+    t = torch.randn(5, 11, 13)
+    t[0, 0, 0] = float("-inf")
+    flat = torch.nan_to_num(t.reshape(-1).double(), nan=7.0, posinf=3.0e6, neginf=-3.0e6)
+    whole = (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64).remainder(9973)).sum() + t.numel()
+    with mock.patch.object(comm, "CHECKSUM_CHUNK", 7):
+        assert torch.allclose(comm.checksum(t), whole, rtol=1e-12)
+        changed = t.clone()
+        changed[-1, -1, -1] += 1
+        swapped = t.clone()
+        swapped[1, 2, 3], swapped[4, 5, 6] = t[4, 5, 6], t[1, 2, 3]
+        assert comm.checksum(changed) != comm.checksum(t) and comm.checksum(swapped) != comm.checksum(t)
