@@ -28,9 +28,9 @@
 #           token, then 8 tokens) in one launch; 8K rows first, so the 1M rows run compiled code warm
 # mesh70b   LLaMA-2-70B shapes (FMS llama/70b; NLAYERS=n to cut layers where 80 do not fit):
 #           ring 2x2 (and 1x4) against FMS TP at 32K and 128K, prefill and decode
-# padded    a padded batch's prefill (its mask as segments) and captured decode step: ring at every
-#           factorisation cp x tp, batch 4 at 8K and 32K, unpadded and then left-padded (--padding 0.5:
-#           the 4 prompts keep 100%, 83%, 67%, 50%), checked against single
+# padded    a padded batch's generation: prefill (its mask as segments; ttft_ms) and captured decode
+#           step, ring at every factorisation cp x tp, batch 4 at 8K and 32K, unpadded and then
+#           left-padded (--padding 0.5: the 4 prompts keep 100%, 83%, 67%, 50%), checked against single
 # ladder70b the longest prompt that generates, LLaMA-2-70B shapes: FMS TP at 256K (past its limit
 #           as its 32K/128K peaks extrapolate) and ring 2x2 at 512K, twice that rung, 8 tokens each
 # same, same-followup  one GPU's speed before and after a change, single and ring at world 1:
@@ -153,8 +153,7 @@ mesh70b)
         --decode-tokens 16 --repeats 1 --warmup 1 "${layers[@]}" --out "$out/results.csv"
     ;;
 padded)
-    steps=(--phases prefill,decode --seq-lens 8K,32K --batch 4 --decode-tokens 32 --repeats 1 --warmup 1
-           --out "$out/results.csv")
+    steps=(--phases decode --seq-lens 8K,32K --batch 4 --decode-tokens 32 --repeats 1 --warmup 1 --out "$out/results.csv")
     bench --strategies ring --ring-tp "$factors" --no-check "${steps[@]}"
     bench --strategies single,ring --ring-tp "$factors" --padding 0.5 "${steps[@]}"
     ;;
