@@ -112,9 +112,16 @@ def refusal(model: nn.Module) -> str | None:
     return None
 
 
+def windows(model: nn.Module) -> tuple[int, ...]:
+    """The sliding windows ``model``'s layers attend through (:mod:`fmsring.windows`), each once, as
+    its blocks hold them now (FMS's blocks pass the attribute at every forward)."""
+    found = {getattr(m, attr) for m in model.modules() for cls, attr in _WINDOWS.items() if isinstance(m, cls)}
+    return tuple(sorted(w for w in found if w))
+
+
 def windowed(model: nn.Module) -> bool:
-    """Whether some layer of ``model`` attends through a sliding window (:mod:`fmsring.windows`)."""
-    return any(getattr(m, attr) for m in model.modules() for cls, attr in _WINDOWS.items() if isinstance(m, cls))
+    """Whether some layer of ``model`` attends through a sliding window."""
+    return bool(windows(model))
 
 
 def check(model: nn.Module) -> None:

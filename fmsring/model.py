@@ -159,6 +159,9 @@ class LlamaRing(nn.Module):
             return replicated.step(self, call, cache)
         return followup.step(self, call, cache)
 
+    def windows(self) -> tuple[int, ...]:
+        return families.windows(self.model)
+
     def run(
         self,
         ids: torch.Tensor,

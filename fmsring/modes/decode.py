@@ -11,7 +11,7 @@ sync; a padding mask rides along as a bias per cache slot.
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
 import torch
@@ -24,6 +24,7 @@ from fmsring.masks import mask_at_slots
 from fmsring.modes import Call, Ring
 from fmsring.ring import merge_shards
 from fmsring.split_kv import SplitKV
+from fmsring.windows import LayerAttention
 
 
 @dataclass
@@ -36,8 +37,9 @@ class DecodeStep:
     the masked cache through :func:`fmsring.kernels.attention_with_lse`). A
     model with windowed layers also gets ``slot_index`` [capacity] and
     ``query_index`` [1], the sequence indices of this rank's slots and of the
-    new token, so each windowed layer masks the slots behind its window;
-    rank 0 merges the layer's sink into its partial.
+    new token, from which ``windows`` holds each window's bias and plan
+    (:meth:`through`), so a windowed layer reads only the slots its window
+    shows; rank 0 merges the layer's sink into its partial.
 
     With no Python branch on data and static shapes, a decoder layer running
     this step can also be compiled whole (``whole_layer``:
@@ -51,6 +53,21 @@ class DecodeStep:
     slot_bias: torch.Tensor | None = None
     slot_index: torch.Tensor | None = None
     query_index: torch.Tensor | None = None
+    windows: dict[int, tuple[torch.Tensor, SplitKV | None]] = field(default_factory=dict)
+
+    def through(self, window: int) -> tuple[torch.Tensor, SplitKV | None]:
+        """A window's slot bias [b, capacity] (the padding's, plus -inf behind the window) and its
+        split-KV plan. A shard keeps its slots in sequence order, so the window shows the fill's
+        last slots: the plan starts after the hidden ones instead of masking the whole shard."""
+        if self.slot_index is None or self.query_index is None:
+            raise RuntimeError("a layer passed a sliding window that the model's blocks did not declare")
+        behind = LayerAttention(window=window).bias(self.query_index, self.slot_index)[0]
+        behind = behind.expand(self.kv_lens.shape[0], -1)
+        bias = behind if self.slot_bias is None else self.slot_bias + behind
+        if self.split_kv is None:
+            return bias, None
+        filled = torch.arange(behind.shape[1], device=behind.device) < self.kv_lens.unsqueeze(1)
+        return bias, self.split_kv.from_slot(self.kv_lens, (behind.isinf() & filled).sum(1))
 
     def store(self, keys, values, key_cache, value_cache):
         # an indexed assignment (index_put_), which the compiler writes in place into the cache
@@ -60,16 +77,8 @@ class DecodeStep:
 
     def attend(self, query, key_cache, value_cache, scale, layer):
         bias, plan = self.slot_bias, self.split_kv
-        if layer.window:
-            if self.slot_index is None or self.query_index is None:
-                raise RuntimeError("a layer passed a sliding window that the model's blocks did not declare")
-            behind = layer.bias(self.query_index, self.slot_index)[0].expand(query.shape[0], -1)
-            bias = behind if bias is None else bias + behind
-            if plan is not None:
-                # a shard keeps its slots in sequence order, so the window shows the fill's last
-                # slots: the kernel starts after the hidden ones instead of masking the whole shard
-                filled = torch.arange(behind.shape[1], device=behind.device) < self.kv_lens.unsqueeze(1)
-                plan = plan.from_slot(self.kv_lens, (behind.isinf() & filled).sum(1))
+        if layer.window:  # made once per step for the model's windows (step); here for any other
+            bias, plan = self.windows.get(layer.window) or self.through(layer.window)
         out, lse = decode_attention_with_lse(
             query.transpose(1, 2), key_cache, value_cache, self.kv_lens, scale, plan, bias
         )
@@ -84,6 +93,10 @@ class DecodeRing(Ring, Protocol):
     cuda_graphs: bool
     graphs: DecodeGraphs
 
+    def windows(self) -> tuple[int, ...]:
+        """The sliding windows of the model's layers (:func:`fmsring.families.windows`)."""
+        ...
+
 
 def step(ring: DecodeRing, call: Call, cache: RingCache) -> tuple[torch.Tensor, RingCache]:
     """One token on ``cache``: its logits and the cache holding it; captured as a CUDA graph where possible."""
@@ -97,7 +110,8 @@ def step(ring: DecodeRing, call: Call, cache: RingCache) -> tuple[torch.Tensor, 
         slot_bias = at_slots.new_zeros(x.shape[0], new_state.capacity)
         slot_bias[:, : at_slots.shape[1]] = at_slots
     slot_index = query_index = None
-    if ring.windowed:
+    windows = ring.windows()
+    if windows:
         slot_index = torch.zeros(new_state.capacity, dtype=torch.long, device=x.device)
         slot_index[: new_state.fills[st.rank]] = new_state.slot_index_on(x.device)
         query_index = torch.full((1,), state.seq_len, device=x.device)
@@ -115,6 +129,7 @@ def step(ring: DecodeRing, call: Call, cache: RingCache) -> tuple[torch.Tensor, 
     def run(inp: StepInputs) -> torch.Tensor:
         split = decode_split_kv(inp.kv_lens, new_cache.first_keys)  # once per step, not per layer
         ctx = DecodeStep(st.comm, inp.write_slot, inp.kv_lens, split, inp.slot_bias, inp.slot_index, inp.query_index)
+        ctx.windows = {w: ctx.through(w) for w in windows}  # once per step and window, not per layer
         return ring.run(inp.ids, inp.positions, layers, True, call.last_n_tokens, ctx)[0]
 
     if ring.cuda_graphs and x.is_cuda:
