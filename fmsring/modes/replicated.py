@@ -8,7 +8,7 @@ all-gather of (out, lse) per layer merges the shards exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,8 +16,8 @@ from fmsring import ssm
 from fmsring.cache import RingCache, RingCacheState
 from fmsring.comm import RingComm
 from fmsring.kernels import attention_with_lse, empty_partial
-from fmsring.merge import merge_pair_auto
 from fmsring.masks import additive, mask_at_slots
+from fmsring.merge import merge_pair_auto
 from fmsring.modes import Call, Ring
 from fmsring.ring import merge_shards
 from fmsring.windows import LayerAttention
@@ -40,6 +40,7 @@ class ReplicatedStep:
     owned: slice | list[int]
     blocks: list[tuple[int, int, torch.Tensor | None]]
     seq_index: tuple[torch.Tensor, torch.Tensor] | None = None
+    windowed: dict[int, list[tuple[int, int, torch.Tensor | None]]] = field(default_factory=dict)  # per window
 
     def store(self, keys, values, key_cache, value_cache):
         k_new, v_new = keys[:, self.owned], values[:, self.owned]
@@ -68,17 +69,19 @@ class ReplicatedStep:
         return merge_shards(out, lse, query, self.comm)
 
     def _blocks(self, layer: LayerAttention) -> list[tuple[int, int, torch.Tensor | None]]:
-        """:attr:`blocks` with ``layer``'s window added to their biases."""
+        """:attr:`blocks` with ``layer``'s window added to their biases, made once per window."""
         if not layer.window:
             return self.blocks
         if self.seq_index is None:
             raise RuntimeError("a layer passed a sliding window that the model's blocks did not declare")
-        queries, slots = self.seq_index
-        out = []
-        for lo, hi, bias in self.blocks:
-            behind = layer.bias(queries, slots[lo:hi])
-            out.append((lo, hi, behind if bias is None else bias + behind))
-        return out
+        if layer.window not in self.windowed:
+            queries, slots = self.seq_index
+            out = []
+            for lo, hi, bias in self.blocks:
+                behind = layer.bias(queries, slots[lo:hi])
+                out.append((lo, hi, behind if bias is None else bias + behind))
+            self.windowed[layer.window] = out
+        return self.windowed[layer.window]
 
 
 def blocks(
