@@ -112,16 +112,15 @@ def refusal(model: nn.Module) -> str | None:
     return None
 
 
-def windows(model: nn.Module) -> tuple[int, ...]:
-    """The sliding windows ``model``'s layers attend through (:mod:`fmsring.windows`), each once, as
-    its blocks hold them now (FMS's blocks pass the attribute at every forward)."""
-    found = {getattr(m, attr) for m in model.modules() for cls, attr in _WINDOWS.items() if isinstance(m, cls)}
-    return tuple(sorted(w for w in found if w))
+def window_holders(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The blocks of ``model`` that may attend through a sliding window (:mod:`fmsring.windows`), each
+    with the attribute FMS reads the window from at every forward."""
+    return [(m, attr) for m in model.modules() for cls, attr in _WINDOWS.items() if isinstance(m, cls)]
 
 
-def windowed(model: nn.Module) -> bool:
-    """Whether some layer of ``model`` attends through a sliding window."""
-    return bool(windows(model))
+def windows(holders: list[tuple[nn.Module, str]]) -> tuple[int, ...]:
+    """The sliding windows ``holders`` (:func:`window_holders`) hold now, each once (0: none)."""
+    return tuple(sorted({w for w in (getattr(m, attr) for m, attr in holders) if w}))
 
 
 def check(model: nn.Module) -> None:

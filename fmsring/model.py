@@ -89,7 +89,8 @@ class LlamaRing(nn.Module):
         self.prefill_chunk = prefill_chunk
         self.attn = attns[0]
         self.n_layers = len(attns)
-        self.windowed = families.windowed(model)
+        self.window_holders = families.window_holders(model)
+        self.windowed = bool(self.windows())
         # gpt-oss's forward takes no last_n_tokens (it would reach the op): all logits, narrowed here
         self.narrows = "last_n_tokens" in inspect.signature(model.forward).parameters
         self.graphs = DecodeGraphs()
@@ -160,7 +161,8 @@ class LlamaRing(nn.Module):
         return followup.step(self, call, cache)
 
     def windows(self) -> tuple[int, ...]:
-        return families.windows(self.model)
+        """The sliding windows the model's blocks hold now (a test may set them after loading)."""
+        return families.windows(self.window_holders)
 
     def run(
         self,
