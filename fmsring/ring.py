@@ -136,6 +136,7 @@ def pass_kv(
     bias_blocks: list[torch.Tensor | None] | None = None,
     seq_index: list[torch.Tensor] | None = None,
     segments: Segments | None = None,
+    bands: dict | None = None,
 ) -> torch.Tensor:
     """Attention of this rank's queries q [b, h, Lq, d] over every rank's keys,
     the K/V blocks travelling around the ring while the block in hand is computed.
@@ -149,8 +150,9 @@ def pass_kv(
     padded batch's mask, :mod:`fmsring.segments`) the same mask as causal
     attention within segments, attended without a bias. ``layer``'s sink joins
     the merge; its window skips the blocks it hides and masks those it
-    straddles. Both need ``seq_index`` (a prefill's only: ``seq_index[r]`` are
-    rank r's tokens' sequence indices, on the host). Returns out [b, h, Lq, d].
+    straddles (its tiles kept in ``bands`` for the next window layer). Both need
+    ``seq_index`` (a prefill's only: ``seq_index[r]`` are rank r's tokens'
+    sequence indices, on the host). Returns out [b, h, Lq, d].
     """
     _, b, kvh, _, d = kv.shape
     rank = comm.rank
@@ -174,7 +176,7 @@ def pass_kv(
         if segments is not None:
             blocks = segmented_blocks(q, block[0], block[1], scale, calls, segments, index[rank], index[src])
         else:
-            blocks = windowed_blocks(q, block[0], block[1], scale, calls, layer, index[rank], index[src])
+            blocks = windowed_blocks(q, block[0], block[1], scale, calls, layer, index[rank], index[src], bands)
         for c, blk in blocks:
             acc.add(c.q_lo, c.q_hi, *blk)
     return layer.add_sink(*acc.result())[0]

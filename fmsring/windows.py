@@ -136,13 +136,16 @@ def windowed_blocks(
     layer: LayerAttention,
     q_index: torch.Tensor | None,
     k_index: torch.Tensor | None,
+    bands: dict | None = None,
 ) -> Iterator[tuple[BlockCall, tuple[torch.Tensor, torch.Tensor]]]:
     """Each of ``calls`` attended through ``layer``'s window: (call, its rows' (out, lse)). A call
     the window hides wholly is skipped, one it wholly shows is attended as planned, one it
     straddles tile by tile (:func:`band_attention`), so a window of w costs about 2w keys per
     query, not the prompt. ``q_index``/``k_index``: host int tensors, the sequence indices of the
     rows of q and of k, v, ascending (every layout stores a rank's tokens, and the cache its
-    slots, in sequence order); None without a window."""
+    slots, in sequence order); None without a window. ``bands``: where given, each straddled
+    call's tiles are kept there and reused by the next layer of the same window (a prefill's
+    window layers all cut the same blocks)."""
     for c in calls:
         rows, keys, values = q[:, :, c.q_lo : c.q_hi], k[:, :, c.k_lo : c.k_hi], v[:, :, c.k_lo : c.k_hi]
         seen = "all"
@@ -152,4 +155,10 @@ def windowed_blocks(
         if seen == "all":
             yield c, attention_with_lse(rows, keys, values, scale, c.causal)
         elif seen == "some":
-            yield c, band_attention(rows, keys, values, scale, band(layer, qi, ki, q.device))
+            key = (layer.window, c, int(qi[0]), int(ki[0]))  # the first indices tell the ranks apart
+            tiles = bands.get(key) if bands is not None else None
+            if tiles is None:
+                tiles = band(layer, qi, ki, q.device)
+                if bands is not None:
+                    bands[key] = tiles
+            yield c, band_attention(rows, keys, values, scale, tiles)

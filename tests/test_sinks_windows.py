@@ -299,3 +299,26 @@ def test_in_bfloat16_a_routed_model_is_as_close_to_float32_as_fms_is():
     for fms_err, ring_err in run_ranks(2, _bf16_errors, ids):
         assert fms_err > 1e-3, "bf16 rounding should show"
         assert ring_err <= 1.5 * fms_err, (ring_err, fms_err)
+
+
+def _band_counts(rank, world, ids):
+    from unittest import mock
+
+    from fmsring import windows
+
+    counts, errs = {}, {}
+    for nlayers in (2, 4):  # one window layer, then two (gpt-oss alternates them)
+        ref, ring = _models("gpt_oss", model_options=dict(nlayers=nlayers))
+        with torch.no_grad(), mock.patch.object(windows, "band", wraps=windows.band) as band:
+            errs[nlayers] = (ring(ids) - reference(ref, ids)).abs().max().item()
+        counts[nlayers] = band.call_count
+    return counts, errs
+
+
+def test_a_prefill_cuts_each_straddled_block_once_for_all_its_window_layers():
+    """The tiles of a block a window straddles depend on the window and the block alone: a
+    prefill's second window layer reuses the first one's, and the logits stay FMS's."""
+    ids = torch.randint(1, 96, (2, 31))
+    for counts, errs in run_ranks(2, _band_counts, ids):
+        assert counts[2] > 0 and counts[4] == counts[2], counts
+        assert max(errs.values()) <= 1e-4, errs

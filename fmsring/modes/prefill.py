@@ -38,6 +38,7 @@ class Prefill:
     bias_blocks: list[torch.Tensor | None] | None = None
     segments: Segments | None = None
     buffers: RingBuffers = field(default_factory=RingBuffers)
+    bands: dict = field(default_factory=dict)  # window layers' tiles, cut once per forward (windows.band)
 
     def store(self, keys, values, key_cache, value_cache):
         return keys, values, allocate_layer(keys, self.capacity), allocate_layer(values, self.capacity)
@@ -53,8 +54,9 @@ class Prefill:
         index = self.seq_index if layer.window or self.segments else None
         q = query.transpose(1, 2)
         out = pass_kv(
-            q, kv, self.plan, zeros, self.comm, self.buffers, scale, layer, self.bias_blocks, index, self.segments
-        )
+            q, kv, self.plan, zeros, self.comm, self.buffers, scale, layer, self.bias_blocks, index, self.segments,
+            self.bands,
+        )  # fmt: skip
         return to_query_layout(out, query)
 
 
