@@ -90,7 +90,6 @@ class LlamaRing(nn.Module):
         self.attn = attns[0]
         self.n_layers = len(attns)
         self.window_holders = families.window_holders(model)
-        self.windowed = bool(self.windows())
         # gpt-oss's forward takes no last_n_tokens (it would reach the op): all logits, narrowed here
         self.narrows = "last_n_tokens" in inspect.signature(model.forward).parameters
         self.graphs = DecodeGraphs()

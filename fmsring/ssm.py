@@ -157,10 +157,12 @@ def _gather(t: torch.Tensor, scan: ShardedScan, slots: int) -> list[torch.Tensor
     return all_gather_padded(t, 0, scan.group, slots)
 
 
-def _by_sequence(scan: ShardedScan, parts: list[torch.Tensor], piece: int) -> list[tuple[int, int, torch.Tensor]]:
-    """(start, length, tensor) of every segment (or piece) of the sequence, in sequence order."""
-    ranks = range(scan.plan.world_size)
-    segs = [(s, n, parts[r][i]) for r in ranks for i, (s, n, _) in enumerate(_segments(scan.plan, r, piece))]
+def _by_sequence(
+    pieces: list[list[tuple[int, int, int]]], parts: list[torch.Tensor]
+) -> list[tuple[int, int, torch.Tensor]]:
+    """(start, length, tensor) of every piece of the sequence, in sequence order: ``pieces[r]`` are
+    rank r's (:func:`_segments`), ``parts[r]`` its tensors, one per piece."""
+    segs = [(s, n, part[i]) for mine, part in zip(pieces, parts) for i, (s, n, _) in enumerate(mine)]
     return sorted(segs, key=lambda seg: seg[0])
 
 
@@ -170,12 +172,11 @@ def _sharded_forward(ssm: SSM, scan: ShardedScan, x: torch.Tensor, unit: SSMCach
     k = ssm.conv_kernel_size
     b = x.shape[0]
     window = torch.zeros(b, ssm.conv_dim, k, dtype=x.dtype, device=x.device) if unit is None else unit.conv_state
-    piece = piece_len(ssm)
-    mine = _segments(scan.plan, scan.rank, piece)
-    slots = max(len(_segments(scan.plan, r, piece)) for r in range(scan.plan.world_size))
+    pieces = [_segments(scan.plan, r, piece_len(ssm)) for r in range(scan.plan.world_size)]
+    mine, slots = pieces[scan.rank], max(len(p) for p in pieces)
     # 1. every segment's last k pre-conv columns (left-padded with zeros when shorter), all ranks'
     tails = torch.stack([_conv_input(ssm, x[:, max(off, off + n - k) : off + n], k) for _, n, off in mine])
-    everyone = _by_sequence(scan, _gather(tails, scan, slots), piece)
+    everyone = _by_sequence(pieces, _gather(tails, scan, slots))
 
     def before(start: int, width: int) -> torch.Tensor:
         """The ``width`` pre-conv columns before sequence index ``start`` (the window's before the first)."""
@@ -188,7 +189,7 @@ def _sharded_forward(ssm: SSM, scan: ShardedScan, x: torch.Tensor, unit: SSMCach
     finals = torch.stack([torch.cat([r.state.flatten(1), r.decay[:, -1]], dim=1) for r in runs])
     h = torch.zeros_like(runs[0].state) if unit is None else unit.ssm_state.float()
     incoming = {}
-    for s, _, packed in _by_sequence(scan, _gather(finals, scan, slots), piece):
+    for s, _, packed in _by_sequence(pieces, _gather(finals, scan, slots)):
         incoming[s] = h
         state, decay = packed[:, : h[0].numel()].reshape(h.shape), packed[:, h[0].numel() :]
         h = decay.exp()[..., None, None] * h + state

@@ -146,6 +146,7 @@ def windowed_blocks(
     slots, in sequence order); None without a window. ``bands``: where given, each straddled
     call's tiles are kept there and reused by the next layer of the same window (a prefill's
     window layers all cut the same blocks)."""
+    bands = {} if bands is None else bands
     for c in calls:
         rows, keys, values = q[:, :, c.q_lo : c.q_hi], k[:, :, c.k_lo : c.k_hi], v[:, :, c.k_lo : c.k_hi]
         seen = "all"
@@ -156,9 +157,6 @@ def windowed_blocks(
             yield c, attention_with_lse(rows, keys, values, scale, c.causal)
         elif seen == "some":
             key = (layer.window, c, int(qi[0]), int(ki[0]))  # the first indices tell the ranks apart
-            tiles = bands.get(key) if bands is not None else None
-            if tiles is None:
-                tiles = band(layer, qi, ki, q.device)
-                if bands is not None:
-                    bands[key] = tiles
-            yield c, band_attention(rows, keys, values, scale, tiles)
+            if key not in bands:
+                bands[key] = band(layer, qi, ki, q.device)
+            yield c, band_attention(rows, keys, values, scale, bands[key])

@@ -82,8 +82,8 @@ def broken_state_pass(ssm, broken: str | None):
         return contextlib.nullcontext()
     real = ssm._by_sequence
 
-    def wrong(scan, parts, piece):
-        segs = real(scan, parts, piece)
+    def wrong(pieces, parts):
+        segs = real(pieces, parts)
         if broken == "reversed":
             return segs[::-1]
         halos = parts[0].dim() == 4  # the conv tails [segments, b, conv_dim, k]; else the states

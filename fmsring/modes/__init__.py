@@ -70,9 +70,13 @@ class Ring(Protocol):
     rope: RopeTables
     attn: MultiHeadAttention  # the first layer's: every layer has its shape
     n_layers: int
-    windowed: bool  # some layer has a sliding window: steps that attend a cache need its slots' indices
 
     def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+
+    def windows(self) -> tuple[int, ...]:
+        """The sliding windows the model's blocks hold now (:func:`fmsring.families.windows`): where
+        there are any, steps that attend a cache need its slots' indices."""
+        ...
 
     def zero_states(self, batch: int) -> list:
         """Per decoder layer, a zero Mamba2 state or None (attention); empty without Mamba2 layers."""

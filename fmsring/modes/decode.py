@@ -93,10 +93,6 @@ class DecodeRing(Ring, Protocol):
     cuda_graphs: bool
     graphs: DecodeGraphs
 
-    def windows(self) -> tuple[int, ...]:
-        """The sliding windows of the model's layers (:func:`fmsring.families.windows`)."""
-        ...
-
 
 def step(ring: DecodeRing, call: Call, cache: RingCache) -> tuple[torch.Tensor, RingCache]:
     """One token on ``cache``: its logits and the cache holding it; captured as a CUDA graph where possible."""

@@ -98,7 +98,7 @@ def prefill(ring: Ring, call: Call, use_cache: bool, capacity: int = 0):
     capacity = capacity or prefill_capacity(plan.local_lens, ring.cache_headroom)
     # a padded batch's mask runs as segments on the fast kernels; any other mask (or one beside a
     # window, which the segments do not cut) as additive blocks
-    segments = Segments.of(call.mask) if call.mask is not None and not ring.windowed else None
+    segments = Segments.of(call.mask) if call.mask is not None and not ring.windows() else None
     blocks = bias_blocks(call.mask, plan, st.rank) if call.mask is not None and segments is None else None
     ctx = Prefill(st.comm, plan, capacity, blocks, segments)
     with ssm.sharded(ssm.ShardedScan(plan, st.rank, st.group)):  # Mamba2 layers, where the model has them

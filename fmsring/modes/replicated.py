@@ -106,7 +106,7 @@ def step(ring: Ring, call: Call, cache: RingCache) -> tuple[torch.Tensor, RingCa
     positions, top = ring.rope.positions(call.ids, call.position_ids, state.seq_len, state.max_position)
     new_cache = cache.advance(st.rank, owners, ring.cache_headroom, max(state.max_position, top))
     seq_index = None
-    if ring.windowed:
+    if ring.windows():
         queries = torch.arange(state.seq_len, state.seq_len + call.ids.shape[1], device=call.ids.device)
         seq_index = (queries, new_cache.state.slot_index_on(call.ids.device))
     ctx = ReplicatedStep(
