@@ -101,6 +101,28 @@ def flash_attention_with_lse(
     return out, lse.view(q.shape[:-1])
 
 
+def takes_flash_window(q: torch.Tensor) -> bool:
+    """Whether a sliding window's straddled blocks run flash attention's own window
+    (:func:`flash_window_with_lse`): CUDA, half precision, a head dim flash takes."""
+    return q.is_cuda and q.dtype in FUSED_DTYPES and q.shape[-1] <= 256
+
+
+def flash_window_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, left: int, right: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash attention through its local window (GQA-native), returning (out [b, h, Lq, d], lse
+    fp32 [b, h, Lq]): query row i sees the key rows from i + Lk - Lq - ``left`` to
+    i + Lk - Lq + ``right``, so a window of w keys costs w per query, never the block's
+    width. Every row must see at least one key (the kernel gives a row that sees none
+    lse +inf)."""
+    lq, lk = q.shape[2], k.shape[2]
+    res = torch.ops.aten._flash_attention_forward(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, lq, lk, 0.0, False, False,
+        scale=scale, window_size_left=left, window_size_right=right,
+    )  # fmt: skip
+    return res[0].transpose(1, 2), res[1][..., :lq]
+
+
 def decode_attention_with_lse(
     q: torch.Tensor,
     k_cache: torch.Tensor,

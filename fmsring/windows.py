@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from fmsring.kernels import attention_with_lse
+from fmsring.kernels import attention_with_lse, flash_window_with_lse, takes_flash_window
 from fmsring.layout import BlockCall
 
 Seen = Literal["all", "none", "some"]
@@ -155,8 +155,50 @@ def windowed_blocks(
             seen = layer.sees(int(qi[0]), int(qi[-1]), int(ki[0]), int(ki[-1]))
         if seen == "all":
             yield c, attention_with_lse(rows, keys, values, scale, c.causal)
+        elif seen == "some" and takes_flash_window(q):
+            yield from flash_windowed(q, k, v, scale, c, layer.window, qi, ki)
         elif seen == "some":
             key = (layer.window, c, int(qi[0]), int(ki[0]))  # the first indices tell the ranks apart
             if key not in bands:
                 bands[key] = band(layer, qi, ki, q.device)
             yield c, band_attention(rows, keys, values, scale, bands[key])
+
+
+def runs(index: torch.Tensor) -> list[tuple[int, int]]:
+    """The [lo, hi) row ranges over which the ascending sequence indices ``index`` (host) step by
+    one: a rank's zigzag chunks, or its cache slots then its new tokens, each make one."""
+    cuts = ((index[1:] - index[:-1]) != 1).nonzero().flatten().add(1).tolist()
+    bounds = [0, *cuts, len(index)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def flash_windowed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    c: BlockCall,
+    window: int,
+    q_index: torch.Tensor,
+    k_index: torch.Tensor,
+) -> Iterator[tuple[BlockCall, tuple[torch.Tensor, torch.Tensor]]]:
+    """Call ``c``, which a window of ``window`` keys straddles, through flash attention's own
+    window (:func:`fmsring.kernels.flash_window_with_lse`), which needs query rows and keys each
+    contiguous in the sequence: the call is cut at the jumps of its indices (``q_index``,
+    ``k_index``: the call's rows' sequence indices, host), and each piece of queries at
+    q0..q1 over keys at k0..k1 is one call whose window, aligned at the pieces' last rows, is
+    the layer's: ``right`` = q1 - k1 keys past the diagonal, ``left`` = window - 1 - right
+    before it. Query rows past the reach of a piece's keys (q > k1 + window - 1) are left out
+    of its call, so every row sees a key."""
+    for qa, qb in runs(q_index):
+        for ka, kb in runs(k_index):
+            q0, q1, k0, k1 = int(q_index[qa]), int(q_index[qb - 1]), int(k_index[ka]), int(k_index[kb - 1])
+            if k0 > q1 or k1 <= q0 - window:  # after every query, or before every query's window
+                continue
+            assert k1 < q0 or (k0, k1) == (q0, q1), "keys are wholly before the queries or are the queries"
+            reached = qa + min(qb - qa, k1 + window - q0)
+            right = int(q_index[reached - 1]) - k1
+            piece = BlockCall(c.q_lo + qa, c.q_lo + reached, c.k_lo + ka, c.k_lo + kb, right == 0)
+            rows = q[:, :, piece.q_lo : piece.q_hi]
+            keys, values = k[:, :, piece.k_lo : piece.k_hi], v[:, :, piece.k_lo : piece.k_hi]
+            yield piece, flash_window_with_lse(rows, keys, values, scale, window - 1 - right, right)

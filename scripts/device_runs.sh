@@ -45,7 +45,7 @@
 #           compiled code on disk (first_step_ms: what a user's second run pays), rows in results_first_step.csv
 # families  Bamba-9.8B and gpt-oss-20b shapes beside FMS's own model (single) at world 1: a window
 #           layer's attention against a full layer's at 32K (scripts/profile_windows.py), Bamba prefill
-#           and decode at 32K and 128K, gpt-oss prefill at 8K and 32K and the ring's decode at 32K
+#           and decode at 8K, 32K and 128K, gpt-oss prefill at 8K and 32K and the ring's decode at 32K
 #
 # fp32 and interconnect take PEERS=ring,tp,torch_cp to leave out `single` (and the check against
 # it): the same section on fewer GPUs of the same machine (CUDA_VISIBLE_DEVICES=0,1) appending to
@@ -178,8 +178,8 @@ compiled)
     ;;
 families)
     python3 scripts/profile_windows.py "$out" 32768 128 2>&1 | tee -a "$out/bench_$section.log" || status=1
-    architecture=bamba variant=9_8b
-    bench --strategies single,ring --phases prefill,decode --seq-lens 32K,128K --decode-tokens 16 --repeats 2 \
+    architecture=bamba variant=9_8b  # FMS's own scan holds n^2/2 bytes per layer: 8K is the longest it runs
+    bench --strategies single,ring --phases prefill,decode --seq-lens 8K,32K,128K --decode-tokens 16 --repeats 2 \
         --warmup 1 --out "$out/results.csv"
     architecture=gpt_oss variant=20b
     bench --strategies single,ring --phases prefill --seq-lens 8K,32K --repeats 2 --warmup 1 --out "$out/results.csv"

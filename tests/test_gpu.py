@@ -73,6 +73,33 @@ def test_blocks_with_a_bias_and_window_bands_take_the_efficient_kernel(kvh, dtyp
     assert _rel(out.float(), ref_out) < tol and (lse - ref_lse).abs().max() < tol
 
 
+def test_flash_window_matches_its_reference_and_a_prefill_band():
+    """Flash attention's own window (GQA, bf16) against its fp32 reference at random offsets of
+    the keys' last row behind the queries'; and a whole prompt's window layer through it
+    (:func:`fmsring.windows.windowed_blocks` at world 1) against the dense causal band."""
+    from fmsring.kernels import flash_window_with_lse, math_attention_with_lse, takes_flash_window
+    from fmsring.layout import BlockCall
+    from fmsring.windows import LayerAttention, windowed_blocks
+    from tests.test_sinks_windows import flash_window_reference
+
+    window, lq = random.randrange(20, 300), random.randrange(100, 700)
+    right = random.randrange(0, window)
+    lk = random.randrange(window, 2000)
+    q = torch.randn(2, 32, lq, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 8, lk, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    assert takes_flash_window(q)
+    out, lse = flash_window_with_lse(q, k, v, 0.125, window - 1 - right, right)
+    ref_out, ref_lse = flash_window_reference(q, k, v, 0.125, window - 1 - right, right)
+    assert _rel(out.float(), ref_out) < 1e-2 and (lse - ref_lse).abs().max() < 1e-2, (window, lq, lk, right)
+    n, layer = random.randrange(1000, 3000), LayerAttention(None, window)
+    q = torch.randn(1, 32, n, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 8, n, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    index = torch.arange(n)
+    ((_, (out, lse)),) = windowed_blocks(q, k, v, 0.125, (BlockCall(0, n, 0, n, True),), layer, index, index)
+    ref_out, ref_lse = math_attention_with_lse(q, k, v, 0.125, bias=layer.bias(index.cuda(), index.cuda(), True))
+    assert _rel(out.float(), ref_out) < 1e-2 and (lse - ref_lse).abs().max() < 1e-2, (window, n)
+
+
 @pytest.mark.parametrize("h,kvh", [(32, 8), (8, 2), (4, 4)])
 def test_split_kv_decode_matches_the_unsplit_kernel_and_fp32_math(h, kvh):
     """The decode kernel at LLaMA-3-8B's head dim and GQA shapes at several chunk counts (1 =
@@ -180,8 +207,8 @@ def test_padded_batch_decodes_on_the_captured_step(one_rank_group):
 
 @pytest.mark.parametrize("family", ["gpt_oss", "granite_swa"])
 def test_sinks_and_windows_prefill_and_decode_on_the_captured_step(one_rank_group, family):
-    """gpt-oss and Granite-SWA in bf16 on one GPU: the windowed layers' prefill attends band
-    tiles on the memory-efficient kernel, and the captured decode step reads the window and the
+    """gpt-oss and Granite-SWA in bf16 on one GPU: the windowed layers' prefill attends through
+    flash attention's own window, and the captured decode step reads the window and the
     sink through the split-KV kernel's bias, many steps past the window. The plain FMS model of
     the same weights agrees with the prompt's logits and every step's."""
     from tests.test_sinks_windows import _models

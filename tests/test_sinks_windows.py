@@ -225,6 +225,61 @@ def test_band_attention_equals_the_masked_block(dtype):
     torch.testing.assert_close(out.float(), want.float(), rtol=tol, atol=tol, msg=f"seed {seed}")
 
 
+def flash_window_reference(q, k, v, scale, left, right):
+    """Flash attention's local window in fp32 math: row i of Lq sees key rows i + Lk - Lq - left
+    to i + Lk - Lq + right; a row that sees no key fails (the kernel would give it lse +inf)."""
+    from fmsring.kernels import math_attention_with_lse
+
+    lq, lk = q.shape[2], k.shape[2]
+    diagonal = torch.arange(lq, device=q.device).unsqueeze(1) + lk - lq
+    col = torch.arange(lk, device=q.device).unsqueeze(0)
+    seen = (col >= diagonal - left) & (col <= diagonal + right)
+    assert seen.any(1).all(), (lq, lk, left, right)
+    bias = torch.zeros(seen.shape, device=q.device).masked_fill_(~seen, float("-inf"))
+    return math_attention_with_lse(q, k, v, scale, bias=bias.unsqueeze(0))
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_flash_window_pieces_give_every_rank_the_dense_band(layout, monkeypatch):
+    """Prefill under a window as a GPU runs it (straddled calls cut into pieces contiguous in the
+    sequence, each through flash's own window, here its fp32 reference): every rank's partials,
+    merged, are the dense causal band's (out, lse) at world sizes 1-4, windows shorter and
+    longer than a rank's chunks, and a wrongly aligned window fails."""
+    from fmsring import windows
+    from fmsring.kernels import math_attention_with_lse
+    from fmsring.layout import ShardPlan
+    from fmsring.ring import Partials
+
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    world, n = int(torch.randint(1, 5, (), generator=gen)), int(torch.randint(40, 300, (), generator=gen))
+    window = int(torch.randint(1, n // world + 40, (), generator=gen))
+    monkeypatch.setattr(windows, "takes_flash_window", lambda q: True)
+    plan, layer = ShardPlan.build(n, world, layout), windows.LayerAttention(None, window)
+    q, k, v = (torch.randn(1, 6 if t == "q" else 2, n, 16, generator=gen) for t in "qkv")
+    index = [plan.index_tensor(r) for r in range(world)]
+
+    def ring_result(flash):
+        monkeypatch.setattr(windows, "flash_window_with_lse", flash)
+        for rank in range(world):
+            acc = Partials(q[:, :, index[rank]], pairwise=False)
+            for src in range(world):
+                calls = plan.block_calls(rank, src)
+                mine, theirs = q[:, :, index[rank]], (k[:, :, index[src]], v[:, :, index[src]])
+                for c, blk in windows.windowed_blocks(mine, *theirs, 0.25, calls, layer, index[rank], index[src]):
+                    acc.add(c.q_lo, c.q_hi, *blk)
+            yield rank, acc.result()
+
+    want, want_lse = math_attention_with_lse(q, k, v, 0.25, bias=layer.bias(torch.arange(n), torch.arange(n), True))
+    for rank, (out, lse) in ring_result(flash_window_reference):
+        msg = f"seed {seed}, world {world}, rank {rank}, n {n}, window {window}"
+        torch.testing.assert_close(out, want[:, :, index[rank]], rtol=1e-5, atol=1e-5, msg=msg)
+        torch.testing.assert_close(lse, want_lse[:, :, index[rank]], rtol=0, atol=1e-4, msg=msg)
+    off_by_one = lambda q, k, v, scale, left, right: flash_window_reference(q, k, v, scale, left + 1, right)  # noqa: E731
+    errs = [(lse - want_lse[:, :, index[r]]).abs().max() for r, (_, lse) in ring_result(off_by_one)]
+    assert max(errs) > 1e-3 or window >= n, (seed, errs)
+
+
 def _compiled_decode_errors(rank, world, ids, n_new):
     """Greedy steps with every decoder layer of a step compiled whole (forced onto CPU), as a GPU
     decodes: the sink and window reach the compiled op as kwargs, the MoE runs inside the graph."""

@@ -134,7 +134,7 @@ def pass_q(
     start, k_index = seq_index if layer.window else (0, None)
     for src, q_in in ring_blocks(comm, query.contiguous(), buffers, shape_from, b * t_max * h * d):
         q = q_in.transpose(1, 2)
-        acc = Partials(q, pairwise=True)  # per source: the cache and the own causal block at most
+        acc = Partials(q, pairwise=not layer.window)  # the cache and the own causal block, or a window's pieces
         q_index = start + plan.index_tensor(src) if layer.window else None
         calls = plan.block_calls(src, rank, cached[rank])
         for c, blk in windowed_blocks(q, keys, values, scale, calls, layer, q_index, k_index):
