@@ -4,10 +4,11 @@ A Mamba2 layer is a depthwise causal conv over ``xBC`` (its kernel's last
 K-1 inputs reach back past a shard's first token) and a linear scan whose
 state h [b, heads, head_dim, state] runs along the whole sequence:
 h_t = exp(A dt_t) h_{t-1} + dt_t B_t x_t, read out as y_t = C_t . h_t + D x_t.
-Both carry across shards in closed form, so each rank runs FMS's own forward
-on each of its segments (a zigzag rank holds two, apart; a segment longer
-than FMS's scan can hold in memory is cut into pieces, :func:`piece_len`)
-and adds what the rest of the sequence contributes:
+Both carry across shards in closed form, so each rank runs FMS's forward
+(its scan in contracted form, :mod:`fmsring.ssd`) on each of its segments (a
+zigzag rank holds two, apart; a segment longer than the scan's memory budget
+is cut into pieces, :func:`piece_len`) and adds what the rest of the sequence
+contributes:
 
 * **conv halo**: every segment's last K pre-conv ``xBC`` columns are
   all-gathered; a segment's conv then runs on the last K-1 columns before it,
@@ -45,6 +46,7 @@ from torch.nn import functional as F
 
 from fmsring.comm import all_gather_padded
 from fmsring.layout import ShardPlan
+from fmsring.ssd import SCRATCH_PER_TOKEN, chunked_scan
 
 
 @dataclass(frozen=True)
@@ -126,17 +128,15 @@ class RingSSM(SSM):
         return out
 
 
-# FMS's scan holds [chunk, chunk] products per head and state (and head) dimension for every chunk
-# of what it runs at once: ~25 MB a token at Bamba-9.8B's shapes, so 32K tokens would need 512 GiB.
-# A segment longer than this budget allows runs in pieces, each passing its state on to the next
-# exactly as segments on different ranks do.
-SCAN_SCRATCH_BYTES = 16 * 2**30
+# The scan holds a few [heads, chunk] fp32 rows a token (fmsring.ssd): a segment longer than this
+# budget allows (13K tokens at Bamba-9.8B's shapes) runs in pieces, each passing its state on to the
+# next exactly as segments on different ranks do.
+SCAN_SCRATCH_BYTES = 8 * 2**30
 
 
 def piece_len(ssm: SSM) -> int:
-    """The most tokens FMS's scan runs at once within :data:`SCAN_SCRATCH_BYTES` (whole chunks, at
-    least one): its largest intermediates are [tokens, chunk, heads, state] and [..., head_dim], fp32."""
-    per_token = ssm.chunk_size * ssm.nheads * (ssm.ssm_state_size + ssm.head_dim) * 4
+    """The most tokens the scan runs at once within :data:`SCAN_SCRATCH_BYTES` (whole chunks, at least one)."""
+    per_token = SCRATCH_PER_TOKEN * ssm.nheads * ssm.chunk_size * 4
     return max(1, SCAN_SCRATCH_BYTES // (per_token * ssm.chunk_size)) * ssm.chunk_size
 
 
@@ -228,37 +228,21 @@ class _Segment:
 
 
 def _run_segment(ssm: SSM, x: torch.Tensor, halo: torch.Tensor) -> _Segment:
-    """FMS's ``SSM.forward`` on ``x`` with three hooks: its conv reads ``halo`` (the k-1 pre-conv
-    columns before the segment) instead of zeros; its in_proj and conv outputs are kept (dt, C); and
-    its gated norm's inputs are kept and the norm returns no tokens, so FMS's out_proj costs nothing
-    (the norm runs later, on y plus the incoming state's share)."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def in_proj(_mod, _args, out):
-        seen["dt"] = out[..., -ssm.nheads :]
-
-    def conv(mod, args, _out):
-        out = F.conv1d(torch.cat([halo.to(args[0].dtype), args[0]], dim=-1), mod.weight, mod.bias, groups=mod.groups)
-        seen["C"] = ssm.act(out[:, -ssm.n_groups * ssm.ssm_state_size :].transpose(1, 2))
-        return out
-
-    def norm(_mod, args, out):
-        seen["y"], seen["gate"] = args
-        return out[:, :0]
-
-    b = x.shape[0]
-    unit = _zero_unit(ssm, b, torch.float32, x.device)
-    hooks = [
-        ssm.in_proj.register_forward_hook(in_proj),
-        ssm.conv1d.register_forward_hook(conv),
-        ssm.norm.register_forward_hook(norm),
-    ]
-    try:
-        SSM.forward(ssm, x, None, unit)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    dt = F.softplus(seen["dt"] + ssm.dt_bias).clamp(*ssm.time_step_limit)
-    decay = torch.cumsum(-torch.exp(ssm.A_log.float()) * dt.float(), dim=1)
-    C = seen["C"].float().reshape(b, x.shape[1], ssm.n_groups, ssm.ssm_state_size)
-    return _Segment(seen["y"], seen["gate"], C, decay, unit.ssm_state)
+    """FMS's ``SSM.forward`` on ``x`` from a zero state, up to its gated norm (which runs later, on
+    y plus the incoming state's share), with two changes: its conv reads ``halo`` (the k-1 pre-conv
+    columns before the segment) instead of zeros, and its scan is :func:`fmsring.ssd.chunked_scan`,
+    the same math in a few rows a token instead of FMS's ~25 MB."""
+    b, n, _ = x.shape
+    grouped = ssm.n_groups * ssm.ssm_state_size
+    gate, xbc, dt = ssm.in_proj(x).split([ssm.intermediate_size, ssm.conv_dim, ssm.nheads], dim=-1)
+    conv = ssm.conv1d
+    xbc = F.conv1d(
+        torch.cat([halo.to(xbc.dtype), xbc.transpose(1, 2)], dim=-1), conv.weight, conv.bias, groups=conv.groups
+    )
+    xs, B, C = ssm.act(xbc.transpose(1, 2)).split([ssm.intermediate_size, grouped, grouped], dim=-1)
+    dt = F.softplus(dt + ssm.dt_bias).clamp(*ssm.time_step_limit)
+    xs = xs.reshape(b, n, ssm.nheads, ssm.head_dim).float()
+    B, C = (t.reshape(b, n, ssm.n_groups, ssm.ssm_state_size).float() for t in (B, C))
+    y, state, decay = chunked_scan(xs, dt, -torch.exp(ssm.A_log.float()), B, C, ssm.chunk_size)
+    y = y + ssm.D[..., None] * xs
+    return _Segment(y.reshape(b, n, -1), gate, C, decay, state)
