@@ -31,6 +31,7 @@ from fms.modules.attention import MultiHeadAttention
 from fms.modules.feedforward import FeedForwardBlock, GatedLinearUnit, TPGatedLinearUnit
 from fms.modules.layernorm import LayerNormParameterized
 from fms.modules.positions import RotaryEmbedding
+from fms.modules.ssm import SSM
 from torch import nn
 
 # Devices whose tensors take the compiled code. Elsewhere (CPU) the compiler
@@ -124,6 +125,24 @@ class FusedDecoderBlock(nn.Module):
         return super().forward(x, **kwargs)
 
 
+class FusedMambaBlock(FusedDecoderBlock):
+    """:class:`FusedDecoderBlock` for a block of Mamba2 layer (Bamba's): FMS's block adds each
+    step's length to its Mamba2 cache's ``seqlen_offset``, a Python int that a compiled graph
+    guards on, so every step would compile anew. The compiled layer runs the block without its
+    cache bookkeeping (``use_cache=False``: the layer still advances its states in place), and the
+    bookkeeping follows here, as FMS's block does it."""
+
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> Any:
+        whole = getattr(kwargs.get("ring"), "whole_layer", False)
+        if not (whole and kwargs.get("use_cache")):
+            return super().forward(x, **kwargs)
+        out = self._whole_layer(self, x, **{**kwargs, "use_cache": False})
+        unit = kwargs["past_key_value_state"]
+        unit.seqlen_offset += x.shape[1]
+        unit.has_previous_state = True
+        return out, unit
+
+
 _MIXED: dict[tuple[type, type], type] = {}
 
 
@@ -141,14 +160,16 @@ def swap_in_mixin(
 
 
 def fuse_decoder_blocks(model: nn.Module) -> nn.Module:
-    """Make every block that holds one of ``model``'s attention layers a
-    :class:`FusedDecoderBlock` of its own FMS class, in place; returns ``model``."""
-    names = {name.rpartition(".")[0] for name, m in model.named_modules() if isinstance(m, MultiHeadAttention)}
-    for name in names:
+    """Make every block that holds one of ``model``'s attention layers a :class:`FusedDecoderBlock`
+    of its own FMS class, and every one that holds a Mamba2 layer a :class:`FusedMambaBlock`, in
+    place; returns ``model``."""
+    mixins = {name.rpartition(".")[0]: FusedMambaBlock if isinstance(m, SSM) else FusedDecoderBlock
+              for name, m in model.named_modules() if isinstance(m, (MultiHeadAttention, SSM))}  # fmt: skip
+    for name, mixin in mixins.items():
         block = model.get_submodule(name)
         if block is not model:
             whole = lambda cls: {"_whole_layer": staticmethod(fused(cls.forward, dynamic=None))}  # noqa: E731
-            swap_in_mixin(block, FusedDecoderBlock, "Fused", whole)
+            swap_in_mixin(block, mixin, "Fused", whole)
     return model
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -64,18 +63,22 @@ class ShardedScan:
         return cls(ShardPlan.build(seq_len, 1), 0, None)
 
 
-_SCAN: ContextVar[ShardedScan | None] = ContextVar("fmsring_sharded_scan", default=None)
+# The scan the SSM layers run on, set by sharded(); None outside it (a one-token step). A module
+# global, not a ContextVar: a decode step's Mamba2 block is compiled whole (fmsring.fusion), and
+# dynamo traces a global read (guarding on it) where a ContextVar's .get() breaks the graph.
+_SCAN: ShardedScan | None = None
 
 
 @contextmanager
 def sharded(scan: ShardedScan) -> Iterator[None]:
-    """Run the SSM layers of the forwards inside on ``scan``'s shards. A context variable, since
-    FMS's Bamba block passes its SSM only the mask, not the attention kwargs that carry the mode."""
-    token = _SCAN.set(scan)
+    """Run the SSM layers of the forwards inside on ``scan``'s shards: FMS's Bamba block passes its
+    SSM only the mask, not the attention kwargs that carry the mode."""
+    global _SCAN
+    outer, _SCAN = _SCAN, scan
     try:
         yield
     finally:
-        _SCAN.reset(token)
+        _SCAN = outer
 
 
 def has_ssm(model: nn.Module) -> bool:
@@ -113,9 +116,8 @@ class RingSSM(SSM):
     conv halo and the incoming state of the rest of the sequence."""
 
     def forward(self, input_states, mask, past_key_value_state=None, cache_position=None, **kwargs):
-        scan = _SCAN.get()
-        if scan is not None:
-            return _sharded_forward(self, scan, input_states, past_key_value_state)
+        if _SCAN is not None:
+            return _sharded_forward(self, _SCAN, input_states, past_key_value_state)
         unit = past_key_value_state
         conv_state = None if unit is None else unit.conv_state
         out = super().forward(input_states, mask, unit, cache_position, **kwargs)

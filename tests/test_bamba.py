@@ -224,6 +224,39 @@ def test_in_bfloat16_the_ring_is_as_close_to_float32_as_fms_is():
         assert ring_err <= 1.5 * fms_err, (ring_err, fms_err)
 
 
+def _compiled_decode(rank, world, ids, n_new):
+    """Greedy steps with every decoder layer of a step compiled whole (forced onto CPU), as a GPU
+    decodes: the Mamba2 blocks' one-token recurrence inside their graphs. Returns each step's
+    error against FMS, dynamo's graph breaks and its graphs after the first step and the last."""
+    from torch._dynamo.utils import counters
+
+    from fmsring import fusion
+
+    fusion.FUSE_DEVICES.add("cpu")
+    ref, ring = _models()
+    errs, graphs = [], []
+    with torch.no_grad():
+        _, cache = ring(ids, use_cache=True, last_n_tokens=1)
+        want, ref_cache = ref(ids, use_cache=True)
+        for _ in range(n_new):
+            nxt = want[:, -1:].argmax(-1)
+            got, cache = ring(nxt, past_key_value_states=cache, use_cache=True, last_n_tokens=1)
+            want, ref_cache = ref(nxt, past_key_value_states=ref_cache, use_cache=True)
+            errs.append((got[:, -1] - want[:, -1]).abs().max().item())
+            graphs.append(counters["stats"]["unique_graphs"])
+    return errs, sum(counters["graph_break"].values()), graphs[0], graphs[-1]
+
+
+def test_decode_with_whole_mamba_blocks_compiled_matches_fms():
+    """A Mamba2 block's step compiles whole without a graph break, and later steps reuse the first
+    step's graphs: FMS's block bumps a Python int of the cache every step, which the compiled
+    graph would guard on (a graph per step, then dynamic ones) were it inside it."""
+    ids = torch.randint(1, 96, (2, random.randrange(3, 30)))
+    for errs, breaks, graphs, graphs_later in run_ranks(2, _compiled_decode, ids, 6):
+        assert max(errs) <= 1e-4, errs
+        assert breaks == 0 and graphs_later == graphs, (breaks, graphs, graphs_later)
+
+
 def _refusals(rank, world):
     import fmsring
 
