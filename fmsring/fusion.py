@@ -126,7 +126,7 @@ class FusedDecoderBlock(nn.Module):
 
 
 class FusedMambaBlock(FusedDecoderBlock):
-    """:class:`FusedDecoderBlock` for a block of Mamba2 layer (Bamba's): FMS's block adds each
+    """:class:`FusedDecoderBlock` for a block holding a Mamba2 layer (Bamba's): FMS's block adds each
     step's length to its Mamba2 cache's ``seqlen_offset``, a Python int that a compiled graph
     guards on, so every step would compile anew. The compiled layer runs the block without its
     cache bookkeeping (``use_cache=False``: the layer still advances its states in place), and the

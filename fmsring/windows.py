@@ -138,14 +138,15 @@ def windowed_blocks(
     k_index: torch.Tensor | None,
     bands: dict | None = None,
 ) -> Iterator[tuple[BlockCall, tuple[torch.Tensor, torch.Tensor]]]:
-    """Each of ``calls`` attended through ``layer``'s window: (call, its rows' (out, lse)). A call
-    the window hides wholly is skipped, one it wholly shows is attended as planned, one it
-    straddles tile by tile (:func:`band_attention`), so a window of w costs about 2w keys per
-    query, not the prompt. ``q_index``/``k_index``: host int tensors, the sequence indices of the
-    rows of q and of k, v, ascending (every layout stores a rank's tokens, and the cache its
-    slots, in sequence order); None without a window. ``bands``: where given, each straddled
-    call's tiles are kept there and reused by the next layer of the same window (a prefill's
-    window layers all cut the same blocks)."""
+    """Each of ``calls`` attended through ``layer``'s window: (call or a piece of it, its rows'
+    (out, lse)). A call the window hides wholly is skipped, one it wholly shows is attended as
+    planned, one it straddles through flash's own window where it runs (:func:`flash_windowed`:
+    CUDA, half precision), elsewhere tile by tile (:func:`band_attention`), so a window of w
+    costs about w (flash) or 2w (tiles) keys per query, not the prompt. ``q_index``/``k_index``:
+    host int tensors, the sequence indices of the rows of q and of k, v, ascending (every layout
+    stores a rank's tokens, and the cache its slots, in sequence order); None without a window.
+    ``bands``: where given, each straddled call's tiles are kept there and reused by the next
+    layer of the same window (a prefill's window layers all cut the same blocks)."""
     bands = {} if bands is None else bands
     for c in calls:
         rows, keys, values = q[:, :, c.q_lo : c.q_hi], k[:, :, c.k_lo : c.k_hi], v[:, :, c.k_lo : c.k_hi]
