@@ -40,9 +40,10 @@
 #           PEERS and SEQ_LENS narrow them where a device call's time is short
 # compiled  decode (32 greedy tokens) at 8K/32K/128K: single eager and compiled as FMS's inference script
 #           compiles it (COMPILE_PEERS, default `default`: FMS's growing cache leaves CUDA graphs
-#           nothing fixed to replay) beside ring; then ring's 8K decode in two
-#           fresh processes over one empty compile cache: the second launch's first step finds the first's
-#           compiled code on disk (first_step_ms: what a user's second run pays), rows in results_first_step.csv
+#           nothing fixed to replay) beside ring
+# first-step  ring's 8K decode in two fresh processes over one empty compile cache: the second launch's
+#           first step finds the first's compiled code on disk (first_step_ms: what a user's second run
+#           pays), rows in results_first_step.csv
 # families  Bamba-9.8B and gpt-oss-20b shapes beside FMS's own model (single) at world 1: a window
 #           layer's attention against a full layer's at 32K (scripts/profile_windows.py), Bamba prefill
 #           and decode at 8K, 32K and 128K, gpt-oss prefill at 8K and 32K and the ring's decode at 32K
@@ -169,6 +170,8 @@ same-followup)
 compiled)
     bench --strategies single,ring --compile-peers "${COMPILE_PEERS:-default}" --phases decode \
         --seq-lens 8K,32K,128K --decode-tokens 32 --no-check --repeats 1 --warmup 1 --out "$out/results.csv"
+    ;;
+first-step)
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
     export TORCHINDUCTOR_CACHE_DIR
     for launch in 1 2; do
