@@ -41,6 +41,8 @@
 # compiled  decode (32 greedy tokens) at 8K/32K/128K: single eager and compiled as FMS's inference script
 #           compiles it (COMPILE_PEERS, default `default`: FMS's growing cache leaves CUDA graphs
 #           nothing fixed to replay) beside ring
+# followup-profile  where a short follow-up's time goes (scripts/profile_followup.py): ring at world
+#           W on 128K cached + 512 new and 32K cached + 1K new, kernels, idle stream and host ops
 # first-step  ring's 8K decode in two fresh processes over one empty compile cache: the second launch's
 #           first step finds the first's compiled code on disk (first_step_ms: what a user's second run
 #           pays), rows in results_first_step.csv
@@ -170,6 +172,13 @@ same-followup)
 compiled)
     bench --strategies single,ring --compile-peers "${COMPILE_PEERS:-default}" --phases decode \
         --seq-lens 8K,32K,128K --decode-tokens 32 --no-check --repeats 1 --warmup 1 --out "$out/results.csv"
+    ;;
+followup-profile)
+    for point in "131072 512" "32768 1024"; do
+        # shellcheck disable=SC2086  # the point is two arguments
+        torchrun --standalone --nproc_per_node="$nproc" scripts/profile_followup.py "$out" $point 2>&1 \
+            | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log" | grep -v '^ *"' || status=1
+    done
     ;;
 first-step)
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)

@@ -12,12 +12,14 @@ listed by the kernels around them, to say what the stream was waiting for.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
 import sys
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable
 
 import fms.models
 import torch
@@ -109,14 +111,18 @@ def write_rank_json(result: dict, out_dir: str, name: str) -> None:
     dist.barrier()
 
 
-def profiled_forward(model, ids) -> dict:
+def profiled(call: Callable[[], object], host_ops: int = 0) -> dict:
+    """``call`` once to warm up, then once profiled: its wall time (CUDA events), kernel time by
+    kind, the compute stream's idle time and largest idle spans, and (``host_ops`` > 0) that many
+    host ops by self CPU time -- what the host was busy with while the GPU idled."""
     with torch.no_grad():
-        model(ids, last_n_tokens=1)
+        call()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if host_ops else [])
+        with profile(activities=activities) as prof:
             start.record()
-            model(ids, last_n_tokens=1)
+            call()
             end.record()
             torch.cuda.synchronize()
     totals, _ = kernel_ms_by_kind(cuda_kernels(prof))
@@ -125,13 +131,21 @@ def profiled_forward(model, ids) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as trace:
         prof.export_chrome_trace(trace.name)
         idle = idle_spans(trace.name)
-    return {
+    result = {
         "wall_ms": wall,
         "kernel_ms": totals,
         "compute_kernels_ms": compute,
         "gap_ms": wall - compute,
         "largest_idle_spans": idle,
     }
+    if host_ops:
+        host = [e for e in prof.key_averages() if str(e.device_type).endswith("CPU") and e.self_cpu_time_total > 0]
+        host.sort(key=lambda e: -e.self_cpu_time_total)
+        result["host_ops_by_self_ms"] = [
+            {"name": e.key[:90], "count": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 3)}
+            for e in host[:host_ops]
+        ]
+    return result
 
 
 def main() -> None:
@@ -140,12 +154,12 @@ def main() -> None:
     result = {"gpu": torch.cuda.get_device_name(), "world_size": world, "seq_len": seq_len}
     torch.manual_seed(0)
     ring = fmsring.get_model(**args, distributed_strategy="ring", ring_check_inputs=False).eval()
-    result["ring"] = profiled_forward(ring, ids)
+    result["ring"] = profiled(functools.partial(ring, ids, last_n_tokens=1))
     del ring
     torch.cuda.empty_cache()
     if rank == 0:
         single = fms.models.get_model(**args, distributed_strategy="none").eval()
-        result["single"] = profiled_forward(single, ids)
+        result["single"] = profiled(functools.partial(single, ids, last_n_tokens=1))
     write_rank_json(result, out_dir, f"profile_rank{rank}.json")
 
 
