@@ -45,7 +45,8 @@
 #           W on 128K cached + 512 new and 32K cached + 1K new, kernels, idle stream and host ops
 # first-step  ring's 8K decode in two fresh processes over one empty compile cache: the second launch's
 #           first step finds the first's compiled code on disk (first_step_ms: what a user's second run
-#           pays), rows in results_first_step.csv
+#           pays), rows in results_first_step.csv; then scripts/profile_first_step.py twice over another
+#           empty cache: the same first step split into tracing, backend, loading and capture
 # families  Bamba-9.8B and gpt-oss-20b shapes beside FMS's own model (single) at world 1: a window
 #           layer's attention against a full layer's at 32K (scripts/profile_windows.py), Bamba prefill
 #           and decode at 8K, 32K and 128K, gpt-oss prefill at 8K and 32K and the ring's decode at 32K
@@ -186,6 +187,12 @@ first-step)
     for launch in 1 2; do
         bench --strategies ring --phases decode --seq-lens 8K --decode-tokens 8 --no-check --repeats 1 --warmup 0 \
             --out "$out/results_first_step.csv"
+    done
+    # the same first step split into tracing, backend, loading and capture, over a cache of its own
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
+    for launch in 1 2; do
+        torchrun --standalone --nproc_per_node="$nproc" scripts/profile_first_step.py "$out" "launch$launch" 2>&1 \
+            | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log" | grep -v '^ *"' || status=1
     done
     ;;
 families)
