@@ -161,9 +161,9 @@ def pass_kv(
     assert not (layer.window and segments is not None), "a windowed layer takes a padded batch's mask as bias blocks"
     index = seq_index or [None] * comm.world_size
     capacity = 2 * b * kvh * d * max(c + n for c, n in zip(cached, plan.local_lens))
-    # a window's straddled block may come in pieces on CUDA (windows.flash_windowed): more than two a row
-    pairwise = comm.world_size <= 2 and not any(cached) and bias_blocks is None and layer.sinks is None
-    pairwise = pairwise and not layer.window
+    # at most two partials a row; a window's straddled block may come in pieces (windows.flash_windowed)
+    pairwise = comm.world_size <= 2 and not any(cached) and bias_blocks is None and not layer.window
+    pairwise = pairwise and layer.sinks is None
     acc = Partials(q, pairwise=pairwise)
     shape_from = lambda src: (2, b, kvh, cached[src] + plan.local_len(src), d)  # noqa: E731
     for src, block in ring_blocks(comm, kv, buffers, shape_from, capacity):
