@@ -19,12 +19,14 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+# make test's pytest-xdist workers: CI's two cores (the multi-rank tests' processes share them)
+TEST_WORKERS ?= 2
 ANALYSIS_DIR ?= runs/local/analysis
 
 # make sweep: every VAR=value on make's command line is a sweep setting, the SweepConfig field of that
 # name lower-cased (or MODEL=variant, NPROC=world_sizes, ARCH=architecture, TIMEOUT=timeout_s;
 # fmsring.harness.grid.MAKE_ALIASES), PARAMS=file.yaml a file of them; an unknown name is an error.
-NOT_SETTINGS := PYTHON VENV TORCH_SPEC ANALYSIS_DIR RUNS
+NOT_SETTINGS := PYTHON VENV TORCH_SPEC TEST_WORKERS ANALYSIS_DIR RUNS
 SETTINGS = $(foreach v,$(filter-out $(NOT_SETTINGS),$(.VARIABLES)),$(if $(filter command line,$(origin $v)),'$v=$(subst ','\'',$($v))'))
 # notebooks/analysis.ipynb: run folders (space separated); empty = each run under runs/, one figure set per run
 RUNS ?=
@@ -65,7 +67,7 @@ demo: model ## chat with SmolLM2-135M-Instruct on 2 CPU ranks (torchrun, --chat)
 	$(PY) -m fmsring.demo
 
 test: venv model ## the fast tier, what CI runs: every test but those marked slow (cuda ones skip without a GPU)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist worksteal
 
 test-all: venv model ## every test, the slow end-to-end ones too
 	$(PY) -m pytest

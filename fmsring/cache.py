@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -78,7 +78,9 @@ class RingCacheState:
     capacity: slots per layer preallocated on every rank;
     cache_id: which prefill made the cache (with capacity, it names the
     buffers' allocation); max_position: the largest position id cached (the
-    RoPE tables cover it), known without reading the device.
+    RoPE tables cover it), known without reading the device; slot_room: the
+    host buffer whose first entries ``slot_index`` views, with room to append
+    in place (:meth:`extended`).
     """
 
     seq_len: int
@@ -87,6 +89,7 @@ class RingCacheState:
     capacity: int
     cache_id: int
     max_position: int = -1
+    slot_room: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @staticmethod
     def owned(owners: list[int], rank: int) -> slice | list[int]:
@@ -125,16 +128,31 @@ class RingCacheState:
         """The state after appending tokens: ``new_indices[r]`` are the global
         indices (counted from 0 = first cached token) that rank r appends, in order."""
         fills = tuple(f + len(new) for f, new in zip(self.fills, new_indices))
-        slot_index = self.slot_index
-        if new_indices[rank]:
-            slot_index = torch.cat([slot_index, torch.as_tensor(list(new_indices[rank]), dtype=slot_index.dtype)])
+        capacity = capacity_for(self.fills, fills, self.capacity, headroom)
+        slot_index, room = self.slot_index, self.slot_room
+        if new := new_indices[rank]:
+            slot_index, room = self._appended(list(new), capacity)
         return replace(
             self,
             seq_len=self.seq_len + sum(len(new) for new in new_indices),
             fills=fills,
             slot_index=slot_index,
-            capacity=capacity_for(self.fills, fills, self.capacity, headroom),
+            capacity=capacity,
+            slot_room=room,
         )
+
+    def _appended(self, new: list[int], capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``slot_index`` with ``new`` appended, and the buffer it views. A decode step appends one
+        index: written in place past the view, the step costs the host the same at any length (a
+        concatenation would copy every index, every step). The buffer is the cache's: like its K/V
+        slots, the entries past this state's view belong to whichever step extends it next."""
+        index, room = self.slot_index, self.slot_room
+        n, total = index.numel(), index.numel() + len(new)
+        if room is None or room.numel() < total or room.data_ptr() != index.data_ptr():
+            room = index.new_empty(max(capacity, 2 * total))  # doubling: appends cost O(1) amortised
+            room[:n] = index
+        room[n:total] = torch.tensor(new, dtype=room.dtype)
+        return room[:total], room
 
     def advanced(self, rank: int, owners: list[int], headroom: int) -> RingCacheState:
         """The state after appending tokens placed one by one (``owners[i]`` stores token i)."""

@@ -71,6 +71,22 @@ def test_a_step_that_fits_shares_the_buffers_and_leaves_the_old_cache_usable():
     cache.check_usable()
 
 
+def test_one_token_steps_append_slot_indices_in_place_and_keep_older_views():
+    """A decode step's host bookkeeping must not copy every index it holds (a concatenation did: the
+    host's time per step grew with the context); an older state still reads its own indices."""
+    fill = random.randint(1, 50)
+    state = RingCacheState(seq_len=fill, fills=(fill,), slot_index=torch.arange(fill), capacity=fill + 1, cache_id=0)
+    states = [state]
+    for _ in range(200):
+        states.append(states[-1].advanced(0, states[-1].place(1), headroom=3))
+    moved = sum(a.slot_index.data_ptr() != b.slot_index.data_ptr() for a, b in zip(states[1:], states[2:]))
+    assert moved <= 8, f"the index buffer moved {moved} times in 200 steps"  # doubling: log2(200) moves
+    for s in states:
+        assert s.slot_index.tolist() == list(range(s.seq_len))
+    follow = states[-1].extended(0, [list(range(states[-1].seq_len, states[-1].seq_len + 3))], headroom=3)
+    assert follow.slot_index.tolist() == list(range(follow.seq_len))
+
+
 def test_headroom_for_n_tokens_takes_them_without_growing():
     """After a prefill sized with headroom_for(n), n more tokens -- a follow-up laid out by any layout
     in one step, or one-token steps -- fit the capacity on every rank."""

@@ -49,7 +49,7 @@ def test_make_test_is_the_fast_tier_and_test_all_everything():
         head, _, body = block.partition("\n")
         if ":" in head and body.startswith("\t"):
             recipes[head.split(":")[0]] = body.strip()
-    assert recipes["test"].endswith('pytest -m "not slow"')
+    assert 'pytest -m "not slow"' in recipes["test"]
     assert recipes["test-all"].endswith("pytest")
     assert recipes["test-gpu"].endswith("pytest -m cuda")
     assert any(m.startswith("slow:") for m in PROJECT["tool"]["pytest"]["ini_options"]["markers"])
