@@ -8,7 +8,8 @@ the mesh of ``ring_tp=RING_TP`` (default 1: the ring alone; with TP, FMS's
 all-reduces are among the kernels):
 a cached prefill of SEQ_LEN tokens (LLaMA-3-8B shapes, random weights,
 bf16), then one-token steps. The captured (CUDA-graph) step is timed with
-CUDA events, median of 20; one eager step is profiled for its kernel count,
+CUDA events, median of 20, beside the host's time inside the call and the graph
+replayed alone; one eager step is profiled for its kernel count,
 kernel time by kind and the most launched kernels by name (a graph replays
 the same kernels without the launch gaps). The floor is what a step must read -- every weight but the
 embedding table, plus this rank's cache shard -- over the HBM bandwidth measured here by a large copy.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+import time
 
 import torch
 from gpu_probe import cuda_times
@@ -35,6 +37,18 @@ def hbm_gbps(gib: int = 4) -> float:
     return 2 * src.numel() / statistics.median(cuda_times(lambda: dst.copy_(src), reps=5, warmup=1)) / 1e6
 
 
+def host_ms(fn, reps: int) -> list[float]:
+    """Host milliseconds of each of ``reps`` calls of ``fn``, the device drained before each: what
+    the host spends preparing and launching a step while the device waits for it."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def profile_steps(model, ids) -> dict:
     with torch.no_grad():
         logits, cache = model(ids, use_cache=True, last_n_tokens=1)
@@ -45,6 +59,9 @@ def profile_steps(model, ids) -> dict:
             _, cache = model(tok, past_key_value_states=cache, use_cache=True, last_n_tokens=1)
 
         times = cuda_times(step, reps=20)  # the first warm-up step captures the graph
+        host = host_ms(step, reps=20)
+        graph = model.graphs.current
+        replay = cuda_times(graph.graph.replay, reps=20) if graph is not None else [float("nan")]
         model.cuda_graphs = False
         step()
         torch.cuda.synchronize()
@@ -61,6 +78,9 @@ def profile_steps(model, ids) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in embeddings)
     return {
         "graph_step_ms_median": statistics.median(times),
+        # the host's part: its time inside the model call (no sync), and the captured graph replayed alone
+        "host_call_ms_median": statistics.median(host),
+        "replay_only_ms_median": statistics.median(replay),
         "graph_step_ms_min": min(times),
         "graph_step_ms_max": max(times),
         "eager_kernels": count,
