@@ -47,11 +47,13 @@
 #           first step finds the first's compiled code on disk (first_step_ms: what a user's second run
 #           pays), rows in results_first_step.csv; then scripts/profile_first_step.py twice over another
 #           empty cache: the same first step split into tracing, backend, loading and capture
-# pdl       ring decode (32 greedy tokens) at 8K/32K/128K, then again with inductor's programmatic
-#           dependent launch (TORCHINDUCTOR_ENABLE_PDL=1, each over an empty compile cache): a kernel's
-#           launch overlaps the tail of the one before, the gaps between a step's ~530 kernels
-#           (rows in results_pdl.csv, their env column saying which); then the 32K step profiled
-#           both ways, the host's part split off (pdl0/ and pdl1/decode_profile_rank0.json)
+# inductor  ring decode (32 greedy tokens) at 8K/32K/128K as it is, then under each inductor setting
+#           of INDUCTOR (default "TORCHINDUCTOR_ENABLE_PDL=1 TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1", one at
+#           a time, each over an empty compile cache): programmatic dependent launch overlaps a kernel's
+#           launch with the tail of the one before (the gaps between a step's ~530 kernels); GEMM
+#           autotuning may pick Triton matmuls with the norm, SiLU and residual fused in, and no split-K
+#           reduce. Rows in results_inductor.csv, their env column saying which; and the 32K step
+#           profiled in the same setting (step<i>/decode_profile_rank0.json, the host's part too)
 # families  Bamba-9.8B and gpt-oss-20b shapes beside FMS's own model (single) at world 1: a window
 #           layer's attention against a full layer's at 32K (scripts/profile_windows.py), Bamba prefill
 #           and decode at 8K, 32K and 128K, gpt-oss prefill at 8K and 32K and the ring's decode at 32K
@@ -200,16 +202,19 @@ first-step)
             | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log" | grep -v '^ *"' || status=1
     done
     ;;
-pdl)
-    for pdl in 0 1; do
-        TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_ENABLE_PDL=$pdl bench --strategies ring --phases decode \
-            --seq-lens 8K,32K,128K --decode-tokens 32 --no-check --repeats 1 --warmup 1 --out "$out/results_pdl.csv"
-    done
-    for pdl in 0 1; do
-        mkdir -p "$out/pdl$pdl"
-        TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_ENABLE_PDL=$pdl torchrun --standalone \
-            --nproc_per_node="$nproc" scripts/profile_decode.py "$out/pdl$pdl" 32768 1 2>&1 \
-            | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log" | grep -v '^ *"' || status=1
+inductor)
+    settings=("" ${INDUCTOR:-TORCHINDUCTOR_ENABLE_PDL=1 TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1})
+    for i in "${!settings[@]}"; do
+        (  # a subshell: the setting and a compile cache of its own stay with this bench
+            export TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)"
+            [ -n "${settings[$i]}" ] && export "${settings[$i]?}"
+            bench --strategies ring --phases decode --seq-lens 8K,32K,128K --decode-tokens 32 --no-check \
+                --repeats 1 --warmup 1 --out "$out/results_inductor.csv"
+            mkdir -p "$out/step$i"
+            torchrun --standalone --nproc_per_node="$nproc" scripts/profile_decode.py "$out/step$i" 32768 1 2>&1 \
+                | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log" | grep -v '^ *"' || status=1
+            exit "$status"
+        ) || status=1
     done
     ;;
 families)
