@@ -48,12 +48,11 @@
 #           pays), rows in results_first_step.csv; then scripts/profile_first_step.py twice over another
 #           empty cache: the same first step split into tracing, backend, loading and capture
 # inductor  ring decode (32 greedy tokens) at 8K/32K/128K as it is, then under each inductor setting
-#           of INDUCTOR (default "TORCHINDUCTOR_ENABLE_PDL=1 TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1", one at
-#           a time, each over an empty compile cache): programmatic dependent launch overlaps a kernel's
-#           launch with the tail of the one before (the gaps between a step's ~530 kernels); GEMM
-#           autotuning may pick Triton matmuls with the norm, SiLU and residual fused in, and no split-K
-#           reduce. Rows in results_inductor.csv, their env column saying which; and the 32K step
-#           profiled in the same setting (step<i>/decode_profile_rank0.json, the host's part too)
+#           of INDUCTOR (default TORCHINDUCTOR_ENABLE_PDL=1; several space-separated run one at a time,
+#           each over an empty compile cache): programmatic dependent launch overlaps a kernel's launch
+#           with the tail of the one before (the gaps between a step's ~530 kernels). Rows in
+#           results_inductor.csv, their env column saying which; and the 32K step profiled in the same
+#           setting (step<i>/decode_profile_rank0.json, the host's part too)
 # families  Bamba-9.8B and gpt-oss-20b shapes beside FMS's own model (single) at world 1: a window
 #           layer's attention against a full layer's at 32K (scripts/profile_windows.py), Bamba prefill
 #           and decode at 8K, 32K and 128K, gpt-oss prefill at 8K and 32K and the ring's decode at 32K
@@ -203,7 +202,7 @@ first-step)
     done
     ;;
 inductor)
-    settings=("" ${INDUCTOR:-TORCHINDUCTOR_ENABLE_PDL=1 TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1})
+    settings=("" ${INDUCTOR:-TORCHINDUCTOR_ENABLE_PDL=1})
     for i in "${!settings[@]}"; do
         (  # a subshell: the setting and a compile cache of its own stay with this bench
             export TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)"

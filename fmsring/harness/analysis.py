@@ -21,7 +21,7 @@ TEXT = ("strategy", "variant", "dtype", "layout", "phase", "same_next_token", "s
         "timestamp")  # fmt: skip
 NUMERIC = ("world_size", "cp_size", "tp_size", "seq_len", "cached_len", "batch", "padding", "latency_ms", "floor_ms",
            "peak_mem_gib", "max_abs_err", "rel_err", "ref_norm", "ttft_ms", "first_step_ms",
-           "gpu_memory_gib")  # fmt: skip  # read even where absent
+           "stream_ms", "gpu_memory_gib")  # fmt: skip  # read even where absent
 KEY = ("run", "strategy", "variant", "world_size", "seq_len", "cached_len", "batch", "padding", "phase", "interconnect")
 FAILED = ("oom", "timeout", "error")  # no timings: shown as markers with their status
 

@@ -31,7 +31,7 @@ from torch.distributed.elastic.multiprocessing.errors import record as record_er
 from fmsring.allocator import ALLOC_CONF
 from fmsring.harness import ceilings
 from fmsring.harness.exactness import NOT_COMPARED, compare, judge
-from fmsring.harness.flops import FlopShape, Rates, floor_ms, flop_shape, phase_flops
+from fmsring.harness.flops import FlopShape, Rates, decode_steps, floor_ms, flop_shape, phase_flops
 from fmsring.harness.peers import make_peer, model_args
 from fmsring.harness.plan import Variant, planned_points, point, recomputed, variants
 from fmsring.harness.provenance import now, row_provenance
@@ -59,7 +59,7 @@ def fit_rope_table(cfg: BenchConfig, meta: nn.Module | None) -> BenchConfig:
     their RoPE table, so single/tp/torch_cp would index past it on long prompts."""
     if meta is None or "max_expected_seq_len" in cfg.model_kwargs:
         return cfg
-    needed = max(cfg.seq_lens) + (cfg.decode_tokens + 1 if Phase.DECODE in cfg.phases else 1)
+    needed = max(cfg.seq_lens) + 1 + (decode_steps(cfg.decode_tokens) if Phase.DECODE in cfg.phases else 0)
     if Phase.FOLLOWUP in cfg.phases:
         needed = max(needed, max(cfg.cached_lens) + max(cfg.seq_lens) + 1)
     have = getattr(getattr(meta, "config", None), "max_expected_seq_len", None)
@@ -112,15 +112,16 @@ class Run:
 
 def summarize(result: Measured, flops: float, gpus: int) -> dict[str, Any]:
     """Median and spread of the latencies, TTFT median, a generation's first step (its compile
-    and capture beside the steady state), FLOP rate per GPU."""
+    and capture beside the steady state) and streamed step median, FLOP rate per GPU."""
     lat = result.latencies
     if result.status not in ("ok", "mismatch") or not lat:
         return dict.fromkeys(("latency_ms", "latency_ms_min", "latency_ms_max", "ttft_ms", "first_step_ms",
-                              "tflops_per_gpu"), math.nan)  # fmt: skip
+                              "stream_ms", "tflops_per_gpu"), math.nan)  # fmt: skip
     median = statistics.median(lat)
     return {"latency_ms": median, "latency_ms_min": min(lat), "latency_ms_max": max(lat),
             "ttft_ms": statistics.median(result.ttfts) if result.ttfts else math.nan,
             "first_step_ms": result.first_step_ms,
+            "stream_ms": statistics.median(result.streamed) if result.streamed else math.nan,
             "tflops_per_gpu": flops / (median / 1e3) / max(gpus, 1) / 1e12 if median > 0 else math.nan}  # fmt: skip
 
 
@@ -161,6 +162,8 @@ def record(pt: Point, variant: Variant, result: Measured, run: Run) -> dict[str,
     cached = f"P={pt.cached_len} " if pt.phase == Phase.FOLLOWUP else ""
     latency = row["latency_ms"]
     vs_floor = f"  floor {floor:.3f} ms ({latency / floor:.2f}x)" if floor > 0 and math.isfinite(latency) else ""
+    if math.isfinite(row["stream_ms"]):
+        vs_floor += f", streamed {row['stream_ms']:.3f} ms"
     print(f"[bench] {label:<14} {ident['cp_size']}x{ident['tp_size']} {cached}L={pt.seq_len:<7} {pt.phase:<8} "
           f"{latency:10.3f} ms{vs_floor}  {status}{err} {error}", flush=True)  # fmt: skip
     return row

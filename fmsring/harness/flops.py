@@ -91,8 +91,14 @@ def model_flops(shape: FlopShape, batch: int, new_tokens: int, context: int = 0,
     return sum(flop_parts(shape, batch, new_tokens, context, logit_tokens))
 
 
+def decode_steps(decode_tokens: int) -> int:
+    """One-token steps a decode run makes after its prefill: ``decode_tokens`` drained, then as
+    many streamed (:mod:`fmsring.harness.timing`)."""
+    return 2 * decode_tokens
+
+
 def decode_context(seq_len: int, decode_tokens: int) -> int:
-    """The context a decode row's per-token numbers stand for: the middle of its generation."""
+    """The context a decode row's per-token numbers stand for: the middle of its drained steps."""
     return seq_len + decode_tokens // 2
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fmsring.cache import headroom_for
+from fmsring.harness.flops import decode_steps
 from fmsring.harness.schema import AS_SHIPPED, COMPILED, Phase, Point, Strategy
 from fmsring.loading import get_model
 
@@ -169,7 +170,9 @@ def variants(strategy: str, cfg: Any) -> list[Variant]:
     headroom = {}
     if Phase.FOLLOWUP in cfg.phases:
         # as if every new token landed on one rank: room for any layout, whatever the world size
-        headroom = {"ring_cache_headroom": headroom_for(max(cfg.seq_lens) + cfg.decode_tokens, 1)}
+        headroom = {"ring_cache_headroom": headroom_for(max(cfg.seq_lens) + decode_steps(cfg.decode_tokens), 1)}
+    elif Phase.DECODE in cfg.phases:  # every step of a generation in the prefill's cache: none grows it
+        headroom = {"ring_cache_headroom": headroom_for(1 + decode_steps(cfg.decode_tokens), 1)}
     out = []
     for name, kwargs in cfg.ring_variants.items():
         clash = sorted(set(kwargs) & set(cfg.ring_kwargs))

@@ -83,12 +83,14 @@ def free_memory() -> None:
 @dataclass
 class Measured:
     """One rank's outcome of one point. ``output`` (logits, tokens) stays local; the rest is gathered.
-    ``first_step_ms``: a generation's first one-token step in the point's first run, NaN for other calls."""
+    ``first_step_ms``: a generation's first one-token step in the point's first run, NaN for other calls;
+    ``streamed``: a generation's streamed steps (:mod:`fmsring.harness.timing`)."""
 
     status: str = "ok"
     error: str = ""
     latencies: list[float] = field(default_factory=list)
     ttfts: list[float] = field(default_factory=list)
+    streamed: list[float] = field(default_factory=list)
     first_step_ms: float = math.nan
     peak_gib: float = math.nan
     output: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -118,5 +120,6 @@ def agree(local: Measured, env: DistEnv) -> Measured:
         return merged
     merged.latencies = [max(v) for v in zip(*(p.latencies for p in parts))]
     merged.ttfts = [max(v) for v in zip(*(p.ttfts for p in parts))]
+    merged.streamed = [max(v) for v in zip(*(p.streamed for p in parts))]
     merged.first_step_ms = max(p.first_step_ms for p in parts)
     return merged

@@ -7,6 +7,12 @@ run's first one-token step: what a user's first token after the prefill costs,
 a compile or a CUDA graph's capture included. Not torch.utils.benchmark's Timer: it
 times a statement in a loop of its own, where a run here must line the ranks up first
 and record every decode step's span without stalling the host mid-run.
+
+A generation's steps are timed two ways. Drained: the device idles before each step, so a step's
+time includes the host's work to launch it (a generator that hands out each token before it
+queues the next). Streamed: the next steps follow with the host running ahead, the device never
+waiting for it, and a step's time is the interval between consecutive steps' ends (what a generator
+that queues step t+1 before reading token t gets, and what gpt-fast's tokens per second measure).
 """
 
 from __future__ import annotations
@@ -14,18 +20,30 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from fms.modules.attention import get_attention_type
 from fms.utils.generation import _make_cache_dynamic
 from torch import nn
 
+from fmsring.harness.flops import decode_steps
 from fmsring.harness.ranks import DistEnv, Measured, align, sync
 
 Span = tuple[Any, Any]
-# a run: (timed spans, time-to-first-token spans, last logits, greedy tokens or None)
-Run = Callable[["Clock"], tuple[list[Span], list[Span], torch.Tensor, torch.Tensor | None]]
+
+
+class Timed(NamedTuple):
+    """What one run recorded."""
+
+    spans: list[Span]  # the timed calls; a generation's drained one-token steps
+    firsts: list[Span]  # a generation's time to first token (its prefill)
+    streamed: list[Span]  # a generation's streamed steps: consecutive ends
+    logits: torch.Tensor  # the last logits (a generation's, every step's)
+    tokens: torch.Tensor | None  # a generation's greedy tokens
+
+
+Run = Callable[["Clock"], Timed]
 
 
 class Clock:
@@ -52,23 +70,24 @@ class Clock:
 def repeat(run: Run, warmup: int, repeats: int, env: DistEnv, all_ranks: bool) -> Measured:
     """``warmup`` untimed then ``repeats`` timed runs; the last run's (logits, tokens) kept, and
     of a generation (a run with a first token) the first run's first step, warm-up or not."""
-    clock, spans, firsts, first_step, out = Clock(env.device), [], [], [], None
+    clock, spans, firsts, streamed, first_step, out = Clock(env.device), [], [], [], [], None
     for i in range(warmup + repeats):
         out = None  # the previous run's output is freed before the next one runs
         align(env, all_ranks)
-        timed, first, *out = run(clock)
-        if i == 0 and first:  # a generation: it has a first token, then steps
-            first_step = timed[:1]
+        out = run(clock)
+        if i == 0 and out.firsts:  # a generation: it has a first token, then steps
+            first_step = out.spans[:1]
         if i >= warmup:
-            spans += timed
-            firsts += first
+            spans += out.spans
+            firsts += out.firsts
+            streamed += out.streamed
     sync(env.device)
     assert out is not None
-    logits, tokens = out
-    tokens = logits.argmax(-1) if tokens is None else tokens
+    tokens = out.logits.argmax(-1) if out.tokens is None else out.tokens
     return Measured(latencies=[clock.ms(s) for s in spans], ttfts=[clock.ms(s) for s in firsts],
+                    streamed=[clock.ms(s) for s in streamed],
                     first_step_ms=clock.ms(first_step[0]) if first_step else math.nan,
-                    output=(logits.float().cpu(), tokens.cpu()))  # fmt: skip
+                    output=(out.logits.float().cpu(), tokens.cpu()))  # fmt: skip
 
 
 def one_call(call: Callable[[], torch.Tensor]) -> Run:
@@ -77,7 +96,7 @@ def one_call(call: Callable[[], torch.Tensor]) -> Run:
     def run(clock: Clock):
         start = clock.mark()
         logits = call()
-        return [(start, clock.mark())], [], logits, None
+        return Timed([(start, clock.mark())], [], [], logits, None)
 
     return run
 
@@ -85,14 +104,15 @@ def one_call(call: Callable[[], torch.Tensor]) -> Run:
 def greedy_decode(
     model: nn.Module, ids: torch.Tensor, steps: int, padding: dict[str, Any] | None = None, dynamic_cache: bool = False
 ) -> Run:
-    """A run of a prefill with a cache, then ``steps`` greedy one-token steps, FMS's calling
-    convention (which LlamaRing follows); ``padding``: a left-padded batch's ``mask`` and
-    ``position_ids`` (:func:`fmsring.harness.session.left_pad`), extended every step inside
-    its timed span, as ``generate`` does. Logits [1+steps, b, V], tokens [b, 1+steps].
+    """A run of a prefill with a cache, then ``steps`` greedy one-token steps drained and
+    ``steps`` more streamed (the module's docstring), FMS's calling convention (which
+    LlamaRing follows); ``padding``: a left-padded batch's ``mask`` and ``position_ids``
+    (:func:`fmsring.harness.session.left_pad`), extended every step inside its timed span,
+    as ``generate`` does. Logits [1 + 2 steps, b, V], tokens [b, 1 + 2 steps].
 
-    The device is drained after every step, as a generator streaming tokens must,
-    so a step's time includes its launch overhead instead of hiding it behind the
-    previous step's (or the prefill's) GPU work.
+    A streamed step's interval includes choosing its token (the argmax), which a drained
+    step's span leaves out; the first streamed step follows a drained one, so only the
+    intervals after it are kept (``steps`` - 1).
 
     ``dynamic_cache``: after every call the returned FMS cache's length is marked dynamic,
     outside the timed spans, as ``generate`` marks it (a padded batch's mask FMS marks
@@ -109,20 +129,27 @@ def greedy_decode(
         sync(clock.device)
         rows = [logits[:, -1]]
         next_ids = rows[-1].argmax(-1, keepdim=True)
-        tokens, spans = [next_ids], []
-        for _ in range(steps):
+        tokens, spans, streamed, end = [next_ids], [], [], None
+        for i in range(decode_steps(steps)):
+            drained = i < steps
             start = clock.mark()
             if kwargs:  # a padded batch's mask and positions, extended as FMS's generate extends them
                 kwargs = get_attention_type(**kwargs)["update_attn_kwargs"](**kwargs)
                 kwargs["position_ids"] = kwargs["position_ids"][:, -1:] + 1
             logits, cache = model(next_ids, past_key_value_states=cache, use_cache=True, last_n_tokens=1, **kwargs)
-            spans.append((start, clock.mark()))
+            done = clock.mark()
+            if drained:
+                spans.append((start, done))
+            elif i > steps:
+                streamed.append((end, done))
+            end = done
             if dynamic_cache:
                 _make_cache_dynamic(cache)
-            sync(clock.device)
+            if drained:
+                sync(clock.device)
             rows.append(logits[:, -1])
             next_ids = rows[-1].argmax(-1, keepdim=True)
             tokens.append(next_ids)
-        return spans, [prefill], torch.stack(rows), torch.cat(tokens, dim=1)
+        return Timed(spans, [prefill], streamed, torch.stack(rows), torch.cat(tokens, dim=1))
 
     return run

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from fmsring.harness.flops import FlopShape, Rates, floor_ms
+from fmsring.harness.flops import FlopShape, Rates, decode_steps, floor_ms
 
 STALL_EXIT = 3  # the bench's exit code when it stopped a stalled point
 
@@ -34,7 +34,7 @@ def predicted_s(
         return floor_ms(shape, rates, cp, tp, phase_, batch, n, cached, decode_tokens) / 1e3
 
     if phase == "decode":
-        return calls * (floor("prefill", seq_len) + decode_tokens * floor("decode", seq_len))
+        return calls * (floor("prefill", seq_len) + decode_steps(decode_tokens) * floor("decode", seq_len))
     if phase == "followup":
         return floor("prefill", cached_len) + calls * floor("followup", seq_len, cached_len)
     return calls * floor("prefill", seq_len)

@@ -68,7 +68,7 @@ def test_every_strategy_is_one_peer_class():
     ring = make_peer(variants("ring", cfg)[0], cfg, ENV)
     assert ring.everywhere and ring.cached and ring.mesh(4) == (4, 1) and not single().everywhere
     # followup keeps room in ring's cache for the longest follow-up and the decode steps
-    assert ring.variant.ring_kwargs == {"ring_cache_headroom": 512 + 32 + 2}
+    assert ring.variant.ring_kwargs == {"ring_cache_headroom": 512 + 2 * 32 + 2}
     cp = make_peer(Variant("torch_cp"), cfg, ENV)
     assert not cp.cached and "CUDA" in cp.unavailable(Phase.PREFILL) and cp.mesh(2) == (2, 1)
 

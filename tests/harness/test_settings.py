@@ -46,7 +46,7 @@ def test_cli_parsing() -> None:
     ring = variants("ring", cfg)
     # --ring-kwargs merge into every variant and show in its label; followup keeps room in the cache
     assert [v.label for v in ring] == ['{"ring_fuse": false}', 'eager {"ring_fuse": false}']
-    assert ring[1].ring_kwargs == {"ring_cache_headroom": 512 + 32 + 2, "ring_fuse": False, "ring_cuda_graphs": False}
+    assert ring[1].ring_kwargs == {"ring_cache_headroom": 512 + 2 * 32 + 2, "ring_fuse": False, "ring_cuda_graphs": False}
     assert [v.label for v in variants("tp", cfg)] == [""]
     assert [v.label for v in variants("tp", parse_args(["--as-shipped"]))] == ["", AS_SHIPPED]
     assert parse_args([]).compile_peers == "" and parse_args(["--compile-peers", ""]).compile_peers == ""
