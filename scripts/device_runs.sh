@@ -47,12 +47,14 @@
 #           first step finds the first's compiled code on disk (first_step_ms: what a user's second run
 #           pays), rows in results_first_step.csv; then scripts/profile_first_step.py twice over another
 #           empty cache: the same first step split into tracing, backend, loading and capture
-# inductor  ring decode (32 greedy tokens) at 8K/32K/128K as it is, then under each inductor setting
-#           of INDUCTOR (default TORCHINDUCTOR_ENABLE_PDL=1; several space-separated run one at a time,
-#           each over an empty compile cache): programmatic dependent launch overlaps a kernel's launch
-#           with the tail of the one before (the gaps between a step's ~530 kernels). Rows in
-#           results_inductor.csv, their env column saying which; and the 32K step profiled in the same
-#           setting (step<i>/decode_profile_rank0.json, the host's part too)
+# inductor  ring decode (32 greedy tokens) at 8K/32K/128K as it is, then under each setting of INDUCTOR
+#           (space-separated, one launch each over an empty compile cache; default
+#           "TORCHINDUCTOR_ENABLE_PDL=1 combo_kernels=True"): an upper-case NAME=value is an environment
+#           variable, a lower-case one an inductor option (scripts/inductor_options.py). PDL overlaps
+#           a kernel's launch with the tail of the one before (the gaps between a step's ~530
+#           kernels); combo kernels launch independent small kernels as one (RoPE, the cache writes).
+#           Rows in results_inductor.csv, their env column saying which; the 32K step as it is
+#           profiled (step/decode_profile_rank0.json: kernels, and the host's part of a step)
 # families  Bamba-9.8B and gpt-oss-20b shapes beside FMS's own model (single) at world 1: a window
 #           layer's attention against a full layer's at 32K (scripts/profile_windows.py), Bamba prefill
 #           and decode at 8K, 32K and 128K, gpt-oss prefill at 8K and 32K and the ring's decode at 32K
@@ -73,8 +75,9 @@ variant=3-8b
 peers=${PEERS:-single,ring,tp,torch_cp}
 unchecked=$([[ $peers == *single* ]] || echo --no-check)
 factors=$(python3 -c "print(','.join(str(t) for t in range(1, $nproc + 1) if $nproc % t == 0))")  # every cp x tp
+bench_module=(-m fmsring.bench)
 bench() {
-    torchrun --standalone --nproc_per_node="$nproc" -m fmsring.bench --architecture "$architecture" --variant "$variant" \
+    torchrun --standalone --nproc_per_node="$nproc" "${bench_module[@]}" --architecture "$architecture" --variant "$variant" \
         --device cuda --dtype bfloat16 "$@" 2>&1 | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log"
     local rc=${PIPESTATUS[0]}
     if [ "$rc" != 0 ]; then
@@ -202,16 +205,18 @@ first-step)
     done
     ;;
 inductor)
-    settings=("" ${INDUCTOR:-TORCHINDUCTOR_ENABLE_PDL=1})
-    for i in "${!settings[@]}"; do
-        (  # a subshell: the setting and a compile cache of its own stay with this bench
+    mkdir -p "$out/step"
+    torchrun --standalone --nproc_per_node="$nproc" scripts/profile_decode.py "$out/step" 32768 1 2>&1 \
+        | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log" | grep -v '^ *"' || status=1
+    for setting in "" ${INDUCTOR:-TORCHINDUCTOR_ENABLE_PDL=1 combo_kernels=True}; do
+        (  # a subshell: the setting and a compile cache of its own stay with this launch
             export TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)"
-            [ -n "${settings[$i]}" ] && export "${settings[$i]?}"
+            case $setting in
+            [A-Z]*) export "${setting?}" ;;
+            ?*) bench_module=(scripts/inductor_options.py "$setting" -m fmsring.bench) ;;
+            esac
             bench --strategies ring --phases decode --seq-lens 8K,32K,128K --decode-tokens 32 --no-check \
                 --repeats 1 --warmup 1 --out "$out/results_inductor.csv"
-            mkdir -p "$out/step$i"
-            torchrun --standalone --nproc_per_node="$nproc" scripts/profile_decode.py "$out/step$i" 32768 1 2>&1 \
-                | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log" | grep -v '^ *"' || status=1
             exit "$status"
         ) || status=1
     done

@@ -65,12 +65,12 @@ def _nccl_version() -> str:
 
 # Environment variables that change what a launch measures without changing its code: which
 # GPUs, how NCCL moves data and at what priority, the allocator, inductor's programmatic dependent
-# launch. A row records those set.
+# launch, inductor options set by scripts/inductor_options.py. A row records those set.
 PERFORMANCE_ENV = (
     "CUDA_VISIBLE_DEVICES", "NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE", "NCCL_IB_DISABLE", "NCCL_NVLS_ENABLE",
     "NCCL_ALGO", "NCCL_PROTO", "NCCL_MIN_NCHANNELS", "NCCL_MAX_NCHANNELS", "TORCH_NCCL_HIGH_PRIORITY",
     "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS", "PYTORCH_CUDA_ALLOC_CONF",
-    "TORCHINDUCTOR_ENABLE_PDL",
+    "TORCHINDUCTOR_ENABLE_PDL", "FMSRING_INDUCTOR_OPTIONS",
 )  # fmt: skip
 
 
