@@ -20,9 +20,8 @@ COLUMNS = (
     "strategy", "variant", "world_size", "cp_size", "tp_size", "seq_len", "cached_len", "batch", "padding", "dtype",
     "layout", "phase", "latency_ms", "latency_ms_min", "latency_ms_max", "ttft_ms", "first_step_ms", "stream_ms",
     "floor_ms", "peak_mem_gib", "tflops_per_gpu", "max_abs_err", "rel_err", "ref_norm", "same_next_token", "status",
-    "error",
-    "model", "device", "repeats", "gpu_name", "gpu_count", "interconnect", "link_gbps", "git_sha", "torch_version",
-    "cuda_version", "nccl_version", "env", "timestamp", "gpu_memory_gib",
+    "error", "model", "device", "repeats", "gpu_name", "gpu_count", "interconnect", "link_gbps", "git_sha",
+    "torch_version", "cuda_version", "nccl_version", "env", "timestamp", "gpu_memory_gib",
 )  # fmt: skip
 
 

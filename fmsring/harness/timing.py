@@ -132,7 +132,7 @@ def greedy_decode(
         tokens, spans, streamed, end = [next_ids], [], [], None
         for i in range(decode_steps(steps)):
             drained = i < steps
-            start = clock.mark()
+            start = clock.mark() if drained else None
             if kwargs:  # a padded batch's mask and positions, extended as FMS's generate extends them
                 kwargs = get_attention_type(**kwargs)["update_attn_kwargs"](**kwargs)
                 kwargs["position_ids"] = kwargs["position_ids"][:, -1:] + 1
