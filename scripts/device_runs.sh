@@ -41,8 +41,11 @@
 # compiled  decode (32 greedy tokens) at 8K/32K/128K: single eager and compiled as FMS's inference script
 #           compiles it (COMPILE_PEERS, default `default`: FMS's growing cache leaves CUDA graphs
 #           nothing fixed to replay) beside ring
-# followup-profile  where a short follow-up's time goes (scripts/profile_followup.py): ring at world
-#           W on 128K cached + 512 new and 32K cached + 1K new, kernels, idle stream and host ops
+# followup-profile  where a short follow-up's time goes: its largest block (T queries over P cached
+#           keys) alone through cuDNN, flash and the memory-efficient kernel, the keys as the cache
+#           holds them and heads-major (scripts/gpu_probe.py followup, probe.json); then
+#           scripts/profile_followup.py: ring at world W on 128K cached + 512 new and 32K cached + 1K
+#           new, kernels, idle stream and host ops
 # first-step  ring's 8K decode in two fresh processes over one empty compile cache: the second launch's
 #           first step finds the first's compiled code on disk (first_step_ms: what a user's second run
 #           pays), rows in results_first_step.csv; then scripts/profile_first_step.py twice over another
@@ -184,6 +187,8 @@ compiled)
         --seq-lens 8K,32K,128K --decode-tokens 32 --no-check --repeats 1 --warmup 1 --out "$out/results.csv"
     ;;
 followup-profile)
+    torchrun --standalone --nproc_per_node=1 scripts/gpu_probe.py "$out" followup 2>&1 \
+        | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log" | grep followup_ || status=1
     for point in "131072 512" "32768 1024"; do
         # shellcheck disable=SC2086  # the point is two arguments
         torchrun --standalone --nproc_per_node="$nproc" scripts/profile_followup.py "$out" $point 2>&1 \

@@ -1,7 +1,8 @@
 """Measure the floors and the per-block attention kernels on this machine.
 
 Run: torchrun --nproc_per_node=2 scripts/gpu_probe.py OUT_DIR [SECTION ...]
-(sections: shift backends matmul; all by default). Decode attention: scripts/decode_kernel_sweep.py.
+(sections: shift backends matmul followup; all but followup by default).
+Decode attention: scripts/decode_kernel_sweep.py.
 Rank 0 probes kernels (which SDPA backends return the log-sum-exp, accept
 GQA without expansion, and how fast each is per block shape); both ranks
 time the NCCL ring shift. Writes probe.json; prints a short table.
@@ -106,6 +107,31 @@ def time_backends(results: dict) -> None:
         torch.cuda.empty_cache()
 
 
+def time_followup_blocks(results: dict) -> None:
+    """TFLOP/s of a follow-up's largest block, T new queries over the P cached keys (LLaMA-3-8B:
+    32 query heads, 8 kv-heads, d=128, non-causal), with the keys as a follow-up reads them -- the
+    cache's tokens-major [b, capacity, kvh, d] seen heads-major through a transpose, no copy -- and
+    as a contiguous heads-major copy, which the ring's pass-KV sends and cuDNN reads fastest."""
+    for lq, lk in ((1024, 32768), (512, 131072), (8192, 131072)):
+        q = torch.randn(1, 32, lq, 128, device="cuda", dtype=torch.bfloat16)
+        cache_k, cache_v = (torch.randn(1, lk + 256, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        layouts = {
+            "cache": (cache_k[:, :lk].transpose(1, 2), cache_v[:, :lk].transpose(1, 2)),
+            "heads_major": (cache_k[:, :lk].transpose(1, 2).contiguous(), cache_v[:, :lk].transpose(1, 2).contiguous()),
+        }
+        flops = 4 * 32 * 128 * lq * lk
+        for layout, (k, v) in layouts.items():
+            for name, fn in backends(q, k, v, False, 128**-0.5).items():
+                key = f"followup_{name}_{layout}_{lq}x{lk}"
+                try:
+                    ms = bench_ms(fn)
+                    results[key] = {"ms": ms, "tflops": flops / ms / 1e9}
+                except Exception as e:  # noqa: BLE001
+                    results[key] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        del q, cache_k, cache_v, layouts
+        torch.cuda.empty_cache()
+
+
 def time_matmul(results: dict) -> None:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn_like(a)
@@ -149,6 +175,8 @@ def main() -> None:
                 time_backends(results)
             if "matmul" in sections:
                 time_matmul(results)
+            if "followup" in sections:
+                time_followup_blocks(results)
     except Exception:  # noqa: BLE001
         results["fatal"] = traceback.format_exc()
     dist.barrier()
