@@ -33,8 +33,8 @@ import torch
 from fmsring import ssm
 from fmsring.cache import RingCache
 from fmsring.comm import RingComm, all_to_all
-from fmsring.merge import merge_stacked_auto, pack_partial_auto
 from fmsring.layout import ShardPlan
+from fmsring.merge import merge_stacked_auto, pack_partial_auto
 from fmsring.modes import Call, Ring, run_sharded
 from fmsring.rates import Rates
 from fmsring.ring import Partials, RingBuffers, heads_major, pass_kv, ring_blocks, to_query_layout
@@ -127,9 +127,11 @@ def pass_q(
     n_keys = cached[rank] + plan.local_len(rank)
     keys, values = key_cache[:, :n_keys].transpose(1, 2), value_cache[:, :n_keys].transpose(1, 2)
     t_max = max(plan.local_lens)
-    parts = query.new_empty((comm.world_size, b, h, t_max, d + 1), dtype=torch.float32)
-    parts[..., :-1].zero_()
-    parts[..., -1].fill_(float("-inf"))  # rows past a rank's share contribute nothing
+    parts = None  # one rank: its own partial is the result, with nothing to pack, exchange or merge
+    if comm.world_size > 1:
+        parts = query.new_empty((comm.world_size, b, h, t_max, d + 1), dtype=torch.float32)
+        parts[..., :-1].zero_()
+        parts[..., -1].fill_(float("-inf"))  # rows past a rank's share contribute nothing
     shape_from = lambda src: (b, plan.local_len(src), h, d)  # noqa: E731
     start, k_index = seq_index if layer.window else (0, None)
     for src, q_in in ring_blocks(comm, query.contiguous(), buffers, shape_from, b * t_max * h * d):
@@ -140,9 +142,11 @@ def pass_q(
         for c, blk in windowed_blocks(q, keys, values, scale, calls, layer, q_index, k_index):
             acc.add(c.q_lo, c.q_hi, *blk)
         out, lse = layer.add_sink(*acc.result()) if src == rank else acc.result()
+        if parts is None:
+            return out.to(query.dtype)
         parts[src, :, :, : q.shape[2]] = pack_partial_auto(out, lse)
-    if comm.world_size > 1:
-        parts = all_to_all(parts, comm.group)
+    assert parts is not None
+    parts = all_to_all(parts, comm.group)
     mine = parts[:, :, :, : query.shape[1]]
     return merge_stacked_auto(mine[..., :-1], mine[..., -1], query.dtype)
 
