@@ -81,6 +81,17 @@ def check_backends(results: dict) -> None:
                     results[key] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
 
 
+def time_each(results: dict, key: str, q, k, v, causal: bool, flops: float) -> None:
+    """Time every backend on one block: ``results[key.format(backend)]`` is its ms and TFLOP/s, or
+    the error it raised (which backends fail is part of what is probed)."""
+    for name, fn in backends(q, k, v, causal, 128**-0.5).items():
+        try:
+            ms = bench_ms(fn)
+            results[key.format(name)] = {"ms": ms, "tflops": flops / ms / 1e9}
+        except Exception as e:  # noqa: BLE001
+            results[key.format(name)] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+
+
 def time_backends(results: dict) -> None:
     """TFLOP/s per backend for ring block shapes of LLaMA-3-8B (32 q heads, d=128)."""
     for lq, lk, causal in (
@@ -96,13 +107,7 @@ def time_backends(results: dict) -> None:
         k = torch.randn(1, 32, lk, 128, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
         flops = 4 * 32 * 128 * lq * lk * (0.5 if causal else 1.0)
-        for name, fn in backends(q, k, v, causal, 128**-0.5).items():
-            key = f"time_{name}_{lq}x{lk}_c{int(causal)}"
-            try:
-                ms = bench_ms(fn)
-                results[key] = {"ms": ms, "tflops": flops / ms / 1e9}
-            except Exception as e:  # noqa: BLE001
-                results[key] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        time_each(results, "time_{}_" + f"{lq}x{lk}_c{int(causal)}", q, k, v, causal, flops)
         del q, k, v
         torch.cuda.empty_cache()
 
@@ -119,15 +124,8 @@ def time_followup_blocks(results: dict) -> None:
             "cache": (cache_k[:, :lk].transpose(1, 2), cache_v[:, :lk].transpose(1, 2)),
             "heads_major": (cache_k[:, :lk].transpose(1, 2).contiguous(), cache_v[:, :lk].transpose(1, 2).contiguous()),
         }
-        flops = 4 * 32 * 128 * lq * lk
         for layout, (k, v) in layouts.items():
-            for name, fn in backends(q, k, v, False, 128**-0.5).items():
-                key = f"followup_{name}_{layout}_{lq}x{lk}"
-                try:
-                    ms = bench_ms(fn)
-                    results[key] = {"ms": ms, "tflops": flops / ms / 1e9}
-                except Exception as e:  # noqa: BLE001
-                    results[key] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            time_each(results, "followup_{}_" + f"{layout}_{lq}x{lk}", q, k, v, False, 4 * 32 * 128 * lq * lk)
         del q, cache_k, cache_v, layouts
         torch.cuda.empty_cache()
 
