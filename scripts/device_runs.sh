@@ -41,6 +41,10 @@
 # compiled  decode (32 greedy tokens) at 8K/32K/128K: single eager and compiled as FMS's inference script
 #           compiles it (COMPILE_PEERS, default `default`: FMS's growing cache leaves CUDA graphs
 #           nothing fixed to replay) beside ring
+# targets   the one-GPU targets of one run: decode (32 greedy tokens) at 8K/32K/128K of FMS eager,
+#           FMS compiled (COMPILE_PEERS, default `default`) and ring; follow-ups of 512 and 1K tokens
+#           on 32K and 128K cached, the same peers; ring at batch 4, 8K and 32K, unpadded and then
+#           left-padded (--padding 0.5, checked against single, whose padded rows are the padded peer)
 # followup-profile  where a short follow-up's time goes: its largest block (T queries over P cached
 #           keys) alone through cuDNN, flash and the memory-efficient kernel, the keys as the cache
 #           holds them and heads-major (scripts/gpu_probe.py followup, probe.json); then
@@ -185,6 +189,16 @@ same-followup)
 compiled)
     bench --strategies single,ring --compile-peers "${COMPILE_PEERS:-default}" --phases decode \
         --seq-lens 8K,32K,128K --decode-tokens 32 --no-check --repeats 1 --warmup 1 --out "$out/results.csv"
+    ;;
+targets)
+    steps=(--repeats 1 --warmup 1 --out "$out/results.csv")
+    compiled=(--strategies single,ring --compile-peers "${COMPILE_PEERS:-default}" --no-check)
+    bench "${compiled[@]}" --phases decode --seq-lens 8K,32K,128K --decode-tokens 32 "${steps[@]}"
+    bench "${compiled[@]}" --phases followup --cached-lens 32K,128K --seq-lens 512,1K --no-followup-recompute \
+        "${steps[@]}"
+    bench --strategies ring --phases decode --seq-lens 8K,32K --batch 4 --decode-tokens 32 --no-check "${steps[@]}"
+    bench --strategies single,ring --phases decode --seq-lens 8K,32K --batch 4 --padding 0.5 --decode-tokens 32 \
+        "${steps[@]}"
     ;;
 followup-profile)
     torchrun --standalone --nproc_per_node=1 scripts/gpu_probe.py "$out" followup 2>&1 \
