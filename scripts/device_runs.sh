@@ -45,6 +45,9 @@
 #           FMS compiled (COMPILE_PEERS, default `default`) and ring; follow-ups of 512 and 1K tokens
 #           on 32K and 128K cached, the same peers; ring at batch 4, 8K and 32K, unpadded and then
 #           left-padded (--padding 0.5, checked against single, whose padded rows are the padded peer)
+# gemv      the decode step's four projections alone (LLaMA-3-8B, batch 1 and 4): cuBLAS as the step
+#           calls it against a Triton GEMV, plain and with its layer's fusion (RMSNorm before, residual
+#           or SwiGLU after), every configuration (scripts/gemv_sweep.py, gemv.csv)
 # followup-profile  where a short follow-up's time goes: its largest block (T queries over P cached
 #           keys) alone through cuDNN, flash and the memory-efficient kernel, the keys as the cache
 #           holds them and heads-major (scripts/gpu_probe.py followup, probe.json); then
@@ -199,6 +202,9 @@ targets)
     bench --strategies ring --phases decode --seq-lens 8K,32K --batch 4 --decode-tokens 32 --no-check "${steps[@]}"
     bench --strategies single,ring --phases decode --seq-lens 8K,32K --batch 4 --padding 0.5 --decode-tokens 32 \
         "${steps[@]}"
+    ;;
+gemv)
+    python3 scripts/gemv_sweep.py "$out/gemv.csv" 2>&1 | tee -a "$out/bench_$section.log" || status=1
     ;;
 followup-profile)
     torchrun --standalone --nproc_per_node=1 scripts/gpu_probe.py "$out" followup 2>&1 \
