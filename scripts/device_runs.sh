@@ -63,7 +63,7 @@
 #           variable, a lower-case one an inductor option (scripts/inductor_options.py). PDL overlaps
 #           a kernel's launch with the tail of the one before (the gaps between a step's ~530
 #           kernels); combo kernels launch independent small kernels as one (RoPE, the cache writes).
-#           Rows in results_inductor.csv, their env column saying which; the 32K step as it is
+#           Rows in results_inductor.csv, their variant naming the setting; the 32K step as it is
 #           profiled (step/decode_profile_rank0.json: kernels, and the host's part of a step)
 # families  Bamba-9.8B and gpt-oss-20b shapes beside FMS's own model (single) at world 1: a window
 #           layer's attention against a full layer's at 32K (scripts/profile_windows.py), Bamba prefill
@@ -240,8 +240,9 @@ inductor)
             [A-Z]*) export "${setting?}" ;;
             ?*) bench_module=(scripts/inductor_options.py "$setting" -m fmsring.bench) ;;
             esac
+            # the setting is the rows' variant (a ring variant of no options), so no table takes them for another's
             bench --strategies ring --phases decode --seq-lens 8K,32K,128K --decode-tokens 32 --no-check \
-                --repeats 1 --warmup 1 --out "$out/results_inductor.csv"
+                --ring-variants "{\"$setting\": {}}" --repeats 1 --warmup 1 --out "$out/results_inductor.csv"
             exit "$status"
         ) || status=1
     done
