@@ -4,6 +4,8 @@
 #
 #   scripts/device_runs.sh SECTION OUT_DIR
 #
+# (scripts/device_call.sh runs several sections in one call of the device tool, each under a cap)
+#
 # prefill   GPU tests, then prefill 8K-128K: single, ring, tp, torch_cp (peers fused, their best
 #           SDPA backend) and single as FMS ships it at 128K
 # decode    32 greedy tokens at 32K and 128K: single, ring, tp; ring's 128K prefill in 64K-token
