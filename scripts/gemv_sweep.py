@@ -13,6 +13,8 @@ first question, and what the fusions cost, before any of it goes into the step.
 Variants, each checked against fp32 math (``rel_err``), for its projection's place in the layer:
 
 * ``cublas``: ``F.linear`` alone, as the step calls it now (the fusions' work not included);
+* ``cublas_fused``: the same with its layer's elementwise work around it, compiled: what the step's
+  compiled layer runs now (cuBLAS between inductor's kernels), the baseline ``triton_fused`` must beat;
 * ``triton``: ``y = x W^T``, one program per ``BLOCK_N`` output columns over all of K;
 * ``triton_fused``: the same with the layer's fusion: RMSNorm of x first (QKV), residual added
   after (output, down), RMSNorm first and ``silu(gate) * up`` after (gate/up: each program
@@ -134,18 +136,37 @@ def reference(x, w, fusion, g, residual):
     return y
 
 
+def as_the_layer_does(x, w, fusion, g, residual):
+    """The projection with its fusion's elementwise work as FMS computes it (the norm in fp32, rounded
+    before its weight; SwiGLU and the residual on the rounded product): compiled, what the step's
+    compiled layer runs now, cuBLAS between inductor's kernels."""
+    if fusion in ("norm", "swiglu"):
+        xf = x.float()
+        x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype) * g
+    y = torch.nn.functional.linear(x, w)
+    if fusion == "swiglu":
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
+    return y + residual if fusion == "residual" else y
+
+
 def variants(x, w, fusion, g, residual):
-    """name -> (call taking a config or None, fusion included)."""
+    """name -> (call taking a config or None, fusion included); ``cublas*`` only on a GPU."""
     fused = {
         "norm": {"g": g},
         "residual": {"residual": residual},
         "swiglu": {"g": g, "swiglu": True},
     }[fusion]
-    return {
-        "cublas": (lambda _: torch.nn.functional.linear(x, w), False),
+    out = {
         "triton": (lambda c: gemv(x, w, c), False),
         "triton_fused": (lambda c: gemv(x, w, c, **fused), True),
     }
+    if x.is_cuda:
+        torch._dynamo.reset()  # each projection compiles anew: never past dynamo's recompile limit into eager
+        layer = torch.compile(as_the_layer_does)
+        out["cublas"] = (lambda _: torch.nn.functional.linear(x, w), False)
+        out["cublas_fused"] = (lambda _: layer(x, w, fusion, g, residual), True)
+    return out
 
 
 def inputs(rows, n_out, k_in, fusion, dtype, device):
@@ -168,8 +189,6 @@ def check_on_cpu() -> None:
         x, w, g, residual = inputs(rows, n_out, k_in, fusion, torch.float32, "cpu")
         want = reference(x, w, fusion, g, residual)
         for variant, (call, includes) in variants(x, w, fusion, g, residual).items():
-            if variant == "cublas":
-                continue
             got = call((16, 32, 4, 2))
             err = rel_err(got, want if includes else x.float() @ w.float().T)
             assert err < 1e-5, f"{name} {variant} rows={rows}: rel_err {err}"
@@ -197,7 +216,7 @@ def main() -> None:
             plain = x.float() @ w.float().T
             for variant, (call, includes) in variants(x, w, fusion, g, residual).items():
                 results = []
-                for config in [None] if variant == "cublas" else CONFIGS:
+                for config in [None] if variant.startswith("cublas") else CONFIGS:
                     try:
                         err = rel_err(call(config), want if includes else plain)
                         us = graph_ms(lambda: call(config)) * 1e3  # noqa: B023 -- called here, in the loop
