@@ -48,8 +48,9 @@
 #           on 32K and 128K cached, the same peers; ring at batch 4, 8K and 32K, unpadded and then
 #           left-padded (--padding 0.5, checked against single, whose padded rows are the padded peer)
 # gemv      the decode step's four projections alone (LLaMA-3-8B, batch 1 and 4): cuBLAS as the step
-#           calls it against a Triton GEMV, plain and with its layer's fusion (RMSNorm before, residual
-#           or SwiGLU after), every configuration (scripts/gemv_sweep.py, gemv.csv)
+#           calls it, alone and with its layer's elementwise work compiled around it (RMSNorm before,
+#           residual or SwiGLU after), against a Triton GEMV, plain and with that work fused, every
+#           configuration (scripts/gemv_sweep.py, gemv.csv)
 # followup-profile  where a short follow-up's time goes: its largest block (T queries over P cached
 #           keys) alone through cuDNN, flash and the memory-efficient kernel, the keys as the cache
 #           holds them and heads-major (scripts/gpu_probe.py followup, probe.json); then
