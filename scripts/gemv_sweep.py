@@ -2,13 +2,13 @@
 our own, per LLaMA-3-8B projection at batch 1 and 4, each call timed inside a CUDA graph (as the
 step runs it).
 
-Why: the one-GPU decode profile (docs/performance.md) puts ~0.57 ms of a 32K step's ~1.40 ms over
-its floor in the matmuls. cuBLAS reads the fused gate/up projection's weights at ~95% of the copy
-rate, the QKV projection at ~81% and the output and down projections (split-K, plus a reduction
-kernel each) at ~84%. A GEMV of our own would only be worth putting in the step if it reads every
-projection at least as fast; it could then also take the RMSNorm before it (prologue), the
-residual add or SwiGLU after it (epilogue): two to three kernels fewer a layer. This measures the
-first question, and what the fusions cost, before any of it goes into the step.
+Why: the one-GPU decode profile (docs/performance.md) puts the largest share of the step's time
+over its floor in the matmuls, cuBLAS reading the small projections' weights (QKV, and the output
+and down projections it splits along K, plus a reduction kernel each) well below the copy rate
+that it reaches on the gate/up projection. A GEMV of our own is only worth putting in the step if
+it reads every projection at least as fast; it could then also take the RMSNorm before it
+(prologue) and the residual add or SwiGLU after it (epilogue): two to three kernels fewer a layer.
+This answers both, before any of it goes into the step.
 
 Variants, each checked against fp32 math (``rel_err``), for its projection's place in the layer:
 
@@ -21,13 +21,13 @@ Variants, each checked against fp32 math (``rel_err``), for its projection's pla
   reads the gate rows and the matching up rows).
 
 Each Triton variant runs at every configuration of :data:`CONFIGS` and reports its best (the
-others stay in the CSV). The bandwidth is the weight bytes over the time; the copy rate of this
-GPU is measured alongside (``copy``). Writes a CSV:
+others stay in the CSV). The bandwidth is the weight bytes over the time, beside the copy rate of
+this GPU measured in the same run (``copy_gbps``, ``of_copy``). Writes a CSV:
 
     python scripts/gemv_sweep.py OUT.csv
 
-Without a GPU it checks every variant's values through Triton's interpreter on small shapes and
-writes nothing.
+Without a GPU it checks the Triton variants' values through Triton's interpreter on small shapes
+and writes nothing.
 """
 
 from __future__ import annotations
