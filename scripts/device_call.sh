@@ -2,13 +2,13 @@
 # One device call of several sections of scripts/device_runs.sh, each under a time cap, all inside
 # the call's own limit, results under $OUT/SECTION (the device tool's OUT folder):
 #
-#   FMSRING_GIT_SHA=<commit> LIMIT=575 bash scripts/device_call.sh test:170 targets:400
+#   FMSRING_GIT_SHA=<commit> LIMIT=575 bash scripts/device_call.sh test:170 first-step:130 gemv:280
 #
-# `test` is `pytest -m cuda` ($OUT/test_gpu.log); any other name is a device_runs.sh section, with
-# its own settings from the environment (INDUCTOR=..., PEERS=...). Wheels carried in .whl/ (ibm-fms:
-# the device machines have none) are installed first. A section whose cap would pass LIMIT (seconds
-# from the start, default 575) gets what is left and one left under 30 s is skipped, so a call
-# returns what it measured before the device tool's limit stops it. The machine copies a working
+# `test` is `make test-gpu` with the machine's python3 ($OUT/test_gpu.log); any other name is a
+# device_runs.sh section, with its own settings from the environment (INDUCTOR=..., PEERS=...).
+# Wheels carried in .whl/ (ibm-fms: the device machines have none) are installed first. A section
+# whose cap would pass LIMIT (seconds from the start, default 575) gets what is left and one left
+# under 30 s is skipped, so a call returns what it measured before the device tool's limit stops it. The machine copies a working
 # tree without git: FMSRING_GIT_SHA names the commit its rows record.
 set -uo pipefail
 t0=$(date +%s)
@@ -33,8 +33,7 @@ for item in "$@"; do
     fi
     echo "[device_call] $section: cap ${cap} s, at $(($(date +%s) - t0)) s"
     if [ "$section" = test ]; then
-        timeout -k 10 "$cap" python3 -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tee "$out/test_gpu.log" \
-            | tail -5
+        timeout -k 10 "$cap" make test-gpu PY=python3 2>&1 | tee "$out/test_gpu.log" | tail -5
     else
         timeout -k 10 "$cap" bash scripts/device_runs.sh "$section" "$out/$section"
     fi

@@ -45,6 +45,8 @@ if not torch.cuda.is_available():  # read when the kernel is defined: before tri
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from fmsring.rates import CUDA_SIZES, memory_gbps  # noqa: E402
+
 EPS = 1e-5
 # (name, output columns N, input dim K, fusion); gate/up's N is both halves, as FMS stores them
 PROJECTIONS = [
@@ -122,24 +124,11 @@ def gemv(x, w, config, g=None, residual=None, swiglu=False):
     return y
 
 
-def reference(x, w, fusion, g, residual):
-    """fp32 math of a projection with its layer's fusion."""
-    x, w = x.float(), w.float()
-    if fusion in ("norm", "swiglu"):
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * g.float()
-    y = x @ w.T
-    if fusion == "swiglu":
-        gate, up = y.chunk(2, dim=-1)
-        y = torch.nn.functional.silu(gate) * up
-    if fusion == "residual":
-        y = y + residual.float()
-    return y
-
-
 def as_the_layer_does(x, w, fusion, g, residual):
-    """The projection with its fusion's elementwise work as FMS computes it (the norm in fp32, rounded
-    before its weight; SwiGLU and the residual on the rounded product): compiled, what the step's
-    compiled layer runs now, cuBLAS between inductor's kernels."""
+    """The projection with its fusion's elementwise work (None: none) as FMS computes it (the norm in
+    fp32, rounded before its weight; SwiGLU and the residual on the rounded product): compiled, what
+    the step's compiled layer runs now, cuBLAS between inductor's kernels; on fp32 inputs, the
+    reference (:func:`reference`)."""
     if fusion in ("norm", "swiglu"):
         xf = x.float()
         x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype) * g
@@ -148,6 +137,11 @@ def as_the_layer_does(x, w, fusion, g, residual):
         gate, up = y.chunk(2, dim=-1)
         y = torch.nn.functional.silu(gate) * up
     return y + residual if fusion == "residual" else y
+
+
+def reference(x, w, fusion, g, residual):
+    """fp32 math of a projection with its layer's fusion (None: the product alone)."""
+    return as_the_layer_does(x.float(), w.float(), fusion, g.float(), residual.float())
 
 
 def variants(x, w, fusion, g, residual):
@@ -190,7 +184,7 @@ def check_on_cpu() -> None:
         want = reference(x, w, fusion, g, residual)
         for variant, (call, includes) in variants(x, w, fusion, g, residual).items():
             got = call((16, 32, 4, 2))
-            err = rel_err(got, want if includes else x.float() @ w.float().T)
+            err = rel_err(got, want if includes else reference(x, w, None, g, residual))
             assert err < 1e-5, f"{name} {variant} rows={rows}: rel_err {err}"
             print(f"{name:8} {variant:13} rows={rows}  rel_err {err:.1e}")
 
@@ -202,9 +196,7 @@ def main() -> None:
     from decode_kernel_sweep import graph_ms  # a CUDA graph of back-to-back calls, as in the step
 
     out = sys.argv[1]
-    copy_src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    copy_dst = torch.empty_like(copy_src)
-    copy_gbps = 2 * copy_src.numel() / graph_ms(lambda: copy_dst.copy_(copy_src), calls=5) / 1e6
+    copy_gbps = memory_gbps(torch.device("cuda"), CUDA_SIZES.copy_bytes)  # the bench's own copy rate
     fields = ["projection", "rows", "n_out", "k_in", "variant", "config", "us", "weight_gbps", "copy_gbps",
               "of_copy", "rel_err", "best"]  # fmt: skip
     with open(out, "w", newline="") as f:
@@ -213,7 +205,7 @@ def main() -> None:
         for (name, n_out, k_in, fusion), rows in itertools.product(PROJECTIONS, (1, 4)):
             x, w, g, residual = inputs(rows, n_out, k_in, fusion, torch.bfloat16, "cuda")
             want = reference(x, w, fusion, g, residual)
-            plain = x.float() @ w.float().T
+            plain = reference(x, w, None, g, residual)
             for variant, (call, includes) in variants(x, w, fusion, g, residual).items():
                 results = []
                 for config in [None] if variant.startswith("cublas") else CONFIGS:
