@@ -8,8 +8,8 @@
 # device_runs.sh section, with its own settings from the environment (INDUCTOR=..., PEERS=...).
 # Wheels carried in .whl/ (ibm-fms: the device machines have none) are installed first. A section
 # whose cap would pass LIMIT (seconds from the start, default 575) gets what is left and one left
-# under 30 s is skipped, so a call returns what it measured before the device tool's limit stops it. The machine copies a working
-# tree without git: FMSRING_GIT_SHA names the commit its rows record.
+# under 30 s is skipped, so a call returns what it measured before the device tool's limit stops it.
+# The machine copies a working tree without git: FMSRING_GIT_SHA names the commit its rows record.
 set -uo pipefail
 t0=$(date +%s)
 limit=${LIMIT:-575}
