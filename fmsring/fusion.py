@@ -99,12 +99,13 @@ class FusedRotaryEmbedding(RotaryEmbedding):
 
 class FusedDecoderBlock(nn.Module):
     """Mixin for FMS decoder blocks: a layer whose attention mode says it can
-    be compiled whole (``whole_layer``: fmsring's one-token decode step) runs
-    as one compiled graph, so norm, RoPE, cache write, attention bookkeeping,
-    the merge's packing, SiLU and residual adds fuse with each other instead
-    of only within each module: a decode step is bound by bytes but pays per
-    kernel, and this launches fewer (docs/performance.md). Every other call
-    -- prefills, follow-ups -- runs FMS's own forward.
+    be compiled whole (``whole_layer``: fmsring's one-token decode step, a
+    short follow-up on one rank) runs as one compiled graph, so norm, RoPE,
+    cache write, attention bookkeeping, the merge's packing, SiLU and residual
+    adds fuse with each other instead of only within each module: such a step
+    is bound by bytes or by launches, not FLOPs, and pays per kernel, and this
+    launches fewer (docs/performance.md). Every other call -- prefills, longer
+    follow-ups -- runs FMS's own forward.
 
     Shapes: a decode step's shapes change only with the cache, and one
     compilation serves every layer (their parameters are the graph's

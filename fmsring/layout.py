@@ -8,8 +8,7 @@ causal work. Lengths need not divide evenly: chunk sizes differ by at most one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,6 +49,15 @@ class ShardPlan:
     world_size: int
     layout: str
     segments: tuple[tuple[tuple[int, int], ...], ...]
+    # Worked out once here, not behind functools.cached_property, whose lock (Python 3.11) a
+    # compiled decoder layer reading the plan (a short follow-up's) could not trace through.
+    local_lens: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _calls: dict[tuple[int, int, int], tuple[BlockCall, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "local_lens", tuple(self.local_len(r) for r in range(self.world_size)))
 
     @classmethod
     def build(cls, seq_len: int, world_size: int, layout: str = "zigzag") -> ShardPlan:
@@ -70,10 +78,6 @@ class ShardPlan:
 
     def local_len(self, rank: int) -> int:
         return sum(e - s for s, e in self.segments[rank])
-
-    @cached_property
-    def local_lens(self) -> list[int]:
-        return [self.local_len(r) for r in range(self.world_size)]
 
     def indices(self, rank: int) -> list[int]:
         return [i for s, e in self.segments[rank] for i in range(s, e)]
@@ -103,10 +107,6 @@ class ShardPlan:
             out.append((s, e, off))
             off += e - s
         return out
-
-    @cached_property
-    def _calls(self) -> dict[tuple[int, int, int], tuple[BlockCall, ...]]:
-        return {}
 
     def block_calls(self, rank: int, src: int, cached: int = 0) -> tuple[BlockCall, ...]:
         """The attention kernel calls of rank's queries against src's keys.

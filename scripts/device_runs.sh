@@ -51,6 +51,9 @@
 #           calls it, alone and with its layer's elementwise work compiled around it (RMSNorm before,
 #           residual or SwiGLU after), against a Triton GEMV, plain and with that work fused, every
 #           configuration (scripts/gemv_sweep.py, gemv.csv)
+# followup-whole  short follow-ups (512 and 1K tokens on 32K and 128K cached) on the ring at world 1,
+#           each decoder layer compiled whole (the default) against module by module
+#           (ring_fuse_layers=false, variant `modules`)
 # followup-profile  where a short follow-up's time goes: its largest block (T queries over P cached
 #           keys) alone through cuDNN, flash and the memory-efficient kernel, the keys as the cache
 #           holds them and heads-major (scripts/gpu_probe.py followup, probe.json); then
@@ -208,6 +211,11 @@ targets)
     ;;
 gemv)
     python3 scripts/gemv_sweep.py "$out/gemv.csv" 2>&1 | tee -a "$out/bench_$section.log" || status=1
+    ;;
+followup-whole)
+    bench --strategies ring --phases followup --cached-lens 32K,128K --seq-lens 512,1K --no-followup-recompute \
+        --no-check --ring-variants '{"": {}, "modules": {"ring_fuse_layers": false}}' --repeats 2 --warmup 1 \
+        --out "$out/results.csv"
     ;;
 followup-profile)
     torchrun --standalone --nproc_per_node=1 scripts/gpu_probe.py "$out" followup 2>&1 \

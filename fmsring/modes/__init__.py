@@ -70,6 +70,7 @@ class Ring(Protocol):
     rope: RopeTables
     attn: MultiHeadAttention  # the first layer's: every layer has its shape
     n_layers: int
+    recurrent: bool  # some layers are Mamba2's (fmsring.ssm)
 
     def parameters(self) -> Iterator[torch.nn.Parameter]: ...
 

@@ -21,6 +21,10 @@ Million-Token Inference", arXiv 2411.01783):
 Which is faster depends on whether pass-KV's larger messages hide under the
 attention compute of a step, at the rates measured on the device
 (:func:`choose_followup`).
+
+A short follow-up on one rank runs each decoder layer as one compiled graph
+(:func:`compiles_whole`), as the decode step does: its kernels are few and
+short, so run module by module its time is the host's launching them.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 from fmsring import ssm
 from fmsring.cache import RingCache
 from fmsring.comm import RingComm, all_to_all
-from fmsring.layout import ShardPlan
+from fmsring.layout import BlockCall, ShardPlan
 from fmsring.merge import merge_stacked_auto, pack_partial_auto
 from fmsring.modes import Call, Ring, run_sharded
 from fmsring.rates import Rates
@@ -41,6 +45,7 @@ from fmsring.ring import Partials, RingBuffers, heads_major, pass_kv, ring_block
 from fmsring.windows import LayerAttention, windowed_blocks
 
 FOLLOWUP_MODES = ("auto", "pass_kv", "pass_q")
+WHOLE_LAYER_TOKENS = 2048  # the longest follow-up whose decoder layers each compile whole
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ def pass_q(
     buffers: RingBuffers,
     scale: float,
     layer: LayerAttention,
+    calls: tuple[tuple[BlockCall, ...], ...],
     seq_index: tuple[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """pass-Q: attention of this rank's queries [b, Lq, h, d] over every rank's
@@ -120,7 +126,8 @@ def pass_q(
     query's own rank's partial; its window needs ``seq_index``: the cache's
     sequence length before this follow-up and this rank's slots' sequence
     indices (host), which only this rank knows -- why a windowed layer's
-    follow-up runs pass-Q.
+    follow-up runs pass-Q. ``calls[src]``: the kernel calls of src's queries
+    over this rank's keys (:meth:`fmsring.layout.ShardPlan.block_calls`).
     """
     rank = comm.rank
     b, _, h, d = query.shape
@@ -138,8 +145,7 @@ def pass_q(
         q = q_in.transpose(1, 2)
         acc = Partials(q, pairwise=not layer.window)  # the cache and the own causal block, or a window's pieces
         q_index = start + plan.index_tensor(src) if layer.window else None
-        calls = plan.block_calls(src, rank, cached[rank])
-        for c, blk in windowed_blocks(q, keys, values, scale, calls, layer, q_index, k_index):
+        for c, blk in windowed_blocks(q, keys, values, scale, calls[src], layer, q_index, k_index):
             acc.add(c.q_lo, c.q_hi, *blk)
         out, lse = layer.add_sink(*acc.result()) if src == rank else acc.result()
         if parts is None:
@@ -163,7 +169,15 @@ class Followup:
     cached: tuple[int, ...]
     mode: str
     seq_index: tuple[int, torch.Tensor]
+    whole_layer: bool = False  # each decoder layer one compiled graph (compiles_whole)
     buffers: RingBuffers = field(default_factory=RingBuffers)
+    # pass-Q's kernel calls per source rank, worked out once for every layer: a plan's own
+    # memo of them is a dict that a compiled layer would guard on, key by key
+    calls: tuple[tuple[BlockCall, ...], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        rank = self.comm.rank
+        self.calls = tuple(self.plan.block_calls(src, rank, self.cached[rank]) for src in range(self.comm.world_size))
 
     def store(self, keys, values, key_cache, value_cache):
         lo = self.cached[self.comm.rank]
@@ -174,7 +188,8 @@ class Followup:
     def attend(self, query, key_cache, value_cache, scale, layer):
         plan, cached, comm, buffers = self.plan, self.cached, self.comm, self.buffers
         if self.mode == "pass_q" or layer.window:
-            out = pass_q(query, key_cache, value_cache, plan, cached, comm, buffers, scale, layer, self.seq_index)
+            out = pass_q(query, key_cache, value_cache, plan, cached, comm, buffers, scale, layer, self.calls,
+                         self.seq_index)  # fmt: skip
         else:
             n = cached[comm.rank] + plan.local_len(comm.rank)
             kv = heads_major(key_cache[:, :n], value_cache[:, :n])
@@ -209,6 +224,28 @@ def mode_for(ring: FollowupRing, n_new: int, cache: RingCache) -> str:
     return choose_followup(shape, ring.rates(kv.dtype) if st.world_size > 1 else None)
 
 
+def compiles_whole(ring: Ring, n_new: int, mode: str) -> bool:
+    """Whether a follow-up of ``n_new`` tokens in ``mode`` runs each decoder layer as one compiled
+    graph (:class:`fmsring.fusion.FusedDecoderBlock`, where the model has it): a short pass-Q one
+    on one rank of a model of full attention layers only.
+
+    Module by module, a layer costs the host about the same at any length, and a few hundred
+    tokens' kernels finish sooner: compiled whole, a layer is a few launches. Longer follow-ups'
+    kernels outlast the host anyway. One rank in pass-Q (what the rule picks there): its
+    attention is its own partial, with no exchange to break the graph. Full attention only: a
+    window reads its slots' indices on the host, and a Mamba2 layer goes on from a state the
+    sharded scan hands it. The first follow-up compiles its shapes, the next of other shapes once
+    more with them dynamic (dynamo's automatic dynamic shapes), and later ones reuse that.
+    """
+    return (
+        n_new <= WHOLE_LAYER_TOKENS
+        and mode == "pass_q"
+        and ring.strategy.world_size == 1
+        and not ring.windows()
+        and not ring.recurrent
+    )
+
+
 def step(ring: FollowupRing, call: Call, cache: RingCache) -> tuple[torch.Tensor, RingCache]:
     """The follow-up's logits and the cache holding its tokens."""
     st, state, x = ring.strategy, cache.state, call.ids
@@ -217,7 +254,8 @@ def step(ring: FollowupRing, call: Call, cache: RingCache) -> tuple[torch.Tensor
     mode = mode_for(ring, x.shape[1], cache)
     positions, top = ring.rope.positions(x, call.position_ids, state.seq_len, state.max_position)
     new_cache = cache.extend(st.rank, new_indices, ring.cache_headroom, max(state.max_position, top))
-    ctx = Followup(st.comm, plan, state.fills, mode, (state.seq_len, new_cache.state.slot_index))
+    seq_index = (state.seq_len, new_cache.state.slot_index)
+    ctx = Followup(st.comm, plan, state.fills, mode, seq_index, compiles_whole(ring, x.shape[1], mode))
     with ssm.sharded(ssm.ShardedScan(plan, st.rank, st.group)):  # Mamba2 layers go on from the cache's state
         logits, _ = run_sharded(ring, call, positions, plan, list(new_cache), True, ctx)
     return logits, new_cache
