@@ -214,3 +214,51 @@ def test_decoding_past_the_rope_table_regrows_it_rarely(checkpoints):
     for sizes in run_ranks(2, _rope_sizes_while_decoding, checkpoints["gqa"], ids, 3 * MAX_POS):
         assert sizes[-1][0] >= 4 * MAX_POS - 2
         assert len(set(sizes)) <= 3, sorted(set(sizes))
+
+
+def _followups_compiled_whole(rank, world, path, turns, bound):
+    """The turns on the ring with every decoder layer able to compile whole (forced onto CPU),
+    follow-ups of up to ``bound`` tokens compiled whole: every turn's logits, how many graphs
+    dynamo holds for the decoder block after each turn, and the graph breaks."""
+    from fms.models.llama import LLaMABlock
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.utils import counters
+
+    from fmsring import fusion
+    from fmsring.modes import followup
+
+    fusion.FUSE_DEVICES.add("cpu")
+    followup.WHOLE_LAYER_TOKENS = bound
+    counters.clear()
+    ring = fms_model(path, torch.float32, "ring", ring_cache_headroom=max(t.shape[1] for t in turns))
+    logits, cache = ring(turns[0], use_cache=True)
+    got, graphs = [logits], []
+    for turn in turns[1:]:
+        logits, cache = ring(turn, past_key_value_states=cache, use_cache=True)
+        got.append(logits)
+        graphs.append(len(_debug_get_cache_entry_list(LLaMABlock.forward.__code__)))
+    return got, graphs, dict(counters["graph_break"])
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_short_followups_compiled_whole_match_hf(world, checkpoints):
+    """On one rank, follow-ups of up to ``WHOLE_LAYER_TOKENS`` run each decoder layer as one
+    compiled graph: HF's logits at every turn, one graph for the first follow-up, one more (its
+    shapes dynamic) for the next of other lengths and none after, whatever the lengths (a graph
+    per follow-up would hit dynamo's recompile limit in a conversation of eight turns), and no
+    graph break; a longer follow-up runs module by module. On two ranks no follow-up compiles
+    whole (its attention exchanges queries and partials)."""
+    bound = random.randrange(5, 9)
+    short = [random.randrange(2, bound + 1) for _ in range(4)]
+    lengths = [random.randrange(4, 12), *short[:2], bound + random.randrange(1, 4), *short[2:]]
+    turns = [torch.randint(0, VOCAB, (2, n)) for n in lengths]
+    path = checkpoints["gqa"]
+    want = _hf_turn_logits(path, turns)
+    for got, graphs, breaks in run_ranks(world, _followups_compiled_whole, path, turns, bound):
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert (g - w).abs().max() <= 1e-4, f"turn {i} of {lengths}"
+        if world == 1:
+            assert graphs == [1, 2, 2, 2, 2], (lengths, graphs)
+        else:
+            assert graphs == [0] * 5, graphs
+        assert not breaks
