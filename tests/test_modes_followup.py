@@ -216,10 +216,11 @@ def test_decoding_past_the_rope_table_regrows_it_rarely(checkpoints):
         assert len(set(sizes)) <= 3, sorted(set(sizes))
 
 
-def _followups_compiled_whole(rank, world, path, turns, bound):
+def _followups_compiled_whole(rank, world, path, turns, bound, headroom):
     """The turns on the ring with every decoder layer able to compile whole (forced onto CPU),
-    follow-ups of up to ``bound`` tokens compiled whole: every turn's logits, how many graphs
-    dynamo holds for the decoder block after each turn, and the graph breaks."""
+    follow-ups of up to ``bound`` tokens compiled whole, the cache made with ``headroom`` free
+    slots: every turn's logits, how many graphs dynamo holds for the decoder block after each
+    turn, and the graph breaks."""
     from fms.models.llama import LLaMABlock
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.utils import counters
@@ -230,7 +231,7 @@ def _followups_compiled_whole(rank, world, path, turns, bound):
     fusion.FUSE_DEVICES.add("cpu")
     followup.WHOLE_LAYER_TOKENS = bound
     counters.clear()
-    ring = fms_model(path, torch.float32, "ring", ring_cache_headroom=max(t.shape[1] for t in turns))
+    ring = fms_model(path, torch.float32, "ring", ring_cache_headroom=headroom)
     logits, cache = ring(turns[0], use_cache=True)
     got, graphs = [logits], []
     for turn in turns[1:]:
@@ -240,6 +241,17 @@ def _followups_compiled_whole(rank, world, path, turns, bound):
     return got, graphs, dict(counters["graph_break"])
 
 
+def _check_compiled_whole(world, path, lengths, bound, headroom):
+    turns = [torch.randint(0, VOCAB, (2, n)) for n in lengths]
+    want = _hf_turn_logits(path, turns)
+    results = run_ranks(world, _followups_compiled_whole, path, turns, bound, headroom)
+    for got, _, breaks in results:
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert (g - w).abs().max() <= 1e-4, f"turn {i} of {lengths}"
+        assert not breaks
+    return [graphs for _, graphs, _ in results]
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_short_followups_compiled_whole_match_hf(world, checkpoints):
     """On one rank, follow-ups of up to ``WHOLE_LAYER_TOKENS`` run each decoder layer as one
@@ -247,18 +259,20 @@ def test_short_followups_compiled_whole_match_hf(world, checkpoints):
     shapes dynamic) for the next of other lengths and none after, whatever the lengths (a graph
     per follow-up would hit dynamo's recompile limit in a conversation of eight turns), and no
     graph break; a longer follow-up runs module by module. On two ranks no follow-up compiles
-    whole (its attention exchanges queries and partials)."""
+    whole (its attention exchanges queries and partials). The cache has room for every turn."""
     bound = random.randrange(5, 9)
     short = [random.randrange(2, bound + 1) for _ in range(4)]
     lengths = [random.randrange(4, 12), *short[:2], bound + random.randrange(1, 4), *short[2:]]
-    turns = [torch.randint(0, VOCAB, (2, n)) for n in lengths]
-    path = checkpoints["gqa"]
-    want = _hf_turn_logits(path, turns)
-    for got, graphs, breaks in run_ranks(world, _followups_compiled_whole, path, turns, bound):
-        for i, (g, w) in enumerate(zip(got, want)):
-            assert (g - w).abs().max() <= 1e-4, f"turn {i} of {lengths}"
-        if world == 1:
-            assert graphs == [1, 2, 2, 2, 2], (lengths, graphs)
-        else:
-            assert graphs == [0] * 5, graphs
-        assert not breaks
+    for graphs in _check_compiled_whole(world, checkpoints["gqa"], lengths, bound, sum(lengths)):
+        assert graphs == ([1, 2, 2, 2, 2] if world == 1 else [0] * 5), (lengths, graphs)
+
+
+def test_short_followups_on_a_growing_cache_compile_a_bounded_number_of_times(checkpoints):
+    """A cache with one free slot grows at nearly every follow-up and is left full by some: its
+    capacity turns dynamic once, and a follow-up that fills it to its last slot compiles once
+    more (the compiler tells a full cache from one with room), so a long conversation holds at
+    most four graphs, past which none is added, and still gives HF's logits."""
+    bound = random.randrange(4, 7)
+    lengths = [random.randrange(4, 10), *(random.randrange(2, bound + 1) for _ in range(9))]
+    (graphs,) = _check_compiled_whole(1, checkpoints["gqa"], lengths, bound, 1)
+    assert graphs[:2] == [1, 2] and max(graphs) <= 4 and graphs == sorted(graphs), (lengths, graphs)

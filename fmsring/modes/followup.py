@@ -235,7 +235,9 @@ def compiles_whole(ring: Ring, n_new: int, mode: str) -> bool:
     attention is its own partial, with no exchange to break the graph. Full attention only: a
     window reads its slots' indices on the host, and a Mamba2 layer goes on from a state the
     sharded scan hands it. The first follow-up compiles its shapes, the next of other shapes once
-    more with them dynamic (dynamo's automatic dynamic shapes), and later ones reuse that.
+    more with them dynamic (dynamo's automatic dynamic shapes), and later ones reuse that; a
+    cache that grows can add one more (its capacity dynamic), and one a follow-up fills to its
+    last slot one more (the compiler tells a full cache from one with room): four at most.
     """
     return (
         n_new <= WHOLE_LAYER_TOKENS
