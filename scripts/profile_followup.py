@@ -7,7 +7,7 @@ which the prefill sized with room for them (as the bench does): the follow-up
 writes into free slots and leaves the cache it was given a valid CACHED-token
 cache, so the same follow-up runs again: one to compile, one warm-up, one
 profiled. Writes
-followup_profile_<CACHED>+<NEW>_rank<r>.json: the follow-up's wall time (CUDA events), its
+followup_profile_<CACHED>_<NEW>_rank<r>.json: the follow-up's wall time (CUDA events), its
 kernel time by kind, the compute stream's idle time and largest idle spans,
 and the host's ops by self CPU time. A follow-up far above its kernels is
 host- or allocation-bound, and the idle spans and host ops say where.
@@ -40,7 +40,7 @@ def main() -> None:
     followup = functools.partial(model, ids[:, cached:], past_key_value_states=cache, use_cache=True, last_n_tokens=1)
     result = {"gpu": torch.cuda.get_device_name(), "world_size": world, "cached": cached, "new": new}
     result["ring"] = profiled(followup, host_ops=30)
-    write_rank_json(result, out_dir, f"followup_profile_{cached}+{new}_rank{rank}.json")
+    write_rank_json(result, out_dir, f"followup_profile_{cached}_{new}_rank{rank}.json")
 
 
 if __name__ == "__main__":
