@@ -167,3 +167,47 @@ def test_the_ring_op_refuses_attention_kwargs_it_does_not_know():
     q = torch.zeros(1, 2, 4, 8)
     with pytest.raises(TypeError, match=r"does not know the keyword argument\(s\) \['alibi_slopes'\]"):
         attention_op._compute_op(q, q, q, 4, 4, 0.0, None, attn_name="ring", ring=None, alibi_slopes=q)
+
+
+def _followups_compiled_whole(rank, world, arch, variant, overrides, ids, cuts):
+    """The prompt ``ids[:, :cuts[0]]`` then follow-ups up to each later cut on one rank, every
+    decoder layer of a short follow-up compiled whole (forced onto CPU), against the unsharded
+    FMS model of the same weights on the whole sequence: the largest absolute difference of each
+    follow-up's logits, how many graphs dynamo holds for the FMS decoder block, and the graph
+    breaks."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.utils import counters
+
+    from fmsring import fusion
+
+    fusion.FUSE_DEVICES.add("cpu")
+    counters.clear()
+    ref = fmsring.get_model(arch, variant, distributed_strategy="replicated", **overrides)
+    randomize(ref)
+    ring = fmsring.get_model(arch, variant, distributed_strategy="ring", ring_cache_headroom=ids.shape[1], **overrides)
+    ring.model.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        want = ref(ids)
+        _, cache = ring(ids[:, : cuts[0]], use_cache=True)
+        errs = []
+        for lo, hi in zip(cuts, cuts[1:]):
+            got, cache = ring(ids[:, lo:hi], past_key_value_states=cache, use_cache=True)
+            errs.append((got - want[:, lo:hi]).abs().max().item())
+    block = next(c for c in type(ring.model.base_model.layers[0]).__mro__ if c.__module__.startswith("fms."))
+    return errs, len(_debug_get_cache_entry_list(block.forward.__code__)), dict(counters["graph_break"])
+
+
+@pytest.mark.parametrize("family", sorted(RUN))
+def test_short_followups_compiled_whole_match_unsharded_fms(family):
+    """Short follow-ups on one rank run each decoder layer as one compiled graph
+    (``fmsring.modes.followup.compiles_whole``) through each family's own block -- Mixtral's and
+    GraniteMoeHybrid's experts routed per token inside the graph -- compiled twice (then dynamic)
+    with no graph break, and give the unsharded FMS model's logits."""
+    arch, variant, overrides = RUN[family]
+    cuts = [random.randrange(5, 20)]
+    for _ in range(3):
+        cuts.append(cuts[-1] + random.randrange(2, 9))
+    ids = torch.randint(1, 96, (2, cuts[-1]))
+    ((errs, graphs, breaks),) = run_ranks(1, _followups_compiled_whole, arch, variant, overrides, ids, cuts)
+    assert max(errs) <= 1e-4, errs
+    assert graphs == 2 and not breaks, (graphs, breaks)
