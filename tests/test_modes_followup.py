@@ -252,26 +252,49 @@ def _check_compiled_whole(world, path, lengths, bound, headroom):
     return [graphs for _, graphs, _ in results]
 
 
+def _graphs_expected(lengths: list[int], bound: int) -> list[int]:
+    """The graphs dynamo holds for the decoder block after each follow-up of ``lengths[1:]`` on a
+    cache with room for all: the first short one compiles its shapes; the next, on more cached
+    tokens, compiles once more with what changed dynamic (the cached length, and the new tokens'
+    count if it changed too); a later one whose count first differs, once more; then none."""
+    graphs, first, dynamic_count = [], None, False
+    for n in lengths[1:]:
+        count = graphs[-1] if graphs else 0
+        if n <= bound:
+            if first is None:
+                first, count = n, 1
+            elif count == 1:
+                count, dynamic_count = 2, n != first
+            elif not dynamic_count and n != first:
+                count, dynamic_count = count + 1, True
+        graphs.append(count)
+    return graphs
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_short_followups_compiled_whole_match_hf(world, checkpoints):
     """On one rank, follow-ups of up to ``WHOLE_LAYER_TOKENS`` run each decoder layer as one
-    compiled graph: HF's logits at every turn, one graph for the first follow-up, one more (its
-    shapes dynamic) for the next of other lengths and none after, whatever the lengths (a graph
-    per follow-up would hit dynamo's recompile limit in a conversation of eight turns), and no
-    graph break; a longer follow-up runs module by module. On two ranks no follow-up compiles
-    whole (its attention exchanges queries and partials). The cache has room for every turn."""
+    compiled graph: HF's logits at every turn, with a graph for the first follow-up and one more
+    for each shape that first changes (:func:`_graphs_expected`), three at most whatever the
+    lengths (a graph per follow-up would hit dynamo's recompile limit in a conversation of eight
+    turns), and no graph break; a longer follow-up runs module by module. On two ranks no
+    follow-up compiles whole (its attention exchanges queries and partials). The cache has room
+    for every turn."""
     bound = random.randrange(5, 9)
     short = [random.randrange(2, bound + 1) for _ in range(4)]
     lengths = [random.randrange(4, 12), *short[:2], bound + random.randrange(1, 4), *short[2:]]
+    want = _graphs_expected(lengths, bound) if world == 1 else [0] * 5
     for graphs in _check_compiled_whole(world, checkpoints["gqa"], lengths, bound, sum(lengths)):
-        assert graphs == ([1, 2, 2, 2, 2] if world == 1 else [0] * 5), (lengths, graphs)
+        assert graphs == want, (lengths, graphs)
+        assert max(graphs) <= 3
 
 
 def test_short_followups_on_a_growing_cache_compile_a_bounded_number_of_times(checkpoints):
-    """A cache with one free slot grows at nearly every follow-up and is left full by some: its
-    capacity turns dynamic once, and a follow-up that fills it to its last slot compiles once
-    more (the compiler tells a full cache from one with room), so a long conversation holds at
-    most four graphs, past which none is added, and still gives HF's logits."""
+    """A cache with one free slot grows at every follow-up and is left full by some: its capacity
+    turns dynamic at the second follow-up with the cached length, the new tokens' count when it
+    first changes, and a follow-up that fills the cache to its last slot compiles once more (the
+    compiler tells a full cache from one with room), so a long conversation holds at most four
+    graphs, past which none is added, and still gives HF's logits."""
     bound = random.randrange(4, 7)
     lengths = [random.randrange(4, 10), *(random.randrange(2, bound + 1) for _ in range(9))]
     (graphs,) = _check_compiled_whole(1, checkpoints["gqa"], lengths, bound, 1)

@@ -234,10 +234,11 @@ def compiles_whole(ring: Ring, n_new: int, mode: str) -> bool:
     kernels outlast the host anyway. One rank in pass-Q (what the rule picks there): its
     attention is its own partial, with no exchange to break the graph. Full attention only: a
     window reads its slots' indices on the host, and a Mamba2 layer goes on from a state the
-    sharded scan hands it. The first follow-up compiles its shapes, the next of other shapes once
-    more with them dynamic (dynamo's automatic dynamic shapes), and later ones reuse that; a
-    cache that grows can add one more (its capacity dynamic), and one a follow-up fills to its
-    last slot one more (the compiler tells a full cache from one with room): four at most.
+    sharded scan hands it. The first follow-up compiles its shapes; after that, a shape that
+    changes for the first time compiles once more with it dynamic (dynamo's automatic dynamic
+    shapes): the cached length (at the next follow-up), the new tokens' count, the capacity of a
+    cache that grows; and a cache a follow-up fills to its last slot once more (the compiler tells
+    a full cache from one with room). So five graphs at most, however long the conversation.
     """
     return (
         n_new <= WHOLE_LAYER_TOKENS
