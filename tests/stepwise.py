@@ -1,5 +1,6 @@
 """The two loops the exactness tests share: greedy steps beside a reference, and a prompt fed in
-pieces on one kept cache. Each returns the errors; the asserts stay with the tests."""
+pieces on one kept cache. Each returns the errors; the asserts stay with the tests. And how many
+graphs dynamo holds for a ring's decoder block, which the tests of layers compiled whole bound."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 
 @torch.no_grad()
@@ -44,3 +46,11 @@ def piece_errors(
             start = stop
         errs[name] = (torch.cat(got, dim=1) - want).abs().max().item()
     return errs
+
+
+def block_graphs(ring: nn.Module) -> int:
+    """How many graphs dynamo holds for the FMS decoder block class of ``ring``'s layers (its own
+    forward, which a layer compiled whole traces: one code object for every layer)."""
+    layer = ring.model.base_model.layers[0]
+    fms_block = next(c for c in type(layer).__mro__ if c.__module__.startswith("fms."))
+    return len(_debug_get_cache_entry_list(fms_block.forward.__code__))

@@ -15,10 +15,9 @@ import random
 import pytest
 import torch
 import transformers as tf
-from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from tests.distributed import run_ranks
-from tests.stepwise import greedy_step_errors
+from tests.stepwise import block_graphs, greedy_step_errors
 
 COMMON = dict(
     vocab_size=96,
@@ -93,13 +92,11 @@ def _decode_errors(rank, world, path, ids, n_new):
     kw = dict(model_path=path, data_type=torch.float32)
     ref = fmsring.get_model("hf_pretrained", **kw, distributed_strategy="replicated")
     ring = fmsring.get_model("hf_pretrained", **kw, distributed_strategy="ring")
-    block = ring.model.base_model.layers[0]
     with torch.no_grad():
         _, cache = ring(ids, use_cache=True, last_n_tokens=1)
         want, ref_cache = ref(ids, use_cache=True)
     errs = greedy_step_errors(ring, ref, want, ref_cache, cache, n_new)
-    fms_block = next(c for c in type(block).__mro__ if c.__module__.startswith("fms."))
-    return errs, len(_debug_get_cache_entry_list(fms_block.forward.__code__))
+    return errs, block_graphs(ring)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))

@@ -18,7 +18,7 @@ import torch
 
 import fmsring
 from tests.distributed import run_ranks
-from tests.stepwise import greedy_step_errors
+from tests.stepwise import block_graphs, greedy_step_errors
 
 TINY = dict(nlayers=2, nheads=4, kvheads=2, src_vocab_size=96, max_expected_seq_len=256)
 GQA = dict(emb_dim=64, head_dim=16, **TINY)
@@ -175,7 +175,6 @@ def _followups_compiled_whole(rank, world, arch, variant, overrides, ids, cuts):
     FMS model of the same weights on the whole sequence: the largest absolute difference of each
     follow-up's logits, how many graphs dynamo holds for the FMS decoder block, and the graph
     breaks."""
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.utils import counters
 
     from fmsring import fusion
@@ -193,8 +192,7 @@ def _followups_compiled_whole(rank, world, arch, variant, overrides, ids, cuts):
         for lo, hi in zip(cuts, cuts[1:]):
             got, cache = ring(ids[:, lo:hi], past_key_value_states=cache, use_cache=True)
             errs.append((got - want[:, lo:hi]).abs().max().item())
-    block = next(c for c in type(ring.model.base_model.layers[0]).__mro__ if c.__module__.startswith("fms."))
-    return errs, len(_debug_get_cache_entry_list(block.forward.__code__)), dict(counters["graph_break"])
+    return errs, block_graphs(ring), dict(counters["graph_break"])
 
 
 @pytest.mark.parametrize("family", sorted(RUN))
@@ -205,8 +203,8 @@ def test_short_followups_compiled_whole_match_unsharded_fms(family):
     with no graph break, and give the unsharded FMS model's logits."""
     arch, variant, overrides = RUN[family]
     cuts = [random.randrange(5, 20)]
-    for _ in range(3):
-        cuts.append(cuts[-1] + random.randrange(2, 9))
+    for n in random.sample(range(2, 9), 3):  # lengths apart: the second one compiles the count dynamic
+        cuts.append(cuts[-1] + n)
     ids = torch.randint(1, 96, (2, cuts[-1]))
     ((errs, graphs, breaks),) = run_ranks(1, _followups_compiled_whole, arch, variant, overrides, ids, cuts)
     assert max(errs) <= 1e-4, errs

@@ -13,9 +13,7 @@ import random
 import fms.models
 import pytest
 import torch
-from fms.models.llama import LLaMABlock
 from fms.modules.layernorm import LayerNormParameterized
-from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.utils import counters
 
 from fmsring import fusion
@@ -28,6 +26,7 @@ from fmsring.fusion import (
 )
 from fmsring.merge import merge_stacked, merge_stacked_auto, pack_partial, pack_partial_auto
 from tests.distributed import run_ranks
+from tests.stepwise import block_graphs
 from tests.tiny_checkpoint import VOCAB, fms_model, hf_model
 
 
@@ -113,7 +112,6 @@ def _fused_decode(rank, world, path, prompts, n_new, ring_tp):
     fusion.FUSE_DEVICES.add("cpu")
     model = fms_model(path, torch.float32, "ring", ring_tp=ring_tp)
     assert all(isinstance(b, fusion.FusedDecoderBlock) for b in model.model.base_model.layers)
-    block_forward = LLaMABlock.forward.__code__
     per_prompt = []
     with torch.no_grad():
         for ids in prompts:
@@ -123,7 +121,7 @@ def _fused_decode(rank, world, path, prompts, n_new, ring_tp):
                 logits.append(out[:, -1])
                 out, cache = model(out[:, -1:].argmax(-1), past_key_value_states=cache, use_cache=True, last_n_tokens=1)
             logits.append(out[:, -1])
-            per_prompt.append((torch.stack(logits, 1), len(_debug_get_cache_entry_list(block_forward))))
+            per_prompt.append((torch.stack(logits, 1), block_graphs(model)))
     return per_prompt, dict(counters["graph_break"])
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.distributed import run_ranks
+from tests.stepwise import block_graphs
 from tests.tiny_checkpoint import VOCAB, fms_model, hf_model
 
 MODES = ("auto", "pass_kv", "pass_q")
@@ -221,8 +222,6 @@ def _followups_compiled_whole(rank, world, path, turns, bound, headroom):
     follow-ups of up to ``bound`` tokens compiled whole, the cache made with ``headroom`` free
     slots: every turn's logits, how many graphs dynamo holds for the decoder block after each
     turn, and the graph breaks."""
-    from fms.models.llama import LLaMABlock
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.utils import counters
 
     from fmsring import fusion
@@ -237,7 +236,7 @@ def _followups_compiled_whole(rank, world, path, turns, bound, headroom):
     for turn in turns[1:]:
         logits, cache = ring(turn, past_key_value_states=cache, use_cache=True)
         got.append(logits)
-        graphs.append(len(_debug_get_cache_entry_list(LLaMABlock.forward.__code__)))
+        graphs.append(block_graphs(ring))
     return got, graphs, dict(counters["graph_break"])
 
 
