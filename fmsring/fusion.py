@@ -115,7 +115,9 @@ class FusedDecoderBlock(nn.Module):
     and the split-KV chunk count once it first leaves 1. So a conversation or
     a server seeing many prompt lengths compiles at most three times, not
     once per length into dynamo's recompile limit (past which the modules
-    would run one by one: slower, not wrong).
+    would run one by one: slower, not wrong). A short follow-up's graphs are
+    bounded the same way, at five (:func:`fmsring.modes.followup.compiles_whole`):
+    eight with the decode step's, dynamo's default limit.
     """
 
     _whole_layer: Callable[..., Any]
