@@ -10,7 +10,9 @@ captured on every rank at the same time, since it contains a collective.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+import gc
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -41,6 +43,25 @@ class StepInputs:
         return replace(self, **{f.name: t.clone() for f in fields(self) if (t := getattr(self, f.name)) is not None})
 
 
+@contextmanager
+def collections_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off inside, as it was on leaving.
+
+    A process's first step compiles its layers: dynamo's tracing allocates
+    objects by the hundred thousand, enough to set off a full collection,
+    which scans the whole heap (a loaded model, the prefill's compiled code)
+    and can cost more than the tracing it interrupts. The garbage made
+    inside is collected by the first collection after it.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class CapturedStep:
     """One captured step, valid while its ``key`` holds (the batch size, the
     cache buffers' id and the RoPE tables: the addresses baked into the graph).
@@ -49,6 +70,8 @@ class CapturedStep:
     must not happen inside the capture); that run is the step itself -- it
     writes the new K/V and returns its logits -- so a capture costs no extra
     step. The step is idempotent for given inputs, which makes this safe.
+    That first run is also where the layers compile, so both run with
+    collections paused.
     """
 
     def __init__(self, key: Hashable, inputs: StepInputs, step: Callable[[StepInputs], torch.Tensor]):
@@ -56,12 +79,13 @@ class CapturedStep:
         self.inputs = inputs.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.first = step(self.inputs).clone()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = step(self.inputs)
+        with collections_paused():
+            with torch.cuda.stream(side):
+                self.first = step(self.inputs).clone()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.output = step(self.inputs)
 
     def replay(self, inputs: StepInputs) -> torch.Tensor:
         """The step's output for new inputs (a fresh tensor: the graph's own is reused)."""

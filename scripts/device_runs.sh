@@ -62,7 +62,9 @@
 # first-step  ring's 8K decode in two fresh processes over one empty compile cache: the second launch's
 #           first step finds the first's compiled code on disk (first_step_ms: what a user's second run
 #           pays), rows in results_first_step.csv; then scripts/profile_first_step.py twice over another
-#           empty cache: the same first step split into tracing, backend, loading and capture
+#           empty cache: the same first step split into tracing, backend, loading, garbage collections
+#           and capture, with the bench's allocator (expandable segments) and then twice more with
+#           the default one (first_step_default-alloc_launch*)
 # inductor  ring decode (32 greedy tokens) at 8K/32K/128K as it is, then under each setting of INDUCTOR
 #           (space-separated, one launch each over an empty compile cache; default
 #           "TORCHINDUCTOR_ENABLE_PDL=1 combo_kernels=True"): an upper-case NAME=value is an environment
@@ -233,11 +235,14 @@ first-step)
         bench --strategies ring --phases decode --seq-lens 8K --decode-tokens 8 --no-check --repeats 1 --warmup 0 \
             --out "$out/results_first_step.csv"
     done
-    # the same first step split into tracing, backend, loading and capture, over a cache of its own
-    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
-    for launch in 1 2; do
-        torchrun --standalone --nproc_per_node="$nproc" scripts/profile_first_step.py "$out" "launch$launch" 2>&1 \
-            | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log" | grep -v '^ *"' || status=1
+    # the same first step split by phase, over a cache of its own: the bench's allocator, then the default one
+    for alloc in "" expandable_segments:False; do
+        TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
+        for launch in 1 2; do
+            env ${alloc:+PYTORCH_CUDA_ALLOC_CONF=$alloc} torchrun --standalone --nproc_per_node="$nproc" scripts/profile_first_step.py \
+                "$out" "${alloc:+default-alloc_}launch$launch" 2>&1 \
+                | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log" | grep -v '^ *"' || status=1
+        done
     done
     ;;
 inductor)
