@@ -111,8 +111,9 @@ class Run:
 
 
 def summarize(result: Measured, flops: float, gpus: int) -> dict[str, Any]:
-    """Median and spread of the latencies, TTFT median, a generation's first step (its compile
-    and capture beside the steady state) and streamed step median, FLOP rate per GPU."""
+    """Median and spread of the latencies, TTFT median, the first step (a generation's first
+    one-token step, a prefill's or follow-up's first call: its compile and capture beside the
+    steady state) and streamed step median, FLOP rate per GPU."""
     lat = result.latencies
     if result.status not in ("ok", "mismatch") or not lat:
         return dict.fromkeys(("latency_ms", "latency_ms_min", "latency_ms_max", "ttft_ms", "first_step_ms",

@@ -83,7 +83,7 @@ def free_memory() -> None:
 @dataclass
 class Measured:
     """One rank's outcome of one point. ``output`` (logits, tokens) stays local; the rest is gathered.
-    ``first_step_ms``: a generation's first one-token step in the point's first run, NaN for other calls;
+    ``first_step_ms``: the point's first step in its first run (:func:`fmsring.harness.timing.repeat`);
     ``streamed``: a generation's streamed steps (:mod:`fmsring.harness.timing`)."""
 
     status: str = "ok"

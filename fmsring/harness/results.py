@@ -23,15 +23,17 @@ INTRO = f"""\
 Every row of every committed run, newest run first, one table per CSV file and phase; peers
 measured at the same length sit next to each other. `ms` is the median (decode: one greedy step,
 ms/token, the device drained before it; `streamed`: the steps that follow with the host running
-ahead), `floor` the time the device's measured rates allow, `x floor` their ratio; failed points
-keep their status. A needle-in-a-haystack run (`{NEEDLE_CSV}`) is one table of its strategies: needles
-found, answers token for token the unsharded model's, the largest first-token logit difference to it.
+ahead), `floor` the time the device's measured rates allow, `x floor` their ratio, `first call` the
+point's first step in its first run, compiling and capturing included (decode: the first one-token
+step; runs before 2026-12-06 recorded it for decode only); failed points keep their status. A
+needle-in-a-haystack run (`{NEEDLE_CSV}`) is one table of its strategies: needles found, answers
+token for token the unsharded model's, the largest first-token logit difference to it.
 `runs/README.md` says what each run measured and why.
 """
 SHOWN = {  # column -> header; a column no row of a table fills is left out
     "cached_len": "cached", "seq_len": "tokens", "config": "config (cp x tp)", "batch": "batch",
     "padding": "padding", "latency_ms": "ms", "floor_ms": "floor ms", "x_floor": "x floor",
-    "stream_ms": "streamed ms", "ttft_ms": "TTFT ms", "first_step_ms": "first step ms",
+    "stream_ms": "streamed ms", "ttft_ms": "TTFT ms", "first_step_ms": "first call ms",
     "recompute_ms": "fresh prefill ms", "cache_gain": "cache gain",
     "peak_mem_gib": "peak GiB", "rel_err": "rel err", "same_next_token": "same next token", "status": "status",
 }  # fmt: skip

@@ -69,13 +69,14 @@ class Clock:
 
 def repeat(run: Run, warmup: int, repeats: int, env: DistEnv, all_ranks: bool) -> Measured:
     """``warmup`` untimed then ``repeats`` timed runs; the last run's (logits, tokens) kept, and
-    of a generation (a run with a first token) the first run's first step, warm-up or not."""
+    the first run's first step, warm-up or not: a generation's first one-token step (after its
+    prefill), a one-call run's call. What a shape compiles on its first call shows there."""
     clock, spans, firsts, streamed, first_step, out = Clock(env.device), [], [], [], [], None
     for i in range(warmup + repeats):
         out = None  # the previous run's output is freed before the next one runs
         align(env, all_ranks)
         out = run(clock)
-        if i == 0 and out.firsts:  # a generation: it has a first token, then steps
+        if i == 0:
             first_step = out.spans[:1]
         if i >= warmup:
             spans += out.spans

@@ -74,7 +74,7 @@ def test_a_small_run_renders_to_the_expected_tables(tmp_path: Path):
 | 40k | ring 2x1 | 800.0 |  |  |  |  |  | ok |
 """
     decode = """\
-| tokens | config (cp x tp) | batch | ms | floor ms | x floor | TTFT ms | first step ms | status |
+| tokens | config (cp x tp) | batch | ms | floor ms | x floor | TTFT ms | first call ms | status |
 | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |
 | 8k | ring 2x1 | 4 | 5.000 | 2.500 | 2.00 | 300.0 | 900.0 | ok |
 """
