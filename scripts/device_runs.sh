@@ -73,6 +73,7 @@
 #           kernels); combo kernels launch independent small kernels as one (RoPE, the cache writes).
 #           Rows in results_inductor.csv, their variant naming the setting; the 32K step as it is
 #           profiled (step/decode_profile_rank0.json: kernels, and the host's part of a step)
+# decode-profile  that 32K step profiled alone (decode_profile_rank0.json)
 # families  Bamba-9.8B and gpt-oss-20b shapes beside FMS's own model (single) at world 1: a window
 #           layer's attention against a full layer's at 32K (scripts/profile_windows.py), Bamba prefill
 #           and decode at 8K, 32K and 128K, gpt-oss prefill at 8K and 32K and the ring's decode at 32K
@@ -102,6 +103,10 @@ bench() {
         echo "[device_runs] a bench exited $rc: see the status and error columns of its rows"
         status=1
     fi
+}
+profile_step() {  # the 32K decode step at world 1: kernels by name, the host's part, the graph replayed alone
+    torchrun --standalone --nproc_per_node="$nproc" scripts/profile_decode.py "$1" 32768 1 2>&1 \
+        | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log" | grep -v '^ *"' || status=1
 }
 case $section in
 prefill)
@@ -247,8 +252,7 @@ first-step)
     ;;
 inductor)
     mkdir -p "$out/step"
-    torchrun --standalone --nproc_per_node="$nproc" scripts/profile_decode.py "$out/step" 32768 1 2>&1 \
-        | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log" | grep -v '^ *"' || status=1
+    profile_step "$out/step"
     for setting in "" ${INDUCTOR:-TORCHINDUCTOR_ENABLE_PDL=1 combo_kernels=True}; do
         (  # a subshell: the setting and a compile cache of its own stay with this launch
             export TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)"
@@ -262,6 +266,9 @@ inductor)
             exit "$status"
         ) || status=1
     done
+    ;;
+decode-profile)
+    profile_step "$out"
     ;;
 families)
     python3 scripts/profile_windows.py "$out" 32768 128 2>&1 | tee -a "$out/bench_$section.log" || status=1
