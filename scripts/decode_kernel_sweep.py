@@ -3,11 +3,14 @@ chunk count and tile configuration; how fmsring.kernels.decode_splits and the ke
 were chosen.
 
 One query token over a bf16 cache shard, each call timed inside a CUDA graph (as the decode step
-runs it), for the per-GPU shapes of LLaMA-3-8B's factorisations on 2 and 4 GPUs and of
-LLaMA-2-70B's 2x2. ``flash`` is the call fmsring made before it had a kernel of its own (the shard
-as a batch of chunks through flash's varlen kernel, the query heads of a kv-head packed as rows),
-kept here as the baseline. Every variant is checked against fp32 math (``rel_err``). The bandwidth
-is the K/V bytes read over the time. Writes a CSV:
+runs it), for the per-GPU shapes of LLaMA-3-8B on one GPU and its factorisations on 2 and 4 GPUs,
+and of LLaMA-2-70B's 2x2. Chunk counts tried: the rule's, half and twice it, and the counts that
+fill one and two waves of one program per SM exactly (the rule rounds up, so its last wave can
+hold a few programs alone), each with every tile configuration. ``flash`` is the call fmsring
+made before it had a kernel of its own (the shard as a batch of chunks through flash's varlen
+kernel, the query heads of a kv-head packed as rows), kept here as the baseline. Every variant
+is checked against fp32 math (``rel_err``). The bandwidth is the K/V bytes read over the time.
+Writes a CSV:
 
     python scripts/decode_kernel_sweep.py OUT.csv
 """
@@ -33,6 +36,10 @@ from fmsring.split_kv import decode_splits, sm_count, split_kv
 SCALE = 128**-0.5
 # (name, batch, query heads, kv-heads, cached tokens per GPU)
 SHAPES = [
+    ("8b 1x1 8K", 1, 32, 8, 8192),
+    ("8b 1x1 32K", 1, 32, 8, 32768),
+    ("8b 1x1 128K", 1, 32, 8, 131072),
+    ("8b 1x1 batch 4 32K", 4, 32, 8, 32768),
     ("8b 2x1 32K", 1, 32, 8, 16384),
     ("8b 2x1 128K", 1, 32, 8, 65536),
     ("8b 1x2 32K", 1, 16, 4, 32768),
@@ -101,9 +108,10 @@ def main(path: str) -> None:
         auto = decode_splits(batch, kv_heads, tokens, sms)
         flash_splits = min(-(-2 * sms // (batch * kv_heads)), tokens // 512)  # fmsring's rule for flash
         cands = {("flash", flash_splits, None): flash_varlen(q, kc, vc, lens, flash_splits)}
-        for splits in sorted({max(1, auto // 2), auto, 2 * auto}):
+        wave = max(1, sms // (batch * kv_heads))  # chunks for one program per SM, none left over
+        for splits in sorted({max(1, auto // 2), wave, auto, 2 * wave, 2 * auto}):
             plan = split_kv(lens, splits)  # made once per step, outside the layers
-            for cfg in CONFIGS if splits == auto else CONFIGS[:1]:
+            for cfg in CONFIGS:
                 cands[("fmsring", splits, cfg)] = lambda p=plan: split_kv_decode_with_lse(q, kc, vc, SCALE, p)
         for (kernel, splits, cfg), fn in cands.items():
             if cfg is not None:

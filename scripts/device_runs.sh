@@ -51,6 +51,8 @@
 #           calls it, alone and with its layer's elementwise work compiled around it (RMSNorm before,
 #           residual or SwiGLU after), against a Triton GEMV, plain and with that work fused, every
 #           configuration (scripts/gemv_sweep.py, gemv.csv)
+# decode-kernel  fmsring's decode attention alone (scripts/decode_kernel_sweep.py, decode_kernels.csv):
+#           chunk counts and tile configurations per shape, one GPU's shapes first, against flash
 # followup-whole  short follow-ups (512 and 1K tokens on 32K and 128K cached) on the ring at world 1,
 #           each decoder layer compiled whole (the default) against module by module
 #           (ring_fuse_layers=false, variant `modules`)
@@ -215,6 +217,9 @@ targets)
     bench --strategies ring --phases decode --seq-lens 8K,32K --batch 4 --decode-tokens 32 --no-check "${steps[@]}"
     bench --strategies single,ring --phases decode --seq-lens 8K,32K --batch 4 --padding 0.5 --decode-tokens 32 \
         "${steps[@]}"
+    ;;
+decode-kernel)
+    python3 scripts/decode_kernel_sweep.py "$out/decode_kernels.csv" 2>&1 | tee -a "$out/bench_$section.log" || status=1
     ;;
 gemv)
     python3 scripts/gemv_sweep.py "$out/gemv.csv" 2>&1 | tee -a "$out/bench_$section.log" || status=1
