@@ -9,11 +9,11 @@ fill one and two waves of one program per SM exactly (the rule rounds up, so its
 hold a few programs alone), each with every tile configuration. At the rule's count, the kernel's
 chunks merged as the compiled step merges them (inductor's two kernels, the output cast and laid
 out for the output projection) against one Triton kernel that does all of it (``combine``): a
-candidate for one kernel fewer a layer, measured before it goes into the step. ``flash`` is the call fmsring
-made before it had a kernel of its own (the shard as a batch of chunks through flash's varlen
-kernel, the query heads of a kv-head packed as rows), kept here as the baseline. Every variant
-is checked against fp32 math (``rel_err``). The bandwidth is the K/V bytes read over the time.
-Writes a CSV:
+candidate for one kernel fewer a layer, measured before it goes into the step. ``flash`` is the
+call fmsring made before it had a kernel of its own (the shard as a batch of chunks through
+flash's varlen kernel, the query heads of a kv-head packed as rows), kept here as the baseline.
+Every variant is checked against fp32 math (``rel_err``). The bandwidth is the K/V bytes read
+over the time. Writes a CSV:
 
     python scripts/decode_kernel_sweep.py OUT.csv
 """
@@ -186,8 +186,8 @@ def main(path: str) -> None:
         auto = decode_splits(batch, kv_heads, tokens, sms)
         flash_splits = min(-(-2 * sms // (batch * kv_heads)), tokens // 512)  # fmsring's rule for flash
         cands = {("flash", flash_splits, None): flash_varlen(q, kc, vc, lens, flash_splits)}
-        wave = max(1, sms // (batch * kv_heads))  # chunks for one program per SM, none left over
-        for splits in sorted({max(1, auto // 2), wave, auto, 2 * wave, 2 * auto}):
+        waves = {max(1, n * sms // (batch * kv_heads)) for n in (1, 2)}  # n programs per SM, none left over
+        for splits in sorted({max(1, auto // 2), auto, 2 * auto, *waves}):
             plan = split_kv(lens, splits)  # made once per step, outside the layers
             for cfg in CONFIGS:
                 cands[("fmsring", splits, cfg)] = lambda p=plan: split_kv_decode_with_lse(q, kc, vc, SCALE, p)
