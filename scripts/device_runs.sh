@@ -63,10 +63,10 @@
 #           new, kernels, idle stream and host ops
 # first-step  ring's 8K decode in two fresh processes over one empty compile cache: the second launch's
 #           first step finds the first's compiled code on disk (first_step_ms: what a user's second run
-#           pays), rows in results_first_step.csv; then scripts/profile_first_step.py twice over another
-#           empty cache: the same first step split into tracing, backend, loading, garbage collections
-#           and capture, with the bench's allocator (expandable segments) and then twice more with
-#           the default one (first_step_default-alloc_launch*)
+#           pays), rows in results_first_step.csv, the bench run by scripts/profile_first_step.py --bench
+#           so that its first step is split into tracing, backend, loading, garbage collections and
+#           capture (first_step_bench-launch*); then the script's own step twice over another empty
+#           cache, split the same way (first_step_launch*)
 # inductor  ring decode (32 greedy tokens) at 8K/32K/128K as it is, then under each setting of INDUCTOR
 #           (space-separated, one launch each over an empty compile cache; default
 #           "TORCHINDUCTOR_ENABLE_PDL=1 combo_kernels=True"): an upper-case NAME=value is an environment
@@ -239,18 +239,13 @@ followup-profile)
     done
     ;;
 first-step)
-    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
-    export TORCHINDUCTOR_CACHE_DIR
-    for launch in 1 2; do
-        bench --strategies ring --phases decode --seq-lens 8K --decode-tokens 8 --no-check --repeats 1 --warmup 0 \
-            --out "$out/results_first_step.csv"
-    done
-    # the same first step split by phase, over a cache of its own: the bench's allocator, then the default one
-    for alloc in "" expandable_segments:False; do
+    for mode in --bench ""; do  # the bench's step, then the script's own, each over a cache of its own
         TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
+        export TORCHINDUCTOR_CACHE_DIR
         for launch in 1 2; do
-            env ${alloc:+PYTORCH_CUDA_ALLOC_CONF=$alloc} torchrun --standalone --nproc_per_node="$nproc" scripts/profile_first_step.py \
-                "$out" "${alloc:+default-alloc_}launch$launch" 2>&1 \
+            # shellcheck disable=SC2086  # an empty mode is no argument
+            torchrun --standalone --nproc_per_node="$nproc" scripts/profile_first_step.py "$out" \
+                "${mode:+bench-}launch$launch" 8192 $mode 2>&1 \
                 | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log" | grep -v '^ *"' || status=1
         done
     done

@@ -1,6 +1,6 @@
 """What a process's first decode step spends its time on: compiling, loading compiled code, capturing.
 
-Run: torchrun --nproc_per_node=1 scripts/profile_first_step.py OUT_DIR NAME [SEQ_LEN]
+Run: torchrun --nproc_per_node=1 scripts/profile_first_step.py OUT_DIR NAME [SEQ_LEN] [--bench]
 LLaMA-3-8B shapes, random weights, bf16: a cached prefill of SEQ_LEN tokens
 (default 8K), then the first one-token step timed whole (CUDA-synchronised
 wall time), then the second. The step's time is split by dynamo's own
@@ -13,11 +13,17 @@ configure it (a ``PYTORCH_CUDA_ALLOC_CONF`` set outside wins). Run it twice
 over one ``TORCHINDUCTOR_CACHE_DIR``: the second launch is what a user's
 second run pays. Writes first_step_<NAME>_rank<r>.json, with inductor's cache
 hits and misses.
+
+``--bench``: the same split of the bench's own first step instead -- ``fmsring.bench``
+run in this process (ring decode of 8 tokens, one run, its rows in
+results_first_step.csv), the split taken between the marks its clock sets around
+that step -- since the bench's second launch has paid more than this script's.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import time
 
@@ -55,6 +61,43 @@ class Collections:
             self.count[info["generation"]] += 1
 
 
+def phase_totals() -> dict[str, float]:
+    """Seconds dynamo has spent so far in each of :data:`PHASES`."""
+    return {k: sum(compilation_time_metrics.get(v, [])) for k, v in PHASES.items()}
+
+
+# the bench's point: LLaMA-3-8B's ring decode, one run of 8 tokens, as device_runs.sh's first-step section runs it
+BENCH_ARGS = ["--architecture", "llama", "--variant", "3-8b", "--device", "cuda", "--dtype", "bfloat16",
+              "--strategies", "ring", "--phases", "decode", "--decode-tokens", "8", "--no-check", "--repeats", "1",
+              "--warmup", "0"]  # fmt: skip
+
+
+def bench_first_step(out_dir: str, seq_len: int, collections: Collections) -> tuple[float, dict[str, float]]:
+    """The bench's first decode step, run by the bench in this process: (its wall ms, dynamo's
+    seconds by phase inside it), between the clock's third and fourth marks (the prefill's two
+    come first); the collector's time inside it goes to ``collections``. The harness is imported
+    here, so the script's own step runs in a process without it, as before."""
+    from fmsring.harness import bench, timing
+
+    marks: list[tuple[float, dict[str, float]]] = []
+    mark = timing.Clock.mark
+
+    def noted(clock):
+        if len(marks) == 3 and clock.cuda:  # the end of the first step: after the device, as the bench's own mark
+            torch.cuda.synchronize()
+        marks.append((time.perf_counter(), phase_totals()))
+        collections.on = len(marks) == 3
+        return mark(clock)
+
+    timing.Clock.mark = noted
+    try:
+        bench.main([*BENCH_ARGS, "--seq-lens", str(seq_len), "--out", os.path.join(out_dir, "results_first_step.csv")])
+    finally:
+        timing.Clock.mark = mark
+    (start, before), (end, after) = marks[2], marks[3]
+    return (end - start) * 1e3, {k: after[k] - before[k] for k in PHASES}
+
+
 def timed_step(model, token, cache) -> tuple[float, object]:
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -64,21 +107,27 @@ def timed_step(model, token, cache) -> tuple[float, object]:
 
 
 def main() -> None:
-    out_dir, name = sys.argv[1], sys.argv[2]
-    seq_len = int(sys.argv[3]) if len(sys.argv) > 3 else 8192
+    positional = [a for a in sys.argv[1:] if a != "--bench"]
+    out_dir, name = positional[0], positional[1]
+    seq_len = int(positional[2]) if len(positional) > 2 else 8192
     alloc_conf = configure_allocator()
     collections = Collections()
-    rank, world, args, ids = llama3_8b(seq_len, seq_len + 64)
-    model = fmsring.get_model(**args, distributed_strategy="ring", ring_check_inputs=False).eval()
-    with torch.no_grad():
-        logits, cache = model(ids, use_cache=True, last_n_tokens=1)
-        token = logits[:, -1:].argmax(-1)
-        before = {k: sum(compilation_time_metrics.get(v, [])) for k, v in PHASES.items()}
-        collections.on = True
-        first_ms, cache = timed_step(model, token, cache)
-        collections.on = False
-        spent = {k: round((sum(compilation_time_metrics.get(v, [])) - before[k]) * 1e3, 1) for k, v in PHASES.items()}
-        second_ms, cache = timed_step(model, token, cache)
+    if "--bench" in sys.argv:
+        first_ms, spent = bench_first_step(out_dir, seq_len, collections)
+        rank, world, second_ms = 0, 1, float("nan")
+    else:
+        rank, world, args, ids = llama3_8b(seq_len, seq_len + 64)
+        model = fmsring.get_model(**args, distributed_strategy="ring", ring_check_inputs=False).eval()
+        with torch.no_grad():
+            logits, cache = model(ids, use_cache=True, last_n_tokens=1)
+            token = logits[:, -1:].argmax(-1)
+            before = phase_totals()
+            collections.on = True
+            first_ms, cache = timed_step(model, token, cache)
+            collections.on = False
+            spent = {k: v - before[k] for k, v in phase_totals().items()}
+            second_ms, cache = timed_step(model, token, cache)
+    spent = {k: round(v * 1e3, 1) for k, v in spent.items()}
     result = {
         "gpu": torch.cuda.get_device_name(), "world_size": world, "seq_len": seq_len, "launch": name,
         "first_step_ms": round(first_ms, 1), "second_step_ms": round(second_ms, 3),
