@@ -16,7 +16,6 @@ def sm_count(device: torch.device) -> int:
 
 
 MIN_SPLIT_SLOTS = 512  # a chunk shorter than this costs more in its partial than it gains in parallelism
-BLOCKS_PER_SM = 1
 TILE_SLOTS = 64  # cache slots per tile of the decode kernel, which reads this: chunks are whole tiles
 
 
@@ -25,10 +24,13 @@ def decode_splits(batch: int, kv_heads: int, capacity: int, sms: int) -> int:
 
     The decode kernel's grid is one program per (sequence, kv-head) and
     chunk: 8 programs for LLaMA-3-8B at batch 1 without chunks, on a GPU of
-    132 SMs. Chunks multiply the programs until every SM has
-    :data:`BLOCKS_PER_SM`, with no chunk under :data:`MIN_SPLIT_SLOTS` of the capacity.
+    132 SMs. Chunks multiply the programs up to one per SM, rounded down, with
+    no chunk under :data:`MIN_SPLIT_SLOTS` of the capacity. Down, because
+    every program reads as much: rounded up (17 chunks of 8 kv-heads on 132
+    SMs) a few SMs run two and the step waits for them, 6% slower at 32K and
+    128K on an H100 than 16 chunks (``scripts/decode_kernel_sweep.py``).
     """
-    wanted = -(-BLOCKS_PER_SM * sms // max(batch * kv_heads, 1))
+    wanted = sms // max(batch * kv_heads, 1)
     return max(1, min(wanted, capacity // MIN_SPLIT_SLOTS))
 
 

@@ -47,6 +47,9 @@
 #           FMS compiled (COMPILE_PEERS, default `default`) and ring; follow-ups of 512 and 1K tokens
 #           on 32K and 128K cached, the same peers; ring at batch 4, 8K and 32K, unpadded and then
 #           left-padded (--padding 0.5, checked against single, whose padded rows are the padded peer)
+# decode-ring  the ring's own decode rows of `targets`, no peers: 8K/32K/128K, and batch 4 at 32K
+#           unpadded and padded; in an old tree and the new one on one machine (as `same`), a change's
+#           effect on every decode target in ~2 minutes a tree
 # gemv      the decode step's four projections alone (LLaMA-3-8B, batch 1 and 4): cuBLAS as the step
 #           calls it, alone and with its layer's elementwise work compiled around it (RMSNorm before,
 #           residual or SwiGLU after), against a Triton GEMV, plain and with that work fused, every
@@ -66,7 +69,8 @@
 #           pays), rows in results_first_step.csv, the bench run by scripts/profile_first_step.py --bench
 #           so that its first step is split into tracing, backend, loading, garbage collections and
 #           capture (first_step_bench-launch*); then the script's own step twice over another empty
-#           cache, split the same way (first_step_launch*)
+#           cache, split the same way (first_step_launch*); each mode's third launch under cProfile
+#           (first_step_*launch3: its top functions, where the time outside dynamo's phases goes)
 # inductor  ring decode (32 greedy tokens) at 8K/32K/128K as it is, then under each setting of INDUCTOR
 #           (space-separated, one launch each over an empty compile cache; default
 #           "TORCHINDUCTOR_ENABLE_PDL=1 combo_kernels=True"): an upper-case NAME=value is an environment
@@ -218,6 +222,12 @@ targets)
     bench --strategies single,ring --phases decode --seq-lens 8K,32K --batch 4 --padding 0.5 --decode-tokens 32 \
         "${steps[@]}"
     ;;
+decode-ring)
+    steps=(--strategies ring --phases decode --decode-tokens 32 --no-check --repeats 1 --warmup 1 --out "$out/results.csv")
+    bench --seq-lens 8K,32K,128K "${steps[@]}"
+    bench --seq-lens 32K --batch 4 "${steps[@]}"
+    bench --seq-lens 32K --batch 4 --padding 0.5 "${steps[@]}"
+    ;;
 decode-kernel)
     python3 scripts/decode_kernel_sweep.py "$out/decode_kernels.csv" 2>&1 | tee -a "$out/bench_$section.log" || status=1
     ;;
@@ -242,10 +252,11 @@ first-step)
     for mode in --bench ""; do  # the bench's step, then the script's own, each over a cache of its own
         TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
         export TORCHINDUCTOR_CACHE_DIR
-        for launch in 1 2; do
+        for launch in 1 2 3; do
+            profiled=$([ $launch = 3 ] && echo --cprofile)
             # shellcheck disable=SC2086  # an empty mode is no argument
             torchrun --standalone --nproc_per_node="$nproc" scripts/profile_first_step.py "$out" \
-                "${mode:+bench-}launch$launch" 8192 $mode 2>&1 \
+                "${mode:+bench-}launch$launch" 8192 $mode $profiled 2>&1 \
                 | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log" | grep -v '^ *"' || status=1
         done
     done

@@ -8,8 +8,8 @@ the mesh of ``ring_tp=RING_TP`` (default 1: the ring alone; with TP, FMS's
 all-reduces are among the kernels):
 a cached prefill of SEQ_LEN tokens (LLaMA-3-8B shapes, random weights,
 bf16), then one-token steps. The captured (CUDA-graph) step is timed with
-CUDA events, median of 20, beside the host's time inside the call and the graph
-replayed alone; one eager step is profiled for its kernel count,
+CUDA events, median of 20, beside the host's time inside the call (and, under
+cProfile, the functions it is spent in) and the graph replayed alone; one eager step is profiled for its kernel count,
 kernel time by kind and the most launched kernels by name (a graph replays
 the same kernels without the launch gaps). The floor is what a step must read -- every weight but the
 embedding table, plus this rank's cache shard -- over the HBM bandwidth measured here by a large copy.
@@ -18,6 +18,9 @@ Writes decode_profile_rank<r>.json.
 
 from __future__ import annotations
 
+import cProfile
+import io
+import pstats
 import statistics
 import sys
 import time
@@ -37,16 +40,31 @@ def hbm_gbps(gib: int = 4) -> float:
     return 2 * src.numel() / statistics.median(cuda_times(lambda: dst.copy_(src), reps=5, warmup=1)) / 1e6
 
 
-def host_ms(fn, reps: int) -> list[float]:
+def host_ms(fn, reps: int) -> tuple[list[float], list[str]]:
     """Host milliseconds of each of ``reps`` calls of ``fn``, the device drained before each: what
-    the host spends preparing and launching a step while the device waits for it."""
+    the host spends preparing and launching a step while the device waits for it. And where, by
+    function: a second ``reps`` calls under cProfile, its top lines by own time (cProfile's overhead
+    inflates them, so the shares count, not the times)."""
     times = []
     for _ in range(reps):
         torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    return times
+    profiler = cProfile.Profile()
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        profiler.runcall(fn)
+    return times, top_functions(profiler, "tottime", 25)
+
+
+def top_functions(profiler: cProfile.Profile, key: str, n: int) -> list[str]:
+    """cProfile's report sorted by ``key``, its first ``n`` function lines."""
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(n)
+    lines = text.getvalue().splitlines()
+    head = next(i for i, line in enumerate(lines) if line.lstrip().startswith("ncalls"))
+    return [line for line in lines[head:] if line.strip()]
 
 
 def profile_steps(model, ids) -> dict:
@@ -59,7 +77,7 @@ def profile_steps(model, ids) -> dict:
             _, cache = model(tok, past_key_value_states=cache, use_cache=True, last_n_tokens=1)
 
         times = cuda_times(step, reps=20)  # the first warm-up step captures the graph
-        host = host_ms(step, reps=20)
+        host, host_by_function = host_ms(step, reps=20)
         graph = model.graphs.current
         replay = cuda_times(graph.graph.replay, reps=20) if graph is not None else [float("nan")]
         model.cuda_graphs = False
@@ -81,6 +99,7 @@ def profile_steps(model, ids) -> dict:
         # the host's part: its time inside the model call (no sync), and the captured graph replayed alone
         "host_call_ms_median": statistics.median(host),
         "replay_only_ms_median": statistics.median(replay),
+        "host_by_own_time": host_by_function,
         "graph_step_ms_min": min(times),
         "graph_step_ms_max": max(times),
         "eager_kernels": count,

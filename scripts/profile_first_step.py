@@ -1,6 +1,6 @@
 """What a process's first decode step spends its time on: compiling, loading compiled code, capturing.
 
-Run: torchrun --nproc_per_node=1 scripts/profile_first_step.py OUT_DIR NAME [SEQ_LEN] [--bench]
+Run: torchrun --nproc_per_node=1 scripts/profile_first_step.py OUT_DIR NAME [SEQ_LEN] [--bench] [--cprofile]
 LLaMA-3-8B shapes, random weights, bf16: a cached prefill of SEQ_LEN tokens
 (default 8K), then the first one-token step timed whole (CUDA-synchronised
 wall time), then the second. The step's time is split by dynamo's own
@@ -18,16 +18,22 @@ hits and misses.
 run in this process (ring decode of 8 tokens, one run, its rows in
 results_first_step.csv), the split taken between the marks its clock sets around
 that step -- since the bench's second launch has paid more than this script's.
+
+``--cprofile``: the first step under cProfile as well, its top functions by cumulative and by own
+time in the JSON -- where the time outside dynamo's phases goes (the profiler's overhead inflates
+the Python-heavy phases, so such a launch's phase times are not the step's).
 """
 
 from __future__ import annotations
 
+import cProfile
 import gc
 import os
 import sys
 import time
 
 import torch
+from profile_decode import top_functions
 from profile_prefill import llama3_8b, write_rank_json
 from torch._dynamo.utils import compilation_time_metrics, counters
 
@@ -45,14 +51,26 @@ PHASES = {  # dynamo's metric names (seconds, summed over every compile of the s
 
 
 class Collections:
-    """Time spent in Python's garbage collections while ``on``, and how many of each generation."""
+    """Time spent in Python's garbage collections while ``on``, and how many of each generation;
+    with a ``profiler``, it runs while ``on`` too."""
 
-    def __init__(self) -> None:
-        self.on, self.ms, self.count, self._start = False, 0.0, [0, 0, 0], 0.0
+    def __init__(self, profiler: cProfile.Profile | None = None) -> None:
+        self._on, self.ms, self.count, self._start = False, 0.0, [0, 0, 0], 0.0
+        self.profiler = profiler
         gc.callbacks.append(self._callback)
 
+    @property
+    def on(self) -> bool:
+        return self._on
+
+    @on.setter
+    def on(self, value: bool) -> None:
+        if self.profiler is not None and value != self._on:
+            self.profiler.enable() if value else self.profiler.disable()
+        self._on = value
+
     def _callback(self, phase: str, info: dict) -> None:
-        if not self.on:
+        if not self._on:
             return
         if phase == "start":
             self._start = time.perf_counter()
@@ -107,11 +125,12 @@ def timed_step(model, token, cache) -> tuple[float, object]:
 
 
 def main() -> None:
-    positional = [a for a in sys.argv[1:] if a != "--bench"]
+    positional = [a for a in sys.argv[1:] if not a.startswith("--")]
     out_dir, name = positional[0], positional[1]
     seq_len = int(positional[2]) if len(positional) > 2 else 8192
     alloc_conf = configure_allocator()
-    collections = Collections()
+    profiler = cProfile.Profile() if "--cprofile" in sys.argv else None
+    collections = Collections(profiler)
     if "--bench" in sys.argv:
         first_ms, spent = bench_first_step(out_dir, seq_len, collections)
         rank, world, second_ms = 0, 1, float("nan")
@@ -137,6 +156,9 @@ def main() -> None:
         "alloc_conf": alloc_conf,
         "inductor_cache_in_process": {k: v for k, v in counters["inductor"].items() if "cache" in k},
     }  # fmt: skip
+    if profiler is not None:
+        result["by_cumulative_time"] = top_functions(profiler, "cumtime", 60)
+        result["by_own_time"] = top_functions(profiler, "tottime", 30)
     write_rank_json(result, out_dir, f"first_step_{name}_rank{rank}.json")
 
 

@@ -22,9 +22,10 @@ def test_split_kv_chunks_follow_the_fill_in_whole_tiles():
 
 
 def test_decode_splits_fill_the_gpu_without_tiny_chunks():
-    assert decode_splits(1, 8, 131072, 132) == 17  # 17 x 8 programs >= 1 per SM
+    assert decode_splits(1, 8, 131072, 132) == 16  # 16 x 8 programs: one per SM, none with two
     assert decode_splits(1, 2, 131072, 132) == 66
-    assert decode_splits(4, 8, 131072, 132) == 5
+    assert decode_splits(4, 8, 131072, 132) == 4
+    assert decode_splits(40, 8, 131072, 132) == 1  # more programs than SMs unsplit: no chunks
     assert decode_splits(1, 8, 2048, 132) == 4  # no chunk under MIN_SPLIT_SLOTS
     assert decode_splits(64, 8, 131072, 132) == 1
     assert decode_splits(1, 8, 100, 132) == 1
