@@ -9,9 +9,10 @@ all-reduces are among the kernels):
 a cached prefill of SEQ_LEN tokens (LLaMA-3-8B shapes, random weights,
 bf16), then one-token steps. The captured (CUDA-graph) step is timed with
 CUDA events, median of 20, beside the host's time inside the call (and, under
-cProfile, the functions it is spent in) and the graph replayed alone; one eager step is profiled for its kernel count,
-kernel time by kind and the most launched kernels by name (a graph replays
-the same kernels without the launch gaps). The floor is what a step must read -- every weight but the
+cProfile, the functions it is spent in) and the graph replayed alone; one
+eager step is profiled for its kernel count, kernel time by kind and the most
+launched kernels by name (a graph replays the same kernels without the launch
+gaps). The floor is what a step must read -- every weight but the
 embedding table, plus this rank's cache shard -- over the HBM bandwidth measured here by a large copy.
 Writes decode_profile_rank<r>.json.
 """

@@ -58,7 +58,7 @@ def places(s: str) -> int:
 
 
 def known(values) -> set[tuple[float, int]]:
-    return {(round(v, d), d) for v in values for d in range(4)}
+    return {(round(v, d), d) for v in values for d in range(5)}
 
 
 def run_values(folder: str) -> tuple[set, set, pd.DataFrame]:
@@ -151,7 +151,7 @@ def folder_times(folder: str) -> set[tuple[float, int]]:
     for path in (ROOT / "runs" / folder).rglob("*.csv"):
         df = pd.read_csv(path)
         for col in df.columns:
-            if col.endswith("_ms") or "_ms_" in col:
+            if col == "ms" or col.endswith("_ms") or "_ms_" in col:  # "ms": a kernel sweep's rows
                 values += pd.to_numeric(df[col], errors="coerce").dropna().tolist()
     for path in (ROOT / "runs" / folder).rglob("*.json"):
         values += _times(json.loads(path.read_text()))
