@@ -1,11 +1,13 @@
 """Where a ring decode step's time goes, against its memory floor.
 
-Run: torchrun --nproc_per_node=2 scripts/profile_decode.py OUT_DIR [SEQ_LEN [VARIANTS [RING_TP]]]
+Run: torchrun --nproc_per_node=2 scripts/profile_decode.py OUT_DIR [SEQ_LEN [VARIANTS [RING_TP [BATCH [PADDING]]]]]
 For ring with whole decoder layers compiled (the default), with only each
 module's elementwise work fused (``ring_fuse_layers=False``), and unfused
 (``ring_fuse=False``) -- the first VARIANTS of these (default all three), on
 the mesh of ``ring_tp=RING_TP`` (default 1: the ring alone; with TP, FMS's
-all-reduces are among the kernels):
+all-reduces are among the kernels), at batch BATCH (default 1), left-padded by
+PADDING (default 0; as the bench's ``--padding``: the mask extended every step
+as FMS's ``generate`` extends it, inside the host's part):
 a cached prefill of SEQ_LEN tokens (LLaMA-3-8B shapes, random weights,
 bf16), then one-token steps. The captured (CUDA-graph) step is timed with
 CUDA events, median of 20, beside the host's time inside the call (and, under
@@ -27,11 +29,13 @@ import sys
 import time
 
 import torch
+from fms.modules.attention import get_attention_type
 from gpu_probe import cuda_times
 from profile_prefill import cuda_kernels, kernel_ms_by_kind, kernels_by_name, llama3_8b, write_rank_json
 from torch.profiler import ProfilerActivity, profile
 
 import fmsring
+from fmsring.harness.session import left_pad
 
 
 def hbm_gbps(gib: int = 4) -> float:
@@ -68,14 +72,18 @@ def top_functions(profiler: cProfile.Profile, key: str, n: int) -> list[str]:
     return [line for line in lines[head:] if line.strip()]
 
 
-def profile_steps(model, ids) -> dict:
+def profile_steps(model, ids, padding: dict) -> dict:
     with torch.no_grad():
-        logits, cache = model(ids, use_cache=True, last_n_tokens=1)
+        logits, cache = model(ids, use_cache=True, last_n_tokens=1, **padding)
         tok = logits[:, -1:].argmax(-1)
+        kwargs = dict(padding)
 
         def step():
-            nonlocal cache
-            _, cache = model(tok, past_key_value_states=cache, use_cache=True, last_n_tokens=1)
+            nonlocal cache, kwargs
+            if kwargs:  # a padded batch's mask and positions, extended as FMS's generate extends them
+                kwargs = get_attention_type(**kwargs)["update_attn_kwargs"](**kwargs)
+                kwargs["position_ids"] = kwargs["position_ids"][:, -1:] + 1
+            _, cache = model(tok, past_key_value_states=cache, use_cache=True, last_n_tokens=1, **kwargs)
 
         times = cuda_times(step, reps=20)  # the first warm-up step captures the graph
         host, host_by_function = host_ms(step, reps=20)
@@ -92,7 +100,7 @@ def profile_steps(model, ids) -> dict:
     kernel_ms, count = kernel_ms_by_kind(kernels)
     fill = cache.state.fills[model.strategy.rank]
     k0 = cache[0][0]
-    cache_bytes = 2 * len(cache) * fill * k0[0, 0].numel() * k0.element_size()
+    cache_bytes = 2 * len(cache) * fill * k0[:, 0].numel() * k0.element_size()  # every sequence's
     embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in embeddings)
     return {
@@ -115,13 +123,18 @@ def main() -> None:
     out_dir, seq_len = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 32768
     variants = int(sys.argv[3]) if len(sys.argv) > 3 else 3
     ring_tp = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    batch = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+    fraction = float(sys.argv[6]) if len(sys.argv) > 6 else 0.0
     rank, world, args, ids = llama3_8b(seq_len, seq_len + 512)
+    ids, padding = left_pad(ids.expand(batch, -1), fraction) if fraction else (ids.expand(batch, -1), {})
     bw = hbm_gbps()
     result: dict = {
         "gpu": torch.cuda.get_device_name(),
         "world_size": world,
         "ring_tp": ring_tp,
         "seq_len": seq_len,
+        "batch": batch,
+        "padding": fraction,
         "hbm_gbps": bw,
     }
     for name, fuse, layers in (("whole_layer", True, True), ("fused", True, False), ("unfused", False, False))[
@@ -136,13 +149,14 @@ def main() -> None:
             ring_fuse=fuse,
             ring_fuse_layers=layers,
         )
-        res = profile_steps(model.eval(), ids)
+        res = profile_steps(model.eval(), ids, padding)
         res["floor_ms"] = (res["weight_bytes"] + res["cache_shard_bytes"]) / bw / 1e6
         result[name] = res
         print(rank, name, {k: v for k, v in res.items() if not k.startswith("eager_kernel")}, flush=True)
         del model
         torch.cuda.empty_cache()
-    write_rank_json(result, out_dir, f"decode_profile_rank{rank}.json")
+    shape = f"_b{batch}_pad{fraction:g}" if batch > 1 or fraction else ""
+    write_rank_json(result, out_dir, f"decode_profile{shape}_rank{rank}.json")
 
 
 if __name__ == "__main__":
