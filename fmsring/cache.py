@@ -67,6 +67,43 @@ def empty_capacity(new_tokens: int, headroom: int) -> int:
     return new_tokens + headroom
 
 
+class SlotRoom:
+    """The host buffer a cache's slot indices are appended into (:meth:`RingCacheState.extended`),
+    and a mirror of it on one device, for the steps that read the indices there every step (a
+    padding mask read at the slots, a sliding window). The mirror copies only the entries
+    written since it was last read -- a decode step's one, as a fill -- not every index every
+    step: a pinned copy of a 32K shard's indices took ~0.3 ms of the host's part of each padded
+    step on an H100 (``runs/2026-12-06_h100x1_llama3-8b_splits``, ``decode_profile_b4_*``).
+
+    Like the cache's K/V slots, the entries past a state's view belong to whichever step extends
+    that state next: a write there (:meth:`written`) makes the mirror's copy of them stale.
+    """
+
+    def __init__(self, host: torch.Tensor):
+        self.host = host
+        self.mirror: torch.Tensor | None = None
+        self.synced = 0  # the host's first entries that the mirror holds
+
+    def written(self, start: int) -> None:
+        """The host's entries from ``start`` on were (re)written."""
+        self.synced = min(self.synced, start)
+
+    def on(self, device: torch.device, n: int) -> torch.Tensor:
+        """The host's first ``n`` entries on ``device``, copying what the mirror lacks; to a GPU
+        asynchronously (through pinned memory, or a fill for one entry), so no step waits."""
+        if self.mirror is None or self.mirror.device != device:
+            self.mirror, self.synced = torch.empty_like(self.host, device=device), 0
+        if self.synced < n:
+            new = self.host[self.synced : n]
+            if new.numel() == 1:
+                self.mirror[self.synced].fill_(int(new))
+            else:
+                pinned = new.pin_memory() if device.type == "cuda" else new
+                self.mirror[self.synced : n].copy_(pinned, non_blocking=True)
+            self.synced = n
+        return self.mirror[:n]
+
+
 @dataclass(frozen=True)
 class RingCacheState:
     """Global view of the sharded cache, identical on every rank (but slot_index).
@@ -79,8 +116,8 @@ class RingCacheState:
     cache_id: which prefill made the cache (with capacity, it names the
     buffers' allocation); max_position: the largest position id cached (the
     RoPE tables cover it), known without reading the device; slot_room: the
-    host buffer whose first entries ``slot_index`` views, with room to append
-    in place (:meth:`extended`).
+    buffer whose first entries ``slot_index`` views, with room to append in
+    place (:meth:`extended`), and its device mirror (:class:`SlotRoom`).
     """
 
     seq_len: int
@@ -89,7 +126,7 @@ class RingCacheState:
     capacity: int
     cache_id: int
     max_position: int = -1
-    slot_room: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    slot_room: SlotRoom | None = field(default=None, repr=False, compare=False)
 
     @staticmethod
     def owned(owners: list[int], rank: int) -> slice | list[int]:
@@ -105,11 +142,18 @@ class RingCacheState:
         return mine
 
     def slot_index_on(self, device: torch.device, start: int = 0) -> torch.Tensor:
-        """``slot_index[start:]`` on ``device``. To a GPU through pinned memory and asynchronously:
-        a copy from pageable memory would make the host wait for every kernel queued before it,
-        and a masked decode step reads this every step."""
+        """``slot_index[start:]`` on ``device``: from the room's mirror (:class:`SlotRoom`) once a
+        step has appended to the index; before that (a prefill's index), copied whole. To a GPU
+        through pinned memory and asynchronously: a copy from pageable memory would make the host
+        wait for every kernel queued before it, and a masked decode step reads this every step."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        room = self.slot_room
+        if room is not None and room.host.data_ptr() == self.slot_index.data_ptr():
+            return room.on(device, self.slot_index.numel())[start:]
         index = self.slot_index[start:]
-        if torch.device(device).type == "cuda":
+        if device.type == "cuda":
             return index.pin_memory().to(device, non_blocking=True)
         return index.to(device)
 
@@ -141,18 +185,19 @@ class RingCacheState:
             slot_room=room,
         )
 
-    def _appended(self, new: list[int], capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``slot_index`` with ``new`` appended, and the buffer it views. A decode step appends one
+    def _appended(self, new: list[int], capacity: int) -> tuple[torch.Tensor, SlotRoom]:
+        """``slot_index`` with ``new`` appended, and the room whose buffer it views. A decode step appends one
         index: written in place past the view, the step costs the host the same at any length (a
         concatenation would copy every index, every step). The buffer is the cache's: like its K/V
         slots, the entries past this state's view belong to whichever step extends it next."""
         index, room = self.slot_index, self.slot_room
         n, total = index.numel(), index.numel() + len(new)
-        if room is None or room.numel() < total or room.data_ptr() != index.data_ptr():
-            room = index.new_empty(max(capacity, 2 * total))  # doubling: appends cost O(1) amortised
-            room[:n] = index
-        room[n:total] = torch.tensor(new, dtype=room.dtype)
-        return room[:total], room
+        if room is None or room.host.numel() < total or room.host.data_ptr() != index.data_ptr():
+            room = SlotRoom(index.new_empty(max(capacity, 2 * total)))  # doubling: appends cost O(1) amortised
+            room.host[:n] = index
+        room.host[n:total] = torch.tensor(new, dtype=room.host.dtype)
+        room.written(n)
+        return room.host[:total], room
 
     def advanced(self, rank: int, owners: list[int], headroom: int) -> RingCacheState:
         """The state after appending tokens placed one by one (``owners[i]`` stores token i)."""

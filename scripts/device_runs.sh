@@ -82,7 +82,7 @@
 # decode-profile  that 32K step profiled alone (decode_profile_rank0.json)
 # decode-profile-batch  the 32K step at batch 4, unpadded and then left-padded (--padding 0.5 as the
 #           bench's), profiled the same way (decode_profile_b4_pad*_rank0.json): where a padded step's
-#           extra goes, the host's part by function
+#           extra goes, the host's part by function (PADDINGS: other fractions, space-separated)
 # families  Bamba-9.8B and gpt-oss-20b shapes beside FMS's own model (single) at world 1: a window
 #           layer's attention against a full layer's at 32K (scripts/profile_windows.py), Bamba prefill
 #           and decode at 8K, 32K and 128K, gpt-oss prefill at 8K and 32K and the ring's decode at 32K
@@ -285,7 +285,7 @@ decode-profile)
     profile_step "$out"
     ;;
 decode-profile-batch)
-    for padding in 0 0.5; do
+    for padding in ${PADDINGS:-0 0.5}; do
         torchrun --standalone --nproc_per_node="$nproc" scripts/profile_decode.py "$out" 32768 1 1 4 "$padding" 2>&1 \
             | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log" | grep -v '^ *"' || status=1
     done

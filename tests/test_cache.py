@@ -87,6 +87,34 @@ def test_one_token_steps_append_slot_indices_in_place_and_keep_older_views():
     assert follow.slot_index.tolist() == list(range(follow.seq_len))
 
 
+def test_slot_indices_read_on_a_device_follow_every_state_a_step_makes():
+    """The device mirror a masked step reads the indices from (``slot_index_on``) copies only what
+    was appended since: after one-token steps, follow-ups of several tokens, a buffer that
+    doubles, and steps from older states that rewrite the entries a newer one had with other
+    indices (two ranks: which tokens rank 0 holds depends on the branch; the newest step's are the
+    ones that hold), rank 0's indices read as the host's view, from any start."""
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    fill = rng.randint(1, 20)
+    state = RingCacheState(2 * fill, (fill, fill), torch.arange(0, 2 * fill, 2), capacity=fill + 1, cache_id=0)
+    cpu = torch.device("cpu")
+    history = [(state, list(range(0, 2 * fill, 2)))]  # each state beside rank 0's indices
+    for _ in range(80):
+        if rng.random() < 0.3:  # a step from an older state: the states made after it no longer hold
+            del history[rng.randrange(len(history)) + 1 :]
+        last, mine = history[-1]
+        tokens = list(range(last.seq_len, last.seq_len + rng.randint(1, 4)))
+        ranks = [rng.randrange(2) for _ in tokens]
+        new = [[t for t, r in zip(tokens, ranks) if r == dst] for dst in range(2)]
+        history.append((last.extended(0, new, headroom=2), mine + new[0]))
+        state, mine = history[-1]
+        assert state.slot_index_on(cpu).tolist() == mine, f"seed {seed}"
+        start = rng.randint(0, len(mine))
+        assert state.slot_index_on(cpu, start).tolist() == mine[start:], f"seed {seed}"
+    room = state.slot_room
+    assert room is not None and room.synced == len(mine)  # read through the mirror, not copied whole
+
+
 def test_headroom_for_n_tokens_takes_them_without_growing():
     """After a prefill sized with headroom_for(n), n more tokens -- a follow-up laid out by any layout
     in one step, or one-token steps -- fit the capacity on every rank."""
