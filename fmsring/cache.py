@@ -72,8 +72,8 @@ class SlotRoom:
     and a mirror of it on one device, for the steps that read the indices there every step (a
     padding mask read at the slots, a sliding window). The mirror copies only the entries
     written since it was last read -- a decode step's one, as a fill -- not every index every
-    step: a pinned copy of a 32K shard's indices took ~0.3 ms of the host's part of each padded
-    step on an H100 (``runs/2026-12-06_h100x1_llama3-8b_splits``, ``decode_profile_b4_*``).
+    step: pinning and copying a long shard's indices was most of a padded step's host time
+    (docs/performance.md, Padded batches).
 
     Like the cache's K/V slots, the entries past a state's view belong to whichever step extends
     that state next: a write there (:meth:`written`) makes the mirror's copy of them stale.

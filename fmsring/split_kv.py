@@ -27,8 +27,8 @@ def decode_splits(batch: int, kv_heads: int, capacity: int, sms: int) -> int:
     132 SMs. Chunks multiply the programs up to one per SM, rounded down, with
     no chunk under :data:`MIN_SPLIT_SLOTS` of the capacity. Down, because
     every program reads as much: rounded up (17 chunks of 8 kv-heads on 132
-    SMs) a few SMs run two and the step waits for them, 6% slower at 32K and
-    128K on an H100 than 16 chunks (``scripts/decode_kernel_sweep.py``).
+    SMs) a few SMs run two programs and the step waits for them
+    (``scripts/decode_kernel_sweep.py``; docs/performance.md, Decode).
     """
     wanted = sms // max(batch * kv_heads, 1)
     return max(1, min(wanted, capacity // MIN_SPLIT_SLOTS))
