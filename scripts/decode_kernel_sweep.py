@@ -5,8 +5,9 @@ were chosen.
 One query token over a bf16 cache shard, each call timed inside a CUDA graph (as the decode step
 runs it), for the per-GPU shapes of LLaMA-3-8B on one GPU and its factorisations on 2 and 4 GPUs,
 and of LLaMA-2-70B's 2x2. Chunk counts tried: the rule's, half and twice it, and the counts that
-fill one and two waves of one program per SM exactly (the rule rounds up, so its last wave can
-hold a few programs alone), each with every tile configuration. At the rule's count, the kernel's
+fill one and two waves of one program per SM exactly (the rule's own is the first: it rounds one
+program per SM down, since rounded up its last wave held a few programs alone), each with every
+tile configuration. At the rule's count, the kernel's
 chunks merged as the compiled step merges them (inductor's two kernels, the output cast and laid
 out for the output projection) against one Triton kernel that does all of it (``combine``): a
 candidate for one kernel fewer a layer, measured before it goes into the step. ``flash`` is the
