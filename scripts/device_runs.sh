@@ -113,8 +113,8 @@ bench() {
         status=1
     fi
 }
-profile_step() {  # the 32K decode step at world 1: kernels by name, the host's part, the graph replayed alone
-    torchrun --standalone --nproc_per_node="$nproc" scripts/profile_decode.py "$1" 32768 1 2>&1 \
+profile_step() {  # OUT [RING_TP BATCH PADDING]: the 32K step at world 1: kernels, the host's part, the graph alone
+    torchrun --standalone --nproc_per_node="$nproc" scripts/profile_decode.py "$1" 32768 1 "${@:2}" 2>&1 \
         | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log" | grep -v '^ *"' || status=1
 }
 case $section in
@@ -286,8 +286,7 @@ decode-profile)
     ;;
 decode-profile-batch)
     for padding in ${PADDINGS:-0 0.5}; do
-        torchrun --standalone --nproc_per_node="$nproc" scripts/profile_decode.py "$out" 32768 1 1 4 "$padding" 2>&1 \
-            | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log" | grep -v '^ *"' || status=1
+        profile_step "$out" 1 4 "$padding"
     done
     ;;
 families)

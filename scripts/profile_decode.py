@@ -22,20 +22,18 @@ Writes decode_profile_rank<r>.json.
 from __future__ import annotations
 
 import cProfile
-import io
-import pstats
 import statistics
 import sys
 import time
 
 import torch
-from fms.modules.attention import get_attention_type
 from gpu_probe import cuda_times
-from profile_prefill import cuda_kernels, kernel_ms_by_kind, kernels_by_name, llama3_8b, write_rank_json
+from profile_prefill import cuda_kernels, kernel_ms_by_kind, kernels_by_name, llama3_8b, top_functions, write_rank_json
 from torch.profiler import ProfilerActivity, profile
 
 import fmsring
 from fmsring.harness.session import left_pad
+from fmsring.harness.timing import padding_for_next_step
 
 
 def hbm_gbps(gib: int = 4) -> float:
@@ -63,15 +61,6 @@ def host_ms(fn, reps: int) -> tuple[list[float], list[str]]:
     return times, top_functions(profiler, "tottime", 25)
 
 
-def top_functions(profiler: cProfile.Profile, key: str, n: int) -> list[str]:
-    """cProfile's report sorted by ``key``, its first ``n`` function lines."""
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(n)
-    lines = text.getvalue().splitlines()
-    head = next(i for i, line in enumerate(lines) if line.lstrip().startswith("ncalls"))
-    return [line for line in lines[head:] if line.strip()]
-
-
 def profile_steps(model, ids, padding: dict) -> dict:
     with torch.no_grad():
         logits, cache = model(ids, use_cache=True, last_n_tokens=1, **padding)
@@ -80,9 +69,7 @@ def profile_steps(model, ids, padding: dict) -> dict:
 
         def step():
             nonlocal cache, kwargs
-            if kwargs:  # a padded batch's mask and positions, extended as FMS's generate extends them
-                kwargs = get_attention_type(**kwargs)["update_attn_kwargs"](**kwargs)
-                kwargs["position_ids"] = kwargs["position_ids"][:, -1:] + 1
+            kwargs = padding_for_next_step(kwargs)
             _, cache = model(tok, past_key_value_states=cache, use_cache=True, last_n_tokens=1, **kwargs)
 
         times = cuda_times(step, reps=20)  # the first warm-up step captures the graph
@@ -126,7 +113,8 @@ def main() -> None:
     batch = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     fraction = float(sys.argv[6]) if len(sys.argv) > 6 else 0.0
     rank, world, args, ids = llama3_8b(seq_len, seq_len + 512)
-    ids, padding = left_pad(ids.expand(batch, -1), fraction) if fraction else (ids.expand(batch, -1), {})
+    ids = ids.expand(batch, -1)
+    ids, padding = left_pad(ids, fraction) if fraction else (ids, {})
     bw = hbm_gbps()
     result: dict = {
         "gpu": torch.cuda.get_device_name(),

@@ -33,8 +33,7 @@ import sys
 import time
 
 import torch
-from profile_decode import top_functions
-from profile_prefill import llama3_8b, write_rank_json
+from profile_prefill import llama3_8b, top_functions, write_rank_json
 from torch._dynamo.utils import compilation_time_metrics, counters
 
 import fmsring
@@ -50,9 +49,9 @@ PHASES = {  # dynamo's metric names (seconds, summed over every compile of the s
 }
 
 
-class Collections:
-    """Time spent in Python's garbage collections while ``on``, and how many of each generation;
-    with a ``profiler``, it runs while ``on`` too."""
+class StepWatch:
+    """What is watched while the first step runs (``on``): Python's garbage collections, their
+    time and how many of each generation; and, given a ``profiler``, cProfile."""
 
     def __init__(self, profiler: cProfile.Profile | None = None) -> None:
         self._on, self.ms, self.count, self._start = False, 0.0, [0, 0, 0], 0.0
@@ -90,10 +89,10 @@ BENCH_ARGS = ["--architecture", "llama", "--variant", "3-8b", "--device", "cuda"
               "--warmup", "0"]  # fmt: skip
 
 
-def bench_first_step(out_dir: str, seq_len: int, collections: Collections) -> tuple[float, dict[str, float]]:
+def bench_first_step(out_dir: str, seq_len: int, watch: StepWatch) -> tuple[float, dict[str, float]]:
     """The bench's first decode step, run by the bench in this process: (its wall ms, dynamo's
     seconds by phase inside it), between the clock's third and fourth marks (the prefill's two
-    come first); the collector's time inside it goes to ``collections``. The harness is imported
+    come first); what ``watch`` watches runs inside it. The harness is imported
     here, so the script's own step runs in a process without it, as before."""
     from fmsring.harness import bench, timing
 
@@ -104,7 +103,7 @@ def bench_first_step(out_dir: str, seq_len: int, collections: Collections) -> tu
         if len(marks) == 3 and clock.cuda:  # the end of the first step: after the device, as the bench's own mark
             torch.cuda.synchronize()
         marks.append((time.perf_counter(), phase_totals()))
-        collections.on = len(marks) == 3
+        watch.on = len(marks) == 3
         return mark(clock)
 
     timing.Clock.mark = noted
@@ -130,9 +129,9 @@ def main() -> None:
     seq_len = int(positional[2]) if len(positional) > 2 else 8192
     alloc_conf = configure_allocator()
     profiler = cProfile.Profile() if "--cprofile" in sys.argv else None
-    collections = Collections(profiler)
+    watch = StepWatch(profiler)
     if "--bench" in sys.argv:
-        first_ms, spent = bench_first_step(out_dir, seq_len, collections)
+        first_ms, spent = bench_first_step(out_dir, seq_len, watch)
         rank, world, second_ms = 0, 1, float("nan")
     else:
         rank, world, args, ids = llama3_8b(seq_len, seq_len + 64)
@@ -141,9 +140,9 @@ def main() -> None:
             logits, cache = model(ids, use_cache=True, last_n_tokens=1)
             token = logits[:, -1:].argmax(-1)
             before = phase_totals()
-            collections.on = True
+            watch.on = True
             first_ms, cache = timed_step(model, token, cache)
-            collections.on = False
+            watch.on = False
             spent = {k: v - before[k] for k, v in phase_totals().items()}
             second_ms, cache = timed_step(model, token, cache)
     spent = {k: round(v * 1e3, 1) for k, v in spent.items()}
@@ -152,7 +151,7 @@ def main() -> None:
         "first_step_ms": round(first_ms, 1), "second_step_ms": round(second_ms, 3),
         **{f"{k}_ms": v for k, v in spent.items()},
         "capture_and_run_ms": round(first_ms - spent["compile_total"], 1),
-        "gc_ms": round(collections.ms, 1), "gc_collections_by_generation": collections.count,
+        "gc_ms": round(watch.ms, 1), "gc_collections_by_generation": watch.count,
         "alloc_conf": alloc_conf,
         "inductor_cache_in_process": {k: v for k, v in counters["inductor"].items() if "cache" in k},
     }  # fmt: skip

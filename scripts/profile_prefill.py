@@ -12,10 +12,13 @@ listed by the kernels around them, to say what the stream was waiting for.
 
 from __future__ import annotations
 
+import cProfile
 import functools
+import io
 import itertools
 import json
 import os
+import pstats
 import sys
 import tempfile
 from collections import defaultdict
@@ -101,6 +104,15 @@ def llama3_8b(seq_len: int, table_len: int) -> tuple[int, int, dict, torch.Tenso
     }
     torch.manual_seed(0)
     return rank, world, args, torch.randint(0, 32000, (1, seq_len), device="cuda")
+
+
+def top_functions(profiler: cProfile.Profile, key: str, n: int) -> list[str]:
+    """cProfile's report sorted by ``key``, its first ``n`` function lines."""
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(n)
+    lines = text.getvalue().splitlines()
+    head = next(i for i, line in enumerate(lines) if line.lstrip().startswith("ncalls"))
+    return [line for line in lines[head:] if line.strip()]
 
 
 def write_rank_json(result: dict, out_dir: str, name: str) -> None:

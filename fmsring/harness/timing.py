@@ -102,6 +102,16 @@ def one_call(call: Callable[[], torch.Tensor]) -> Run:
     return run
 
 
+def padding_for_next_step(padding: dict[str, Any]) -> dict[str, Any]:
+    """A padded batch's ``mask`` and ``position_ids`` for its next one-token step, extended as
+    FMS's ``generate`` extends them (nothing for an unpadded batch's empty dict)."""
+    if not padding:
+        return padding
+    padding = get_attention_type(**padding)["update_attn_kwargs"](**padding)
+    padding["position_ids"] = padding["position_ids"][:, -1:] + 1
+    return padding
+
+
 def greedy_decode(
     model: nn.Module, ids: torch.Tensor, steps: int, padding: dict[str, Any] | None = None, dynamic_cache: bool = False
 ) -> Run:
@@ -134,9 +144,7 @@ def greedy_decode(
         for i in range(decode_steps(steps)):
             drained = i < steps
             start = clock.mark() if drained else None
-            if kwargs:  # a padded batch's mask and positions, extended as FMS's generate extends them
-                kwargs = get_attention_type(**kwargs)["update_attn_kwargs"](**kwargs)
-                kwargs["position_ids"] = kwargs["position_ids"][:, -1:] + 1
+            kwargs = padding_for_next_step(kwargs)
             logits, cache = model(next_ids, past_key_value_states=cache, use_cache=True, last_n_tokens=1, **kwargs)
             done = clock.mark()
             if drained:
