@@ -6,16 +6,18 @@ batch of chunks, does not (docs/performance.md): its tile is 128 query rows,
 of which a GQA kv-head's decode step fills 4, and every chunk must be a
 sequence of its own. Here one program reads one chunk of one kv-head's cache
 for every query row that shares it (GQA packed: the K/V bytes are read once),
-keeps a 16-row tile, and writes that chunk's (out, lse); fmsring's one merge
-(:func:`fmsring.merge.merge_split`) combines the chunks exactly.
+keeps a 16-row tile, and writes that chunk's (out, lse); a second kernel
+(:func:`merge_chunks`) combines the chunks exactly, as :func:`fmsring.merge.merge_split`
+does, in one launch where the compiled merge took two, and writes the result in
+the dtype and layout its reader takes (the output projection's, at world 1).
 
 The chunks are whatever the caller's plan says -- where each starts in its
 sequence's cache and how many slots it uses -- so they follow the cache's fill,
 not its capacity, and every shape is fixed by the capacity and the chunk
 count: the call can be captured in a CUDA graph and replayed as the cache grows.
 
-Registered as the custom op ``fmsring::split_kv_decode`` so a compiled decoder
-layer calls it as it is (inductor neither traces nor re-tunes it).
+Registered as the custom ops ``fmsring::split_kv_decode`` and ``fmsring::merge_chunks`` so
+a compiled decoder layer calls them as they are (inductor neither traces nor re-tunes them).
 """
 
 from __future__ import annotations
@@ -147,3 +149,57 @@ def _empty_partials(q: torch.Tensor, k_cache: torch.Tensor, used: torch.Tensor) 
 @split_kv_decode.register_fake
 def _(q, k_cache, v_cache, starts, used, scale, bias=None):
     return _empty_partials(q, k_cache, used)
+
+
+@triton.jit
+def _merge_chunks_kernel(
+    Out, Lse, Dst, DstLse, splits, n_rows, rows, q_len, heads, kv_heads, head_dim,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)  # a query row of one kv-head of one sequence, as the decode kernel writes it
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_ok = s < splits
+    lse = tl.load(Lse + s * n_rows + row, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # no chunk saw a slot: every weight 0, out 0
+    w = tl.exp(lse - m)
+    den = tl.sum(w, 0)
+    part_ok = s_ok[:, None] & (d < head_dim)[None, :]
+    part = tl.load(Out + (s[:, None] * n_rows + row).to(tl.int64) * head_dim + d[None, :], mask=part_ok, other=0.0)
+    out = tl.sum(part * w[:, None], 0) / tl.where(den > 0, den, 1.0)
+    seq_head, r = row // rows, row % rows
+    b, kv_head = seq_head // kv_heads, seq_head % kv_heads
+    head, t = kv_head * (rows // q_len) + r // q_len, r % q_len
+    tl.store(Dst + ((b * q_len + t) * heads + head) * head_dim + d, out.to(Dst.dtype.element_ty), mask=d < head_dim)
+    tl.store(DstLse + (b * heads + head) * q_len + t, tl.where(den > 0, m + tl.log(den), float("-inf")))
+
+
+@torch.library.custom_op("fmsring::merge_chunks", mutates_args=())
+def merge_chunks(
+    out: torch.Tensor, lse: torch.Tensor, q_len: int, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`split_kv_decode`'s chunk partials (out [S, b, kvh, rows, d], lse [S, b, kvh, rows],
+    fp32, rows = h/kvh * ``q_len``) merged exactly through their log-sum-exp, in fp32: (out
+    [b, q_len, h, d] in ``out_dtype``, the layout of the layer's query and of the output
+    projection's input; lse [b, h, q_len] fp32). A row that no chunk saw gives out 0, lse -inf."""
+    _, b, kvh, rows, d = out.shape
+    dst, dst_lse = _empty_merged(out, q_len, out_dtype)
+    guard = torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext()
+    with guard:
+        _merge_chunks_kernel[(b * kvh * rows,)](
+            out, lse, dst, dst_lse, out.shape[0], b * kvh * rows, rows, q_len, dst.shape[2], kvh, d,
+            BLOCK_S=max(16, triton.next_power_of_2(out.shape[0])), BLOCK_D=max(16, triton.next_power_of_2(d)),
+        )  # fmt: skip
+    return dst, dst_lse
+
+
+def _empty_merged(out: torch.Tensor, q_len: int, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    _, b, kvh, rows, d = out.shape
+    heads = kvh * rows // q_len
+    return out.new_empty((b, q_len, heads, d), dtype=out_dtype), out.new_empty((b, heads, q_len))
+
+
+@merge_chunks.register_fake
+def _(out, lse, q_len, out_dtype):
+    return _empty_merged(out, q_len, out_dtype)

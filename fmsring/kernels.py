@@ -9,14 +9,13 @@ import importlib.util
 
 import torch
 
-from fmsring.fusion import fused
-from fmsring.merge import finite_lse, merge_split
+from fmsring.merge import finite_lse
 from fmsring.split_kv import SplitKV, decode_splits, sm_count, split_kv
 
 # fmsring's decode kernel is Triton's; without Triton (a CPU-only torch) decode attends as any block does.
-split_kv_decode = None
+split_kv_decode = merge_chunks = None
 if importlib.util.find_spec("triton") is not None:
-    from fmsring.decode_kernel import split_kv_decode
+    from fmsring.decode_kernel import merge_chunks, split_kv_decode
 
 
 def empty_partial(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,9 +130,10 @@ def decode_attention_with_lse(
     scale: float,
     plan: SplitKV | None = None,
     slot_bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a few query rows over the first ``kv_lens[i]`` slots of a
-    preallocated cache, returning (out [b, h, Lq, d], lse fp32 [b, h, Lq]).
+    preallocated cache, returning (out [b, h, Lq, d] in ``out_dtype``, lse fp32 [b, h, Lq]).
 
     q: [b, h, Lq, d]; caches: [b, capacity, kvh, d]; kv_lens: int32 [b] on the
     device; ``slot_bias``: an additive fp32 [b, capacity] on every query row,
@@ -141,18 +141,19 @@ def decode_attention_with_lse(
     the cache is, so a decode step built on this can be captured once as a
     CUDA graph and replayed. On CUDA with half-precision inputs it is
     :func:`split_kv_decode_with_lse` along ``plan`` (every layer of a step
-    shares one: pass it, or it is made here), out in fp32; otherwise
+    shares one: pass it, or it is made here); otherwise
     :func:`attention_with_lse` over the whole cache with the unused slots
     masked by the bias: fp32 math on CUDA, the fused kernel on a CPU.
     """
     plan = plan if plan is not None else decode_split_kv(kv_lens, k_cache)
     if plan is not None:
-        return split_kv_decode_with_lse(q, k_cache, v_cache, scale, plan, slot_bias)
+        return split_kv_decode_with_lse(q, k_cache, v_cache, scale, plan, slot_bias, out_dtype)
     b, cap = k_cache.shape[:2]
     unused = torch.arange(cap, device=q.device).unsqueeze(0) >= kv_lens.unsqueeze(1)
     bias = torch.zeros(b, cap, device=q.device) if slot_bias is None else slot_bias.float()
     bias = bias.masked_fill(unused, float("-inf")).unsqueeze(1)
-    return attention_with_lse(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), scale, bias=bias)
+    out, lse = attention_with_lse(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), scale, bias=bias)
+    return out.to(out_dtype), lse
 
 
 def decode_split_kv(kv_lens: torch.Tensor, k_cache: torch.Tensor) -> SplitKV | None:
@@ -174,18 +175,22 @@ def split_kv_decode_with_lse(
     scale: float,
     plan: SplitKV,
     slot_bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash decoding: each [b, capacity, kvh, d] cache read in the plan's
     chunks by as many programs of fmsring's decode kernel
     (:mod:`fmsring.decode_kernel`), the chunks' partials merged exactly through
     their log-sum-exp, ``slot_bias`` [b, capacity] added to every row's scores.
-    Returns (out [b, h, Lq, d] fp32, lse fp32 [b, h, Lq]).
+    Returns (out [b, h, Lq, d] in ``out_dtype``, lse fp32 [b, h, Lq]); out is a
+    view of [b, Lq, h, d] memory, the layout the output projection reads, so a
+    caller that takes it on in the query's dtype copies nothing
+    (:func:`fmsring.ring.to_query_layout`).
 
     The h/kvh query heads that share a kv-head are rows of one program, so
     each chunk of K/V is read once, not once per query head. ``splits=1`` is
     the unsplit kernel.
     """
-    b, h, lq, d = q.shape
+    b, h, lq, _ = q.shape
     kvh = k_cache.shape[2]
     if plan.batch != b or k_cache.shape[0] != b or h % kvh:
         raise ValueError(
@@ -193,8 +198,8 @@ def split_kv_decode_with_lse(
             f"over caches {tuple(k_cache.shape)}"
         )
     out, lse = split_kv_decode(q, k_cache, v_cache, plan.starts, plan.used, scale, slot_bias)
-    splits, g = plan.splits, h // kvh
-    return merge_split_auto(out.view(splits, b, kvh, g, lq, d), lse.view(splits, b, kvh, g, lq))
+    out, lse = merge_chunks(out, lse, lq, out_dtype)
+    return out.transpose(1, 2), lse
 
 
 def efficient_attention_with_lse(
@@ -373,6 +378,3 @@ def _math_rows(
     probs = scores.sub_(finite_lse(lse).unsqueeze(-1)).exp_()
     out = torch.matmul(probs.view(b, kvh, g * lq, lk), v.float()).view(b, h, lq, d)
     return out, lse.view(b, h, lq)
-
-
-merge_split_auto = fused(merge_split)

@@ -7,10 +7,11 @@ runs it), for the per-GPU shapes of LLaMA-3-8B on one GPU and its factorisations
 and of LLaMA-2-70B's 2x2. Chunk counts tried: the rule's, half and twice it, and the counts that
 fill one and two waves of one program per SM exactly (the rule's own is the first: it rounds one
 program per SM down, since rounded up its last wave held a few programs alone), each with every
-tile configuration. At the rule's count, the kernel's
-chunks merged as the compiled step merges them (inductor's two kernels, the output cast and laid
-out for the output projection) against one Triton kernel that does all of it (``combine``): a
-candidate for one kernel fewer a layer, measured before it goes into the step. ``flash`` is the
+tile configuration. At the rule's count, the chunks merged the two ways the step has
+merged them, the output cast and laid out for the output projection: by inductor's two kernels
+compiled from ``merge_split`` (``compiled merge``, the step's merge up to 78cff20) and by
+``fmsring.decode_kernel.merge_chunks``, one kernel (``merge_chunks``, the step now); the plain
+``fmsring`` rows merge by ``merge_chunks`` too, into fp32 as at world > 1. ``flash`` is the
 call fmsring made before it had a kernel of its own (the shard as a batch of chunks through
 flash's varlen kernel, the query heads of a kv-head packed as rows), kept here as the baseline.
 Every variant is checked against fp32 math (``rel_err``). The bandwidth is the K/V bytes read
@@ -26,17 +27,12 @@ import statistics
 import sys
 
 import torch
-import triton
-import triton.language as tl
 from gpu_probe import cuda_times
 
 from fmsring import decode_kernel
 from fmsring import split_kv as plans
-from fmsring.kernels import (
-    math_attention_with_lse,
-    merge_split_auto,
-    split_kv_decode_with_lse,
-)
+from fmsring.fusion import fused
+from fmsring.kernels import math_attention_with_lse, split_kv_decode_with_lse
 from fmsring.merge import merge_split
 from fmsring.ring import to_query_layout
 from fmsring.split_kv import decode_splits, sm_count, split_kv
@@ -75,74 +71,19 @@ def graph_ms(fn, calls: int = 20) -> float:
     return statistics.median(cuda_times(graph.replay, reps=7, warmup=1)) / calls
 
 
-@triton.jit
-def _combine_kernel(
-    Out, Lse, Dst, DstLse, splits, n_rows, rows, q_len, heads, kv_heads, head_dim,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    row = tl.program_id(0)  # a query row of one kv-head of one sequence, as the decode kernel writes it
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    s_ok = s < splits
-    lse = tl.load(Lse + s * n_rows + row, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # no chunk saw a slot: every weight 0, out 0
-    w = tl.exp(lse - m)
-    den = tl.sum(w, 0)
-    part_ok = s_ok[:, None] & (d < head_dim)[None, :]
-    part = tl.load(Out + (s[:, None] * n_rows + row).to(tl.int64) * head_dim + d[None, :], mask=part_ok, other=0.0)
-    out = tl.sum(part * w[:, None], 0) / tl.where(den > 0, den, 1.0)
-    seq_head, r = row // rows, row % rows
-    b, kv_head = seq_head // kv_heads, seq_head % kv_heads
-    head, t = kv_head * (rows // q_len) + r // q_len, r % q_len
-    tl.store(Dst + ((b * q_len + t) * heads + head) * head_dim + d, out.to(Dst.dtype.element_ty), mask=d < head_dim)
-    tl.store(DstLse + (b * heads + head) * q_len + t, tl.where(den > 0, m + tl.log(den), float("-inf")))
-
-
-def combine(out: torch.Tensor, lse: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decode kernel's chunk partials (out [S, b, kvh, rows, d], lse [S, b, kvh, rows] fp32)
-    merged by one kernel: (out [b, Lq, h, d] in the dtype of ``query`` [b, Lq, h, d], the layout the
-    output projection reads; lse [b, h, Lq] fp32), what ``merge_split`` and ``to_query_layout``
-    give together."""
-    splits, b, kvh, rows, d = out.shape
-    _, lq, h, _ = query.shape
-    dst, dst_lse = torch.empty_like(query), lse.new_empty((b, h, lq))
-    _combine_kernel[(b * kvh * rows,)](
-        out, lse, dst, dst_lse, splits, b * kvh * rows, rows, lq, h, kvh, d,
-        BLOCK_S=max(16, triton.next_power_of_2(splits)), BLOCK_D=max(16, triton.next_power_of_2(d)),
-    )  # fmt: skip
-    return dst, dst_lse
-
-
-def merged_as_the_step(out: torch.Tensor, lse: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """The same merge as the compiled decoder layer runs it: ``merge_split``, then the output in the
-    dtype and layout of ``query`` [b, Lq, h, d] (``to_query_layout``, as ``merge_shards`` hands it
-    on at world 1)."""
+def merged_as_before(out: torch.Tensor, lse: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """The merge the compiled decoder layer ran before ``fmsring.decode_kernel.merge_chunks``
+    (code 78cff20): ``merge_split``, then the output in the dtype and layout of ``query``
+    [b, Lq, h, d] (``to_query_layout``, as ``merge_shards`` hands it on at world 1), which inductor
+    compiled into two kernels."""
     splits, b, kvh, rows, d = out.shape
     lq = query.shape[1]
     merged, _ = merge_split(out.view(splits, b, kvh, rows // lq, lq, d), lse.view(splits, b, kvh, rows // lq, lq))
     return to_query_layout(merged, query)
 
 
-merged_as_the_step_compiled = torch.compile(merged_as_the_step, dynamic=False)
-
-
-def check_on_cpu() -> None:
-    """``combine`` against ``merged_as_the_step`` (eager) through Triton's interpreter, fp32: odd
-    chunk counts, several query tokens, chunks that saw no slot and a row no chunk saw."""
-    gen = torch.Generator().manual_seed(0)
-    for splits, b, h, kvh, lq in ((5, 1, 8, 2, 1), (3, 2, 4, 4, 3), (1, 1, 4, 1, 2)):
-        rows = h // kvh * lq
-        out = torch.randn(splits, b, kvh, rows, 16, generator=gen)
-        lse = torch.randn(splits, b, kvh, rows, generator=gen) * 3
-        lse[0, 0, 0, :] = float("-inf")  # the first chunk saw nothing on these rows
-        lse[:, -1, -1, -1] = float("-inf")  # nor any chunk on this one
-        query = torch.empty(b, lq, h, 16)
-        got, got_lse = combine(out, lse, query)
-        want = merged_as_the_step(out, lse, query)
-        _, want_lse = merge_split(out.view(splits, b, kvh, h // kvh, lq, 16), lse.view(splits, b, kvh, h // kvh, lq))
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(got_lse, want_lse, rtol=1e-5, atol=1e-6)
+merged_as_before_compiled = torch.compile(merged_as_before, dynamic=False)
+merge_split_compiled = fused(merge_split)
 
 
 def flash_varlen(q, k_cache, v_cache, lens, splits):
@@ -169,7 +110,7 @@ def flash_varlen(q, k_cache, v_cache, lens, splits):
             lse = lse.view(kvh, b, splits, 1, g).permute(2, 1, 0, 4, 3)
         else:
             lse = lse.view(b, splits, kvh, 1, g).permute(1, 0, 2, 4, 3)
-        return merge_split_auto(out, lse.masked_fill(lse == float("inf"), float("-inf")))
+        return merge_split_compiled(out, lse.masked_fill(lse == float("inf"), float("-inf")))
 
     return call
 
@@ -195,11 +136,11 @@ def main(path: str) -> None:
             if splits == auto:  # the merge alone differs: out [b, Lq, h, d] in q's dtype, viewed as [b, h, Lq, d]
                 partials = lambda p=plan: decode_kernel.split_kv_decode(q, kc, vc, p.starts, p.used, SCALE)  # noqa: E731
                 query = q.transpose(1, 2).contiguous()  # the layer's query layout, as merge_shards gets it
-                cands[("fmsring, merged as the step", splits, default)] = lambda: (
-                    merged_as_the_step_compiled(*partials(), query).transpose(1, 2),
+                cands[("fmsring, compiled merge", splits, default)] = lambda: (
+                    merged_as_before_compiled(*partials(), query).transpose(1, 2),
                 )
-                cands[("fmsring, one combine kernel", splits, default)] = lambda: (
-                    combine(*partials(), query)[0].transpose(1, 2),
+                cands[("fmsring, merge_chunks", splits, default)] = lambda p=plan: split_kv_decode_with_lse(
+                    q, kc, vc, SCALE, p, out_dtype=q.dtype
                 )
         for (kernel, splits, cfg), fn in cands.items():
             if cfg is not None:

@@ -19,6 +19,7 @@ from fmsring.kernels import (  # noqa: E402
     math_attention_with_lse,
     split_kv_decode_with_lse,
 )
+from fmsring.merge import merge_split  # noqa: E402
 from fmsring.split_kv import TILE_SLOTS, split_kv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -67,15 +68,18 @@ def test_split_kv_decode_merges_to_attention_over_the_filled_slots(dtype):
     q = torch.randn(b, h, 1, d, device=DEVICE, dtype=dtype)
     kc, vc = (torch.randn(b, cap, kvh, d, device=DEVICE, dtype=dtype) for _ in range(2))
     tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
-    for splits in (1, 2, 5):
-        out, lse = split_kv_decode_with_lse(q, kc, vc, d**-0.5, split_kv(lens, splits))
+    for splits, out_dtype in ((1, torch.float32), (2, dtype), (5, torch.float32), (5, dtype)):
+        out, lse = split_kv_decode_with_lse(q, kc, vc, d**-0.5, split_kv(lens, splits), out_dtype=out_dtype)
+        assert out.dtype == out_dtype and out.transpose(1, 2).is_contiguous()  # the output projection's layout
         for i, n in enumerate(lens.tolist()):
             if n == 0:
                 assert torch.all(lse[i] == float("-inf")) and torch.all(out[i] == 0)
                 continue
             k, v = kc[i : i + 1, :n].transpose(1, 2), vc[i : i + 1, :n].transpose(1, 2)
             ref, ref_lse = math_attention_with_lse(q[i : i + 1], k, v, d**-0.5)
-            torch.testing.assert_close(out[i : i + 1].cpu(), ref.cpu(), rtol=tol, atol=tol, msg=f"{splits} chunks")
+            torch.testing.assert_close(
+                out[i : i + 1].float().cpu(), ref.cpu(), rtol=tol, atol=tol, msg=f"{splits} chunks"
+            )
             torch.testing.assert_close(lse[i : i + 1].cpu(), ref_lse.cpu(), rtol=tol, atol=tol)
 
 
@@ -101,6 +105,26 @@ def test_a_padding_bias_hides_slots_exactly(dtype):
         torch.testing.assert_close(lse.cpu(), ref_lse.cpu(), rtol=tol, atol=tol, msg=f"{splits} chunks")
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, DTYPES[0]])
+def test_one_kernel_merges_the_chunks_as_merge_split_does(out_dtype):
+    """merge_chunks against merge_split (torch, fp32), laid out as the layer's query [b, Lq, h, d]:
+    odd chunk counts, several query tokens, chunks that saw nothing on some rows and a row that no
+    chunk saw (out 0, lse -inf), out in fp32 (the ring merges it further) and in the query's dtype."""
+    for splits, b, h, kvh, lq, d in ((5, 1, 8, 2, 1, 16), (3, 2, 4, 4, 3, 80), (1, 1, 4, 1, 2, 16)):
+        g = h // kvh
+        out = torch.randn(splits, b, kvh, g * lq, d, device=DEVICE)
+        lse = torch.randn(splits, b, kvh, g * lq, device=DEVICE) * 3
+        lse[0, 0, 0, :] = float("-inf")  # the first chunk saw nothing on these rows
+        lse[:, -1, -1, -1] = float("-inf")  # nor any chunk on this one
+        got, got_lse = decode_kernel.merge_chunks(out, lse, lq, out_dtype)
+        want, want_lse = merge_split(out.view(splits, b, kvh, g, lq, d), lse.view(splits, b, kvh, g, lq))
+        assert got.shape == (b, lq, h, d) and got.dtype == out_dtype
+        assert torch.all(got[-1, lq - 1, h - 1] == 0) and got_lse[-1, h - 1, lq - 1] == float("-inf")
+        tol = 1e-5 if out_dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got.float(), want.transpose(1, 2), rtol=tol, atol=tol, msg=f"{splits} chunks")
+        torch.testing.assert_close(got_lse, want_lse, rtol=1e-5, atol=1e-6, msg=f"{splits} chunks")
+
+
 def test_the_kernel_refuses_a_strided_head_dim():
     q = torch.zeros(1, 2, 1, 32, device=DEVICE, dtype=torch.float16)
     cache = torch.zeros(1, 64, 2, 32, device=DEVICE, dtype=torch.float16)
@@ -112,12 +136,14 @@ def test_the_kernel_refuses_a_strided_head_dim():
 
 
 def test_the_op_passes_torchs_custom_op_checks():
-    """torch.library.opcheck: the schema, the fake (meta) function a compiled layer traces with --
-    shapes from the plan's tensor lengths -- and dynamic shapes through AOT dispatch."""
+    """torch.library.opcheck of both ops: the schema, the fake (meta) function a compiled layer
+    traces with -- shapes from the plan's tensor lengths -- and dynamic shapes through AOT dispatch."""
     q = torch.randn(2, 4, 1, 32, device=DEVICE, dtype=DTYPES[0])
     kc, vc = (torch.randn(2, 130, 2, 32, device=DEVICE, dtype=DTYPES[0]) for _ in range(2))
     plan = split_kv(torch.tensor([130, 7], dtype=torch.int32, device=DEVICE), 3)
     torch.library.opcheck(decode_kernel.split_kv_decode, (q, kc, vc, plan.starts, plan.used, 32**-0.5))
+    out, lse = decode_kernel.split_kv_decode(q, kc, vc, plan.starts, plan.used, 32**-0.5)
+    torch.library.opcheck(decode_kernel.merge_chunks, (out, lse, 1, DTYPES[0]))
 
 
 def test_a_compiled_caller_follows_new_cache_sizes_and_chunk_counts():

@@ -79,9 +79,12 @@ class DecodeStep:
         bias, plan = self.slot_bias, self.split_kv
         if layer.window:  # made once per step for the model's windows (step); here for any other
             bias, plan = self.windows.get(layer.window) or self.through(layer.window)
+        # where nothing merges after this rank's partial, it comes out in the query's dtype at once
+        alone = self.comm.world_size == 1 and layer.sinks is None
         out, lse = decode_attention_with_lse(
-            query.transpose(1, 2), key_cache, value_cache, self.kv_lens, scale, plan, bias
-        )
+            query.transpose(1, 2), key_cache, value_cache, self.kv_lens, scale, plan, bias,
+            query.dtype if alone else torch.float32,
+        )  # fmt: skip
         if self.comm.rank == 0:
             out, lse = layer.add_sink(out, lse)
         return merge_shards(out, lse, query, self.comm)
