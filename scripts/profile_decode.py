@@ -14,8 +14,11 @@ CUDA events, median of 20, beside the host's time inside the call (and, under
 cProfile, the functions it is spent in) and the graph replayed alone; one
 eager step is profiled for its kernel count, kernel time by kind and the most
 launched kernels by name (a graph replays the same kernels without the launch
-gaps). The floor is what a step must read -- every weight but the
-embedding table, plus this rank's cache shard -- over the HBM bandwidth measured here by a large copy.
+gaps). Then the bench's own timed loop on the same model (its drained and
+streamed steps, ``bench_loop_*``), which tells a cost of the bench's loop from
+one of its process. The floor is what a step must read -- every weight but the
+embedding table, plus this rank's cache shard -- over the HBM bandwidth measured
+here by a large copy.
 Writes decode_profile_rank<r>.json.
 """
 
@@ -33,7 +36,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import fmsring
 from fmsring.harness.session import left_pad
-from fmsring.harness.timing import padding_for_next_step
+from fmsring.harness.timing import Clock, greedy_decode, padding_for_next_step
 
 
 def hbm_gbps(gib: int = 4) -> float:
@@ -59,6 +62,17 @@ def host_ms(fn, reps: int) -> tuple[list[float], list[str]]:
         torch.cuda.synchronize()
         profiler.runcall(fn)
     return times, top_functions(profiler, "tottime", 25)
+
+
+def bench_loop(model, ids, padding: dict, steps: int = 32) -> tuple[list[float], list[float]]:
+    """The bench's timed generation (:func:`fmsring.harness.timing.greedy_decode`: a prefill, then
+    ``steps`` drained and ``steps`` streamed steps) on ``model`` in this process: its drained steps'
+    and its streamed intervals' ms, the first drained one (a new cache's capture) left out."""
+    clock = Clock(torch.device("cuda", torch.cuda.current_device()))
+    with torch.no_grad():
+        timed = greedy_decode(model, ids, steps, padding)(clock)
+    torch.cuda.synchronize()
+    return [clock.ms(s) for s in timed.spans[1:]], [clock.ms(s) for s in timed.streamed]
 
 
 def profile_steps(model, ids, padding: dict) -> dict:
@@ -90,7 +104,12 @@ def profile_steps(model, ids, padding: dict) -> dict:
     cache_bytes = 2 * len(cache) * fill * k0[:, 0].numel() * k0.element_size()  # every sequence's
     embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in embeddings)
+    del cache, graph
+    bench_drained, bench_streamed = bench_loop(model, ids, padding)
     return {
+        # the bench's own loop in this process: a difference from graph_step_ms is the loop's, not the process's
+        "bench_loop_ms_median": statistics.median(bench_drained),
+        "bench_loop_stream_ms_median": statistics.median(bench_streamed),
         "graph_step_ms_median": statistics.median(times),
         # the host's part: its time inside the model call (no sync), and the captured graph replayed alone
         "host_call_ms_median": statistics.median(host),
