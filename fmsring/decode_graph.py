@@ -20,24 +20,47 @@ import torch
 
 @dataclass
 class StepInputs:
-    """Everything a static decode step reads that changes between steps."""
+    """Everything a static decode step reads that changes between steps.
+
+    A value every sequence shares -- the rank's write slot and fill, the new token's position
+    when none is given -- may be a host int: it reaches a captured graph's input as one fill,
+    where a tensor would cost a launch to make and another to copy in (a drained step waits
+    for the host's every launch: docs/performance.md, Decode)."""
 
     ids: torch.Tensor  # [b, 1] token ids
-    positions: torch.Tensor  # [b, 1] global positions
-    write_slot: torch.Tensor  # [1] int64: this rank's slot for the new K/V
-    kv_lens: torch.Tensor  # [b] int32: this rank's valid slots after the write
+    positions: torch.Tensor | int  # [b, 1] int64: global positions
+    write_slot: torch.Tensor | int  # [1] int64: this rank's slot for the new K/V
+    kv_lens: torch.Tensor | int  # [b] int32: this rank's valid slots after the write
     slot_bias: torch.Tensor | None = None  # [b, capacity] fp32: a padding mask at this rank's slots
     slot_index: torch.Tensor | None = None  # [capacity] int64: each slot's sequence index (windowed models)
-    query_index: torch.Tensor | None = None  # [1] int64: the new token's sequence index (windowed models)
+    query_index: torch.Tensor | int | None = None  # [1] int64: the new token's sequence index (windowed models)
 
-    def tensors(self) -> list[torch.Tensor]:
-        """The fields themselves that are set (``dataclasses.astuple`` would deep-copy them)."""
+    def values(self) -> list[torch.Tensor | int]:
+        """The fields that are set (``dataclasses.astuple`` would deep-copy them)."""
         return [t for f in fields(self) if (t := getattr(self, f.name)) is not None]
+
+    def materialized(self) -> StepInputs:
+        """Every int as the tensor it stands for, on the ids' device: what the step itself reads."""
+        b, device = self.ids.shape[0], self.ids.device
+
+        def tensor(value: torch.Tensor | int | None, shape: tuple[int, ...], dtype: torch.dtype):
+            return torch.full(shape, value, dtype=dtype, device=device) if isinstance(value, int) else value
+
+        return replace(
+            self,
+            positions=tensor(self.positions, (b, 1), torch.int64),
+            write_slot=tensor(self.write_slot, (1,), torch.int64),
+            kv_lens=tensor(self.kv_lens, (b,), torch.int32),
+            query_index=tensor(self.query_index, (1,), torch.int64),
+        )
 
     def copy_(self, other: StepInputs) -> None:
         """Write ``other``'s values into these tensors, the ones a captured graph reads."""
-        for dst, src in zip(self.tensors(), other.tensors()):
-            dst.copy_(src, non_blocking=True)
+        for dst, src in zip(self.values(), other.values()):
+            if isinstance(src, int):
+                dst.fill_(src)
+            else:
+                dst.copy_(src, non_blocking=True)
 
     def clone(self) -> StepInputs:
         return replace(self, **{f.name: t.clone() for f in fields(self) if (t := getattr(self, f.name)) is not None})
@@ -76,7 +99,7 @@ class CapturedStep:
 
     def __init__(self, key: Hashable, inputs: StepInputs, step: Callable[[StepInputs], torch.Tensor]):
         self.key = key
-        self.inputs = inputs.clone()
+        self.inputs = inputs.materialized().clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with collections_paused():

@@ -100,7 +100,11 @@ class DecodeRing(Ring, Protocol):
 def step(ring: DecodeRing, call: Call, cache: RingCache) -> tuple[torch.Tensor, RingCache]:
     """One token on ``cache``: its logits and the cache holding it; captured as a CUDA graph where possible."""
     st, state, x = ring.strategy, cache.state, call.ids
-    positions, top = ring.rope.positions(x, call.position_ids, state.seq_len, state.max_position)
+    if call.position_ids is None:  # the new token of every sequence sits at the cache's length
+        positions = top = state.seq_len
+        ring.rope.fit(top, x.device)
+    else:
+        positions, top = ring.rope.positions(x, call.position_ids, state.seq_len, state.max_position)
     new_cache = cache.advance(st.rank, state.place(1), ring.cache_headroom, max(state.max_position, top))
     new_state = new_cache.state
     slot_bias = None
@@ -113,12 +117,12 @@ def step(ring: DecodeRing, call: Call, cache: RingCache) -> tuple[torch.Tensor, 
     if windows:
         slot_index = torch.zeros(new_state.capacity, dtype=torch.long, device=x.device)
         slot_index[: new_state.fills[st.rank]] = new_state.slot_index_on(x.device)
-        query_index = torch.full((1,), state.seq_len, device=x.device)
+        query_index = state.seq_len
     inputs = StepInputs(
         ids=x,
         positions=positions,
-        write_slot=torch.full((1,), state.fills[st.rank], device=x.device),
-        kv_lens=torch.full((x.shape[0],), new_state.fills[st.rank], dtype=torch.int32, device=x.device),
+        write_slot=state.fills[st.rank],
+        kv_lens=new_state.fills[st.rank],
         slot_bias=slot_bias,
         slot_index=slot_index,
         query_index=query_index,
@@ -133,7 +137,7 @@ def step(ring: DecodeRing, call: Call, cache: RingCache) -> tuple[torch.Tensor, 
 
     if ring.cuda_graphs and x.is_cuda:
         return ring.graphs.run(graph_key(ring, call, new_cache), inputs, run), new_cache
-    return run(inputs), new_cache
+    return run(inputs.materialized()), new_cache
 
 
 def graph_key(ring: Ring, call: Call, cache: RingCache) -> Hashable:
