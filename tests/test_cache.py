@@ -111,8 +111,12 @@ def test_slot_indices_read_on_a_device_follow_every_state_a_step_makes():
         assert state.slot_index_on(cpu).tolist() == mine, f"seed {seed}"
         start = rng.randint(0, len(mine))
         assert state.slot_index_on(cpu, start).tolist() == mine[start:], f"seed {seed}"
+    # a last step with a token on rank 0 (the walk may end on the prefill's index, which no step
+    # appended to: copied whole): its indices live in a room and are read through the mirror
+    state = state.extended(0, [[state.seq_len], []], headroom=2)
+    assert state.slot_index_on(cpu).tolist() == mine + [state.seq_len - 1], f"seed {seed}"
     room = state.slot_room
-    assert room is not None and room.synced == len(mine)  # read through the mirror, not copied whole
+    assert room is not None and room.synced == len(mine) + 1, f"seed {seed}"
 
 
 def test_headroom_for_n_tokens_takes_them_without_growing():
