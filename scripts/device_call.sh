@@ -10,11 +10,18 @@
 # whose cap would pass LIMIT (seconds from the start, default 575) gets what is left and one left
 # under 30 s is skipped, so a call returns what it measured before the device tool's limit stops it.
 # The machine copies a working tree without git: FMSRING_GIT_SHA names the commit its rows record.
+# GPU=H200 (any part of the card's name) runs nothing on another card, and exits 3 (chain what else
+# the call runs with &&): the device tool may lend an H100 where an H200 was asked for, and a run
+# meant for the H200 costs its time there for nothing.
 set -uo pipefail
 t0=$(date +%s)
 limit=${LIMIT:-575}
 out=${OUT:?set OUT, the folder whose files come back}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+if [ -n "${GPU:-}" ] && ! nvidia-smi --query-gpu=name --format=csv,noheader | grep -q "$GPU"; then
+    echo "[device_call] not a $GPU ($(nvidia-smi --query-gpu=name --format=csv,noheader)): nothing run"
+    exit 3
+fi
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl || exit 1

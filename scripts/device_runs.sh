@@ -49,7 +49,8 @@
 #           left-padded (--padding 0.5, checked against single, whose padded rows are the padded peer)
 # decode-ring  the ring's own decode rows of `targets`, no peers: 8K/32K/128K, and batch 4 at 32K
 #           unpadded and padded; in an old tree and the new one on one machine (as `same`), a change's
-#           effect on every decode target in ~2 minutes a tree
+#           effect on every decode target in ~2 minutes a tree. LAUNCHES=n runs the three launches n
+#           times (drained rows move by up to ~0.3 ms between launches of the same code)
 # gemv      the decode step's four projections alone (LLaMA-3-8B, batch 1 and 4): cuBLAS as the step
 #           calls it, alone and with its layer's elementwise work compiled around it (RMSNorm before,
 #           residual or SwiGLU after), against a Triton GEMV, plain and with that work fused, every
@@ -227,9 +228,11 @@ targets)
     ;;
 decode-ring)
     steps=(--strategies ring --phases decode --decode-tokens 32 --no-check --repeats 1 --warmup 1 --out "$out/results.csv")
-    bench --seq-lens 8K,32K,128K "${steps[@]}"
-    bench --seq-lens 32K --batch 4 "${steps[@]}"
-    bench --seq-lens 32K --batch 4 --padding 0.5 "${steps[@]}"
+    for _ in $(seq "${LAUNCHES:-1}"); do
+        bench --seq-lens 8K,32K,128K "${steps[@]}"
+        bench --seq-lens 32K --batch 4 "${steps[@]}"
+        bench --seq-lens 32K --batch 4 --padding 0.5 "${steps[@]}"
+    done
     ;;
 decode-kernel)
     python3 scripts/decode_kernel_sweep.py "$out/decode_kernels.csv" 2>&1 | tee -a "$out/bench_$section.log" || status=1
