@@ -103,8 +103,8 @@ def test_flash_window_matches_its_reference_and_a_prefill_band():
 @pytest.mark.parametrize("h,kvh", [(32, 8), (8, 2), (4, 4)])
 def test_split_kv_decode_matches_the_unsplit_kernel_and_fp32_math(h, kvh):
     """The decode kernel at LLaMA-3-8B's head dim and GQA shapes at several chunk counts (1 =
-    unsplit), over a preallocated cache: a partly used, an empty and a full one; and the plan a
-    decode step makes for itself (tests/test_decode_kernel.py covers odd shapes)."""
+    unsplit), over a preallocated cache: a partly used, an empty and a full one; the plan a decode
+    step makes for itself; and the merge into bf16 (tests/test_decode_kernel.py covers odd shapes)."""
     from fmsring.kernels import decode_attention_with_lse, math_attention_with_lse, split_kv_decode_with_lse
     from fmsring.split_kv import split_kv
 
@@ -125,6 +125,10 @@ def test_split_kv_decode_matches_the_unsplit_kernel_and_fp32_math(h, kvh):
             assert _rel(out[i : i + 1], ref) < 1e-2 and (lse[i : i + 1] - ref_lse).abs().max() < 1e-2
     auto = decode_attention_with_lse(q, kc, vc, lens, 128**-0.5)
     assert _rel(auto[0], unsplit[0]) < 1e-2
+    # merged straight into the query's dtype and the output projection's layout, as a step at world 1 takes it
+    half, half_lse = split_kv_decode_with_lse(q, kc, vc, 128**-0.5, split_kv(lens, 8), out_dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.transpose(1, 2).is_contiguous()
+    assert _rel(half.float(), unsplit[0]) < 1e-2 and (half_lse - unsplit[1]).nan_to_num().abs().max() < 1e-3
 
 
 @pytest.fixture(scope="module")
