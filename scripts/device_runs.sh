@@ -46,7 +46,9 @@
 # targets   the one-GPU targets of one run: decode (32 greedy tokens) at 8K/32K/128K of FMS eager,
 #           FMS compiled (COMPILE_PEERS, default `default`) and ring; follow-ups of 512 and 1K tokens
 #           on 32K and 128K cached, the same peers; ring at batch 4, 8K and 32K, unpadded and then
-#           left-padded (--padding 0.5, checked against single, whose padded rows are the padded peer)
+#           left-padded (--padding 0.5, checked against single, whose padded rows are the padded peer);
+#           PARTS (default "decode followup batch padded") picks those launches, since all four take
+#           ~13 minutes on one H200 and a device call at most 10
 # decode-ring  the ring's own decode rows of `targets`, no peers: 8K/32K/128K, and batch 4 at 32K
 #           unpadded and padded; in an old tree and the new one on one machine (as `same`), a change's
 #           effect on every decode target in ~2 minutes a tree. LAUNCHES=n runs the three launches n
@@ -219,12 +221,21 @@ compiled)
 targets)
     steps=(--repeats 1 --warmup 1 --out "$out/results.csv")
     compiled=(--strategies single,ring --compile-peers "${COMPILE_PEERS:-default}" --no-check)
-    bench "${compiled[@]}" --phases decode --seq-lens 8K,32K,128K --decode-tokens 32 "${steps[@]}"
-    bench "${compiled[@]}" --phases followup --cached-lens 32K,128K --seq-lens 512,1K --no-followup-recompute \
-        "${steps[@]}"
-    bench --strategies ring --phases decode --seq-lens 8K,32K --batch 4 --decode-tokens 32 --no-check "${steps[@]}"
-    bench --strategies single,ring --phases decode --seq-lens 8K,32K --batch 4 --padding 0.5 --decode-tokens 32 \
-        "${steps[@]}"
+    for part in ${PARTS:-decode followup batch padded}; do
+        case $part in
+        decode) bench "${compiled[@]}" --phases decode --seq-lens 8K,32K,128K --decode-tokens 32 "${steps[@]}" ;;
+        followup)
+            bench "${compiled[@]}" --phases followup --cached-lens 32K,128K --seq-lens 512,1K \
+                --no-followup-recompute "${steps[@]}"
+            ;;
+        batch) bench --strategies ring --phases decode --seq-lens 8K,32K --batch 4 --decode-tokens 32 --no-check "${steps[@]}" ;;
+        padded)
+            bench --strategies single,ring --phases decode --seq-lens 8K,32K --batch 4 --padding 0.5 --decode-tokens 32 \
+                "${steps[@]}"
+            ;;
+        *) echo "[device_runs] targets has no part $part" && status=1 ;;
+        esac
+    done
     ;;
 decode-ring)
     steps=(--strategies ring --phases decode --decode-tokens 32 --no-check --repeats 1 --warmup 1 --out "$out/results.csv")
