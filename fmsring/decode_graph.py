@@ -31,7 +31,7 @@ class StepInputs:
     positions: torch.Tensor | int  # [b, 1] int64: global positions
     write_slot: torch.Tensor | int  # [1] int64: this rank's slot for the new K/V
     kv_lens: torch.Tensor | int  # [b] int32: this rank's valid slots after the write
-    slot_bias: torch.Tensor | None = None  # [b, capacity] fp32: a padding mask at this rank's slots
+    slot_bias: torch.Tensor | None = None  # [b, capacity] fp32: a padding mask at this rank's filled slots
     slot_index: torch.Tensor | None = None  # [capacity] int64: each slot's sequence index (windowed models)
     query_index: torch.Tensor | int | None = None  # [1] int64: the new token's sequence index (windowed models)
 

@@ -87,8 +87,9 @@ def test_split_kv_decode_merges_to_attention_over_the_filled_slots(dtype):
 def test_a_padding_bias_hides_slots_exactly(dtype):
     """A per-slot additive bias (what a padded batch's mask becomes): finite values and -inf,
     a whole first tile of one sequence hidden (the kernel's running max starts at -inf there), and
-    a sequence with every slot hidden (out 0, lse -inf) -- against fp32 math with the same bias,
-    through the decode step's entry point, at several chunk counts."""
+    a sequence with every slot hidden (out 0, lse -inf), and NaN past each fill, where a step
+    leaves its bias unwritten (``fmsring.masks.decode_bias``) -- against fp32 math with the same
+    bias, through the decode step's entry point, at several chunk counts."""
     b, h, kvh, d, cap = 3, 8, 2, 64, random.randrange(200, 260)
     lens = torch.tensor([cap - 3, random.randrange(70, cap), 40], dtype=torch.int32, device=DEVICE)
     q = torch.randn(b, h, 1, d, device=DEVICE, dtype=dtype)
@@ -96,6 +97,8 @@ def test_a_padding_bias_hides_slots_exactly(dtype):
     bias = torch.randn(b, cap, device=DEVICE).masked_fill(torch.rand(b, cap, device=DEVICE) < 0.3, float("-inf"))
     bias[1, :70] = float("-inf")
     bias[2] = float("-inf")
+    for i, n in enumerate(lens.tolist()):
+        bias[i, n:] = float("nan")
     tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
     ref, ref_lse = decode_attention_with_lse(q.float(), kc.float(), vc.float(), lens, d**-0.5, None, bias)
     assert torch.all(ref_lse[2] == float("-inf")) and torch.all(ref[2] == 0)

@@ -20,7 +20,7 @@ from fmsring.cache import RingCache
 from fmsring.comm import RingComm
 from fmsring.decode_graph import DecodeGraphs, StepInputs
 from fmsring.kernels import decode_attention_with_lse, decode_split_kv
-from fmsring.masks import mask_at_slots
+from fmsring.masks import decode_bias
 from fmsring.modes import Call, Ring
 from fmsring.ring import merge_shards
 from fmsring.split_kv import SplitKV
@@ -32,7 +32,8 @@ class DecodeStep:
     """Every rank writes the token's K/V at ``write_slot`` (the owner's next
     slot; elsewhere a free slot that no length covers) and attends over its
     first ``kv_lens`` slots, plus ``slot_bias`` [b, capacity] where the step
-    has a padding mask (the user's mask read at each slot's token).
+    has a padding mask (the user's mask read at each slot's token; the columns
+    past ``kv_lens``, which nothing reads, unwritten: :func:`fmsring.masks.decode_bias`).
     ``split_kv`` is the split-KV plan every layer's attention shares (None:
     the masked cache through :func:`fmsring.kernels.attention_with_lse`). A
     model with windowed layers also gets ``slot_index`` [capacity] and
@@ -107,11 +108,7 @@ def step(ring: DecodeRing, call: Call, cache: RingCache) -> tuple[torch.Tensor, 
         positions, top = ring.rope.positions(x, call.position_ids, state.seq_len, state.max_position)
     new_cache = cache.advance(st.rank, state.place(1), ring.cache_headroom, max(state.max_position, top))
     new_state = new_cache.state
-    slot_bias = None
-    if call.mask is not None:
-        at_slots = mask_at_slots(call.mask, 1, new_state)[:, 0]
-        slot_bias = at_slots.new_zeros(x.shape[0], new_state.capacity)
-        slot_bias[:, : at_slots.shape[1]] = at_slots
+    slot_bias = None if call.mask is None else decode_bias(call.mask, new_state)
     slot_index = query_index = None
     windows = ring.windows()
     if windows:
