@@ -39,11 +39,12 @@ from torch import nn
 FUSE_DEVICES: set[str] = {"cuda"}
 
 
-def fused(fn: Callable[..., Any], dynamic: bool | None = True) -> Callable[..., Any]:
+def fused(fn: Callable[..., Any], dynamic: bool | None = True, options: dict | None = None) -> Callable[..., Any]:
     """``fn`` compiled (torch.compile's ``dynamic``: True dynamic shapes, None
-    static until a shape changes) when its first tensor argument is on one of :data:`FUSE_DEVICES`,
-    eager otherwise. Inside code being compiled it is plain ``fn``, for the
-    outer compilation to fuse with its neighbours. A machine where the
+    static until a shape changes; inductor's ``options``) when its first
+    tensor argument is on one of :data:`FUSE_DEVICES`, eager otherwise.
+    Inside code being compiled it is plain ``fn``, for the outer
+    compilation to fuse with its neighbours. A machine where the
     compiler cannot build it (no Triton for the GPU, no C++ compiler) gets an
     error that says how to run without fusion.
 
@@ -61,7 +62,7 @@ def fused(fn: Callable[..., Any], dynamic: bool | None = True) -> Callable[..., 
         if first.device.type not in FUSE_DEVICES:
             return fn(*args, **kwargs)
         if compiled is None:
-            compiled = torch.compile(fn, dynamic=dynamic)
+            compiled = torch.compile(fn, dynamic=dynamic, options=options)
         try:
             return compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
@@ -95,6 +96,13 @@ class FusedTPGatedLinearUnit(TPGatedLinearUnit):
 
 class FusedRotaryEmbedding(RotaryEmbedding):
     adjusted_qk = fused(RotaryEmbedding.adjusted_qk)
+
+
+# Inductor's options for a whole compiled layer. Combo kernels: the kernels of one layer that
+# share no data but run one after the other -- the query's RoPE, the key's RoPE and cache write,
+# the value's cache write -- become one launch, where inductor's own fusion joins only kernels
+# that read the same buffers: a one-token step pays per kernel (docs/performance.md, Decode).
+WHOLE_LAYER = {"combo_kernels": True}
 
 
 class FusedDecoderBlock(nn.Module):
@@ -171,7 +179,7 @@ def fuse_decoder_blocks(model: nn.Module) -> nn.Module:
     for name, mixin in mixins.items():
         block = model.get_submodule(name)
         if block is not model:
-            whole = lambda cls: {"_whole_layer": staticmethod(fused(cls.forward, dynamic=None))}  # noqa: E731
+            whole = lambda cls: {"_whole_layer": staticmethod(fused(cls.forward, dynamic=None, options=WHOLE_LAYER))}  # noqa: E731
             swap_in_mixin(block, mixin, "Fused", whole)
     return model
 

@@ -8,6 +8,7 @@ unsharded (model paths); bf16 tolerances as the harness judges them.
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -21,6 +22,14 @@ pytestmark = [
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _as_close_as_plain(got: torch.Tensor, plain: torch.Tensor, truth: torch.Tensor) -> tuple[bool, float, float]:
+    """The ring's bf16 logits against fp32 math on the same weights (``truth``), allowed what the
+    plain model's own bf16 logits miss it by, half again (or 2%, where both are closer): comparing
+    the two bf16 models directly adds their rounding errors, which on some draws passed 2%."""
+    ring_err, plain_err = _rel(got, truth), _rel(plain, truth)
+    return ring_err <= max(2e-2, 1.5 * plain_err), ring_err, plain_err
 
 
 @pytest.mark.parametrize("kvh", [8, 32])
@@ -168,18 +177,22 @@ def test_ring_prefill_followups_and_captured_decode_on_one_gpu(one_rank_group):
             got, cache = ring(ids[:, lo:hi], past_key_value_states=cache, use_cache=True)
             assert _rel(got, want[:, lo:hi]) < 2e-2, mode
     tokens = {}
+    truth = copy.deepcopy(plain).float()
     for graphs in (True, False):
         ring.cuda_graphs = graphs
         with torch.no_grad():
             logits, step_cache = ring(ids, use_cache=True, last_n_tokens=1)
             ref_cache = plain(ids, use_cache=True)[1]
+            truth_cache = truth(ids, use_cache=True)[1]
             out = []
             for _ in range(8):
                 nxt = logits[:, -1].argmax(-1, keepdim=True)
                 out.append(nxt)
                 logits, step_cache = ring(nxt, past_key_value_states=step_cache, use_cache=True, last_n_tokens=1)
                 ref, ref_cache = plain(nxt, past_key_value_states=ref_cache, use_cache=True)
-                assert _rel(logits[:, -1], ref[:, -1]) < 2e-2, graphs
+                want, truth_cache = truth(nxt, past_key_value_states=truth_cache, use_cache=True)
+                close = _as_close_as_plain(logits[:, -1], ref[:, -1], want[:, -1])
+                assert close[0], (graphs, close)
         tokens[graphs] = torch.cat(out, dim=1)
     assert torch.equal(tokens[True], tokens[False])
 
