@@ -20,6 +20,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from datetime import timedelta
@@ -45,11 +46,22 @@ HF_PRETRAINED = "hf_pretrained"
 DEFAULT_PROMPT = "Hello, ring attention!"
 
 
+# How long a rank other than 0 waits, having met an error, before it exits: long enough for rank 0
+# to meet the same error and say it, short enough that an error only that rank met ends the run soon.
+RANK0_GRACE_S = 10.0
+
+
 def die(message: str, status: int = 1) -> NoReturn:
     """Exit with ``message`` as one line on stderr, printed by rank 0 only: under torchrun every rank
-    runs this command and meets the same error, and the message says what to do (no traceback)."""
+    runs this command and meets the same error, and the message says what to do (no traceback).
+
+    The other ranks wait up to :data:`RANK0_GRACE_S` before exiting: torchrun stops every rank as soon
+    as one exits with an error, and a rank that left first stopped rank 0, on a loaded machine still
+    loading the model, before it had said anything. Rank 0's exit ends their wait."""
     if os.environ.get("RANK", "0") == "0":
         print(f"{PROG}: error: {message}", file=sys.stderr)
+    else:
+        time.sleep(RANK0_GRACE_S)
     raise SystemExit(status)
 
 

@@ -152,13 +152,27 @@ def test_bad_flag_combinations_fail_before_loading_in_one_line(argv, message, ca
     assert message in err and err.startswith("fmsring.inference: error: ") and len(err.splitlines()) == 1, err
 
 
+SLOW_RANK0 = """
+import os
+if os.environ.get("RANK") == "0":
+    import time
+    import fmsring
+    load = fmsring.get_model
+    fmsring.get_model = lambda *args, **kwargs: time.sleep(3) or load(*args, **kwargs)
+"""
+
+
 def test_a_ring_tp_the_heads_refuse_is_one_line_from_rank_0(tmp_path):
     """Four ranks as the README launches them, ring_tp=4 on 6 heads: rank 0 says which heads the model
-    has and which ring_tp values fit; no rank prints a traceback. What follows is torchrun's own report."""
+    has and which ring_tp values fit; no rank prints a traceback. What follows is torchrun's own report.
+    Rank 0 loads last here (3 s behind, through a sitecustomize), as on a loaded machine: the other
+    ranks meet the error first, and their exit must not stop rank 0 before it has said it."""
     path = write_checkpoint(tmp_path, heads=6, kvheads=2)
+    (tmp_path / "sitecustomize.py").write_text(SLOW_RANK0)
+    env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ENV['PYTHONPATH']}"}
     cmd = [*TORCHRUN, "--nproc_per_node=4", "-m", "fmsring.inference", "--architecture", "hf_pretrained"]
     cmd += ["--model_path", path, "--tokenizer", path, "--ring_tp", "4", "--prompt", "hi"]
-    res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and not res.stdout
     refusal = (
         f"fmsring.inference: error: ring_tp=4: {path} has 6 attention heads and 2 kv-heads, which FMS's tensor "
