@@ -47,9 +47,9 @@
 #           FMS compiled (COMPILE_PEERS, default `default`) and ring; follow-ups of 512 and 1K tokens
 #           on 32K and 128K cached, the same peers; ring at batch 4, 8K and 32K, unpadded and then
 #           left-padded (--padding 0.5, checked against single, whose padded rows are the padded peer);
-#           PARTS (default "decode followup batch padded") picks those launches, since all four take
-#           ~13 minutes on one H200 and a device call at most 10; "ring" and "peers" split "decode" in
-#           two launches (ring's rows first, where a call may end before the peers')
+#           PARTS (default "peers ring followup batch padded") picks those launches, since all of them
+#           take ~13 minutes on one H200 and a device call at most 10; the decode rows are two launches,
+#           "peers" and "ring", so a call short of time can measure ring's first
 # decode-ring  the ring's own decode rows of `targets`, no peers: 8K/32K/128K, and batch 4 at 32K
 #           unpadded and padded; in an old tree and the new one on one machine (as `same`), a change's
 #           effect on every decode target in ~2 minutes a tree. LAUNCHES=n runs the three launches n
@@ -221,18 +221,15 @@ compiled)
     ;;
 targets)
     steps=(--repeats 1 --warmup 1 --out "$out/results.csv")
-    compiled=(--strategies single,ring --compile-peers "${COMPILE_PEERS:-default}" --no-check)
-    for part in ${PARTS:-decode followup batch padded}; do
+    compiled=(--compile-peers "${COMPILE_PEERS:-default}")
+    decode=(--phases decode --seq-lens 8K,32K,128K --decode-tokens 32 --no-check)
+    for part in ${PARTS:-peers ring followup batch padded}; do
         case $part in
-        decode) bench "${compiled[@]}" --phases decode --seq-lens 8K,32K,128K --decode-tokens 32 "${steps[@]}" ;;
-        ring) bench --strategies ring --phases decode --seq-lens 8K,32K,128K --decode-tokens 32 --no-check "${steps[@]}" ;;
-        peers)
-            bench --strategies single --compile-peers "${COMPILE_PEERS:-default}" --phases decode --seq-lens 8K,32K,128K \
-                --decode-tokens 32 --no-check "${steps[@]}"
-            ;;
+        peers) bench --strategies single "${compiled[@]}" "${decode[@]}" "${steps[@]}" ;;
+        ring) bench --strategies ring "${decode[@]}" "${steps[@]}" ;;
         followup)
-            bench "${compiled[@]}" --phases followup --cached-lens 32K,128K --seq-lens 512,1K \
-                --no-followup-recompute "${steps[@]}"
+            bench --strategies single,ring "${compiled[@]}" --phases followup --cached-lens 32K,128K --seq-lens 512,1K \
+                --no-followup-recompute --no-check "${steps[@]}"
             ;;
         batch) bench --strategies ring --phases decode --seq-lens 8K,32K --batch 4 --decode-tokens 32 --no-check "${steps[@]}" ;;
         padded)
