@@ -13,9 +13,9 @@ from fmsring.merge import finite_lse
 from fmsring.split_kv import SplitKV, decode_splits, sm_count, split_kv
 
 # fmsring's decode kernel is Triton's; without Triton (a CPU-only torch) decode attends as any block does.
-split_kv_decode = None
+split_kv_decode = merge_chunks = None
 if importlib.util.find_spec("triton") is not None:
-    from fmsring.decode_kernel import split_kv_decode
+    from fmsring.decode_kernel import merge_chunks, split_kv_decode
 
 
 def empty_partial(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,8 +180,7 @@ def split_kv_decode_with_lse(
     """Flash decoding: each [b, capacity, kvh, d] cache read in the plan's
     chunks by as many programs of fmsring's decode kernel
     (:mod:`fmsring.decode_kernel`), the chunks' partials merged exactly through
-    their log-sum-exp by the last program of each kv-head to finish, ``slot_bias``
-    [b, capacity] added to every row's scores.
+    their log-sum-exp, ``slot_bias`` [b, capacity] added to every row's scores.
     Returns (out [b, h, Lq, d] in ``out_dtype``, lse fp32 [b, h, Lq]); out is a
     view of [b, Lq, h, d] memory, the layout the output projection reads, so a
     caller that takes it on in the query's dtype copies nothing
@@ -191,14 +190,15 @@ def split_kv_decode_with_lse(
     each chunk of K/V is read once, not once per query head. ``splits=1`` is
     the unsplit kernel.
     """
-    b, h = q.shape[:2]
+    b, h, lq, _ = q.shape
     kvh = k_cache.shape[2]
     if plan.batch != b or k_cache.shape[0] != b or h % kvh:
         raise ValueError(
             f"split-KV plan for {plan.batch} sequences does not fit queries {tuple(q.shape)} "
             f"over caches {tuple(k_cache.shape)}"
         )
-    out, lse = split_kv_decode(q, k_cache, v_cache, plan.starts, plan.used, scale, slot_bias, out_dtype)
+    out, lse = split_kv_decode(q, k_cache, v_cache, plan.starts, plan.used, scale, slot_bias)
+    out, lse = merge_chunks(out, lse, lq, out_dtype)
     return out.transpose(1, 2), lse
 
 

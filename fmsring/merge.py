@@ -3,8 +3,8 @@
 Ring attention sees one K/V block at a time, so each block's softmax is
 partial; carrying the log-sum-exp (lse) of every query row lets partial
 results be combined exactly, in any order, in fp32. Every mode merges
-through these functions (a decode step's chunks inside fmsring's decode
-kernel, :mod:`fmsring.decode_kernel`).
+through these functions (a decode step's chunks through their one-kernel form,
+:func:`fmsring.decode_kernel.merge_chunks`).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ def finite_lse(lse: torch.Tensor) -> torch.Tensor:
 def merge_split(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunks' partials [S, b, kvh, g, lq, (d)] merged into fp32 (out [b, h, lq, d], lse [b, h, lq]).
 
-    The decode step's kernel merges its chunks as this does
-    (:mod:`fmsring.decode_kernel`); this is the merge's definition in torch and
-    the merge the step compiled before the kernel had one (the baseline of
-    ``scripts/decode_kernel_sweep.py``)."""
+    The decode step merges its chunks in one Triton kernel that does this
+    (:func:`fmsring.decode_kernel.merge_chunks`); this is its definition in
+    torch, what its tests check it against, and the merge the step compiled
+    before it (the baseline of ``scripts/decode_kernel_sweep.py``)."""
     _, b, kvh, g, lq, d = outs.shape
     total = torch.logsumexp(lses, dim=0)
     out = (outs.float() * torch.exp(lses - finite_lse(total)).unsqueeze(-1)).sum(dim=0)

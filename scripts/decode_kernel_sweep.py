@@ -7,11 +7,13 @@ runs it), for the per-GPU shapes of LLaMA-3-8B on one GPU and its factorisations
 and of LLaMA-2-70B's 2x2. Chunk counts tried: the rule's, half and twice it, and the counts that
 fill one and two waves of one program per SM exactly (the rule's own is the first: it rounds one
 program per SM down, since rounded up its last wave held a few programs alone), each with every
-tile configuration, the chunks merged inside the kernel into fp32 (as at world > 1); at the rule's
-count also into the query's dtype and layout, as the output projection reads it at world 1
-(``fmsring, bf16 out``). ``flash`` is the call fmsring made before it had a kernel of its own
-(the shard as a batch of chunks through flash's varlen kernel, the query heads of a kv-head packed
-as rows, merged by the compiled ``merge_split``), kept here as the baseline.
+tile configuration. At the rule's count, the chunks merged the two ways the step has
+merged them, the output cast and laid out for the output projection: by inductor's two kernels
+compiled from ``merge_split`` (``compiled merge``, the step's merge up to 78cff20) and by
+``fmsring.decode_kernel.merge_chunks``, one kernel (``merge_chunks``, the step now); the plain
+``fmsring`` rows merge by ``merge_chunks`` too, into fp32 as at world > 1. ``flash`` is the
+call fmsring made before it had a kernel of its own (the shard as a batch of chunks through
+flash's varlen kernel, the query heads of a kv-head packed as rows), kept here as the baseline.
 Every variant is checked against fp32 math (``rel_err``). The bandwidth is the K/V bytes read
 over the time. Writes a CSV:
 
@@ -33,6 +35,7 @@ from fmsring import split_kv as plans
 from fmsring.fusion import fused
 from fmsring.kernels import math_attention_with_lse, split_kv_decode_with_lse
 from fmsring.merge import merge_split
+from fmsring.ring import to_query_layout
 from fmsring.split_kv import decode_splits, sm_count, split_kv
 
 SCALE = 128**-0.5
@@ -73,6 +76,18 @@ def graph_ms(fn, calls: int = 20) -> float:
     return statistics.median(cuda_times(graph.replay, reps=7, warmup=1)) / calls
 
 
+def merged_as_before(out: torch.Tensor, lse: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """The merge the compiled decoder layer ran before ``fmsring.decode_kernel.merge_chunks``
+    (code 78cff20): ``merge_split``, then the output in the dtype and layout of ``query``
+    [b, Lq, h, d] (``to_query_layout``, as ``merge_shards`` hands it on at world 1), which inductor
+    compiled into two kernels."""
+    splits, b, kvh, rows, d = out.shape
+    lq = query.shape[1]
+    merged, _ = merge_split(out.view(splits, b, kvh, rows // lq, lq, d), lse.view(splits, b, kvh, rows // lq, lq))
+    return to_query_layout(merged, query)
+
+
+merged_as_before_compiled = torch.compile(merged_as_before, dynamic=False)
 merge_split_compiled = fused(merge_split)
 
 
@@ -123,8 +138,13 @@ def main(path: str) -> None:
             plan = split_kv(lens, splits)  # made once per step, outside the layers
             for cfg in CONFIGS:
                 cands[("fmsring", splits, cfg)] = lambda p=plan: split_kv_decode_with_lse(q, kc, vc, SCALE, p)
-            if splits == auto:  # at world 1: out [b, Lq, h, d] in q's dtype, viewed as [b, h, Lq, d]
-                cands[("fmsring, bf16 out", splits, default)] = lambda p=plan: split_kv_decode_with_lse(
+            if splits == auto:  # the merge alone differs: out [b, Lq, h, d] in q's dtype, viewed as [b, h, Lq, d]
+                partials = lambda p=plan: decode_kernel.split_kv_decode(q, kc, vc, p.starts, p.used, SCALE)  # noqa: E731
+                query = q.transpose(1, 2).contiguous()  # the layer's query layout, as merge_shards gets it
+                cands[("fmsring, compiled merge", splits, default)] = lambda: (
+                    merged_as_before_compiled(*partials(), query).transpose(1, 2),
+                )
+                cands[("fmsring, merge_chunks", splits, default)] = lambda p=plan: split_kv_decode_with_lse(
                     q, kc, vc, SCALE, p, out_dtype=q.dtype
                 )
         for (kernel, splits, cfg), fn in cands.items():

@@ -19,6 +19,7 @@ from fmsring.kernels import (  # noqa: E402
     math_attention_with_lse,
     split_kv_decode_with_lse,
 )
+from fmsring.merge import merge_split  # noqa: E402
 from fmsring.split_kv import TILE_SLOTS, split_kv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -33,52 +34,29 @@ def test_the_plans_cut_chunks_in_the_kernels_tiles():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("h,kvh,d,lq", [(8, 2, 64, 1), (4, 4, 32, 1), (6, 2, 80, 3)])
-def test_chunks_anywhere_merge_to_attention_over_their_slots(dtype, h, kvh, d, lq):
-    """The kernel reads each chunk's slots and nothing else, and its last program per kv-head merges
-    the chunks exactly: chunks at odd starts and lengths, overlapping (a slot read twice counts
-    twice), empty, and a sequence whose chunks are all empty (out 0, lse -inf), against fp32 math
-    over the chunks' slots laid end to end. Caches of odd capacity; the counts back at 0 after."""
-    b, cap, splits = 3, random.randrange(200, 257), 3
+def test_each_chunk_partial_is_attention_over_its_slots(dtype, h, kvh, d, lq):
+    """Every chunk's (out, lse) against fp32 math over exactly its slots; a chunk with no slot
+    gives out 0 and lse -inf. Caches of odd capacity, chunks of odd starts and lengths."""
+    b, cap, splits = 2, random.randrange(200, 257), 3
     q = torch.randn(b, h, lq, d, device=DEVICE, dtype=dtype)
     kc, vc = (torch.randn(b, cap, kvh, d, device=DEVICE, dtype=dtype) for _ in range(2))
-    chunks = [(0, 70), (70, 1), (100, cap - 100), (5, 0), (cap - 9, 9), (0, cap), (3, 0), (cap, 0), (9, 0)]
+    chunks = [(0, 70), (70, 1), (100, cap - 100), (5, 0), (cap - 9, 9), (0, cap)]  # (start, used), seq-major
     starts, used = (torch.tensor(col, dtype=torch.int32, device=DEVICE) for col in zip(*chunks))
-    out, lse = decode_kernel.split_kv_decode(q, kc, vc, starts, used, d**-0.5, out_dtype=dtype)
-    assert out.shape == (b, lq, h, d) and out.dtype == dtype and lse.shape == (b, h, lq)
-    assert torch.all(out[2] == 0) and torch.all(lse[2] == float("-inf"))
+    out, lse = decode_kernel.split_kv_decode(q, kc, vc, starts, used, d**-0.5)
+    g = h // kvh
+    assert out.shape == (splits, b, kvh, g * lq, d) and lse.shape == (splits, b, kvh, g * lq)
     tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
-    for i in range(2):
-        slots = torch.cat([torch.arange(lo, lo + n) for lo, n in chunks[i * splits : (i + 1) * splits]]).to(DEVICE)
-        k, v = (t[i : i + 1, slots].transpose(1, 2) for t in (kc, vc))
-        ref, ref_lse = math_attention_with_lse(q[i : i + 1], k, v, d**-0.5)
-        torch.testing.assert_close(out[i].transpose(0, 1).float().cpu(), ref[0].cpu(), rtol=tol, atol=tol)
-        torch.testing.assert_close(lse[i].cpu(), ref_lse[0].cpu(), rtol=tol, atol=tol)
-    assert torch.all(decode_kernel.arrivals(q.device) == 0)
-
-
-def test_more_chunks_than_a_program_merges_at_once():
-    """Past ``MERGE_VALUES`` partial values the merging program takes the chunks a block at a time,
-    rescaling between blocks: 37 chunks of a head dim of 128 (16 chunks a block), some empty, the
-    largest lse in the last block, the same call twice (a count left behind would merge too early
-    or never) against fp32 math."""
-    dtype, b, h, kvh, d, cap, splits = DTYPES[0], 1, 8, 2, 128, random.randrange(2300, 2400), 37
-    q = torch.randn(b, h, 1, d, device=DEVICE, dtype=dtype)
-    kc, vc = (torch.randn(b, cap, kvh, d, device=DEVICE, dtype=dtype) for _ in range(2))
-    lens = torch.tensor([random.randrange(1100, 2200)], dtype=torch.int32, device=DEVICE)  # 18 to 35 chunks used
-    plan = split_kv(lens, splits)
-    assert (plan.used == 0).any() and (plan.used > 0).sum() > decode_kernel.MERGE_VALUES // (4 * d)
-    n = lens.item()
-    last = int((plan.used > 0).sum()) - 1  # a chunk past the first block: the largest lse, so the blocks rescale
-    late = slice(plan.starts[last].item(), n)
-    kc[:, late] += 2 * q.view(b, kvh, h // kvh, d).mean(2).unsqueeze(1)
-    ref, ref_lse = math_attention_with_lse(
-        q.float(), kc[:, :n].transpose(1, 2).float(), vc[:, :n].transpose(1, 2).float(), d**-0.5
-    )
-    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
-    for _ in range(2):
-        out, lse = split_kv_decode_with_lse(q, kc, vc, d**-0.5, plan)
-        torch.testing.assert_close(out.cpu(), ref.cpu(), rtol=tol, atol=tol)
-        torch.testing.assert_close(lse.cpu(), ref_lse.cpu(), rtol=tol, atol=tol)
+    for i in range(b):
+        for c in range(splits):
+            lo, n = chunks[i * splits + c]
+            got_out, got_lse = out[c, i].view(kvh, g, lq, d), lse[c, i].view(kvh, g, lq)
+            if n == 0:
+                assert torch.all(got_out == 0) and torch.all(got_lse == float("-inf"))
+                continue
+            k, v = (t[i : i + 1, lo : lo + n].transpose(1, 2) for t in (kc, vc))
+            ref, ref_lse = math_attention_with_lse(q[i : i + 1], k, v, d**-0.5)
+            torch.testing.assert_close(got_out.cpu(), ref.view(kvh, g, lq, d).cpu(), rtol=tol, atol=tol)
+            torch.testing.assert_close(got_lse.cpu(), ref_lse.view(kvh, g, lq).cpu(), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -130,6 +108,26 @@ def test_a_padding_bias_hides_slots_exactly(dtype):
         torch.testing.assert_close(lse.cpu(), ref_lse.cpu(), rtol=tol, atol=tol, msg=f"{splits} chunks")
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, DTYPES[0]])
+def test_one_kernel_merges_the_chunks_as_merge_split_does(out_dtype):
+    """merge_chunks against merge_split (torch, fp32), laid out as the layer's query [b, Lq, h, d]:
+    odd chunk counts, several query tokens, chunks that saw nothing on some rows and a row that no
+    chunk saw (out 0, lse -inf), out in fp32 (the ring merges it further) and in the query's dtype."""
+    for splits, b, h, kvh, lq, d in ((5, 1, 8, 2, 1, 16), (3, 2, 4, 4, 3, 80), (1, 1, 4, 1, 2, 16)):
+        g = h // kvh
+        out = torch.randn(splits, b, kvh, g * lq, d, device=DEVICE)
+        lse = torch.randn(splits, b, kvh, g * lq, device=DEVICE) * 3
+        lse[0, 0, 0, :] = float("-inf")  # the first chunk saw nothing on these rows
+        lse[:, -1, -1, -1] = float("-inf")  # nor any chunk on this one
+        got, got_lse = decode_kernel.merge_chunks(out, lse, lq, out_dtype)
+        want, want_lse = merge_split(out.view(splits, b, kvh, g, lq, d), lse.view(splits, b, kvh, g, lq))
+        assert got.shape == (b, lq, h, d) and got.dtype == out_dtype
+        assert torch.all(got[-1, lq - 1, h - 1] == 0) and got_lse[-1, h - 1, lq - 1] == float("-inf")
+        tol = 1e-5 if out_dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got.float(), want.transpose(1, 2), rtol=tol, atol=tol, msg=f"{splits} chunks")
+        torch.testing.assert_close(got_lse, want_lse, rtol=1e-5, atol=1e-6, msg=f"{splits} chunks")
+
+
 def test_the_kernel_refuses_a_strided_head_dim():
     q = torch.zeros(1, 2, 1, 32, device=DEVICE, dtype=torch.float16)
     cache = torch.zeros(1, 64, 2, 32, device=DEVICE, dtype=torch.float16)
@@ -141,15 +139,14 @@ def test_the_kernel_refuses_a_strided_head_dim():
 
 
 def test_the_op_passes_torchs_custom_op_checks():
-    """torch.library.opcheck: the schema, the fake (meta) function a compiled layer traces with --
-    shapes from the query's -- and dynamic shapes through AOT dispatch, in one chunk and in three."""
+    """torch.library.opcheck of both ops: the schema, the fake (meta) function a compiled layer
+    traces with -- shapes from the plan's tensor lengths -- and dynamic shapes through AOT dispatch."""
     q = torch.randn(2, 4, 1, 32, device=DEVICE, dtype=DTYPES[0])
     kc, vc = (torch.randn(2, 130, 2, 32, device=DEVICE, dtype=DTYPES[0]) for _ in range(2))
-    for splits in (1, 3):
-        plan = split_kv(torch.tensor([130, 7], dtype=torch.int32, device=DEVICE), splits)
-        args = (q, kc, vc, plan.starts, plan.used, 32**-0.5)
-        torch.library.opcheck(decode_kernel.split_kv_decode, args)
-        torch.library.opcheck(decode_kernel.split_kv_decode, args, {"out_dtype": DTYPES[0]})
+    plan = split_kv(torch.tensor([130, 7], dtype=torch.int32, device=DEVICE), 3)
+    torch.library.opcheck(decode_kernel.split_kv_decode, (q, kc, vc, plan.starts, plan.used, 32**-0.5))
+    out, lse = decode_kernel.split_kv_decode(q, kc, vc, plan.starts, plan.used, 32**-0.5)
+    torch.library.opcheck(decode_kernel.merge_chunks, (out, lse, 1, DTYPES[0]))
 
 
 def test_a_compiled_caller_follows_new_cache_sizes_and_chunk_counts():
