@@ -223,6 +223,7 @@ targets)
     steps=(--repeats 1 --warmup 1 --out "$out/results.csv")
     compiled=(--compile-peers "${COMPILE_PEERS:-default}")
     decode=(--phases decode --seq-lens 8K,32K,128K --decode-tokens 32 --no-check)
+    batch4=(--phases decode --seq-lens 8K,32K --batch 4 --decode-tokens 32)
     for part in ${PARTS:-peers ring followup batch padded}; do
         case $part in
         peers) bench --strategies single "${compiled[@]}" "${decode[@]}" "${steps[@]}" ;;
@@ -231,11 +232,8 @@ targets)
             bench --strategies single,ring "${compiled[@]}" --phases followup --cached-lens 32K,128K --seq-lens 512,1K \
                 --no-followup-recompute --no-check "${steps[@]}"
             ;;
-        batch) bench --strategies ring --phases decode --seq-lens 8K,32K --batch 4 --decode-tokens 32 --no-check "${steps[@]}" ;;
-        padded)
-            bench --strategies single,ring --phases decode --seq-lens 8K,32K --batch 4 --padding 0.5 --decode-tokens 32 \
-                "${steps[@]}"
-            ;;
+        batch) bench --strategies ring "${batch4[@]}" --no-check "${steps[@]}" ;;
+        padded) bench --strategies single,ring "${batch4[@]}" --padding 0.5 "${steps[@]}" ;;
         *) echo "[device_runs] targets has no part $part" && status=1 ;;
         esac
     done
