@@ -98,17 +98,11 @@ class FusedRotaryEmbedding(RotaryEmbedding):
     adjusted_qk = fused(RotaryEmbedding.adjusted_qk)
 
 
-# Inductor's options for a whole compiled layer (docs/performance.md, Decode, measures both):
-# - Combo kernels: the kernels of one layer that share no data but run one after the other -- the
-#   query's RoPE, the key's RoPE and cache write, the value's cache write -- become one launch,
-#   where inductor's own fusion joins only kernels that read the same buffers: a one-token step
-#   pays per kernel.
-# - Coordinate descent tuning: with it, inductor writes a one-row matmul (a sequence's decode step)
-#   as a product and a sum, and tunes the reduction kernels it makes; each projection then fuses with
-#   the RMSNorm before it and the SiLU or residual add around it, and reads its weights nearer the
-#   copy bandwidth than cuBLAS's GEMMs (gpt-fast's setting). The tuning costs the first compile time;
-#   its choices are cached with the compiled code.
-WHOLE_LAYER = {"combo_kernels": True, "coordinate_descent_tuning": True}
+# Inductor's options for a whole compiled layer. Combo kernels: the kernels of one layer that
+# share no data but run one after the other -- the query's RoPE, the key's RoPE and cache write,
+# the value's cache write -- become one launch, where inductor's own fusion joins only kernels
+# that read the same buffers: a one-token step pays per kernel (docs/performance.md, Decode).
+WHOLE_LAYER = {"combo_kernels": True}
 
 
 class FusedDecoderBlock(nn.Module):
