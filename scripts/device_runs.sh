@@ -82,7 +82,10 @@
 #           a kernel's launch with the tail of the one before (the gaps between a step's ~530
 #           kernels); combo kernels launch independent small kernels as one (RoPE, the cache writes).
 #           Rows in results_inductor.csv, their variant naming the setting; the 32K step as it is
-#           profiled (step/decode_profile_rank0.json: kernels, and the host's part of a step)
+#           profiled (step/decode_profile_rank0.json: kernels, and the host's part of a step).
+#           LAUNCHES=2: each setting launched twice over its cache (the second launch's first_step_ms
+#           is a second process's first step); TESTS=1: make test-gpu's tests under each setting
+#           first (test_gpu_<setting>.log), since a setting can change the numbers as well as the time
 # decode-profile  that 32K step profiled alone (decode_profile_rank0.json)
 # decode-profile-batch  the 32K step at batch 4, unpadded and then left-padded (--padding 0.5 as the
 #           bench's), profiled the same way (decode_profile_b4_pad*_rank0.json): where a padded step's
@@ -285,13 +288,23 @@ inductor)
     for setting in "" ${INDUCTOR:-TORCHINDUCTOR_ENABLE_PDL=1 combo_kernels=True}; do
         (  # a subshell: the setting and a compile cache of its own stay with this launch
             export TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)"
+            tests=(python3 -m pytest)
             case $setting in
             [A-Z]*) export "${setting?}" ;;
-            ?*) bench_module=(scripts/inductor_options.py "$setting" -m fmsring.bench) ;;
+            ?*)
+                bench_module=(scripts/inductor_options.py "$setting" -m fmsring.bench)
+                tests=(python3 scripts/inductor_options.py "$setting" -m pytest)
+                ;;
             esac
-            # the setting is the rows' variant (a ring variant of no options), so no table takes them for another's
-            bench --strategies ring --phases decode --seq-lens 8K,32K,128K --decode-tokens 32 --no-check \
-                --ring-variants "{\"$setting\": {}}" --repeats 1 --warmup 1 --out "$out/results_inductor.csv"
+            if [ "${TESTS:-0}" = 1 ] && [ -n "$setting" ]; then
+                "${tests[@]}" -q -p no:cacheprovider -m cuda tests/test_gpu.py >"$out/test_gpu_$setting.log" 2>&1 || status=1
+                tail -1 "$out/test_gpu_$setting.log"
+            fi
+            for _ in $(seq "${LAUNCHES:-1}"); do
+                # the setting is the rows' variant (a ring variant of no options), so no table takes them for another's
+                bench --strategies ring --phases decode --seq-lens 8K,32K,128K --decode-tokens 32 --no-check \
+                    --ring-variants "{\"$setting\": {}}" --repeats 1 --warmup 1 --out "$out/results_inductor.csv"
+            done
             exit "$status"
         ) || status=1
     done
