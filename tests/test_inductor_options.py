@@ -1,4 +1,4 @@
-"""scripts/inductor_options.py: options reach inductor's config, a name that is none is refused,
+"""scripts/inductor_options.py: options reach inductor's config, a name that is not one is refused,
 and ``one_row_mm`` rewrites a one-row matmul off the CPU (traced on the meta device, where
 inductor's decomposition takes its GPU branch) as a product and a sum, leaving wider ones and the
 option itself alone."""
@@ -47,6 +47,7 @@ def test_one_row_mm_rewrites_one_row_only(restore_mm):
 def test_options_are_set_and_unknown_names_refused(monkeypatch, restore_mm):
     ran = []
     monkeypatch.setenv("FMSRING_INDUCTOR_OPTIONS", "")  # restored after the test, as every row records it
+    monkeypatch.setattr(sys, "argv", sys.argv[:])  # main() hands the module its own argv
     monkeypatch.setattr(inductor_options.runpy, "run_module", lambda name, **kw: ran.append((name, sys.argv[:])))
     with inductor_config.patch(combo_kernels=False):
         inductor_options.main(["combo_kernels=True", "one_row_mm", "-m", "fmsring.bench", "--help"])
