@@ -288,16 +288,15 @@ inductor)
     for setting in "" ${INDUCTOR:-TORCHINDUCTOR_ENABLE_PDL=1 combo_kernels=True}; do
         (  # a subshell: the setting and a compile cache of its own stay with this launch
             export TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)"
-            tests=(python3 -m pytest)
+            options=()  # an inductor option goes through scripts/inductor_options.py, for the tests and the bench alike
             case $setting in
             [A-Z]*) export "${setting?}" ;;
-            ?*)
-                bench_module=(scripts/inductor_options.py "$setting" -m fmsring.bench)
-                tests=(python3 scripts/inductor_options.py "$setting" -m pytest)
-                ;;
+            ?*) options=(scripts/inductor_options.py "$setting") ;;
             esac
+            bench_module=("${options[@]}" -m fmsring.bench)
             if [ "${TESTS:-0}" = 1 ] && [ -n "$setting" ]; then
-                "${tests[@]}" -q -p no:cacheprovider -m cuda tests/test_gpu.py >"$out/test_gpu_$setting.log" 2>&1 || status=1
+                python3 "${options[@]}" -m pytest -q -p no:cacheprovider -m cuda tests/test_gpu.py \
+                    >"$out/test_gpu_$setting.log" 2>&1 || status=1
                 tail -1 "$out/test_gpu_$setting.log"
             fi
             for _ in $(seq "${LAUNCHES:-1}"); do
