@@ -39,11 +39,9 @@ from torch import nn
 FUSE_DEVICES: set[str] = {"cuda"}
 
 
-def fused(
-    fn: Callable[..., Any], dynamic: bool | None = True, options: Callable[[], dict[str, Any]] | None = None
-) -> Callable[..., Any]:
+def fused(fn: Callable[..., Any], dynamic: bool | None = True, options: dict | None = None) -> Callable[..., Any]:
     """``fn`` compiled (torch.compile's ``dynamic``: True dynamic shapes, None
-    static until a shape changes; inductor's options as ``options()`` returns them) when its first
+    static until a shape changes; inductor's ``options``) when its first
     tensor argument is on one of :data:`FUSE_DEVICES`, eager otherwise.
     Inside code being compiled it is plain ``fn``, for the outer
     compilation to fuse with its neighbours. A machine where the
@@ -64,7 +62,7 @@ def fused(
         if first.device.type not in FUSE_DEVICES:
             return fn(*args, **kwargs)
         if compiled is None:
-            compiled = torch.compile(fn, dynamic=dynamic, options=options and options())
+            compiled = torch.compile(fn, dynamic=dynamic, options=options)
         try:
             return compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
@@ -100,17 +98,11 @@ class FusedRotaryEmbedding(RotaryEmbedding):
     adjusted_qk = fused(RotaryEmbedding.adjusted_qk)
 
 
-def whole_layer_options() -> dict[str, Any]:
-    """Inductor's options for a whole compiled layer; a one-token step pays per kernel
-    (docs/performance.md, Decode), and both launch fewer. Combo kernels: the kernels of one layer
-    that share no data but run one after the other -- the query's RoPE, the key's RoPE and cache
-    write, the value's cache write -- become one launch, where inductor's own fusion joins only
-    kernels that read the same buffers. :class:`~fmsring.one_row_matmul.OneRowMatmul`: each
-    one-row projection fuses with the elementwise work around it. Made at the first compile, as
-    the pass imports inductor."""
-    from fmsring.one_row_matmul import OneRowMatmul
-
-    return {"combo_kernels": True, "post_grad_custom_pre_pass": OneRowMatmul()}
+# Inductor's options for a whole compiled layer. Combo kernels: the kernels of one layer that
+# share no data but run one after the other -- the query's RoPE, the key's RoPE and cache write,
+# the value's cache write -- become one launch, where inductor's own fusion joins only kernels
+# that read the same buffers: a one-token step pays per kernel (docs/performance.md, Decode).
+WHOLE_LAYER = {"combo_kernels": True}
 
 
 class FusedDecoderBlock(nn.Module):
@@ -178,10 +170,6 @@ def swap_in_mixin(
     module.__class__ = _MIXED[mixin, cls]
 
 
-def _whole_layer(cls: type) -> dict[str, Any]:
-    return {"_whole_layer": staticmethod(fused(cls.forward, dynamic=None, options=whole_layer_options))}
-
-
 def fuse_decoder_blocks(model: nn.Module) -> nn.Module:
     """Make every block that holds one of ``model``'s attention layers a :class:`FusedDecoderBlock`
     of its own FMS class, and every one that holds a Mamba2 layer a :class:`FusedMambaBlock`, in
@@ -191,7 +179,8 @@ def fuse_decoder_blocks(model: nn.Module) -> nn.Module:
     for name, mixin in mixins.items():
         block = model.get_submodule(name)
         if block is not model:
-            swap_in_mixin(block, mixin, "Fused", _whole_layer)
+            whole = lambda cls: {"_whole_layer": staticmethod(fused(cls.forward, dynamic=None, options=WHOLE_LAYER))}  # noqa: E731
+            swap_in_mixin(block, mixin, "Fused", whole)
     return model
 
 
