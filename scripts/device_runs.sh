@@ -295,8 +295,7 @@ inductor)
             esac
             bench_module=("${options[@]}" -m fmsring.bench)
             if [ "${TESTS:-0}" = 1 ] && [ -n "$setting" ]; then
-                python3 "${options[@]}" -m pytest -q -p no:cacheprovider -m cuda tests/test_gpu.py \
-                    >"$out/test_gpu_$setting.log" 2>&1 || status=1
+                make test-gpu PY="python3 ${options[*]}" >"$out/test_gpu_$setting.log" 2>&1 || status=1
                 tail -1 "$out/test_gpu_$setting.log"
             fi
             for _ in $(seq "${LAUNCHES:-1}"); do
