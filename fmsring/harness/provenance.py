@@ -64,19 +64,24 @@ def _nccl_version() -> str:
 
 
 # Environment variables that change what a launch measures without changing its code: which
-# GPUs, how NCCL moves data and at what priority, the allocator, inductor's programmatic dependent
-# launch, inductor options set by scripts/inductor_options.py. A row records those set.
+# GPUs, how NCCL moves data and at what priority, the allocator, inductor options set by
+# scripts/inductor_options.py. A row records those set, and every inductor setting (below).
 PERFORMANCE_ENV = (
     "CUDA_VISIBLE_DEVICES", "NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE", "NCCL_IB_DISABLE", "NCCL_NVLS_ENABLE",
     "NCCL_ALGO", "NCCL_PROTO", "NCCL_MIN_NCHANNELS", "NCCL_MAX_NCHANNELS", "TORCH_NCCL_HIGH_PRIORITY",
     "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS", "PYTORCH_CUDA_ALLOC_CONF",
-    "TORCHINDUCTOR_ENABLE_PDL", "FMSRING_INDUCTOR_OPTIONS",
+    "FMSRING_INDUCTOR_OPTIONS",
 )  # fmt: skip
+# Inductor reads dozens of TORCHINDUCTOR_* variables (tuning, launchers, PDL), more each release:
+# all are recorded but the cache's folder, a path that changes where compiled code lives, not what runs.
+INDUCTOR_ENV_PREFIX, INDUCTOR_ENV_UNRECORDED = "TORCHINDUCTOR_", ("TORCHINDUCTOR_CACHE_DIR",)
 
 
 def launch_env() -> str:
-    """The :data:`PERFORMANCE_ENV` variables set in this process, as ``NAME=value`` joined by spaces."""
-    return " ".join(f"{k}={os.environ[k]}" for k in PERFORMANCE_ENV if k in os.environ)
+    """The :data:`PERFORMANCE_ENV` variables and inductor's settings set in this process, as ``NAME=value``
+    joined by spaces."""
+    inductor = sorted(k for k in os.environ if k.startswith(INDUCTOR_ENV_PREFIX) and k not in INDUCTOR_ENV_UNRECORDED)
+    return " ".join(f"{k}={os.environ[k]}" for k in (*PERFORMANCE_ENV, *inductor) if k in os.environ)
 
 
 def row_provenance(spec: Any, repeats: int, device_index: int = 0) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from fmsring.harness import provenance
@@ -9,13 +11,19 @@ from fmsring.harness.grid import SweepConfig
 
 
 def test_rows_record_the_environment_that_changes_a_measurement(monkeypatch):
-    for name in provenance.PERFORMANCE_ENV:
+    for name in [*provenance.PERFORMANCE_ENV, *(k for k in os.environ if k.startswith("TORCHINDUCTOR_"))]:
         monkeypatch.delenv(name, raising=False)
     assert provenance.launch_env() == ""
     monkeypatch.setenv("NCCL_P2P_DISABLE", "1")
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    monkeypatch.setenv("TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER", "0")  # any inductor setting
+    monkeypatch.setenv("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", "1")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/cache")  # where compiled code lives: not recorded
     monkeypatch.setenv("HOME", "/elsewhere")  # not one that changes a measurement
-    assert provenance.launch_env() == "NCCL_P2P_DISABLE=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
+    assert provenance.launch_env() == (
+        "NCCL_P2P_DISABLE=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
+        "TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER=0"
+    )
 
 
 def test_rows_name_the_model_and_the_card():
