@@ -64,13 +64,14 @@ def _nccl_version() -> str:
 
 
 # Environment variables that change what a launch measures without changing its code: which
-# GPUs, how NCCL moves data and at what priority, the allocator, inductor options set by
-# scripts/inductor_options.py. A row records those set, and every inductor setting (below).
+# GPUs, how NCCL moves data and at what priority, the allocator, which BLAS library a matmul
+# takes, inductor options set by scripts/inductor_options.py. A row records those set, and every
+# inductor setting (below).
 PERFORMANCE_ENV = (
     "CUDA_VISIBLE_DEVICES", "NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE", "NCCL_IB_DISABLE", "NCCL_NVLS_ENABLE",
     "NCCL_ALGO", "NCCL_PROTO", "NCCL_MIN_NCHANNELS", "NCCL_MAX_NCHANNELS", "TORCH_NCCL_HIGH_PRIORITY",
     "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS", "PYTORCH_CUDA_ALLOC_CONF",
-    "FMSRING_INDUCTOR_OPTIONS",
+    "TORCH_BLAS_PREFER_CUBLASLT", "FMSRING_INDUCTOR_OPTIONS",
 )  # fmt: skip
 # Inductor reads dozens of TORCHINDUCTOR_* variables (tuning, launchers, PDL), more each release:
 # all are recorded but the cache's folder, a path that changes where compiled code lives, not what runs.
