@@ -39,16 +39,10 @@ from torch import nn
 FUSE_DEVICES: set[str] = {"cuda"}
 
 
-def fused(
-    fn: Callable[..., Any], dynamic: bool | None = True, options: dict | None = None, any_rows: bool = False
-) -> Callable[..., Any]:
+def fused(fn: Callable[..., Any], dynamic: bool | None = True, options: dict | None = None) -> Callable[..., Any]:
     """``fn`` compiled (torch.compile's ``dynamic``: True dynamic shapes, None
     static until a shape changes; inductor's ``options``) when its first
     tensor argument is on one of :data:`FUSE_DEVICES`, eager otherwise.
-    ``any_rows``: that argument's every size but its last unbacked, so one graph
-    serves any number of rows, one included (dynamic shapes specialise a size
-    of 1, and compile a graph of its own for it): for ``fn`` that works row by
-    row, whose result no such size changes.
     Inside code being compiled it is plain ``fn``, for the outer
     compilation to fuse with its neighbours. A machine where the
     compiler cannot build it (no Triton for the GPU, no C++ compiler) gets an
@@ -69,8 +63,6 @@ def fused(
             return fn(*args, **kwargs)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=dynamic, options=options)
-        if any_rows:
-            torch._dynamo.decorators.mark_unbacked(first, list(range(first.dim() - 1)))
         try:
             return compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
@@ -84,14 +76,7 @@ def fused(
 
 
 class FusedLayerNorm(LayerNormParameterized):
-    """FMS's norm fused for any number of rows: the model's final norm, compiled
-    for a prompt's rows in the prefill, otherwise compiled again for a decode
-    step's one row at the first step of every process (the layers' own norms run
-    inside the step's whole-layer graph), a graph to trace, guard and load
-    where the first step's time is the user's wait (docs/performance.md,
-    Compilation)."""
-
-    forward = fused(LayerNormParameterized.forward, any_rows=True)
+    forward = fused(LayerNormParameterized.forward)
 
 
 class FusedGatedLinearUnit(GatedLinearUnit):
