@@ -11,7 +11,7 @@ from fmsring.harness.grid import SweepConfig
 
 
 def test_rows_record_the_environment_that_changes_a_measurement(monkeypatch):
-    for name in [*provenance.PERFORMANCE_ENV, *(k for k in os.environ if k.startswith("TORCHINDUCTOR_"))]:
+    for name in [*provenance.PERFORMANCE_ENV, *(k for k in os.environ if k.startswith(provenance.INDUCTOR_ENV_PREFIX))]:
         monkeypatch.delenv(name, raising=False)
     assert provenance.launch_env() == ""
     monkeypatch.setenv("NCCL_P2P_DISABLE", "1")
