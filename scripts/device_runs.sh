@@ -78,7 +78,9 @@
 # inductor  ring decode (32 greedy tokens) at 8K/32K/128K as it is, then under each setting of INDUCTOR
 #           (space-separated, one launch each over an empty compile cache; default
 #           "TORCHINDUCTOR_ENABLE_PDL=1 combo_kernels=True"): an upper-case NAME=value is an environment
-#           variable, a lower-case one an inductor option (scripts/inductor_options.py). PDL overlaps
+#           variable, a lower-case one an inductor option (scripts/inductor_options.py); settings joined
+#           by + run together in one launch (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1+max_autotune_pointwise=True:
+#           a tuned kernel's several configurations, so the cache's check keeps it). PDL overlaps
 #           a kernel's launch with the tail of the one before (the gaps between a step's ~530
 #           kernels); combo kernels launch independent small kernels as one (RoPE, the cache writes).
 #           Rows in results_inductor.csv, their variant naming the setting; the 32K step as it is
@@ -289,10 +291,14 @@ inductor)
         (  # a subshell: the setting and a compile cache of its own stay with this launch
             export TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)"
             options=()  # an inductor option goes through scripts/inductor_options.py, for the tests and the bench alike
-            case $setting in
-            [A-Z]*) export "${setting?}" ;;
-            ?*) options=(scripts/inductor_options.py "$setting") ;;
-            esac
+            IFS=+ read -ra parts <<<"$setting"
+            for part in "${parts[@]}"; do
+                case $part in
+                [A-Z]*) export "${part?}" ;;
+                ?*) options+=("$part") ;;
+                esac
+            done
+            ((${#options[@]})) && options=(scripts/inductor_options.py "${options[@]}")
             bench_module=("${options[@]}" -m fmsring.bench)
             if [ "${TESTS:-0}" = 1 ] && [ -n "$setting" ]; then
                 make test-gpu PY="python3 ${options[*]}" >"$out/test_gpu_$setting.log" 2>&1 || status=1
