@@ -39,10 +39,16 @@ from torch import nn
 FUSE_DEVICES: set[str] = {"cuda"}
 
 
-def fused(fn: Callable[..., Any], dynamic: bool | None = True, options: dict | None = None) -> Callable[..., Any]:
+def fused(
+    fn: Callable[..., Any], dynamic: bool | None = True, options: dict | None = None, any_rows: bool = False
+) -> Callable[..., Any]:
     """``fn`` compiled (torch.compile's ``dynamic``: True dynamic shapes, None
     static until a shape changes; inductor's ``options``) when its first
     tensor argument is on one of :data:`FUSE_DEVICES`, eager otherwise.
+    ``any_rows``: every size of the first tensor argument but its last is
+    unbacked, so one graph serves any number of rows, one included, where
+    dynamic shapes specialise a size of 1 and compile a second graph at a
+    decode step's first call -- time a second process pays again, to load it.
     Inside code being compiled it is plain ``fn``, for the outer
     compilation to fuse with its neighbours. A machine where the
     compiler cannot build it (no Triton for the GPU, no C++ compiler) gets an
@@ -63,6 +69,9 @@ def fused(fn: Callable[..., Any], dynamic: bool | None = True, options: dict | N
             return fn(*args, **kwargs)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=dynamic, options=options)
+        if any_rows:  # on the tensor itself: a view's base would still specialise
+            for dim in range(first.ndim - 1):
+                torch._dynamo.decorators.mark_unbacked(first, dim)
         try:
             return compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
@@ -76,7 +85,10 @@ def fused(fn: Callable[..., Any], dynamic: bool | None = True, options: dict | N
 
 
 class FusedLayerNorm(LayerNormParameterized):
-    forward = fused(LayerNormParameterized.forward)
+    """FMS's norm, one graph for a prompt's rows and a step's one row: the model's final norm runs
+    outside the whole-layer graph, at both."""
+
+    forward = fused(LayerNormParameterized.forward, any_rows=True)
 
 
 class FusedGatedLinearUnit(GatedLinearUnit):

@@ -14,6 +14,7 @@ import fms.models
 import pytest
 import torch
 from fms.modules.layernorm import LayerNormParameterized
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.utils import counters
 
 from fmsring import fusion
@@ -67,6 +68,9 @@ def test_fused_model_matches_fms(fused_on_cpu):
     # per layer (8 here, x3) would hit dynamo's recompile limit on a 32-layer
     # model and leave the rest eager without a word
     assert 3 <= _compiled_frames() <= 12
+    # the norm's one graph serves the prompt's rows and the step's one row (the final norm runs
+    # outside a step's whole-layer graph): a second would be compiled, or loaded, at a first step
+    assert len(_debug_get_cache_entry_list(LayerNormParameterized.forward.__code__)) == 1
 
 
 def test_fuse_swaps_exact_fms_classes_only():
