@@ -69,7 +69,7 @@ def fused(
             return fn(*args, **kwargs)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=dynamic, options=options)
-        if any_rows:  # on the tensor itself: a view's base would still specialise
+        if any_rows:  # on the tensor itself (a view's base would still specialise); the marks stay with it
             for dim in range(first.ndim - 1):
                 torch._dynamo.decorators.mark_unbacked(first, dim)
         try:
