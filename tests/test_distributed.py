@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.distributed import run_ranks
+from tests.distributed import GLOO_CONNECT_FAILED, run_ranks
 
 ADDED: set[str] = set()  # a call adds to it in place
 BOUND = "as imported"  # a call rebinds it
@@ -76,3 +76,21 @@ def test_a_failed_or_hung_call_raises_and_the_next_gets_a_fresh_group():
     with pytest.raises(TimeoutError, match=r"ranks \[0, 1\] did not finish in 2s"):
         run_ranks(2, _sleep, timeout=2)
     assert not set(run_ranks(2, _pid)) & set(after_failure)
+
+
+def _connect_fails(rank, world, tally, times):
+    """Rank 1 fails as gloo does when it cannot connect, ``times`` calls in a row (counted in ``tally``)."""
+    failed = len(open(tally).read()) if os.path.exists(tally) else 0
+    if rank == 1 and failed < times:
+        open(tally, "a").write("x")
+        raise RuntimeError(f"{GLOO_CONNECT_FAILED} with [pair.cc] Connection closed by peer (a stand-in)")
+    return os.getpid()
+
+
+def test_a_call_gloo_could_not_connect_runs_once_more_on_a_fresh_group(tmp_path):
+    before = run_ranks(2, _pid)
+    pids = run_ranks(2, _connect_fails, str(tmp_path / "once"), 1)
+    assert (tmp_path / "once").read_text() == "x" and not set(pids) & set(before)
+    with pytest.raises(RuntimeError, match=GLOO_CONNECT_FAILED):  # once more, not forever
+        run_ranks(2, _connect_fails, str(tmp_path / "twice"), 2)
+    assert (tmp_path / "twice").read_text() == "xx"
