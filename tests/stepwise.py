@@ -48,9 +48,14 @@ def piece_errors(
     return errs
 
 
+def graphs(fn: Callable) -> int:
+    """How many graphs dynamo holds for ``fn``'s code (one code object, whatever module calls it)."""
+    return len(_debug_get_cache_entry_list(fn.__code__))
+
+
 def block_graphs(ring: nn.Module) -> int:
     """How many graphs dynamo holds for the FMS decoder block class of ``ring``'s layers (its own
     forward, which a layer compiled whole traces: one code object for every layer)."""
     layer = ring.model.base_model.layers[0]
     fms_block = next(c for c in type(layer).__mro__ if c.__module__.startswith("fms."))
-    return len(_debug_get_cache_entry_list(fms_block.forward.__code__))
+    return graphs(fms_block.forward)
