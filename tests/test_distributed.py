@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,9 +81,10 @@ def test_a_failed_or_hung_call_raises_and_the_next_gets_a_fresh_group():
 
 def _connect_fails(rank, world, tally, times):
     """Rank 1 fails as gloo does when it cannot connect, ``times`` calls in a row (counted in ``tally``)."""
-    failed = len(open(tally).read()) if os.path.exists(tally) else 0
+    tally = Path(tally)  # rank 1's alone: another rank reading it could catch it half written
+    failed = int(tally.read_text()) if rank == 1 and tally.exists() else 0
     if rank == 1 and failed < times:
-        open(tally, "a").write("x")
+        tally.write_text(str(failed + 1))
         raise RuntimeError(f"{GLOO_CONNECT_FAILED} with [pair.cc] Connection closed by peer (a stand-in)")
     return os.getpid()
 
@@ -90,7 +92,7 @@ def _connect_fails(rank, world, tally, times):
 def test_a_call_gloo_could_not_connect_runs_once_more_on_a_fresh_group(tmp_path):
     before = run_ranks(2, _pid)
     pids = run_ranks(2, _connect_fails, str(tmp_path / "once"), 1)
-    assert (tmp_path / "once").read_text() == "x" and not set(pids) & set(before)
+    assert (tmp_path / "once").read_text() == "1" and not set(pids) & set(before)
     with pytest.raises(RuntimeError, match=GLOO_CONNECT_FAILED):  # once more, not forever
         run_ranks(2, _connect_fails, str(tmp_path / "twice"), 2)
-    assert (tmp_path / "twice").read_text() == "xx"
+    assert (tmp_path / "twice").read_text() == "2"
