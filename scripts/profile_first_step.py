@@ -8,7 +8,8 @@ compile metrics (``torch._dynamo.utils.compilation_time_metrics``): tracing
 Python bytecode, the backend (AOTAutograd and inductor, cached or not),
 loading compiled modules, building guards; what is left is the CUDA graph's
 capture and the step itself; Python's garbage collections inside the step
-are timed apart. The allocator is configured as the bench and the CLI
+are timed apart, a full one with the frames it set off in (a full collection
+scans every object the collector tracks, counted after the step). The allocator is configured as the bench and the CLI
 configure it (a ``PYTORCH_CUDA_ALLOC_CONF`` set outside wins). Run it twice
 over one ``TORCHINDUCTOR_CACHE_DIR``: the second launch is what a user's
 second run pays. Writes first_step_<NAME>_rank<r>.json, with inductor's cache
@@ -31,6 +32,7 @@ import gc
 import os
 import sys
 import time
+import traceback
 
 import torch
 from profile_prefill import llama3_8b, top_functions, write_rank_json
@@ -47,14 +49,17 @@ PHASES = {  # dynamo's metric names (seconds, summed over every compile of the s
     "wait_async_compile": "async_compile.wait",
     "build_guards": "build_guards",
 }
+FULL_COLLECTION_FRAMES = 16  # innermost frames kept of where a full collection set off
 
 
 class StepWatch:
     """What is watched while the first step runs (``on``): Python's garbage collections, their
-    time and how many of each generation; and, given a ``profiler``, cProfile."""
+    time and how many of each generation, and where each full one (generation 2, a scan of the
+    whole heap) set off: its innermost frames; and, given a ``profiler``, cProfile."""
 
     def __init__(self, profiler: cProfile.Profile | None = None) -> None:
         self._on, self.ms, self.count, self._start = False, 0.0, [0, 0, 0], 0.0
+        self.full_collection_frames: list[list[str]] = []
         self.profiler = profiler
         gc.callbacks.append(self._callback)
 
@@ -73,6 +78,9 @@ class StepWatch:
             return
         if phase == "start":
             self._start = time.perf_counter()
+            if info["generation"] == 2:  # the frames below this callback: the allocation that set it off
+                frames = traceback.extract_stack()[:-1][-FULL_COLLECTION_FRAMES:]
+                self.full_collection_frames.append([f"{f.filename}:{f.lineno} {f.name}" for f in frames])
         else:
             self.ms += (time.perf_counter() - self._start) * 1e3
             self.count[info["generation"]] += 1
@@ -152,6 +160,7 @@ def main() -> None:
         **{f"{k}_ms": v for k, v in spent.items()},
         "capture_and_run_ms": round(first_ms - spent["compile_total"], 1),
         "gc_ms": round(watch.ms, 1), "gc_collections_by_generation": watch.count,
+        "gc_full_collection_frames": watch.full_collection_frames, "gc_tracked_after": len(gc.get_objects()),
         "alloc_conf": alloc_conf,
         "inductor_cache_in_process": {k: v for k, v in counters["inductor"].items() if "cache" in k},
     }  # fmt: skip
