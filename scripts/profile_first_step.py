@@ -8,11 +8,11 @@ compile metrics (``torch._dynamo.utils.compilation_time_metrics``): tracing
 Python bytecode, the backend (AOTAutograd and inductor, cached or not),
 loading compiled modules, building guards; what is left is the CUDA graph's
 capture and the step itself; Python's garbage collections inside the step
-are timed apart, a full one with the frames it set off in (a full collection
-scans every object the collector tracks, counted after the step). The allocator is configured as the bench and the CLI
-configure it (a ``PYTORCH_CUDA_ALLOC_CONF`` set outside wins). Run it twice
-over one ``TORCHINDUCTOR_CACHE_DIR``: the second launch is what a user's
-second run pays. Writes first_step_<NAME>_rank<r>.json, with inductor's cache
+are timed apart, each full one with the frames it set off in, and the objects
+a full collection scans are counted at the step's end. The allocator is
+configured as the bench and the CLI configure it (a ``PYTORCH_CUDA_ALLOC_CONF``
+set outside wins). Run it twice over one ``TORCHINDUCTOR_CACHE_DIR``: the
+second launch is what a user's second run pays. Writes first_step_<NAME>_rank<r>.json, with inductor's cache
 hits and misses.
 
 ``--bench``: the same split of the bench's own first step instead -- ``fmsring.bench``
@@ -54,12 +54,14 @@ FULL_COLLECTION_FRAMES = 16  # innermost frames kept of where a full collection 
 
 class StepWatch:
     """What is watched while the first step runs (``on``): Python's garbage collections, their
-    time and how many of each generation, and where each full one (generation 2, a scan of the
-    whole heap) set off: its innermost frames; and, given a ``profiler``, cProfile."""
+    time and how many of each generation, where each full one (generation 2, a scan of every
+    tracked object) set off -- its innermost frames -- and how many objects are tracked when the
+    watch ends (counted after the step's clock stopped); and, given a ``profiler``, cProfile."""
 
     def __init__(self, profiler: cProfile.Profile | None = None) -> None:
         self._on, self.ms, self.count, self._start = False, 0.0, [0, 0, 0], 0.0
         self.full_collection_frames: list[list[str]] = []
+        self.tracked_at_end = 0
         self.profiler = profiler
         gc.callbacks.append(self._callback)
 
@@ -71,16 +73,18 @@ class StepWatch:
     def on(self, value: bool) -> None:
         if self.profiler is not None and value != self._on:
             self.profiler.enable() if value else self.profiler.disable()
+        if self._on and not value:
+            self.tracked_at_end = len(gc.get_objects())
         self._on = value
 
     def _callback(self, phase: str, info: dict) -> None:
         if not self._on:
             return
         if phase == "start":
-            self._start = time.perf_counter()
             if info["generation"] == 2:  # the frames below this callback: the allocation that set it off
                 frames = traceback.extract_stack()[:-1][-FULL_COLLECTION_FRAMES:]
                 self.full_collection_frames.append([f"{f.filename}:{f.lineno} {f.name}" for f in frames])
+            self._start = time.perf_counter()  # after the frames: the collection's time is its own
         else:
             self.ms += (time.perf_counter() - self._start) * 1e3
             self.count[info["generation"]] += 1
@@ -160,7 +164,7 @@ def main() -> None:
         **{f"{k}_ms": v for k, v in spent.items()},
         "capture_and_run_ms": round(first_ms - spent["compile_total"], 1),
         "gc_ms": round(watch.ms, 1), "gc_collections_by_generation": watch.count,
-        "gc_full_collection_frames": watch.full_collection_frames, "gc_tracked_after": len(gc.get_objects()),
+        "gc_full_collection_frames": watch.full_collection_frames, "gc_tracked_at_end": watch.tracked_at_end,
         "alloc_conf": alloc_conf,
         "inductor_cache_in_process": {k: v for k, v in counters["inductor"].items() if "cache" in k},
     }  # fmt: skip
