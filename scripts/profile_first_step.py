@@ -12,8 +12,8 @@ are timed apart, each full one with the frames it set off in, and the objects
 a full collection scans are counted at the step's end. The allocator is
 configured as the bench and the CLI configure it (a ``PYTORCH_CUDA_ALLOC_CONF``
 set outside wins). Run it twice over one ``TORCHINDUCTOR_CACHE_DIR``: the
-second launch is what a user's second run pays. Writes first_step_<NAME>_rank<r>.json, with inductor's cache
-hits and misses.
+second launch is what a user's second run pays. Writes
+first_step_<NAME>_rank<r>.json, with inductor's cache hits and misses.
 
 ``--bench``: the same split of the bench's own first step instead -- ``fmsring.bench``
 run in this process (ring decode of 8 tokens, one run, its rows in
