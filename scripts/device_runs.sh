@@ -74,7 +74,8 @@
 #           so that its first step is split into tracing, backend, loading, garbage collections and
 #           capture (first_step_bench-launch*); then the script's own step twice over another empty
 #           cache, split the same way (first_step_launch*); each mode's third launch under cProfile
-#           (first_step_*launch3: its top functions, where the time outside dynamo's phases goes)
+#           (first_step_*launch3: its top functions, where the time outside dynamo's phases goes).
+#           PROFILED="2 3" profiles those launches instead, MODES=bench (or script) runs one mode
 # inductor  ring decode (32 greedy tokens) at 8K/32K/128K as it is, then under each setting of INDUCTOR
 #           (space-separated, one launch each over an empty compile cache; default
 #           "TORCHINDUCTOR_ENABLE_PDL=1 combo_kernels=True"): an upper-case NAME=value is an environment
@@ -272,11 +273,12 @@ followup-profile)
     done
     ;;
 first-step)
-    for mode in --bench ""; do  # the bench's step, then the script's own, each over a cache of its own
+    for mode in ${MODES:-bench script}; do  # the bench's step, then the script's own, each over a cache of its own
+        mode=$([ "$mode" = bench ] && echo --bench)
         TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
         export TORCHINDUCTOR_CACHE_DIR
         for launch in 1 2 3; do
-            profiled=$([ $launch = 3 ] && echo --cprofile)
+            profiled=$([[ " ${PROFILED:-3} " == *" $launch "* ]] && echo --cprofile)
             # shellcheck disable=SC2086  # an empty mode is no argument
             torchrun --standalone --nproc_per_node="$nproc" scripts/profile_first_step.py "$out" \
                 "${mode:+bench-}launch$launch" 8192 $mode $profiled 2>&1 \
