@@ -1,17 +1,19 @@
 """Run a function on every rank of a real gloo process group.
 
-No mocks: each rank is its own Python process, as under torchrun. Spawning a group costs
-seconds (each interpreter imports torch, FMS and transformers, then gloo connects), and the
-suite makes hundreds of calls, so the group of each world size is spawned on first use and
-kept for the session: a call ships ``(fn, args)`` to the ranks and collects what each returned.
+No mocks: each rank is its own Python process, as under torchrun. Importing torch, FMS and
+transformers costs an interpreter seconds, so ranks are forked from a server that imported them
+once (multiprocessing's forkserver, started from the test process's environment on first use;
+no rank's state but its imports comes from it), and the suite makes hundreds of calls, so the
+group of each world size is started on first use and kept for the session: a call ships
+``(fn, args)`` to the ranks and collects what each returned.
 
-Each call starts from the state a freshly spawned rank had: the parent's environment, seeded
+Each call starts from the state a freshly started rank has: the parent's environment, seeded
 RNGs (from the test's seed, alike on every rank), one thread, dynamo's caches cleared, no process
 group but the world's, and the globals of the ``fmsring`` and ``tests`` modules loaded when the
 call began (fn's own included) put back after it, whether rebound or changed in place (a test
 swaps a function in, adds to ``fusion.FUSE_DEVICES``). A call that raises on a
 rank, kills a rank or outlives its timeout discards the group, so a broken case cannot leave a
-collective half done for the next one; the next call spawns a fresh group.
+collective half done for the next one; the next call starts a fresh group.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-# what a group gets to spawn and connect: on the shared 2-core machine six ranks importing torch take a while
+# what a group gets to start and connect: the first one also starts the server, which imports torch
 START_TIMEOUT_S = 300
 # how long the other ranks get to report once one has failed (they may sit in a collective the failed rank left)
 FAILED_GRACE_S = 3
@@ -175,7 +177,7 @@ class _Group:
     """``world`` rank processes joined by one gloo group, waiting for calls."""
 
     def __init__(self, world: int) -> None:
-        ctx = mp.get_context("spawn")
+        ctx = _context()
         port = free_port()
         self.world = world
         self.procs, self.conns = [], []
@@ -244,6 +246,13 @@ class _Group:
             proc.join()
         for conn in self.conns:
             conn.close()
+
+
+def _context() -> mp.context.BaseContext:
+    """Ranks forked from one server that imported this module and fmsring (torch, FMS, transformers)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__, "fmsring"])
+    return ctx
 
 
 _GROUPS: dict[int, _Group] = {}  # by world size, least recently used first
