@@ -58,12 +58,16 @@ def chat_checkpoint(tmp_path_factory) -> str:
     return write_checkpoint(tmp_path_factory.mktemp("chat"), chat=True)
 
 
-def test_ring_cli_matches_single_process():
+@pytest.mark.parametrize(
+    "extra",
+    # fast: with the cache; both layouts without it, test_model's greedy generation
+    [[], pytest.param(["--no_use_cache", "--ring_layout", "contiguous"], marks=pytest.mark.slow)],
+)
+def test_ring_cli_matches_single_process(extra):
     single = run([sys.executable, "-m", "fmsring.inference", "--distributed_strategy", "replicated", *MICRO, *BATCH])
-    for extra in ([], ["--no_use_cache", "--ring_layout", "contiguous"]):
-        ring = run([*TORCHRUN, "--nproc_per_node=2", "-m", "fmsring.inference", *MICRO, *BATCH, *extra])
-        assert len(ring) == 3 and "time to first token" in ring[-1]
-        assert ring[:2] == single[:2]
+    ring = run([*TORCHRUN, "--nproc_per_node=2", "-m", "fmsring.inference", *MICRO, *BATCH, *extra])
+    assert len(ring) == 3 and "time to first token" in ring[-1]
+    assert ring[:2] == single[:2]
 
 
 def fresh_turns() -> list[str]:
@@ -162,6 +166,7 @@ if os.environ.get("RANK") == "0":
 """
 
 
+@pytest.mark.slow  # fast: the refusal's text, test_mesh's factorisations; this adds rank 0 loading last under torchrun
 def test_a_ring_tp_the_heads_refuse_is_one_line_from_rank_0(tmp_path):
     """Four ranks as the README launches them, ring_tp=4 on 6 heads: rank 0 says which heads the model
     has and which ring_tp values fit; no rank prints a traceback. What follows is torchrun's own report.

@@ -76,7 +76,10 @@ def _mesh_errors_then_bad_tp(rank, world, *args):
     return errs, ""
 
 
-@pytest.mark.parametrize("world,tps", [(4, (1, 2, 4)), (6, (2,))])
+@pytest.mark.parametrize(
+    "world,tps",
+    [(4, (1, 2, 4)), pytest.param(6, (2,), marks=pytest.mark.slow)],  # fast: six ranks as 2 x 3, test_readme's mesh CLI
+)
 def test_every_factorisation_matches_hf_and_unsharded_fms(world, tps, checkpoints):
     inputs, prompts, split = _inputs(world)
     res = run_ranks(world, _mesh_errors_then_bad_tp, checkpoints, tps, inputs, prompts, split)
@@ -180,6 +183,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow  # fast: a 2x2 mesh's contiguous TP groups in one torchrun (test_mesh_cli, the 2x2 mesh tests)
 def test_two_torchrun_nodes_run_tp_inside_a_node_and_the_ring_across(checkpoints, tmp_path):
     """Two torchrun agents ("nodes") of 2 processes each, meeting through a c10d rendezvous as
     Slurm's launch does: cp=2 x tp=2, every TP group on one node, logits HF's."""

@@ -171,6 +171,7 @@ def test_make_sweep_runs(tmp_path):
     assert list((run / "figures").glob("*.png")), "the sweep drew no figure"
 
 
+@pytest.mark.slow  # fast: test_bench's two-rank launch runs this command with more strategies
 def test_bench_command(tmp_path):
     """The bench's CPU command writes an ok row for every strategy and phase it names."""
     block = command("bench")
@@ -224,6 +225,7 @@ def test_python_example_keeps_a_prompt_longer_than_fms_default_window(ckpt, refe
     assert out == tok.decode(hf_greedy(hf, ids, n_new)) + "\n"
 
 
+@pytest.mark.slow  # fast: test_mesh_cli runs this command with --ring_tp; test_inference's ring CLI
 def test_cli(ckpt, references, tmp_path):
     hf, tok = references
     prompt, n_new = flag(command("cli"), "--prompt"), int(flag(command("cli"), "--max_new_tokens"))
@@ -262,6 +264,7 @@ def test_multi_turn_python(ckpt, references, tmp_path):
     assert [ast.literal_eval(m.group(1)) for m in got] == hf_replies(hf, tok, messages, n_new)
 
 
+@pytest.mark.slow  # fast: test_inference's --turns and --chat launches
 def test_multi_turn_cli(ckpt, references, tmp_path):
     hf, tok = references
     n_new = int(flag(command("turns"), "--max_new_tokens"))

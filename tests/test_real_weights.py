@@ -66,7 +66,10 @@ def references():
     return path, ids, positions, hf_logits, fms_logits, hf_tokens
 
 
-@pytest.mark.parametrize("world,layout", [(2, "contiguous"), (4, "zigzag")])
+@pytest.mark.parametrize(
+    "world,layout",
+    [pytest.param(2, "contiguous", marks=pytest.mark.slow), (4, "zigzag")],  # fast: 4 ranks, zigzag
+)
 def test_demo_model_matches_hf_and_unsharded_fms(world, layout, references):
     path, ids, positions, hf_logits, fms_logits, hf_tokens = references
     logits, tokens = run_ranks(world, _ring, path, layout, ids, positions)[0]
