@@ -252,6 +252,7 @@ def hf_replies(hf, tok, messages: list[str], n_new: int) -> list[str]:
     return [tok.decode(r[:-1] if r[-1] == eos else r) for r, _ in hf_chat(hf, tok, messages, n_new)]
 
 
+@pytest.mark.slow  # fast: test_chat's replies, fmsring.chat.Chat at 1 and 2 ranks against HF on the template
 def test_multi_turn_python(ckpt, references, tmp_path):
     hf, tok = references
     script = scripts()["chat.py"]
