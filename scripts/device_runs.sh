@@ -75,7 +75,8 @@
 #           capture (first_step_bench-launch*); then the script's own step twice over another empty
 #           cache, split the same way (first_step_launch*); each mode's third launch under cProfile
 #           (first_step_*launch3: its top functions, where the time outside dynamo's phases goes).
-#           PROFILED="2 3" profiles those launches instead, MODES=bench (or script) runs one mode
+#           PROFILED="2 3" profiles those launches instead, MODES=bench (or script) runs one mode,
+#           COLLECT_AT_LOAD=1 adds a full collection after loading (--collect-at-load)
 # inductor  ring decode (32 greedy tokens) at 8K/32K/128K as it is, then under each setting of INDUCTOR
 #           (space-separated, one launch each over an empty compile cache; default
 #           "TORCHINDUCTOR_ENABLE_PDL=1 combo_kernels=True"): an upper-case NAME=value is an environment
@@ -281,7 +282,7 @@ first-step)
             profiled=$([[ " ${PROFILED:-3} " == *" $launch "* ]] && echo --cprofile)
             # shellcheck disable=SC2086  # an empty mode is no argument
             torchrun --standalone --nproc_per_node="$nproc" scripts/profile_first_step.py "$out" \
-                "${mode:+bench-}launch$launch" 8192 $mode $profiled 2>&1 \
+                "${mode:+bench-}launch$launch" 8192 $mode $profiled ${COLLECT_AT_LOAD:+--collect-at-load} 2>&1 \
                 | grep -v "^W.*torch/distributed/run.py" | tee -a "$out/bench_$section.log" | grep -v '^ *"' || status=1
         done
     done
