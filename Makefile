@@ -53,9 +53,13 @@ help: ## list the targets
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# torch through pip (it honours the machine's pip configuration: a CPU wheel, a mirror); the rest through
+# uv, which installs the dev extras' ~150 packages in seconds where pip takes ~1.5 minutes, or through pip
+# where uv cannot (uv reads no pip configuration)
 $(VENV)/.installed: $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -q uv && $(VENV)/bin/uv pip install --python $(PY) -e '.[dev]' \
+		|| $(PY) -m pip install -e '.[dev]'
 	@touch $@
 
 venv: $(VENV)/.installed ## create .venv (python3.11) and install fmsring with its dev extras
