@@ -2,8 +2,8 @@
 
 No mocks: each rank is its own Python process, as under torchrun. Importing torch, FMS and
 transformers costs an interpreter seconds, so ranks are forked from a server that imported them
-once (multiprocessing's forkserver, started from the test process's environment on first use;
-no rank's state but its imports comes from it), and the suite makes hundreds of calls, so the
+once (multiprocessing's forkserver, started from the test process's environment on first use:
+a rank inherits its imports and nothing else), and the suite makes hundreds of calls, so the
 group of each world size is started on first use and kept for the session: a call ships
 ``(fn, args)`` to the ranks and collects what each returned.
 
