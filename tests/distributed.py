@@ -36,6 +36,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+# ranks are forked from one server that imported this module and fmsring (torch, FMS, transformers)
+_CONTEXT = mp.get_context("forkserver")
+_CONTEXT.set_forkserver_preload([__name__, "fmsring"])
 # what a group gets to start and connect: the first one also starts the server, which imports torch
 START_TIMEOUT_S = 300
 # how long the other ranks get to report once one has failed (they may sit in a collective the failed rank left)
@@ -177,13 +180,12 @@ class _Group:
     """``world`` rank processes joined by one gloo group, waiting for calls."""
 
     def __init__(self, world: int) -> None:
-        ctx = _context()
         port = free_port()
         self.world = world
         self.procs, self.conns = [], []
         for rank in range(world):
-            ours, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_rank_main, args=(rank, world, port, theirs), name=f"rank {rank} of {world}")
+            ours, theirs = _CONTEXT.Pipe()
+            proc = _CONTEXT.Process(target=_rank_main, args=(rank, world, port, theirs), name=f"rank {rank} of {world}")
             proc.start()
             theirs.close()  # the rank holds the other end: its death reads here as end of file
             self.procs.append(proc)
@@ -246,13 +248,6 @@ class _Group:
             proc.join()
         for conn in self.conns:
             conn.close()
-
-
-def _context() -> mp.context.BaseContext:
-    """Ranks forked from one server that imported this module and fmsring (torch, FMS, transformers)."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__, "fmsring"])
-    return ctx
 
 
 _GROUPS: dict[int, _Group] = {}  # by world size, least recently used first
