@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -35,6 +37,29 @@ from fmsring import split_kv as plans
 # split-KV plans cut chunks in), tuned per shape by scripts/decode_kernel_sweep.py.
 NUM_WARPS = 4
 NUM_STAGES = 3
+
+
+@contextlib.contextmanager
+def _launching_on(t: torch.Tensor) -> Iterator[None]:
+    """``t``'s device current while a kernel launches, and Triton's disk cache where inductor keeps its own.
+
+    Triton compiles a kernel into ``TRITON_CACHE_DIR``, which inductor sets for the
+    whole process (where it is unset) when it first builds a kernel of its own in
+    this process. A run that compiles the decoder layers does that before the first
+    step launches these kernels; a run that loads the layers from inductor's cache
+    builds none, so these kernels looked in Triton's default dir instead and
+    compiled again, in a second run's first step (docs/performance.md, The first
+    step). Setting the dir as inductor would keeps one home for every run. Off
+    CUDA (the Triton interpreter on CPU) nothing compiles.
+    """
+    if not t.is_cuda:
+        yield
+        return
+    from torch._inductor.runtime.cache_dir_utils import triton_cache_dir  # here: importing inductor takes ~0.5 s
+
+    os.environ.setdefault("TRITON_CACHE_DIR", triton_cache_dir(t.device.index))
+    with torch.cuda.device(t.device):
+        yield
 
 
 @triton.jit
@@ -123,8 +148,7 @@ def split_kv_decode(
     kvh = k_cache.shape[2]
     rows = h // kvh * lq
     out, lse = _empty_partials(q, k_cache, used)
-    guard = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
-    with guard:
+    with _launching_on(q):
         _split_kv_decode_kernel[(used.numel() // b, b * kvh)](
             q, k_cache, v_cache, starts, used, used if bias is None else bias, out, lse,
             scale * math.log2(math.e), b, kvh, rows, lq, d,
@@ -185,8 +209,7 @@ def merge_chunks(
     projection's input; lse [b, h, q_len] fp32). A row that no chunk saw gives out 0, lse -inf."""
     _, b, kvh, rows, d = out.shape
     dst, dst_lse = _empty_merged(out, q_len, out_dtype)
-    guard = torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext()
-    with guard:
+    with _launching_on(out):
         _merge_chunks_kernel[(b * kvh * rows,)](
             out, lse, dst, dst_lse, out.shape[0], b * kvh * rows, rows, q_len, dst.shape[2], kvh, d,
             BLOCK_S=max(16, triton.next_power_of_2(out.shape[0])), BLOCK_D=max(16, triton.next_power_of_2(d)),

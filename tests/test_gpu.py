@@ -9,7 +9,11 @@ unsharded (model paths); bf16 tolerances as the harness judges them.
 from __future__ import annotations
 
 import copy
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -324,3 +328,33 @@ def test_decode_steps_never_wait_for_the_device(one_rank_group):
                 nxt, nxt_pos = logits[:, -1].argmax(-1, keepdim=True), nxt_pos + 1
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+_FIRST_GENERATION = """
+import torch, fmsring
+fmsring.maybe_init_dist("cuda")
+model = fmsring.get_model(architecture="llama", variant="micro", device_type="cuda", data_type=torch.bfloat16,
+                          nlayers=2, distributed_strategy="ring")
+with torch.no_grad():
+    logits, cache = model(torch.randint(0, 256, (1, 300), device="cuda"), use_cache=True, last_n_tokens=1)
+    for _ in range(2):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        logits, cache = model(nxt, past_key_value_states=cache, use_cache=True, last_n_tokens=1)
+torch.cuda.synchronize()
+"""
+
+
+def test_a_second_process_compiles_no_kernel(tmp_path: Path):
+    """Two processes generate over one inductor cache, Triton's own home empty and
+    ``TRITON_CACHE_DIR`` unset, as two runs of a user's script: the second, which loads the
+    compiled layers from the first's cache, compiles no Triton kernel (no new cubin anywhere
+    under either), fmsring's decode kernels included, which it compiled into Triton's default
+    dir where the first had put them in inductor's."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_CACHE_DIR", "RANK", "WORLD_SIZE")}
+    env |= {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "TRITON_HOME": str(tmp_path / "triton_home")}
+    runs = []
+    for _ in range(2):
+        subprocess.run([sys.executable, "-c", _FIRST_GENERATION], env=env, check=True, timeout=600)
+        runs.append({p.relative_to(tmp_path) for p in tmp_path.rglob("*.cubin")})
+    assert any(p.name == "_split_kv_decode_kernel.cubin" for p in runs[0]), runs[0]
+    assert runs[1] == runs[0], sorted(runs[1] - runs[0])
