@@ -55,7 +55,7 @@ def _launching_on(t: torch.Tensor) -> Iterator[None]:
     if not t.is_cuda:
         yield
         return
-    from torch._inductor.runtime.cache_dir_utils import triton_cache_dir  # here: importing inductor takes ~0.5 s
+    from torch._inductor.runtime.cache_dir_utils import triton_cache_dir  # here, not at import: it imports inductor
 
     os.environ.setdefault("TRITON_CACHE_DIR", triton_cache_dir(t.device.index))
     with torch.cuda.device(t.device):
