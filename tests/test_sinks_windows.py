@@ -352,8 +352,10 @@ def test_in_bfloat16_a_routed_model_is_as_close_to_float32_as_fms_is():
     """gpt-oss picks 4 experts of each token's 16 here: bf16 rounding flips some picks, so two bf16
     runs differ by far more than a dense model's (the bench's 2% check against FMS fails at 20b
     shapes). What holds is that the ring's bf16 logits are as close to FMS's float32 ones as FMS's
-    own bf16 logits are."""
-    ids = torch.randint(1, 96, (2, 201))
+    own bf16 logits are. Over 8 sequences: the error is a handful of flipped picks whose count
+    varies between draws, and over 2 the ratio of the two errors passed the bound on some draws
+    (seed 885322714) with nothing wrong."""
+    ids = torch.randint(1, 96, (8, 201))
     for fms_err, ring_err in run_ranks(2, _bf16_errors, ids):
         assert fms_err > 1e-3, "bf16 rounding should show"
         assert ring_err <= 1.5 * fms_err, (ring_err, fms_err)
