@@ -330,6 +330,7 @@ def test_decode_steps_never_wait_for_the_device(one_rank_group):
             torch.cuda.set_sync_debug_mode("default")
 
 
+ROOT = Path(__file__).resolve().parents[1]  # the checkout whose fmsring the processes import
 _FIRST_GENERATION = """
 import torch, fmsring
 fmsring.maybe_init_dist("cuda")
@@ -354,7 +355,7 @@ def test_a_second_process_compiles_no_kernel(tmp_path: Path):
     env |= {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "TRITON_HOME": str(tmp_path / "triton_home")}
     runs = []
     for _ in range(2):
-        subprocess.run([sys.executable, "-c", _FIRST_GENERATION], env=env, check=True, timeout=600)
+        subprocess.run([sys.executable, "-c", _FIRST_GENERATION], env=env, cwd=ROOT, check=True, timeout=600)
         runs.append({p.relative_to(tmp_path) for p in tmp_path.rglob("*.cubin")})
     assert any(p.name == "_split_kv_decode_kernel.cubin" for p in runs[0]), runs[0]
     assert runs[1] == runs[0], sorted(runs[1] - runs[0])
