@@ -13,14 +13,12 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from fmsring.checkpoints import demo_checkpoint
 from fmsring.demo import QUESTIONS
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
 
 
 def test_make_demo_runs_the_demo_module():

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import ROOT
+
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -330,7 +332,6 @@ def test_decode_steps_never_wait_for_the_device(one_rank_group):
             torch.cuda.set_sync_debug_mode("default")
 
 
-ROOT = Path(__file__).resolve().parents[1]  # the checkout whose fmsring the processes import
 _FIRST_GENERATION = """
 import torch, fmsring
 fmsring.maybe_init_dist("cuda")

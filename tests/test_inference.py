@@ -10,7 +10,6 @@ import random
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch.distributed as dist
@@ -18,9 +17,9 @@ from transformers import AutoTokenizer
 
 from fmsring.demo import hf_chat
 from fmsring.inference import main, parse_args, split_turns
+from tests.conftest import ROOT
 from tests.tiny_checkpoint import IM_END, IM_START, hf_conversation, hf_model, write_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 MICRO = ["--variant", "micro", "--max_new_tokens", "9", "--default_dtype", "fp32", "--seed", "3"]

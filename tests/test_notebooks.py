@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
+
 jupytext = pytest.importorskip("jupytext", reason="the notebook tools (dev extra); the GPU machine has none")
 nbformat = pytest.importorskip("nbformat", reason="the notebook tools (dev extra); the GPU machine has none")
 
-ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
 

@@ -31,9 +31,9 @@ from transformers import AutoTokenizer
 
 from fmsring.demo import hf_chat
 from fmsring.inference import split_turns
+from tests.conftest import ROOT
 from tests.tiny_checkpoint import CHARS, hf_greedy, hf_model, write_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 # Which bash block each test runs, by a string it holds; a block holding several belongs to the
 # one listed last (the ring x TP command is a CLI command too). Blocks of make lines apart.
 COMMANDS = {

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+
 TIME = re.compile(r"(\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))? ?ms\b")
 GIB = re.compile(r"(\d+(?:\.\d+)?) ?GiB\b")
 RATIO = re.compile(r"(\d+\.\d+)x\b")  # "2x H200" is a card count, not a ratio

@@ -15,9 +15,7 @@ import pytest
 from fmsring.harness import ceilings
 from fmsring.harness.flops import Rates, floor_ms, flop_shape
 from fmsring.harness.schema import AS_SHIPPED, COLUMNS, COMPILED, TOLERANCES
-
-ROOT = Path(__file__).resolve().parents[2]
-
+from tests.conftest import ROOT
 
 SEQ_LENS = (48, 61)  # 61: shards of unequal length
 

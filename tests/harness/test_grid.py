@@ -12,8 +12,8 @@ from fmsring.harness import launch, sweep
 from fmsring.harness.grid import SweepConfig
 from fmsring.harness.settings import parse_args
 from fmsring.harness.sweep import run_sweep
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(model_kwargs={"nlayers": 2}, repeats=1, warmup=0, decode_tokens=2, timeout_s=240)
 
 

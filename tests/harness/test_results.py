@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from fmsring.harness import results
+from tests.conftest import ROOT
 from tests.harness.synthetic_runs import row, write_needle_run, write_run
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_docs_results_is_the_committed_runs_rendered():

@@ -15,10 +15,10 @@ from fmsring.harness.grid import SweepConfig, from_make, notebook_parameters
 from fmsring.harness.plan import variants
 from fmsring.harness.schema import AS_SHIPPED, COMPILED
 from fmsring.harness.settings import BenchConfig, Settings, parse_args, parse_seq_len, parse_seq_lens
+from tests.conftest import ROOT
 
 jupytext = pytest.importorskip("jupytext", reason="the notebook tools (dev extra); the GPU machine has none")
 
-ROOT = Path(__file__).resolve().parents[2]
 # a value other than the default for every setting both configs share, each valid with the others
 OTHER = dict(architecture="gpt_bigcode", variant="ibm.20b", model_path="/ckpt", source="hf",
              model_kwargs={"nlayers": 3}, device="cuda", dtype="bfloat16", strategies=["ring", "tp"],

@@ -19,9 +19,7 @@ import pytest
 from fmsring.harness import launch, schema, sweep
 from fmsring.harness.schema import COLUMNS
 from fmsring.harness.sweep import SweepConfig, run_sweep
-
-ROOT = Path(__file__).resolve().parents[2]
-
+from tests.conftest import ROOT
 
 TINY = dict(
     model_kwargs={"nlayers": 2},
