@@ -30,7 +30,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from fmsring.demo import hf_chat
-from fmsring.inference import split_turns
+from fmsring.inference import parse_args, split_turns
 from tests.conftest import ROOT
 from tests.tiny_checkpoint import CHARS, hf_greedy, hf_model, write_checkpoint
 
@@ -236,12 +236,22 @@ def test_cli(ckpt, references, tmp_path):
     assert len(lines) == 2
 
 
+def test_mesh_command_is_a_mesh_of_its_ranks(ckpt):
+    """The ring x tensor parallel command's flags as fmsring.inference parses them: its ranks in
+    groups of ring_tp, more than one group, each of more than one rank."""
+    block = command("mesh")
+    argv = shlex.split(block.replace("\\\n", " ").replace("$CKPT", ckpt))
+    nproc = int(re.search(r"--nproc_per_node=(\d+)", block).group(1))
+    args = parse_args(argv[argv.index("fmsring.inference") + 1 :])
+    assert nproc % args.ring_tp == 0 and nproc > args.ring_tp > 1
+
+
+@pytest.mark.slow  # fast: the mesh above, test_mesh's factorisations against HF, test_inference's ring_tp launch
 def test_mesh_cli(ckpt, references, tmp_path):
-    """The ring x tensor parallel command: its ranks as cp x ring_tp, HF's greedy tokens."""
+    """The ring x tensor parallel command as written (six CPU ranks): HF's greedy tokens."""
     hf, tok = references
     block = command("mesh")
     prompt, n_new = flag(block, "--prompt"), int(flag(block, "--max_new_tokens"))
-    assert int(re.search(r"--nproc_per_node=(\d+)", block).group(1)) > int(flag(block, "--ring_tp")) > 1
     lines = run_block(block, ckpt, tmp_path).stdout.splitlines()
     assert lines[0] == f"{prompt!r} -> {tok.decode(hf_greedy(hf, tok(prompt).input_ids, n_new))!r}"
 
